@@ -1,0 +1,5 @@
+import sys
+
+from collabvit.cli import main
+
+sys.exit(main())

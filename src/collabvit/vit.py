@@ -1,0 +1,351 @@
+"""The only module that touches timm internals.
+
+Creates and loads ViTs, runs the edge forward (logits + patch scores) and the
+server forward on patch subsets. It uses timm's seams (``patch_embed``,
+``_pos_embed``, ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``,
+``forward_head``, ``num_prefix_tokens``, ``no_embed_class``) and never
+copies timm's model code nor flips its global fused-attention switch.
+
+Shapes: B images, C channels, H x W input, P patch size, N patches,
+T = prefix + N tokens, L selected patches (padded), E embedding width.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import timm.data
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from collabvit.scoring import ATTENTION_MODES, attention_probabilities, mean_scores, rollout_scores
+
+SUPPORTED = (
+    "timm VisionTransformer models with a class token and learned absolute position "
+    "embeddings: ViT, DeiT, distilled DeiT, DeiT-III (no_embed_class) and register-token ViTs"
+)
+
+
+class ModelError(ValueError):
+    """A model cannot be created, loaded or used by collabvit (a user-facing, one-line reason)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What edge and server must agree on, and the sizes the algorithms need."""
+
+    in_chans: int
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    num_classes: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def describe(self) -> str:
+        return (
+            f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} input, "
+            f"{self.patch_size[0]}x{self.patch_size[1]} patches "
+            f"({self.grid_size[0]}x{self.grid_size[1]} grid)"
+        )
+
+
+def geometry(model: VisionTransformer) -> Geometry:
+    """Input size, patch grid, prefix and classes of a supported ViT."""
+    embed = model.patch_embed
+    return Geometry(
+        in_chans=embed.proj.in_channels,
+        img_size=tuple(embed.img_size),
+        patch_size=tuple(embed.patch_size),
+        grid_size=tuple(embed.grid_size),
+        num_prefix_tokens=model.num_prefix_tokens,
+        num_classes=model.num_classes,
+    )
+
+
+def check_supported(model: nn.Module, server: bool = False) -> None:
+    """Raise ModelError naming what is supported if `model` is not.
+
+    Args:
+        model: a timm model.
+        server: also require what the server forward on subsets needs (class
+            token pooling, so that padding never reaches the head).
+    """
+    name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"{name} ({type(model).__name__}) is not supported; collabvit supports {SUPPORTED}")
+    problems = []
+    if model.cls_token is None:
+        problems.append("it has no class token")
+    if model.pos_embed is None:
+        problems.append("it has no learned position embedding")
+    if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_pad", False):
+        problems.append("dynamic_img_size/dynamic_img_pad is on (fixed input size needed)")
+    proj = model.patch_embed.proj
+    if not (
+        isinstance(proj, nn.Conv2d)
+        and tuple(proj.kernel_size) == tuple(model.patch_embed.patch_size)
+        and tuple(proj.stride) == tuple(proj.kernel_size)
+        and tuple(proj.padding) == (0, 0)
+    ):
+        problems.append("its patch embedding is not a plain non-overlapping patch projection")
+    if not all(isinstance(b, Block) and type(b.attn) is Attention for b in model.blocks):
+        problems.append("its blocks are not timm's pre-norm Block with standard Attention")
+    if server and (model.global_pool != "token" or model.attn_pool is not None):
+        problems.append(f"server models need class-token pooling, not {model.global_pool!r}")
+    if problems:
+        raise ModelError(f"{name} is not supported: {'; '.join(problems)}. collabvit supports {SUPPORTED}")
+
+
+def check_compatible(edge: VisionTransformer, server: VisionTransformer) -> None:
+    """Edge and server must share input size, channels, patch grid and classes."""
+    e, s = geometry(edge), geometry(server)
+    if (e.in_chans, e.img_size, e.patch_size) != (s.in_chans, s.img_size, s.patch_size):
+        raise ModelError(
+            f"edge and server disagree on the input: edge {e.describe()}, server {s.describe()}; "
+            "collabvit never resamples, pick models with the same input size and patch size"
+        )
+    if e.num_classes != s.num_classes:
+        raise ModelError(f"edge has {e.num_classes} classes but server has {s.num_classes}")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Maps unnormalised pixels (uint8, or float in [0, 1]) to a model's input."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> Normalization:
+        """The model's own mean/std from its timm data config."""
+        config = timm.data.resolve_data_config(model=model)
+        return cls(tuple(config["mean"]), tuple(config["std"]))
+
+    @classmethod
+    def identity(cls) -> Normalization:
+        """For inputs that are already normalised (floats are passed through unchanged)."""
+        return cls((0.0,), (1.0,))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[..., C, h, w] uint8 (0..255) or float -> float32 normalised, same shape."""
+        x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        channels = x.shape[-3]
+        mean, std = self.mean, self.std
+        if len(mean) != channels:
+            if len(mean) != 1 and len(set(mean)) == 1 and len(set(std)) == 1:
+                mean, std = mean[:1], std[:1]
+            elif len(mean) != 1:
+                raise ModelError(f"normalisation has {len(mean)} channels but the images have {channels}")
+        mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x - mean_t) / std_t
+
+
+def _hub_reachable() -> bool:
+    """Whether asking timm's hub can work: offline mode uses the local cache, else resolve the host."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        socket.getaddrinfo(host, 443)
+    except (OSError, ImportError):
+        return False
+    return True
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A timm state dict from safetensors or .pth (weights_only; nested under 'model' is fine)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        return timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as error:  # pickle, safetensors and zip errors have no common base
+        raise ModelError(f"cannot read weights from {path}: {error}") from error
+
+
+def create_vit(
+    name: str,
+    weights: str | Path | None = None,
+    model_kwargs: Mapping | None = None,
+    server: bool = False,
+    pretrained: bool = True,
+) -> VisionTransformer:
+    """Create a timm ViT in eval mode, with weights from a file or timm's hub.
+
+    Args:
+        name: a timm model name, e.g. ``deit_tiny_patch16_224``.
+        weights: local safetensors or .pth; when None the hub is asked
+            (only when `pretrained`).
+        model_kwargs: overrides of the architecture (img_size, depth, ...).
+        server: check what server use needs too.
+        pretrained: False gives random weights (tests, training from scratch).
+    """
+    kwargs = dict(model_kwargs or {})
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models('*vit*'))")
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ModelError(f"cannot create {name} with {kwargs}: {error}") from error
+    check_supported(model, server=server)
+    if weights is not None:
+        state = read_state_dict(weights)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[-1].strip()
+            raise ModelError(f"weights {weights} do not fit {name}: {first}") from error
+        if missing or unexpected:
+            raise ModelError(
+                f"weights {weights} do not fit {name}: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+            )
+    elif pretrained:
+        if not _hub_reachable():
+            raise ModelError(
+                f"no weights for {name}: timm's hub is unreachable (offline?). Pass a local "
+                "file with --model-weights / --server-weights (.safetensors, or .pth such as "
+                "the official DeiT release), or set HF_HUB_OFFLINE=1 to use your hub cache"
+            )
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as error:  # hub errors come in many types
+            raise ModelError(f"cannot fetch pretrained weights for {name}: {error}") from error
+    return model.eval()
+
+
+def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Token sequence entering the first block. images [B, C, H, W] normalised -> [B, T, E]."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _head(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and classifier. x [B, T, E] -> logits [B, classes]."""
+    return model.forward_head(model.norm(x))
+
+
+def _block_query_key(block: Block, x: torch.Tensor, class_row_only: bool) -> tuple:
+    """Queries and keys a block's attention computes on input x [B, T, E].
+
+    With `class_row_only` only the class token's query is projected, and
+    neither queries of other tokens nor values are computed.
+
+    Returns:
+        q [B, heads, T or 1, D], k [B, heads, T, D], scale.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    batch, tokens, _ = h.shape
+    width = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q_bias = bias[:width] if bias is not None else None
+    k_bias = bias[width : 2 * width] if bias is not None else None
+    q_in = h[:, :1] if class_row_only else h
+    q = F.linear(q_in, weight[:width], q_bias)
+    k = F.linear(h, weight[width : 2 * width], k_bias)
+    q = q.reshape(batch, q_in.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = k.reshape(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return attn.q_norm(q), attn.k_norm(k), attn.scale
+
+
+def forward_with_scores(
+    model: VisionTransformer, images: torch.Tensor, attention_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge forward: logits and normalised patch scores from the class token's attention.
+
+    In ``mean`` mode only the class token's row of the last block is computed
+    (from q and k, no T x T map) and every block keeps fused attention. In
+    ``rollout`` mode each block's full attention map is needed.
+
+    Args:
+        model: a supported ViT in eval mode.
+        images: normalised [B, C, H, W].
+        attention_mode: ``mean`` or ``rollout``.
+
+    Returns:
+        logits [B, classes], scores [B, N].
+    """
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {attention_mode!r}; choose one of {ATTENTION_MODES}")
+    prefix = model.num_prefix_tokens
+    x = _embed(model, images)
+    if attention_mode == "mean":
+        *early, last = model.blocks
+        for block in early:
+            x = block(x)
+        q, k, scale = _block_query_key(last, x, class_row_only=True)
+        class_row = attention_probabilities(q, k, scale)[:, :, 0]
+        scores = mean_scores(class_row, prefix)
+        x = last(x)
+    else:
+        maps = []
+        for block in model.blocks:
+            q, k, scale = _block_query_key(block, x, class_row_only=False)
+            maps.append(attention_probabilities(q, k, scale))
+            x = block(x)
+        scores = rollout_scores(maps, prefix)
+    return _head(model, x), scores
+
+
+def forward_selected(
+    model: VisionTransformer,
+    patches: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Server forward on a batch of patch subsets of different sizes (padded and masked).
+
+    Each kept patch is embedded with the model's own patch projection and gets
+    the position embedding of its grid position; prefix tokens are prepended
+    with theirs. Padding is excluded from attention by a key mask and never
+    reaches the class-token head. With every patch kept this equals model(x).
+
+    Args:
+        model: a supported ViT in eval mode (class-token pooling).
+        patches: normalised pixels [B, L, C, P, P].
+        positions: row-major grid index of each patch [B, L] int64 (any valid
+            index where padded).
+        valid: [B, L] bool, False marks padding; None means no padding.
+
+    Returns:
+        logits [B, classes].
+    """
+    batch, length = positions.shape
+    proj = model.patch_embed.proj
+    tokens = F.linear(patches.flatten(2), proj.weight.flatten(1), proj.bias)
+    tokens = model.patch_embed.norm(tokens)
+    num_patches = model.patch_embed.num_patches
+    # _pos_embed is additive, so embedding zeros yields the position table itself:
+    # prefix tokens with their embeddings (if any), then one row per grid position.
+    table = model._pos_embed(tokens.new_zeros(1, num_patches, tokens.shape[-1]))
+    prefix = model.num_prefix_tokens
+    x = torch.cat(
+        [table[:, :prefix].expand(batch, -1, -1), tokens + table[0, prefix:][positions]], dim=1
+    )
+    x = model.norm_pre(x)
+    attn_mask = None
+    if valid is not None and not bool(valid.all()):
+        keys = torch.cat([valid.new_ones(batch, prefix), valid], dim=1)
+        attn_mask = keys[:, None, None, :]  # [B, 1, 1, T]: every query sees only real keys
+    for block in model.blocks:
+        x = block(x, attn_mask=attn_mask)
+    return _head(model, x)
