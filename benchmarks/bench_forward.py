@@ -1,0 +1,326 @@
+"""Forward-speed ratios of collabvit's edge and server paths, measured in one run.
+
+Two comparisons, each as a ratio of median wall-clock times measured in the
+same process, with the compared variants interleaved repetition by
+repetition (these machines are noisy; absolute times are only context):
+
+1. Edge: ``collabvit.vit.forward_with_scores(model, x, "mean")`` over plain
+   ``model(x)`` for a randomly initialised ``deit_tiny_patch16_224`` at a batch
+   of random 3x224x224 inputs, under ``torch.inference_mode()``. ``rollout``
+   over plain is reported too (informational).
+2. Server: ``Server.classify(payloads)`` on all payloads at once (one ragged,
+   padded and masked batch) over a loop of single-payload ``classify([p])``
+   calls, for a randomly initialised ``deit_base_patch16_224``. Each payload
+   holds k uint8 patches at k distinct random positions of the 14x14 grid,
+   k uniform in 100..196 (seeded). Before timing, the two are checked to give
+   the same logits (atol 1e-4).
+
+The script prints a markdown table and writes it, with the machine it ran on,
+into its own section of ``benchmarks/RESULTS.md`` (other sections of that file
+are kept).
+
+Usage:
+    python benchmarks/bench_forward.py [--repeats 7] [--server-repeats 5]
+        [--batch-size 32] [--threads N] [--output benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from collabvit.protocol import PatchPayload, patchify
+from collabvit.server import Server
+from collabvit.vit import forward_with_scores
+
+EDGE_MODEL = "deit_tiny_patch16_224"
+SERVER_MODEL = "deit_base_patch16_224"
+MIN_PATCHES, MAX_PATCHES = 100, 196  # selection sizes, both inclusive
+ATOL = 1e-4
+
+SECTION_START = "<!-- bench_forward:start (written by benchmarks/bench_forward.py) -->"
+SECTION_END = "<!-- bench_forward:end -->"
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of each variant, one entry per repetition."""
+
+    seconds: dict[str, list[float]]
+
+    def median_ms(self, name: str) -> float:
+        return 1000.0 * statistics.median(self.seconds[name])
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Ratio of the medians."""
+        return self.median_ms(name) / self.median_ms(baseline)
+
+    def paired_ratios(self, name: str, baseline: str) -> list[float]:
+        """Per-repetition ratios (the two were timed back to back)."""
+        return [a / b for a, b in zip(self.seconds[name], self.seconds[baseline], strict=True)]
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
+    """Time each variant `repeats` times, alternating variants within every repetition.
+
+    The order of the variants rotates from one repetition to the next, so no
+    variant always runs first (or always right after the same other one).
+    Warm-up calls run every variant `warmup` times and are not recorded.
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name]()
+            seconds[name].append(time.perf_counter() - start)
+        done = ", ".join(f"{n} {1000 * seconds[n][-1]:.0f} ms" for n in names)
+        print(f"  rep {rep + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
+    return Timings(seconds)
+
+
+def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> Timings:
+    """Edge forward with scores (mean, rollout) versus plain model(x)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(EDGE_MODEL, pretrained=False).eval()
+    x = torch.randn(batch_size, 3, 224, 224)
+
+    def plain() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    def edge(mode: str) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return forward_with_scores(model, x, mode)
+
+        return run
+
+    print(f"edge: {EDGE_MODEL}, batch {batch_size}", file=sys.stderr, flush=True)
+    return interleaved(
+        {"plain": plain, "mean": edge("mean"), "rollout": edge("rollout")}, repeats, warmup
+    )
+
+
+def make_payloads(batch_size: int, seed: int) -> list[PatchPayload]:
+    """Random uint8 images cut into 16x16 patches; each keeps k random distinct patches."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    patches = patchify(images, (16, 16))  # [B, 196, 3, 16, 16]
+    num_patches = patches.shape[1]
+    payloads = []
+    for row in range(batch_size):
+        k = int(torch.randint(MIN_PATCHES, MAX_PATCHES + 1, (1,), generator=gen))
+        positions = torch.randperm(num_patches, generator=gen)[:k]
+        payloads.append(PatchPayload(positions=positions, patches=patches[row, positions].clone()))
+    return payloads
+
+
+def bench_server(
+    batch_size: int, repeats: int, warmup: int, seed: int
+) -> tuple[Timings, list[PatchPayload], float]:
+    """Ragged batch classify versus a loop of single-payload classify calls."""
+    torch.manual_seed(seed)
+    model = timm.create_model(SERVER_MODEL, pretrained=False).eval()
+    server = Server(model, "cpu", max_batch=batch_size)
+    payloads = make_payloads(batch_size, seed)
+
+    def ragged() -> torch.Tensor:
+        return server.classify(payloads)
+
+    def loop() -> torch.Tensor:
+        return torch.cat([server.classify([p]) for p in payloads])
+
+    print(f"server: {SERVER_MODEL}, batch {batch_size}; checking logits", file=sys.stderr)
+    batched, single = ragged(), loop()  # also serves as one warm-up of each
+    max_diff = float((batched - single).abs().max())
+    if not torch.allclose(batched, single, rtol=0.0, atol=ATOL):
+        raise AssertionError(
+            f"ragged and single-image server logits differ by up to {max_diff:.3g} (atol {ATOL})"
+        )
+    return (
+        interleaved({"ragged": ragged, "loop": loop}, repeats, max(warmup - 1, 0)),
+        payloads,
+        max_diff,
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(threads: int) -> list[str]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- CPU: {cpu_model()}; {os.cpu_count()} logical cores ({usable} usable by this process)",
+        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+        f"- torch threads: {threads}",
+        f"- date: {now}; load average (1, 5, 15 min) at the end: {load}",
+    ]
+
+
+def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, str, str, str]:
+    paired = timings.paired_ratios(name, baseline)
+    return (
+        f"{timings.median_ms(name):.1f}",
+        f"{timings.median_ms(baseline):.1f}",
+        f"**{timings.ratio(name, baseline):.3f}**",
+        f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]",
+    )
+
+
+def render(
+    args: argparse.Namespace,
+    edge: Timings,
+    server: Timings,
+    payloads: list[PatchPayload],
+    max_diff: float,
+    elapsed: float,
+) -> str:
+    sizes = [p.size for p in payloads]
+    real_tokens = sum(s + 1 for s in sizes)  # + class token
+    padded_tokens = len(sizes) * (max(sizes) + 1)
+    header = (
+        "| comparison | variant median (ms) | baseline median (ms) | ratio of medians "
+        "| per-repetition ratio: median [min, max] |"
+    )
+    rows = [
+        header,
+        "|---|---:|---:|---:|---:|",
+        f"| edge `mean` / plain `model(x)` ({EDGE_MODEL}, batch {args.batch_size}) | "
+        + " | ".join(fmt_ratio(edge, "mean", "plain"))
+        + " |",
+        "| edge `rollout` / plain `model(x)` (informational) | "
+        + " | ".join(fmt_ratio(edge, "rollout", "plain"))
+        + " |",
+        f"| server ragged `classify(all)` / loop of `classify([p])` ({SERVER_MODEL}, "
+        f"batch {args.batch_size}) | " + " | ".join(fmt_ratio(server, "ragged", "loop")) + " |",
+    ]
+    command = shlex.join(["python", "benchmarks/bench_forward.py", *sys.argv[1:]])
+    lines = [
+        SECTION_START,
+        "## Forward speed: edge scores and ragged server batches (`bench_forward.py`)",
+        "",
+        "Ratios of median wall-clock times measured in one process run, the compared "
+        "variants interleaved repetition by repetition (order rotating) after warm-up; "
+        "a ratio below 1 means the variant is faster than its baseline. Models are "
+        "randomly initialised (`pretrained=False`), inputs random; CPU, float32.",
+        "",
+        f"- Edge: `collabvit.vit.forward_with_scores(model, x, mode)` versus `model(x)`, "
+        f"{EDGE_MODEL}, x = randn({args.batch_size}, 3, 224, 224), under `torch.inference_mode()`; "
+        f"timed repetitions: {args.repeats}, warm-up runs: {args.warmup}.",
+        f"- Server: `collabvit.server.Server(model, 'cpu', max_batch={args.batch_size})` on "
+        f"{args.batch_size} `PatchPayload`s of uint8 patches, sizes uniform in "
+        f"{MIN_PATCHES}..{MAX_PATCHES} of 196 at random distinct positions (seed {args.seed}); "
+        f"ragged = `server.classify(payloads)`, loop = `[server.classify([p]) for p in "
+        f"payloads]`; timed repetitions: {args.server_repeats}, warm-up runs: {args.warmup}. "
+        f"Sizes: min {min(sizes)}, median {statistics.median(sizes):g}, max {max(sizes)}; "
+        f"the ragged batch runs {padded_tokens} token slots for {real_tokens} real tokens "
+        f"({padded_tokens / real_tokens:.2f}x). Logits agree: max |diff| = {max_diff:.2g} "
+        f"(atol {ATOL:g}).",
+        "",
+        *rows,
+        "",
+        "Regenerate with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Machine:",
+        "",
+        *machine_lines(torch.get_num_threads()),
+        f"- total benchmark time: {elapsed:.0f} s",
+        "",
+        "Other processes (e.g. test runs) may have shared the machine during this run; "
+        "the interleaving keeps the ratios comparable, absolute times are less reliable.",
+        SECTION_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of `path` (or append it, or create the file)."""
+    if path.exists():
+        text = path.read_text()
+        start, end = text.find(SECTION_START), text.find(SECTION_END)
+        if start != -1 and end > start:
+            text = text[:start] + section + text[end + len(SECTION_END) :].lstrip("\n")
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = (
+            "# Benchmark results\n\n"
+            "Each benchmark script in `benchmarks/` owns one section below and rewrites "
+            "only that section.\n\n" + section
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions, edge part")
+    parser.add_argument(
+        "--server-repeats",
+        type=int,
+        default=5,
+        help="timed repetitions, server part (each is several seconds on CPU)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.server_repeats < 1 or args.batch_size < 1 or args.warmup < 0:
+        parser.error("repeats and batch size must be >= 1, warm-up >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    edge = bench_edge(args.batch_size, args.repeats, args.warmup, args.seed)
+    server, payloads, max_diff = bench_server(
+        args.batch_size, args.server_repeats, args.warmup, args.seed
+    )
+    section = render(args, edge, server, payloads, max_diff, time.perf_counter() - began)
+    print(section)
+    write_section(args.output, section)
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Shared fixtures: the golden reference outputs and tiny ViTs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collabvit import vit
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("COLLABVIT_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+class Golden:
+    """The paper's reference outputs on a tiny ViT pair (see shared/golden/README.md)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.expected = json.loads((root / "expected.json").read_text())
+        inputs = load_file(str(root / "inputs.safetensors"))
+        self.images, self.targets = inputs["images"], inputs["targets"]
+        self.edge_weights = root / "tiny_edge.safetensors"
+        self.server_weights = root / "tiny_server.safetensors"
+
+    def edge_model(self):
+        return vit.create_vit(
+            "vit_tiny_patch16_224", self.edge_weights, self.expected["edge_config"]
+        )
+
+    def server_model(self):
+        return vit.create_vit(
+            "vit_tiny_patch16_224", self.server_weights, self.expected["server_config"], server=True
+        )
+
+    def cli_model_args(self) -> list[str]:
+        """The `collabvit eval` flags that load the golden pair and inputs."""
+        return [
+            "--data-set", "tensors", "--data-path", str(self.root / "inputs.safetensors"),
+            "--inputs-normalized", "--batch-size", "8",
+            "--model", "vit_tiny_patch16_224", "--model-weights", str(self.edge_weights),
+            "--model-kwargs", json.dumps(self.expected["edge_config"]),
+            "--server-model", "vit_tiny_patch16_224", "--server-weights", str(self.server_weights),
+            "--server-kwargs", json.dumps(self.expected["server_config"]),
+        ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+    if not (GOLDEN_DIR / "expected.json").is_file():
+        pytest.skip(f"golden reference folder not found at {GOLDEN_DIR} (set COLLABVIT_GOLDEN)")
+    return Golden(GOLDEN_DIR)
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    """A random tiny timm ViT (pretrained=False) in eval mode; overrides go to timm."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    kwargs.update(overrides)
+    name = kwargs.pop("name", "vit_tiny_patch16_224")
+    torch.manual_seed(0)
+    return vit.create_vit(name, model_kwargs=kwargs, pretrained=False)

@@ -1,0 +1,266 @@
+"""Tests for collabvit.selection (DESIGN.md section 1, "Patch selection")."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from collabvit.selection import (
+    MASKING_MODES,
+    select_attention_sum_threshold,
+    select_attention_threshold,
+    select_patches,
+    select_random,
+    select_topk,
+    selection_statistics,
+    validate_masking,
+)
+
+
+def _kept(mask_row: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(mask_row).flatten().tolist())
+
+
+def _brute_force_sum_threshold(scores: list[float], threshold: float) -> set[int]:
+    """Plain Python: rank descending, keep while the running sum stays <= threshold."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    kept: set[int] = set()
+    running = 0.0
+    for index in order:
+        running += scores[index]
+        if running <= threshold:
+            kept.add(index)
+    return kept
+
+
+# --- topk --------------------------------------------------------------------------------
+
+
+def test_topk_keeps_exactly_the_k_largest():
+    scores = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15], [0.5, 0.0, 0.2, 0.1, 0.2001]])
+    keep = select_topk(scores, 2)
+    assert keep.dtype == torch.bool and keep.shape == scores.shape
+    assert _kept(keep[0]) == {1, 3}
+    assert _kept(keep[1]) == {0, 4}
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9, 10])
+def test_topk_random_scores(k):
+    scores = torch.rand(5, 10, generator=torch.Generator().manual_seed(k))
+    keep = select_topk(scores, k)
+    assert keep.sum(dim=1).tolist() == [k] * 5
+    for row in range(5):
+        expected = set(torch.argsort(scores[row], descending=True)[:k].tolist())
+        assert _kept(keep[row]) == expected
+        if 0 < k < 10:
+            assert scores[row][keep[row]].min() > scores[row][~keep[row]].max()
+
+
+def test_topk_with_ties_still_keeps_k():
+    scores = torch.full((2, 6), 1.0 / 6.0)
+    assert select_topk(scores, 4).sum(dim=1).tolist() == [4, 4]
+
+
+# --- random ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 16])
+def test_random_keeps_k_distinct(k):
+    scores = torch.rand(8, 16)
+    keep = select_random(scores, k, torch.Generator().manual_seed(0))
+    assert keep.dtype == torch.bool and keep.shape == (8, 16)
+    assert keep.sum(dim=1).tolist() == [k] * 8
+
+
+def test_random_is_reproducible_with_seed_and_differs_with_other_seed():
+    scores = torch.rand(4, 64)
+    first = select_random(scores, 10, torch.Generator().manual_seed(123))
+    again = select_random(scores, 10, torch.Generator().manual_seed(123))
+    other = select_random(scores, 10, torch.Generator().manual_seed(456))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_random_ignores_scores_values():
+    generator_a = torch.Generator().manual_seed(7)
+    generator_b = torch.Generator().manual_seed(7)
+    a = select_random(torch.rand(3, 20), 5, generator_a)
+    b = select_random(torch.zeros(3, 20), 5, generator_b)
+    assert torch.equal(a, b)
+
+
+def test_random_rows_differ_within_a_batch():
+    keep = select_random(torch.zeros(6, 50), 5, torch.Generator().manual_seed(1))
+    assert len({tuple(row.tolist()) for row in keep}) > 1
+
+
+def test_random_via_select_patches_uses_int_of_threshold():
+    keep = select_patches(torch.rand(2, 10), "random", 3.9, torch.Generator().manual_seed(0))
+    assert keep.sum(dim=1).tolist() == [3, 3]
+
+
+# --- attention_threshold -----------------------------------------------------------------
+
+
+def test_attention_threshold_keeps_scores_at_or_above_threshold():
+    scores = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.0625, 0.5, 0.25, 0.1875]])
+    keep = select_attention_threshold(scores, 0.25)
+    assert _kept(keep[0]) == {0, 1}  # 0.25 == th is kept
+    assert _kept(keep[1]) == {1, 2}
+    assert _kept(select_attention_threshold(scores, 0.125)[0]) == {0, 1, 2, 3}
+    assert select_attention_threshold(scores, 0.75).sum() == 0
+    assert torch.equal(select_patches(scores, "attention_threshold", 0.25), keep)
+
+
+# --- attention_sum_threshold -------------------------------------------------------------
+
+
+def test_sum_threshold_crossing_patch_is_not_kept():
+    # sorted: 0.5 (c=0.5), 0.25 (c=0.75), 0.125 (c=0.875), 0.125 (c=1.0)
+    scores = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
+    # th = 0.8: 0.5 and 0.25 stay below; the 0.125 reaching 0.875 crosses and is dropped
+    assert _kept(select_attention_sum_threshold(scores, 0.8)[0]) == {1, 3}
+    # th = 0.75 equals a cumulative sum exactly: that patch is kept
+    assert _kept(select_attention_sum_threshold(scores, 0.75)[0]) == {1, 3}
+    # th = 0.7: 0.25 brings the sum to 0.75 > 0.7, so only the top patch is kept
+    assert _kept(select_attention_sum_threshold(scores, 0.7)[0]) == {1}
+
+
+def test_sum_threshold_can_be_empty():
+    scores = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.25]])
+    keep = select_attention_sum_threshold(scores, 0.4)
+    assert keep.sum(dim=1).tolist() == [0, 0]
+    assert select_attention_sum_threshold(scores, 0.0).sum() == 0
+    assert torch.equal(select_patches(scores, "attention_sum_threshold", 0.4), keep)
+
+
+def test_sum_threshold_one_keeps_all_on_exact_scores():
+    scores = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5]])
+    assert select_attention_sum_threshold(scores, 1.0).all()
+    assert select_patches(scores, "attention_sum_threshold", 1.0).all()
+
+
+def test_sum_threshold_all_zero_scores():
+    # cumulative sums are all 0 <= th, so an all-zero score row keeps every patch
+    keep = select_attention_sum_threshold(torch.zeros(1, 4), 0.5)
+    assert keep.all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sum_threshold_matches_brute_force(seed):
+    rng = random.Random(seed)
+    batch, patches = 6, 12
+    rows = []
+    for _ in range(batch):
+        # distinct dyadic weights so every partial sum is exact in float32
+        weights = rng.sample(range(1, 64), patches)
+        total = sum(weights)
+        scale = 2 ** math.ceil(math.log2(total))
+        rows.append([w / scale for w in weights])
+    scores = torch.tensor(rows)
+    for threshold in [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0] + [rng.random() for _ in range(5)]:
+        keep = select_attention_sum_threshold(scores, threshold)
+        for row in range(batch):
+            assert _kept(keep[row]) == _brute_force_sum_threshold(rows[row], threshold), (
+                seed,
+                threshold,
+                row,
+            )
+        # also at thresholds equal to each exact cumulative sum (boundary included)
+    for row in range(batch):
+        ranked = sorted(rows[row], reverse=True)
+        running = 0.0
+        for position, value in enumerate(ranked):
+            running += value
+            keep = select_attention_sum_threshold(scores[row : row + 1], running)
+            assert int(keep.sum()) == position + 1
+
+
+# --- select_patches / validate_masking ----------------------------------------------------
+
+
+def test_select_patches_topk_dispatch():
+    scores = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    assert _kept(select_patches(scores, "topk", 2)[0]) == {1, 3}
+    assert _kept(select_patches(scores, "topk", 2.7)[0]) == {1, 3}
+
+
+@pytest.mark.parametrize("mode", ["topk", "random"])
+@pytest.mark.parametrize("threshold", [-1, -0.5])
+def test_validate_masking_rejects_negative_k(mode, threshold):
+    with pytest.raises(ValueError):
+        validate_masking(mode, threshold, 10)
+
+
+@pytest.mark.parametrize("mode", ["topk", "random"])
+def test_validate_masking_k_versus_num_patches(mode):
+    validate_masking(mode, 10, 10)
+    validate_masking(mode, 0, 10)
+    validate_masking(mode, 11, None)  # N unknown: nothing to compare with
+    with pytest.raises(ValueError):
+        validate_masking(mode, 11, 10)
+    with pytest.raises(ValueError):
+        select_patches(torch.rand(1, 4), mode, 5)
+
+
+@pytest.mark.parametrize("delta", [-0.01, 1.01, 2.0])
+def test_validate_masking_sum_threshold_outside_unit_interval(delta):
+    with pytest.raises(ValueError):
+        validate_masking("attention_sum_threshold", delta, 10)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5, 1.0])
+def test_validate_masking_sum_threshold_accepts_unit_interval(delta):
+    validate_masking("attention_sum_threshold", delta, 10)
+
+
+def test_validate_masking_unknown_mode():
+    with pytest.raises(ValueError, match="unknown masking mode"):
+        validate_masking("top_k", 3, 10)
+    with pytest.raises(ValueError):
+        select_patches(torch.rand(1, 4), "bogus", 1)
+
+
+@pytest.mark.parametrize("mode", MASKING_MODES)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_validate_masking_non_finite(mode, value):
+    with pytest.raises(ValueError):
+        validate_masking(mode, value, 10)
+
+
+def test_validate_masking_accepts_attention_threshold_values():
+    validate_masking("attention_threshold", 0.0, 10)
+    validate_masking("attention_threshold", 0.01, 10)
+
+
+# --- selection_statistics ----------------------------------------------------------------
+
+
+def test_selection_statistics_counts_min_sum():
+    scores = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.1, 0.2, 0.3, 0.4], [0.25] * 4])
+    keep = torch.tensor(
+        [[True, True, False, False], [False, True, False, True], [False, False, False, False]]
+    )
+    counts, minimum, total = selection_statistics(scores, keep)
+    assert counts.tolist() == [2, 2, 0]
+    assert counts.dtype == torch.int64
+    assert minimum[0].item() == 0.25
+    assert minimum[1].item() == pytest.approx(0.2)
+    assert math.isinf(minimum[2].item()) and minimum[2].item() > 0
+    assert total[0].item() == 0.75
+    assert total[1].item() == pytest.approx(0.6)
+    assert total[2].item() == 0.0
+
+
+def test_selection_statistics_consistent_with_policy():
+    scores = torch.softmax(torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    keep = select_patches(scores, "attention_sum_threshold", 0.6)
+    counts, minimum, total = selection_statistics(scores, keep)
+    assert (total <= 0.6 + 1e-6).all()
+    for row in range(4):
+        assert counts[row] == keep[row].sum()
+        if counts[row]:
+            assert minimum[row] == scores[row][keep[row]].min()

@@ -1,0 +1,202 @@
+"""vit.py: the timm seams, edge scores, server subsets, loading and support checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from collabvit import vit
+from collabvit.scoring import normalize_scores
+from conftest import tiny_vit
+
+ARCHITECTURES = {
+    "vit": dict(),
+    "distilled_deit": dict(name="deit_tiny_distilled_patch16_224"),
+    "deit3_no_embed_class": dict(name="deit3_small_patch16_224", embed_dim=48, num_heads=3,
+                                 init_values=1e-1),
+    "registers": dict(reg_tokens=4, no_embed_class=True),
+    "registers_embed_class": dict(reg_tokens=2),
+}  # fmt: skip
+
+
+@pytest.fixture(params=list(ARCHITECTURES), scope="module")
+def model(request):
+    return tiny_vit(**ARCHITECTURES[request.param])
+
+
+def images(batch=3, size=32, channels=3, seed=1):
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def explicit_attention_maps(model):
+    """Every block's softmax attention via timm's own non-fused path, on a copy.
+
+    Returns (copy, maps) where maps fills with [B, H, T, T] per block on forward.
+    """
+    twin = copy.deepcopy(model)
+    maps = []
+    for block in twin.blocks:
+        block.attn.fused_attn = False  # this instance only; timm's global switch is untouched
+        block.attn.attn_drop.register_forward_hook(lambda m, inputs, out: maps.append(inputs[0]))
+    return twin, maps
+
+
+def test_prefix_tokens_are_counted(model):
+    g = vit.geometry(model)
+    expected = 1 + (model.reg_token.shape[1] if model.reg_token is not None else 0)
+    expected += 1 if isinstance(model, timm.models.deit.VisionTransformerDistilled) else 0
+    assert g.num_prefix_tokens == expected
+    assert g.num_patches == 16
+
+
+@pytest.mark.parametrize("mode", ["mean", "rollout"])
+def test_edge_logits_equal_plain_model(model, mode):
+    x = images()
+    with torch.inference_mode():
+        logits, scores = vit.forward_with_scores(model, x, mode)
+        plain = model(x)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    assert scores.shape == (3, 16)
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(3))
+
+
+def test_mean_mode_equals_the_explicit_class_token_row(model):
+    """Mean mode computes only row 0 from q and k; it must equal timm's explicit attention row."""
+    x = images()
+    twin, maps = explicit_attention_maps(model)
+    with torch.inference_mode():
+        twin(x)
+        _, scores = vit.forward_with_scores(model, x, "mean")
+    prefix = model.num_prefix_tokens
+    explicit = normalize_scores(maps[-1][:, :, 0, prefix:].mean(dim=1))
+    torch.testing.assert_close(scores, explicit, atol=1e-6, rtol=0)
+    # fused attention stays on: neither the model's blocks nor timm's global switch changed
+    assert all(block.attn.fused_attn for block in model.blocks)
+    assert timm.layers.use_fused_attn()
+
+
+def test_rollout_equals_the_reference_definition(model):
+    x = images()
+    twin, maps = explicit_attention_maps(model)
+    with torch.inference_mode():
+        twin(x)
+        _, scores = vit.forward_with_scores(model, x, "rollout")
+    eye = torch.eye(maps[0].shape[-1])
+    rollout = eye
+    for attention in maps:  # R = (A_L + I) ... (A_1 + I), later block on the left, per head
+        rollout = (attention + eye) @ rollout
+    prefix = model.num_prefix_tokens
+    expected = normalize_scores(rollout[:, :, 0, prefix:].mean(dim=1))
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
+
+
+def test_server_forward_on_all_patches_equals_plain_model(model):
+    from collabvit.protocol import patchify
+
+    x = images()
+    with torch.inference_mode():
+        subset = vit.forward_selected(model, patchify(x, (8, 8)), torch.arange(16).expand(3, -1))
+        plain = model(x)
+    torch.testing.assert_close(subset, plain, atol=1e-5, rtol=0)
+
+
+def test_server_forward_ignores_patch_order(model):
+    from collabvit.protocol import patchify
+
+    x = images(batch=1)
+    patches = patchify(x, (8, 8))
+    keep = torch.tensor([[3, 7, 0, 12, 9]])
+    shuffled = keep[:, [4, 2, 0, 3, 1]]
+    with torch.inference_mode():
+        a = vit.forward_selected(model, patches[:, keep[0]], keep)
+        b = vit.forward_selected(model, patches[:, shuffled[0]], shuffled)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_unknown_attention_mode_is_rejected():
+    with pytest.raises(ValueError, match="attention mode"):
+        vit.forward_with_scores(tiny_vit(), images(), "max")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, reason",
+    [
+        ("convnext_atto", {}, "not supported"),
+        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+         "not supported"),
+        ("vit_tiny_patch16_224", dict(img_size=32, dynamic_img_size=True), "dynamic_img_size"),
+        ("vit_tiny_patch16_224", dict(img_size=32, class_token=False, global_pool="avg"), "class token"),
+    ],
+)  # fmt: skip
+def test_unsupported_architectures_fail_clearly(name, kwargs, reason):
+    with pytest.raises(vit.ModelError, match=reason) as info:
+        vit.create_vit(name, model_kwargs=kwargs, pretrained=False)
+    assert "collabvit supports" in str(info.value)
+
+
+def test_avg_pooling_is_fine_at_the_edge_but_not_on_the_server():
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, global_pool="avg")
+    vit.create_vit("vit_tiny_patch16_224", model_kwargs=kwargs, pretrained=False)
+    with pytest.raises(vit.ModelError, match="class-token pooling"):
+        vit.create_vit("vit_tiny_patch16_224", model_kwargs=kwargs, pretrained=False, server=True)
+
+
+def test_weights_from_safetensors_and_nested_pth(tmp_path):
+    source = tiny_vit(num_classes=5)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "w.pth")  # DeiT release layout
+    x = images()
+    with torch.inference_mode():
+        want = source(x)
+        for file in ("w.safetensors", "w.pth"):
+            loaded = vit.create_vit("vit_tiny_patch16_224", tmp_path / file, kwargs)
+            torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+
+
+def test_loading_errors_are_clear(tmp_path, monkeypatch):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    with pytest.raises(vit.ModelError, match="unknown timm model"):
+        vit.create_vit("deit_enormous", tmp_path / "x.safetensors")
+    with pytest.raises(vit.ModelError, match="not found"):
+        vit.create_vit("vit_tiny_patch16_224", tmp_path / "missing.safetensors", kwargs)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(vit.ModelError, match="cannot read"):
+        vit.create_vit("vit_tiny_patch16_224", tmp_path / "junk.pth", kwargs)
+    save_file(tiny_vit(embed_dim=96).state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(vit.ModelError, match="do not fit"):
+        vit.create_vit("vit_tiny_patch16_224", tmp_path / "other.safetensors", kwargs)
+    monkeypatch.setattr(vit, "_hub_reachable", lambda: False)
+    with pytest.raises(vit.ModelError, match="--model-weights"):
+        vit.create_vit("deit_tiny_patch16_224")
+
+
+def test_edge_server_mismatch_is_an_error():
+    with pytest.raises(vit.ModelError, match="disagree"):
+        vit.check_compatible(tiny_vit(), tiny_vit(patch_size=4))
+    with pytest.raises(vit.ModelError, match="classes"):
+        vit.check_compatible(tiny_vit(), tiny_vit(num_classes=3))
+
+
+def test_normalization_of_uint8_and_float():
+    norm = vit.Normalization((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = norm(pixels)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1.0, 3.0, 1.0]))
+    torch.testing.assert_close(norm(pixels.float() / 255), out)
+    # patches [B, L, C, P, P] normalise per channel too
+    torch.testing.assert_close(norm(pixels.unsqueeze(1))[0, 0], out[0])
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(vit.Normalization.identity()(x), x)
+
+
+def test_model_normalization_comes_from_its_config():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    assert isinstance(model, VisionTransformer)
+    norm = vit.Normalization.of_model(model)
+    assert norm.mean == pytest.approx((0.485, 0.456, 0.406))
