@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
 
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.protocol import patchify
-from conftest import tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,11 @@ def test_payloads_carry_the_selected_pixels_of_the_sent_images(edge_model):
     assert 0 < len(sent) < 6, "pick a threshold that splits this batch"
     assert len(result.payloads) == len(sent)
     patches = patchify(images, (8, 8))
-    for image, payload in zip(sent, result.payloads):
+    for image, payload in zip(sent, result.payloads, strict=True):
         assert payload.patches.dtype == torch.uint8  # shipped losslessly, unnormalised
-        assert set(payload.positions.tolist()) == set(torch.nonzero(result.keep[image]).flatten().tolist())
+        assert set(payload.positions.tolist()) == set(
+            torch.nonzero(result.keep[image]).flatten().tolist()
+        )
         assert payload.size == 5
         assert torch.equal(payload.patches, patches[image, payload.positions])
         top5 = result.scores[image].topk(5).indices
@@ -70,7 +72,9 @@ def test_no_gate_sends_everything(edge_model):
 
 
 def test_random_policy_is_seeded(edge_model):
-    edge = EdgeDevice(edge_model, EdgeConfig(masking_mode="random", masking_th=4, uncer_mode="none"))
+    edge = EdgeDevice(
+        edge_model, EdgeConfig(masking_mode="random", masking_th=4, uncer_mode="none")
+    )
     images = uint8_images(3)
     first = edge.process(images, torch.Generator().manual_seed(7)).keep
     again = edge.process(images, torch.Generator().manual_seed(7)).keep

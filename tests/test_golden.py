@@ -35,8 +35,12 @@ def test_edge_logits_and_scores(golden, pair, mode):
     edge, _ = pair
     with torch.inference_mode():
         logits, scores = vit.forward_with_scores(edge, golden.images, mode)
-    torch.testing.assert_close(logits, torch.tensor(golden.expected["edge_logits"]), atol=ATOL, rtol=0)
-    torch.testing.assert_close(scores, torch.tensor(golden.expected["scores"][mode]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        logits, torch.tensor(golden.expected["edge_logits"]), atol=ATOL, rtol=0
+    )
+    torch.testing.assert_close(
+        scores, torch.tensor(golden.expected["scores"][mode]), atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize("measure", ["shannon_entropy", "min_entropy", "margin"])
@@ -110,7 +114,10 @@ def test_summary_through_the_cli(golden, capsys, tmp_path):
                    "--results-file", str(tmp_path / "r.json")])  # fmt: skip
     assert status == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "* Masking mode:: attention_threshold, 0.07 / Confidence criterion:: margin, 0.04"
+    assert (
+        lines[0]
+        == "* Masking mode:: attention_threshold, 0.07 / Confidence criterion:: margin, 0.04"
+    )
     assert lines[2] == f"* Total confident image:: {int(expected['confident_images'])}"
     assert float(lines[3].split("::")[1]) == pytest.approx(expected["comm_cost"], abs=ATOL)
     assert lines[4] == f"Client only accuracy: {round(expected['client_acc'], 4)} %"

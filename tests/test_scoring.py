@@ -20,8 +20,10 @@ def _random_softmax_maps(
 ) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (3.0 * torch.randn(batch, heads, tokens, tokens, generator=generator, dtype=torch.float64))
-        .softmax(dim=-1)
+        (
+            3.0
+            * torch.randn(batch, heads, tokens, tokens, generator=generator, dtype=torch.float64)
+        ).softmax(dim=-1)
         for _ in range(depth)
     ]
 

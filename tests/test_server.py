@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
 
 from collabvit import vit
 from collabvit.protocol import PatchPayload, patchify
 from collabvit.server import Server, pack_payloads
-from conftest import tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_ragged_batch_equals_each_image_alone(server_model):
 
 def test_empty_selection_sees_only_the_prefix_tokens(server_model):
     server = Server(server_model)
-    empty = PatchPayload(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+    empty = PatchPayload(
+        torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
+    )
     logits = server.classify([empty])
     assert logits.shape == (1, 7) and torch.isfinite(logits).all()
     with torch.inference_mode():
@@ -75,7 +77,9 @@ def test_payload_of_float_pixels_matches_uint8(server_model):
     server = Server(server_model)
     as_uint8 = random_payloads(images, [6, 10], seed=4)
     as_float = [PatchPayload(p.positions, p.patches.float() / 255) for p in as_uint8]
-    torch.testing.assert_close(server.classify(as_float), server.classify(as_uint8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        server.classify(as_float), server.classify(as_uint8), atol=1e-5, rtol=0
+    )
 
 
 def test_bad_payloads_are_rejected(server_model):

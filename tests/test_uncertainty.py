@@ -1,4 +1,4 @@
-"""Tests for collabvit.uncertainty (DESIGN.md section 1, "Uncertainty and the transmission gate")."""
+"""Tests for collabvit.uncertainty (DESIGN.md section 1, the transmission gate)."""
 
 from __future__ import annotations
 
@@ -119,8 +119,7 @@ def test_is_confident_margin_equality_is_not_confident():
     tie = torch.tensor([[0.0, 0.0, NEG_INF]])  # p = (0.5, 0.5, 0): margin exactly 0
     assert not is_confident(tie, "margin", 0.0).item()
     assert is_confident(tie, "margin", -0.25).item()
-    # p = (0.5, 0.25, 0.25) exactly (softmax of log-probabilities 0, -ln 4... is not exact,
-    # so build the boundary from the computed value itself)
+    # for arbitrary logits, put eta exactly on the computed margin
     logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
     values = margin(logits)
     for row in range(5):
@@ -165,7 +164,7 @@ def test_is_confident_returns_bool_per_image():
         assert out.dtype == torch.bool and out.shape == (7,)
 
 
-@pytest.mark.parametrize("mode", ["entropy", "Shannon_Entropy", "max_prob", "None"])
+@pytest.mark.parametrize("mode", ["entropy", "Shannon_Entropy", "max_prob", "random"])
 def test_unknown_mode_raises(mode):
     logits = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="unknown uncertainty mode"):

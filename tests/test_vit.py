@@ -7,12 +7,12 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import tiny_vit
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
 from collabvit.scoring import normalize_scores
-from conftest import tiny_vit
 
 ARCHITECTURES = {
     "vit": dict(),
@@ -127,10 +127,11 @@ def test_unknown_attention_mode_is_rejected():
     "name, kwargs, reason",
     [
         ("convnext_atto", {}, "not supported"),
-        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
-         "not supported"),
+        ("swin_tiny_patch4_window7_224",
+         dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "not supported"),
         ("vit_tiny_patch16_224", dict(img_size=32, dynamic_img_size=True), "dynamic_img_size"),
-        ("vit_tiny_patch16_224", dict(img_size=32, class_token=False, global_pool="avg"), "class token"),
+        ("vit_tiny_patch16_224", dict(img_size=32, class_token=False, global_pool="avg"),
+         "class token"),
     ],
 )  # fmt: skip
 def test_unsupported_architectures_fail_clearly(name, kwargs, reason):
@@ -150,7 +151,9 @@ def test_weights_from_safetensors_and_nested_pth(tmp_path):
     source = tiny_vit(num_classes=5)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "w.pth")  # DeiT release layout
+    torch.save(
+        {"model": source.state_dict(), "epoch": 3}, tmp_path / "w.pth"
+    )  # DeiT release layout
     x = images()
     with torch.inference_mode():
         want = source(x)

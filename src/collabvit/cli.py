@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from collabvit import __version__, vit
-from collabvit.data import DATA_SETS, DataError, build_dataset
+from collabvit.data import DATA_SETS, build_dataset
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate, write_per_image, write_results
 from collabvit.metrics import format_summary
@@ -77,57 +77,159 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from error
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
-    _add(models, "--model", default="deit_tiny_patch16_224", metavar="NAME",
-         help="edge model: a timm ViT name (default: %(default)s)")
-    _add(models, "--model-weights", metavar="FILE",
-         help="edge weights: .safetensors or .pth (the DeiT release's nested 'model' is fine); "
-              "without it timm's hub is asked")
-    _add(models, "--model-kwargs", type=_json_object, default={}, metavar="JSON",
-         help='edge architecture overrides for timm.create_model, e.g. \'{"img_size": 32}\'')
-    _add(models, "--server-model", default="deit_base_patch16_224", metavar="NAME",
-         help="server model: a timm ViT name (default: %(default)s)")
+    _add(
+        models,
+        "--model",
+        default="deit_tiny_patch16_224",
+        metavar="NAME",
+        help="edge model: a timm ViT name (default: %(default)s)",
+    )
+    _add(
+        models,
+        "--model-weights",
+        metavar="FILE",
+        help="edge weights: .safetensors or .pth (the DeiT release's nested 'model' is fine); "
+        "without it timm's hub is asked",
+    )
+    _add(
+        models,
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="edge architecture overrides for timm.create_model, e.g. '{\"img_size\": 32}'",
+    )
+    _add(
+        models,
+        "--server-model",
+        default="deit_base_patch16_224",
+        metavar="NAME",
+        help="server model: a timm ViT name (default: %(default)s)",
+    )
     _add(models, "--server-weights", metavar="FILE", help="server weights, as --model-weights")
-    _add(models, "--server-kwargs", type=_json_object, default={}, metavar="JSON",
-         help="server architecture overrides, as --model-kwargs")
+    _add(
+        models,
+        "--server-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="server architecture overrides, as --model-kwargs",
+    )
 
     data = parser.add_argument_group("data")
-    _add(data, "--data-set", choices=DATA_SETS, default="imagenet",
-         help="imagenet: ImageNet-style folder with the edge model's eval transform; fmnist: "
-              "Fashion-MNIST IDX files; tensors: a safetensors file with images and targets "
-              "(default: %(default)s)")
-    _add(data, "--data-path", metavar="PATH",
-         help="ROOT with ROOT/val/<class>/<image> or ROOT/<class>/<image>; the Fashion-MNIST "
-              "folder (default /usr/share/datasets/fashion-mnist); or the tensor file")
-    _add(data, "--split", choices=("test", "train"), default="test",
-         help="Fashion-MNIST split (default: %(default)s)")
+    _add(
+        data,
+        "--data-set",
+        choices=DATA_SETS,
+        default="imagenet",
+        help="imagenet: ImageNet-style folder with the edge model's eval transform; fmnist: "
+        "Fashion-MNIST IDX files; tensors: a safetensors file with images and targets "
+        "(default: %(default)s)",
+    )
+    _add(
+        data,
+        "--data-path",
+        metavar="PATH",
+        help="ROOT with ROOT/val/<class>/<image> or ROOT/<class>/<image>; the Fashion-MNIST "
+        "folder (default /usr/share/datasets/fashion-mnist); or the tensor file",
+    )
+    _add(
+        data,
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="Fashion-MNIST split (default: %(default)s)",
+    )
+    _add(
+        data,
+        "--crop-pct",
+        type=_fraction,
+        metavar="F",
+        help="centre-crop fraction for ImageNet-style data (default: 0.875 = resize 256, crop "
+        "224 for DeiT as the reference does; timm's value for other models)",
+    )
     _add(data, "--limit", type=_positive_int, metavar="N", help="evaluate only the first N images")
-    _add(data, "--inputs-normalized", action="store_true",
-         help="images are already normalised: feed them to both models as they are")
+    _add(
+        data,
+        "--inputs-normalized",
+        action="store_true",
+        help="images are already normalised: feed them to both models as they are",
+    )
     _add(data, "--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
-    _add(data, "--num-workers", type=int, default=0, help="data loading processes (default: %(default)s)")
+    _add(
+        data,
+        "--num-workers",
+        type=int,
+        default=0,
+        help="data loading processes (default: %(default)s)",
+    )
 
     method = parser.add_argument_group("collaborative inference (DESIGN.md section 1)")
-    _add(method, "--attention-mode", choices=ATTENTION_MODES, default="mean",
-         help="patch scores from the last block (mean) or attention rollout (default: %(default)s)")
-    _add(method, "--masking-mode", choices=MASKING_MODES, default="attention_sum_threshold",
-         help="patch selection policy (default: %(default)s)")
-    _add(method, "--masking-th", type=float, default=0.97, metavar="TH",
-         help="k for random/topk, score threshold for attention_threshold, cumulative share "
-              "delta in [0, 1] for attention_sum_threshold (default: %(default)s)")
-    _add(method, "--uncer-mode", type=_uncertainty_mode, default="min_entropy",
-         metavar="{" + ",".join(UNCERTAINTY_MODES) + "}",
-         help="uncertainty measure of the transmission gate; none sends every image "
-              "(default: %(default)s)")
-    _add(method, "--uncer-th", type=float, default=1.0, metavar="ETA",
-         help="gate threshold eta: entropies below it / margin above it stay at the edge "
-              "(default: %(default)s)")
+    _add(
+        method,
+        "--attention-mode",
+        choices=ATTENTION_MODES,
+        default="mean",
+        help="patch scores from the last block (mean) or attention rollout (default: %(default)s)",
+    )
+    _add(
+        method,
+        "--masking-mode",
+        choices=MASKING_MODES,
+        default="attention_sum_threshold",
+        help="patch selection policy (default: %(default)s)",
+    )
+    _add(
+        method,
+        "--masking-th",
+        type=float,
+        default=0.97,
+        metavar="TH",
+        help="k for random/topk, score threshold for attention_threshold, cumulative share "
+        "delta in [0, 1] for attention_sum_threshold (default: %(default)s)",
+    )
+    _add(
+        method,
+        "--uncer-mode",
+        type=_uncertainty_mode,
+        default="min_entropy",
+        metavar="{" + ",".join(UNCERTAINTY_MODES) + "}",
+        help="uncertainty measure of the transmission gate; none sends every image "
+        "(default: %(default)s)",
+    )
+    _add(
+        method,
+        "--uncer-th",
+        type=float,
+        default=1.0,
+        metavar="ETA",
+        help="gate threshold eta: entropies below it / margin above it stay at the edge "
+        "(default: %(default)s)",
+    )
 
     run = parser.add_argument_group("run")
     _add(run, "--device", default="cpu", help="torch device for both models (default: %(default)s)")
-    _add(run, "--seed", type=int, default=0, help="seed of the random policy (default: %(default)s)")
-    _add(run, "--results-file", metavar="FILE", help="write every figure and the resolved config as JSON")
+    _add(
+        run, "--seed", type=int, default=0, help="seed of the random policy (default: %(default)s)"
+    )
+    _add(
+        run,
+        "--results-file",
+        metavar="FILE",
+        help="write every figure and the resolved config as JSON",
+    )
     _add(run, "--per-image", metavar="FILE", help="write one CSV row per image")
     _add(run, "--quiet", action="store_true", help="no progress bar")
 
@@ -152,7 +254,9 @@ def _resolve_device(name: str) -> torch.device:
     except RuntimeError as error:
         raise UsageError(f"unknown device {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        raise UsageError(
+            f"device {name!r} requested but CUDA is not available here; use --device cpu"
+        )
     return device
 
 
@@ -168,7 +272,9 @@ def run_eval(args: argparse.Namespace) -> int:
             args.server_model, args.server_weights, args.server_kwargs, server=True
         )
         vit.check_compatible(edge_model, server_model)
-        dataset = build_dataset(args.data_set, args.data_path, edge_model, args.split)
+        dataset = build_dataset(
+            args.data_set, args.data_path, edge_model, args.split, args.crop_pct
+        )
         if args.limit is not None:
             dataset = Subset(dataset, range(min(args.limit, len(dataset))))
         if len(dataset) == 0:

@@ -36,15 +36,22 @@ class DataError(ValueError):
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) as a uint8 array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:  # BadGzipFile is an OSError; a cut stream is EOFError
+        raise DataError(f"cannot read {path}: {error}") from error
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated inside its header")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")
+        raise DataError(
+            f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}"
+        )
     return body.reshape(shape)
 
 
@@ -105,26 +112,48 @@ class TensorFile(Dataset):
         return self.images[index], int(self.targets[index])
 
 
-def image_folder(root: str | Path, model: nn.Module) -> ImageFolder:
+# The reference evaluates DeiT as DeiT's own code does: resize to 256/224 of the
+# input, then centre crop; timm's DeiT configs say 0.9 instead of 0.875.
+DEIT_CROP_PCT = 224 / 256
+
+
+def eval_crop_pct(model: nn.Module) -> float:
+    """The centre-crop fraction the reference uses for this model (DeiT: 0.875, else timm's)."""
+    architecture = (
+        model.pretrained_cfg.get("architecture", "") if hasattr(model, "pretrained_cfg") else ""
+    )
+    if architecture.startswith("deit"):
+        return DEIT_CROP_PCT
+    return timm.data.resolve_data_config(model=model)["crop_pct"]
+
+
+def image_folder(root: str | Path, model: nn.Module, crop_pct: float | None = None) -> ImageFolder:
     """ImageNet-style folder with the model's timm eval transform, unnormalised uint8.
 
     Uses ROOT/val/<class>/<image> when ROOT/val exists (the reference's layout),
-    else ROOT/<class>/<image>.
+    else ROOT/<class>/<image>. `crop_pct` defaults to eval_crop_pct(model).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     folder = root / "val" if (root / "val").is_dir() else root
     config = timm.data.resolve_data_config(model=model)
+    config["crop_pct"] = crop_pct if crop_pct is not None else eval_crop_pct(model)
     transform = timm.data.create_transform(**config, is_training=False, normalize=False)
     try:
         return ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as error:
-        raise DataError(f"{folder} is not an ImageNet-style folder (<class>/<image>): {error}") from error
+        raise DataError(
+            f"{folder} is not an ImageNet-style folder (<class>/<image>): {error}"
+        ) from error
 
 
 def build_dataset(
-    name: str, path: str | Path | None, model: nn.Module, split: str = "test"
+    name: str,
+    path: str | Path | None,
+    model: nn.Module,
+    split: str = "test",
+    crop_pct: float | None = None,
 ) -> Dataset:
     """The evaluation dataset named on the command line.
 
@@ -133,13 +162,14 @@ def build_dataset(
         path: its location (Fashion-MNIST defaults to the Debian package's folder).
         model: the edge model (its eval transform for ImageNet-style data).
         split: Fashion-MNIST split.
+        crop_pct: centre-crop fraction for ImageNet-style data (default: the reference's).
     """
     if name == "fmnist":
         return FashionMNIST(path or FASHION_MNIST_ROOT, split)
     if name == "imagenet":
         if path is None:
             raise DataError("--data-set imagenet needs --data-path ROOT (ROOT/val/<class>/<image>)")
-        return image_folder(path, model)
+        return image_folder(path, model, crop_pct)
     if name == "tensors":
         if path is None:
             raise DataError("--data-set tensors needs --data-path FILE.safetensors")

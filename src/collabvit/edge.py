@@ -27,7 +27,8 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(
-                f"unknown attention mode {self.attention_mode!r}; choose one of {', '.join(ATTENTION_MODES)}"
+                f"unknown attention mode {self.attention_mode!r}; "
+                f"choose one of {', '.join(ATTENTION_MODES)}"
             )
         validate_masking(self.masking_mode, self.masking_th)
         object.__setattr__(self, "uncer_mode", canonical_uncertainty_mode(self.uncer_mode))

@@ -70,7 +70,9 @@ def evaluate(
         if result.payloads:
             final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)
         size, minimum, total_score = result.selection_statistics()
-        running.update(targets, result.logits, final_logits, result.confident, size, minimum, total_score)
+        running.update(
+            targets, result.logits, final_logits, result.confident, size, minimum, total_score
+        )
         if keep_records:
             edge_pred = result.logits.argmax(dim=1).tolist()
             final_pred = final_logits.argmax(dim=1).tolist()

@@ -51,7 +51,9 @@ class PatchPayload:
             raise ValueError("payload positions must be a 1-D int64 tensor")
         expected = (self.size, channels, *patch_size)
         if tuple(self.patches.shape) != expected:
-            raise ValueError(f"payload patches have shape {tuple(self.patches.shape)}, expected {expected}")
+            raise ValueError(
+                f"payload patches have shape {tuple(self.patches.shape)}, expected {expected}"
+            )
         if self.size:
             if int(self.positions.min()) < 0 or int(self.positions.max()) >= num_patches:
                 raise ValueError(f"payload positions must lie in [0, {num_patches})")

@@ -28,7 +28,9 @@ def validate_masking(mode: str, threshold: float, num_patches: int | None = None
         raise ValueError(f"masking threshold must be a finite number, got {threshold}")
     if mode in _COUNT_MODES:
         if threshold < 0:
-            raise ValueError(f"{mode} keeps k = int(threshold) patches; k must be >= 0, got {threshold}")
+            raise ValueError(
+                f"{mode} keeps k = int(threshold) patches; k must be >= 0, got {threshold}"
+            )
         if num_patches is not None and int(threshold) > num_patches:
             raise ValueError(
                 f"{mode} asks for k = {int(threshold)} patches but the model has only {num_patches}"
@@ -38,7 +40,9 @@ def validate_masking(mode: str, threshold: float, num_patches: int | None = None
             f"attention_sum_threshold takes a cumulative attention share in [0, 1], got {threshold}"
         )
     elif mode == "attention_threshold" and threshold < 0:
-        raise ValueError(f"attention_threshold must be >= 0 (scores are non-negative), got {threshold}")
+        raise ValueError(
+            f"attention_threshold must be >= 0 (scores are non-negative), got {threshold}"
+        )
 
 
 def _mask_from_ranking(order: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:

@@ -85,13 +85,17 @@ def check_supported(model: nn.Module, server: bool = False) -> None:
     """
     name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
     if not isinstance(model, VisionTransformer):
-        raise ModelError(f"{name} ({type(model).__name__}) is not supported; collabvit supports {SUPPORTED}")
+        raise ModelError(
+            f"{name} ({type(model).__name__}) is not supported; collabvit supports {SUPPORTED}"
+        )
     problems = []
     if model.cls_token is None:
         problems.append("it has no class token")
     if model.pos_embed is None:
         problems.append("it has no learned position embedding")
-    if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_pad", False):
+    if getattr(model, "dynamic_img_size", False) or getattr(
+        model.patch_embed, "dynamic_img_pad", False
+    ):
         problems.append("dynamic_img_size/dynamic_img_pad is on (fixed input size needed)")
     proj = model.patch_embed.proj
     if not (
@@ -106,7 +110,9 @@ def check_supported(model: nn.Module, server: bool = False) -> None:
     if server and (model.global_pool != "token" or model.attn_pool is not None):
         problems.append(f"server models need class-token pooling, not {model.global_pool!r}")
     if problems:
-        raise ModelError(f"{name} is not supported: {'; '.join(problems)}. collabvit supports {SUPPORTED}")
+        raise ModelError(
+            f"{name} is not supported: {'; '.join(problems)}. collabvit supports {SUPPORTED}"
+        )
 
 
 def check_compatible(edge: VisionTransformer, server: VisionTransformer) -> None:
@@ -148,14 +154,16 @@ class Normalization:
             if len(mean) != 1 and len(set(mean)) == 1 and len(set(std)) == 1:
                 mean, std = mean[:1], std[:1]
             elif len(mean) != 1:
-                raise ModelError(f"normalisation has {len(mean)} channels but the images have {channels}")
+                raise ModelError(
+                    f"normalisation has {len(mean)} channels but the images have {channels}"
+                )
         mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return (x - mean_t) / std_t
 
 
 def _hub_reachable() -> bool:
-    """Whether asking timm's hub can work: offline mode uses the local cache, else resolve the host."""
+    """Whether asking timm's hub can work: offline mode uses the cache, else the host must resolve."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return True
     try:
@@ -285,7 +293,9 @@ def forward_with_scores(
         logits [B, classes], scores [B, N].
     """
     if attention_mode not in ATTENTION_MODES:
-        raise ValueError(f"unknown attention mode {attention_mode!r}; choose one of {ATTENTION_MODES}")
+        raise ValueError(
+            f"unknown attention mode {attention_mode!r}; choose one of {ATTENTION_MODES}"
+        )
     prefix = model.num_prefix_tokens
     x = _embed(model, images)
     if attention_mode == "mean":

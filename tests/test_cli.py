@@ -1,0 +1,166 @@
+"""`collabvit eval` through the real command line: flags, errors, outputs, DeiT end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from collabvit.cli import build_parser
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "collabvit", *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+EVAL_FLAGS = [
+    "--model", "--model-weights", "--model-kwargs", "--server-model", "--server-weights",
+    "--server-kwargs", "--data-set", "--data-path", "--split", "--crop-pct", "--limit",
+    "--inputs-normalized",
+    "--batch-size", "--num-workers", "--attention-mode", "--masking-mode", "--masking-th",
+    "--uncer-mode", "--uncer-th", "--device", "--seed", "--results-file", "--per-image", "--quiet",
+]  # fmt: skip
+REFERENCE_SPELLINGS = [
+    "--masking_mode", "--masking_th", "--attention_mode", "--uncer_mode", "--uncer_th",
+    "--batch_size", "--data_path", "--server_model", "--data_set",
+]  # fmt: skip
+
+
+def test_help_lists_every_flag():
+    result = run_cli("eval", "--help")
+    assert result.returncode == 0
+    for flag in EVAL_FLAGS:
+        assert re.search(rf"{flag}\b", result.stdout), flag
+    parser_actions = build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+    declared = {s for a in parser_actions for s in a.option_strings if s.startswith("--")}
+    assert set(EVAL_FLAGS) | set(REFERENCE_SPELLINGS) <= declared
+    assert declared - {"--help"} <= set(EVAL_FLAGS) | {
+        f.replace("-", "_").replace("__", "--", 1) for f in EVAL_FLAGS
+    }
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--masking-mode", "topk", "--masking-th", "-3"], "k must be >= 0"),
+        (["--masking-mode", "attention_sum_threshold", "--masking-th", "1.2"], r"\[0, 1\]"),
+        (["--masking-mode", "median"], "invalid choice"),
+        (["--attention-mode", "max"], "invalid choice"),
+        (["--uncer-mode", "variance"], "unknown uncertainty mode"),
+        (["--uncer-th", "high"], "invalid float"),
+        (["--batch-size", "0"], "at least 1"),
+        (["--data-set", "fmnist", "--data-path", "/nonexistent/fmnist",
+          "--model-weights", "/nonexistent/edge.safetensors"], "not found"),
+        (["--model", "resnet_pi"], "unknown timm model"),
+        (["--model-kwargs", "{img_size: 3"], "not valid JSON"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_status_2(args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert result.stdout == ""
+
+
+def test_missing_data_path_with_golden_models(golden):
+    args = golden.cli_model_args()
+    args[args.index("--data-path") + 1] = "/nonexistent/inputs.safetensors"
+    result = run_cli("eval", *args)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "collabvit eval: error: tensor file /nonexistent/inputs.safetensors does not exist"
+    )
+
+
+def test_offline_without_weights_explains_how_to_pass_a_file(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    result = run_cli("eval", "--data-set", "imagenet", "--data-path", "/tmp")
+    if result.returncode == 0:
+        pytest.skip("this machine reaches timm's hub")
+    assert result.returncode == 2
+    assert "--model-weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reference_spellings_give_the_same_run(golden, tmp_path):
+    kebab = run_cli("eval", *golden.cli_model_args(), "--masking-mode", "topk", "--masking-th", "5",
+                    "--uncer-mode", "shannon_entropy", "--uncer-th", "3.0")  # fmt: skip
+    snake = run_cli("eval", *golden.cli_model_args(), "--masking_mode", "topk", "--masking_th", "5",
+                    "--uncer_mode", "shannon_entropy", "--uncer_th", "3.0")  # fmt: skip
+    assert kebab.returncode == snake.returncode == 0, kebab.stderr + snake.stderr
+    assert kebab.stdout == snake.stdout
+    expected = golden.expected["summaries"]["mean/topk@5/shannon_entropy@3.0"]
+    assert f"Collaborative accuracy: {round(expected['collab_acc'], 4)} %" in kebab.stdout
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=2, size=(260, 300)):
+    generator = torch.Generator().manual_seed(0)
+    for label in classes:
+        folder = root / "val" / label
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+
+
+def test_deit_pair_end_to_end_through_the_cli(tmp_path):
+    """deit_tiny edge + deit_base server (random weights saved to files), ImageNet-style folder."""
+    torch.manual_seed(0)
+    save_file(timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict(),
+              str(tmp_path / "tiny.safetensors"))  # fmt: skip
+    torch.save({"model": timm.create_model("deit_base_patch16_224", pretrained=False).state_dict()},
+               tmp_path / "base.pth")  # fmt: skip
+    write_image_folder(tmp_path / "imagenet")
+    result = run_cli(
+        "eval", "--model", "deit_tiny_patch16_224",
+        "--model-weights", str(tmp_path / "tiny.safetensors"),
+        "--server-model", "deit_base_patch16_224", "--server-weights", str(tmp_path / "base.pth"),
+        "--data-path", str(tmp_path / "imagenet"), "--batch-size", "3",
+        "--masking-mode", "attention_sum_threshold", "--masking-th", "0.5", "--uncer-mode", "none",
+        "--results-file", str(tmp_path / "out" / "results.json"),
+        "--per-image", str(tmp_path / "rows.csv"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0]
+        == "* Masking mode:: attention_sum_threshold, 0.5 / Confidence criterion:: none, 1.0"
+    )
+    assert lines[2] == "* Total confident image:: 0"
+    assert lines[4].startswith("Client only accuracy: ") and lines[5].startswith(
+        "Collaborative accuracy: "
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = results["summary"]
+    assert summary["images"] == 4 and summary["num_patches"] == 196 and summary["sent_images"] == 4
+    assert 0 < summary["sent_tokens"] < 196
+    assert summary["comm_cost"] == pytest.approx(summary["sent_tokens"] / 196)
+    assert results["config"]["arguments"]["server_model"] == "deit_base_patch16_224"
+    assert results["config"]["edge_config"]["masking_th"] == 0.5
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert [int(r["label"]) for r in rows] == [0, 0, 1, 1]
+    assert all(r["sent"] == "1" for r in rows)
+    assert sum(int(r["patches_sent"]) for r in rows) / 4 == pytest.approx(summary["sent_tokens"])
+
+
+def test_fmnist_images_do_not_fit_an_imagenet_model(tmp_path, golden):
+    args = golden.cli_model_args()
+    args[args.index("--data-set") + 1] = "fmnist"
+    args[args.index("--data-path") + 1] = "/usr/share/datasets/fashion-mnist"
+    result = run_cli("eval", *args)
+    if "not found" in result.stderr or "does not exist" in result.stderr:
+        pytest.skip("Fashion-MNIST is not installed here")
+    assert result.returncode == 2
+    assert "images are 1x28x28 but the edge model takes 3x32x32" in result.stderr
