@@ -163,7 +163,7 @@ class Normalization:
 
 
 def _hub_reachable() -> bool:
-    """Whether asking timm's hub can work: offline mode uses the cache, else the host must resolve."""
+    """Whether timm's hub can work: offline mode uses the cache, else the host must resolve."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return True
     try:
