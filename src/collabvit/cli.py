@@ -19,13 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from collabvit import __version__, vit
-from collabvit.data import DATA_SETS, build_dataset
+from collabvit.data import DATA_SETS, FashionMNIST, build_dataset
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate, write_per_image, write_results
 from collabvit.metrics import format_summary
 from collabvit.scoring import ATTENTION_MODES
 from collabvit.selection import MASKING_MODES
 from collabvit.server import Server
+from collabvit.train import TrainConfig, Trainer
 from collabvit.uncertainty import UNCERTAINTY_MODES, canonical_uncertainty_mode
 
 
@@ -234,6 +235,149 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add(run, "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    _add(
+        parser,
+        "--model",
+        default=defaults.model,
+        metavar="NAME",
+        help="timm ViT name or a named collabvit architecture: collabvit_fmnist_edge, "
+        "collabvit_fmnist_server (default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'",
+    )
+    _add(
+        parser,
+        "--data-path",
+        default=defaults.data_path,
+        metavar="DIR",
+        help="Fashion-MNIST IDX folder (default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--out-dir",
+        required=True,
+        metavar="DIR",
+        help="checkpoint (last.pt), log.jsonl, config.json, model.safetensors, model_card.json",
+    )
+    _add(parser, "--resume", action="store_true", help="continue from DIR/last.pt")
+    _add(
+        parser,
+        "--epochs",
+        type=_positive_int,
+        default=defaults.epochs,
+        help="(default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help="(default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help="peak AdamW learning rate (default: %(default)s)",
+    )
+    _add(parser, "--min-lr", type=float, default=defaults.min_lr, help="(default: %(default)s)")
+    _add(
+        parser,
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help="(default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--warmup-epochs",
+        type=float,
+        default=defaults.warmup_epochs,
+        help="(default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="(default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--val-size",
+        type=_positive_int,
+        default=defaults.val_size,
+        help="validation images carved from the training set (default: %(default)s)",
+    )
+    _add(
+        parser,
+        "--train-limit",
+        type=_positive_int,
+        metavar="N",
+        help="train on only N images (smoke tests)",
+    )
+    _add(
+        parser,
+        "--token-drop",
+        type=float,
+        default=defaults.token_drop,
+        metavar="P",
+        help="token-drop training: each batch keeps a random subset of between (1-P) N and N "
+        "patches per image (default: %(default)s, off)",
+    )
+    _add(parser, "--no-augment", action="store_true", help="no random shift/flip")
+    _add(
+        parser,
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast (faster on CPUs with AVX512-BF16)",
+    )
+    _add(parser, "--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    _add(parser, "--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        config = TrainConfig(
+            model=args.model, model_kwargs=args.model_kwargs, data_path=args.data_path,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing, val_size=args.val_size,
+            train_limit=args.train_limit, token_drop=args.token_drop,
+            augment=not args.no_augment, bf16=args.bf16, seed=args.seed,
+        )  # fmt: skip
+        trainer = Trainer(config, args.out_dir, progress=False if args.quiet else None)
+        resumed = trainer.resume() if args.resume else False
+        if not args.resume and trainer.checkpoint_path.is_file():
+            raise UsageError(
+                f"{trainer.checkpoint_path} exists: pass --resume or another --out-dir"
+            )
+        test = FashionMNIST(config.data_path, "test")
+    except (UsageError, ValueError) as error:
+        print(f"collabvit train: error: {error}", file=sys.stderr)
+        return 2
+    if resumed:
+        print(f"resuming after epoch {trainer.start_epoch}", file=sys.stderr)
+    trainer.fit(on_epoch=lambda r: print(
+        f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} % | "
+        f"val acc {r['val_acc']:.2f} % | {r['seconds']} s", flush=True))  # fmt: skip
+    weights = trainer.export(test.images, test.labels)
+    card = json.loads((trainer.out_dir / "model_card.json").read_text())
+    print(
+        f"wrote {weights}: validation {card['validation_acc']:.2f} %, test {card['test_acc']:.2f} %"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collabvit", description=(
         "Attention-aware collaborative inference between an edge ViT and a server ViT "
@@ -245,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run edge + server collaborative inference over a dataset and print the "
                     "reference's six summary lines (plus top-5).")  # fmt: skip
     _add_eval_arguments(evaluate_parser)
+    train_parser = commands.add_parser(
+        "train", help="train a small ViT on Fashion-MNIST (optionally with token drop)",
+        description="Train a timm ViT on Fashion-MNIST: AdamW, cosine schedule with warm-up, "
+                    "label smoothing, augmentation, a validation split from the training set; "
+                    "resumable; deterministic given --seed.")  # fmt: skip
+    _add_train_arguments(train_parser)
     return parser
 
 
@@ -327,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "train":
+        return run_train(args)
     parser.print_help()
     return 2
 

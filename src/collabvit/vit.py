@@ -27,6 +27,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from collabvit import zoo  # noqa: F401 - registers the shipped models with timm
 from collabvit.scoring import ATTENTION_MODES, attention_probabilities, mean_scores, rollout_scores
 
 SUPPORTED = (
@@ -176,6 +177,20 @@ def _hub_reachable() -> bool:
     return True
 
 
+def _local_pretrained_file(name: str) -> Path | None:
+    """The local weights file timm's pretrained config names for `name`, if any.
+
+    Raises ModelError when a shipped collabvit model's weights are missing from the package.
+    """
+    config = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    file = getattr(config, "file", None) if config is not None else None
+    if not file:
+        return None
+    if not Path(file).is_file():
+        raise ModelError(f"the weights of {name} are missing from the package (expected {file})")
+    return Path(file)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A timm state dict from safetensors or .pth (weights_only; nested under 'model' is fine)."""
     path = Path(path)
@@ -225,7 +240,8 @@ def create_vit(
                 f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
             )
     elif pretrained:
-        if not _hub_reachable():
+        local = _local_pretrained_file(name)
+        if local is None and not _hub_reachable():
             raise ModelError(
                 f"no weights for {name}: timm's hub is unreachable (offline?). Pass a local "
                 "file with --model-weights / --server-weights (.safetensors, or .pth such as "

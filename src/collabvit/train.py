@@ -1,0 +1,302 @@
+"""Training small ViTs (the shipped Fashion-MNIST pair) with an optional token-drop regime.
+
+AdamW, per-step cosine schedule with linear warm-up, label smoothing, random
+translation + horizontal flip, a validation split carved from the training
+set (the test set is only reported, never used for choices), a JSON-lines log,
+resumable at epoch boundaries and deterministic given the seed (every epoch's
+randomness is derived from (seed, epoch), so a resumed run repeats an
+uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.optim import param_groups_weight_decay
+from tqdm import tqdm
+
+from collabvit import __version__, vit
+from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST
+from collabvit.protocol import patchify
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (written into its checkpoint and model card)."""
+
+    model: str = "collabvit_fmnist_edge"
+    model_kwargs: dict = field(default_factory=dict)
+    data_path: str = str(FASHION_MNIST_ROOT)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    val_size: int = 5000
+    train_limit: int | None = None
+    token_drop: float = 0.0
+    augment: bool = True
+    bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (0 <= self.token_drop < 1, f"token drop must lie in [0, 1), got {self.token_drop}"),
+            (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
+            (self.val_size >= 1, f"validation size must be >= 1, got {self.val_size}"),
+            (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def learning_rate(
+    step: int, total_steps: int, warmup_steps: int, base: float, minimum: float
+) -> float:
+    """Linear warm-up to `base`, then cosine decay to `minimum` at `total_steps`."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random train/validation split of range(count): (train [count - v], val [v])."""
+    if val_size >= count:
+        raise ValueError(f"validation size {val_size} leaves no training images out of {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random translation by up to `shift` pixels (zero fill) and horizontal flip.
+
+    images [B, C, H, W] -> same shape and dtype.
+    """
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (batch,), generator=generator)
+    rows = (dy[:, None] + torch.arange(height)[None])[:, None, :, None]  # [B, 1, H, 1]
+    cols = (dx[:, None] + torch.arange(width)[None])[:, None, None, :]  # [B, 1, 1, W]
+    batch_index = torch.arange(batch)[:, None, None, None]
+    channel_index = torch.arange(images.shape[1])[None, :, None, None]
+    shifted = padded[batch_index, channel_index, rows, cols]
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
+
+
+def drop_tokens(
+    images: torch.Tensor, patch_size: tuple[int, int], drop: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a random subset of each image's patches, the same number for the whole batch.
+
+    The kept count is uniform in [ceil(N (1 - drop)), N], so the model sees both
+    complete and heavily reduced images, as the server does in service.
+
+    Args:
+        images: normalised [B, C, H, W].
+
+    Returns:
+        patches [B, k, C, P, P], positions [B, k] int64.
+    """
+    patches = patchify(images, patch_size)
+    batch, count = patches.shape[:2]
+    low = max(1, math.ceil(count * (1 - drop)))
+    keep = int(torch.randint(low, count + 1, (1,), generator=generator))
+    positions = torch.rand(batch, count, generator=generator).argsort(dim=1)[:, :keep]
+    return patches[torch.arange(batch)[:, None], positions], positions
+
+
+@torch.inference_mode()
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in % of `model` on unnormalised images [n, C, H, W]."""
+    normalization = vit.Normalization.of_model(model)
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(normalization(images[start : start + batch_size]))
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return 100.0 * correct / len(labels)
+
+
+def _provenance(config: TrainConfig) -> dict:
+    return {
+        "collabvit": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Trainer:
+    """Owns one run: model, optimiser, data and its output folder."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, progress: bool | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        torch.manual_seed(config.seed)  # weight initialisation
+        self.model = vit.create_vit(
+            config.model, model_kwargs=config.model_kwargs, pretrained=False
+        )
+        self.normalization = vit.Normalization.of_model(self.model)
+        self.geometry = vit.geometry(self.model)
+        data = FashionMNIST(config.data_path, "train")
+        images, labels = data.images, data.labels
+        expected = (self.geometry.in_chans, *self.geometry.img_size)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"training images are {tuple(images.shape[1:])}, the model takes {expected}"
+            )
+        train_index, val_index = split_indices(len(labels), config.val_size, config.seed)
+        if config.train_limit is not None:
+            train_index = train_index[: config.train_limit]
+        self.train_images, self.train_labels = images[train_index], labels[train_index]
+        self.val_images, self.val_labels = images[val_index], labels[val_index]
+        groups = param_groups_weight_decay(
+            self.model, config.weight_decay, self.model.no_weight_decay()
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
+        self.log: list[dict] = []
+        self.start_epoch = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def resume(self) -> bool:
+        """Continue from the last checkpoint in out_dir, if any (its config must match)."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"{self.checkpoint_path} was made with another configuration; "
+                             "use a new --out-dir or the same flags")  # fmt: skip
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["epoch"]
+        self.log = json.loads(state["log"])
+        return True
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        x = self.normalization(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            if self.config.token_drop > 0:
+                patches, positions = drop_tokens(
+                    x, self.geometry.patch_size, self.config.token_drop, generator
+                )
+                logits = vit.forward_selected(self.model, patches, positions)
+            else:
+                logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        return loss, logits
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_labels), generator=generator)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.model.train()
+        loss_sum, correct, seen, started = 0.0, 0, 0, time.time()
+        quiet = None if self.progress is None else not self.progress
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=quiet, unit="step", leave=False)  # fmt: skip
+        for step_in_epoch in bar:
+            index = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
+            images, labels = self.train_images[index], self.train_labels[index]
+            if cfg.augment:
+                images = augment(images, generator)
+            step = epoch * self.steps_per_epoch + step_in_epoch
+            lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, logits = self._loss(images, labels, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.2e}")
+        return {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": 100.0 * correct / seen,
+            "val_acc": accuracy(self.model, self.val_images, self.val_labels),
+            "lr": lr,
+            "seconds": round(time.time() - started, 1),
+        }
+
+    def save_checkpoint(self, epoch: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "log": json.dumps(self.log),
+        }
+        temporary = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.checkpoint_path)  # never leave a half-written checkpoint
+
+    def fit(self, on_epoch=None) -> list[dict]:
+        """Train the remaining epochs; checkpoint and log after each."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        for epoch in range(self.start_epoch, self.config.epochs):
+            record = self.train_epoch(epoch)
+            self.log.append(record)
+            with (self.out_dir / "log.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.save_checkpoint(epoch + 1)
+            if on_epoch is not None:
+                on_epoch(record)
+        return self.log
+
+    def export(self, test_images=None, test_labels=None, half: bool = False) -> Path:
+        """Write model.safetensors (a timm state dict) and model_card.json into out_dir."""
+        state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+                 for k, v in self.model.state_dict().items()}  # fmt: skip
+        weights = self.out_dir / "model.safetensors"
+        metadata = {"model": self.config.model, "config": json.dumps(asdict(self.config))}
+        save_file(state, str(weights), metadata=metadata)
+        card = {
+            "model": self.config.model,
+            "architecture": {k: v for k, v in vit.geometry(self.model).__dict__.items()},
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "storage": "float16" if half else "float32",
+            "training": asdict(self.config),
+            "data": {
+                "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)",
+                "train_images": len(self.train_labels),
+                "validation_images": len(self.val_labels),
+                "validation": f"{self.config.val_size} images of the training set, split with seed "
+                f"{self.config.seed}",
+            },
+            "validation_acc": self.log[-1]["val_acc"] if self.log else None,
+            "log": self.log,
+            **_provenance(self.config),
+        }
+        if test_images is not None:
+            card["test_acc"] = accuracy(self.model, test_images, test_labels)
+        (self.out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        return weights

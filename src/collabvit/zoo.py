@@ -1,0 +1,83 @@
+"""The models collabvit ships, registered with timm.
+
+After ``import collabvit``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
+loads the shipped Fashion-MNIST edge ViT offline from the package (timm's
+``file`` pretrained source), and likewise ``collabvit_fmnist_server``.
+With ``pretrained=False`` they are the architectures to train.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Fashion-MNIST training-set pixel statistics (on [0, 1]).
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
+
+_FMNIST_INPUT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
+ARCHITECTURES = {
+    "collabvit_fmnist_edge": dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
+    "collabvit_fmnist_server": dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
+}
+EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+
+
+def weights_file(name: str) -> Path:
+    """Where the shipped weights of a registered model live."""
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def model_card(name: str) -> dict:
+    """The shipped model card (config, recipe, data, accuracies, version); {} if absent."""
+    path = WEIGHTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_shipped(name: str) -> bool:
+    """A collabvit model whose weights are in the package."""
+    return name.split(".")[0] in ARCHITECTURES and weights_file(name.split(".")[0]).is_file()
+
+
+def _pretrained_cfg(name: str) -> dict:
+    return {
+        "file": str(weights_file(name)),
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "mean": FMNIST_MEAN,
+        "std": FMNIST_STD,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "description": "collabvit Fashion-MNIST ViT (see its model card JSON beside the weights)",
+    }
+
+
+# timm's register_model reads this module-level name.
+default_cfgs = generate_default_cfgs(
+    {f"{name}.fmnist": _pretrained_cfg(name) for name in ARCHITECTURES}
+)
+
+
+def _create(name: str, pretrained: bool, **kwargs) -> VisionTransformer:
+    args = {**ARCHITECTURES[name], **kwargs}
+    return build_model_with_cfg(VisionTransformer, name, pretrained, **args)
+
+
+@register_model
+def collabvit_fmnist_edge(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Edge ViT for Fashion-MNIST: 28x28x1, 4x4 patches (49), width 96, depth 4, 3 heads."""
+    return _create(EDGE, pretrained, **kwargs)
+
+
+@register_model
+def collabvit_fmnist_server(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Server ViT for Fashion-MNIST: 28x28x1, 4x4 patches (49), width 192, depth 6, 3 heads."""
+    return _create(SERVER, pretrained, **kwargs)
