@@ -1,0 +1,124 @@
+"""train.py: schedule, split, augmentation, token drop, a short run, resume, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from collabvit import vit
+from collabvit.cli import main
+from collabvit.protocol import patchify
+from collabvit.train import (
+    TrainConfig,
+    Trainer,
+    augment,
+    drop_tokens,
+    learning_rate,
+    split_indices,
+)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+    rates = [learning_rate(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert learning_rate(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert rates[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_split_is_disjoint_complete_and_seeded():
+    train, val = split_indices(100, 20, seed=3)
+    assert len(val) == 20 and len(train) == 80
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert torch.equal(split_indices(100, 20, seed=3)[1], val)
+    assert not torch.equal(split_indices(100, 20, seed=4)[1], val)
+    with pytest.raises(ValueError):
+        split_indices(10, 10, seed=0)
+
+
+def test_augment_shifts_and_flips_without_changing_pixels():
+    image = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    image[0, 0, 3, 2] = 200
+    out = augment(image.repeat(64, 1, 1, 1), torch.Generator().manual_seed(0), shift=2)
+    assert out.dtype == torch.uint8 and out.shape == (64, 1, 8, 8)
+    assert (out.flatten(1).amax(1) == 200).all() and ((out > 0).flatten(1).sum(1) == 1).all()
+    positions = {tuple(torch.nonzero(o[0])[0].tolist()) for o in out}
+    assert len(positions) > 5  # really random
+    assert all(abs(r - 3) <= 2 and (abs(c - 2) <= 2 or abs(c - 5) <= 2) for r, c in positions)
+
+
+def test_drop_tokens_keeps_a_random_subset_within_bounds():
+    images = torch.randn(4, 1, 28, 28)
+    sizes = set()
+    for seed in range(20):
+        patches, positions = drop_tokens(images, (4, 4), 0.8, torch.Generator().manual_seed(seed))
+        keep = positions.shape[1]
+        sizes.add(keep)
+        assert math.ceil(49 * 0.2) <= keep <= 49
+        assert all(len(set(row.tolist())) == keep for row in positions)
+        full = patchify(images, (4, 4))
+        assert torch.equal(patches[2], full[2, positions[2]])
+    assert len(sizes) > 3
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="token drop"):
+        TrainConfig(token_drop=1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+@needs_fmnist
+def test_short_run_resume_and_export_loadable(tmp_path):
+    """A few hundred images, one epoch; resuming for a second epoch equals training two at once."""
+    kwargs = dict(model="collabvit_fmnist_edge", model_kwargs={"depth": 1}, train_limit=256,
+                  val_size=200, batch_size=64, seed=5)  # fmt: skip
+    straight = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "straight", progress=False)
+    straight.fit()
+    first = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "resumed", progress=False)
+    first.train_epoch(0)  # one epoch, then "crash" after checkpointing
+    first.log.append({"epoch": 1})
+    first.save_checkpoint(1)
+    second = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "resumed", progress=False)
+    assert second.resume() and second.start_epoch == 1
+    second.fit()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], value, atol=0, rtol=0)
+
+    weights = straight.export()
+    card = json.loads((tmp_path / "straight" / "model_card.json").read_text())
+    assert card["training"]["seed"] == 5 and card["collabvit"] and card["parameters"] > 0
+    loaded = vit.create_vit("collabvit_fmnist_edge", weights, {"depth": 1})
+    x = torch.rand(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), straight.model.eval()(x), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(TrainConfig(epochs=3, **kwargs), tmp_path / "straight", progress=False).resume()
+
+
+@needs_fmnist
+def test_train_command_writes_a_checkpoint_the_eval_loader_accepts(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
+            "--out-dir", str(out), "--epochs", "1", "--train-limit", "300", "--val-size", "300",
+            "--token-drop", "0.5", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "validation" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and 0 <= log[0]["val_acc"] <= 100
+    assert main(args) == 2  # refuses to overwrite without --resume
+    assert "--resume" in capsys.readouterr().err
+    status = main(["eval", "--data-set", "fmnist", "--limit", "64", "--quiet",
+                   "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
+                   "--model-weights", str(out / "model.safetensors"),
+                   "--server-model", "collabvit_fmnist_edge", "--server-kwargs", '{"depth": 1}',
+                   "--server-weights", str(out / "model.safetensors")])  # fmt: skip
+    assert status == 0
+    assert "Collaborative accuracy" in capsys.readouterr().out
