@@ -13,7 +13,13 @@ repetition (these machines are noisy; absolute times are only context):
    calls, for a randomly initialised ``deit_base_patch16_224``. Each payload
    holds k uint8 patches at k distinct random positions of the 14x14 grid,
    k uniform in 100..196 (seeded). Before timing, the two are checked to give
-   the same logits (atol 1e-4).
+   the same logits (atol 1e-4). Informational: the same payloads through a
+   ``Server`` with a smaller ``max_batch`` (``--bucket-batch``, default 8),
+   i.e. sorted size buckets with less padding, over the loop.
+
+Besides the ratio of medians, the table gives the per-repetition (paired)
+ratios and the ratio of the fastest repetitions (robust to bursts of load
+from other processes, not to one unusually fast repetition).
 
 The script prints a markdown table and writes it, with the machine it ran on,
 into its own section of ``benchmarks/RESULTS.md`` (other sections of that file
@@ -21,7 +27,8 @@ are kept).
 
 Usage:
     python benchmarks/bench_forward.py [--repeats 7] [--server-repeats 5]
-        [--batch-size 32] [--threads N] [--output benchmarks/RESULTS.md]
+        [--batch-size 32] [--threads N] [--bucket-batch 8] [--warmup 1] [--seed 0]
+        [--output benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -67,6 +74,10 @@ class Timings:
         """Ratio of the medians."""
         return self.median_ms(name) / self.median_ms(baseline)
 
+    def min_ratio(self, name: str, baseline: str) -> float:
+        """Ratio of the fastest repetitions (contention only ever adds time)."""
+        return min(self.seconds[name]) / min(self.seconds[baseline])
+
     def paired_ratios(self, name: str, baseline: str) -> list[float]:
         """Per-repetition ratios (the two were timed back to back)."""
         return [a / b for a, b in zip(self.seconds[name], self.seconds[baseline], strict=True)]
@@ -95,8 +106,13 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
     return Timings(seconds)
 
 
-def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> Timings:
-    """Edge forward with scores (mean, rollout) versus plain model(x)."""
+def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> tuple[Timings, Timings]:
+    """Edge forward with scores versus plain model(x): (mean vs plain, rollout vs plain).
+
+    Each mode is interleaved with plain in its own pair: with all three in one
+    rotation, the forward right after ``rollout`` (which allocates every block's
+    T x T maps) was measurably perturbed, biasing mean/plain.
+    """
     torch.manual_seed(seed)
     model = timm.create_model(EDGE_MODEL, pretrained=False).eval()
     x = torch.randn(batch_size, 3, 224, 224)
@@ -113,9 +129,9 @@ def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> Timings
         return run
 
     print(f"edge: {EDGE_MODEL}, batch {batch_size}", file=sys.stderr, flush=True)
-    return interleaved(
-        {"plain": plain, "mean": edge("mean"), "rollout": edge("rollout")}, repeats, warmup
-    )
+    mean = interleaved({"plain": plain, "mean": edge("mean")}, repeats, warmup)
+    rollout = interleaved({"plain": plain, "rollout": edge("rollout")}, repeats, warmup)
+    return mean, rollout
 
 
 def make_payloads(batch_size: int, seed: int) -> list[PatchPayload]:
@@ -132,10 +148,21 @@ def make_payloads(batch_size: int, seed: int) -> list[PatchPayload]:
     return payloads
 
 
+def token_slots(sizes: list[int], max_batch: int) -> int:
+    """Token slots the server runs: payloads sorted by size, chunks padded to their max."""
+    ordered = sorted(sizes)
+    chunks = [ordered[i : i + max_batch] for i in range(0, len(ordered), max_batch)]
+    return sum(len(chunk) * (max(chunk) + 1) for chunk in chunks)  # + class token
+
+
 def bench_server(
-    batch_size: int, repeats: int, warmup: int, seed: int
+    batch_size: int, repeats: int, warmup: int, seed: int, bucket: int
 ) -> tuple[Timings, list[PatchPayload], float]:
-    """Ragged batch classify versus a loop of single-payload classify calls."""
+    """Ragged batch classify versus a loop of single-payload classify calls.
+
+    With `bucket` > 0 a third, informational variant runs the same payloads
+    through a server with ``max_batch=bucket`` (sorted size buckets, less padding).
+    """
     torch.manual_seed(seed)
     model = timm.create_model(SERVER_MODEL, pretrained=False).eval()
     server = Server(model, "cpu", max_batch=batch_size)
@@ -147,18 +174,23 @@ def bench_server(
     def loop() -> torch.Tensor:
         return torch.cat([server.classify([p]) for p in payloads])
 
+    variants = {"ragged": ragged, "loop": loop}
     print(f"server: {SERVER_MODEL}, batch {batch_size}; checking logits", file=sys.stderr)
-    batched, single = ragged(), loop()  # also serves as one warm-up of each
-    max_diff = float((batched - single).abs().max())
-    if not torch.allclose(batched, single, rtol=0.0, atol=ATOL):
-        raise AssertionError(
-            f"ragged and single-image server logits differ by up to {max_diff:.3g} (atol {ATOL})"
-        )
-    return (
-        interleaved({"ragged": ragged, "loop": loop}, repeats, max(warmup - 1, 0)),
-        payloads,
-        max_diff,
-    )
+    single = loop()  # the check runs every variant once: it is one warm-up of each
+    outputs = {"ragged": ragged()}
+    if bucket > 0:
+        bucketed_server = Server(model, "cpu", max_batch=bucket)
+        variants["bucketed"] = lambda: bucketed_server.classify(payloads)
+        outputs["bucketed"] = variants["bucketed"]()
+    max_diff = 0.0
+    for name, logits in outputs.items():
+        diff = float((logits - single).abs().max())
+        if not torch.allclose(logits, single, rtol=0.0, atol=ATOL):
+            raise AssertionError(
+                f"{name} and single-image server logits differ by up to {diff:.3g} (atol {ATOL})"
+            )
+        max_diff = max(max_diff, diff)
+    return interleaved(variants, repeats, max(warmup - 1, 0)), payloads, max_diff
 
 
 def cpu_model() -> str:
@@ -171,58 +203,99 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_lines(threads: int) -> list[str]:
+def load_average() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def machine_lines(threads: int, load_at_start: str) -> list[str]:
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [
         f"- CPU: {cpu_model()}; {os.cpu_count()} logical cores ({usable} usable by this process)",
         f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
         f"- torch threads: {threads}",
-        f"- date: {now}; load average (1, 5, 15 min) at the end: {load}",
+        f"- date: {now}",
+        f"- load average (1, 5, 15 min): {load_at_start} at the start, {load_average()} at the "
+        "end (this benchmark alone adds about its thread count)",
     ]
 
 
-def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, str, str, str]:
+def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, ...]:
     paired = timings.paired_ratios(name, baseline)
     return (
         f"{timings.median_ms(name):.1f}",
         f"{timings.median_ms(baseline):.1f}",
         f"**{timings.ratio(name, baseline):.3f}**",
         f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]",
+        f"{timings.min_ratio(name, baseline):.3f}",
     )
 
 
 def render(
     args: argparse.Namespace,
-    edge: Timings,
+    edge: tuple[Timings, Timings],
     server: Timings,
     payloads: list[PatchPayload],
     max_diff: float,
     elapsed: float,
+    load_at_start: str,
 ) -> str:
+    edge_mean, edge_rollout = edge
     sizes = [p.size for p in payloads]
     real_tokens = sum(s + 1 for s in sizes)  # + class token
-    padded_tokens = len(sizes) * (max(sizes) + 1)
+    padded_tokens = token_slots(sizes, args.batch_size)
     header = (
         "| comparison | variant median (ms) | baseline median (ms) | ratio of medians "
-        "| per-repetition ratio: median [min, max] |"
+        "| per-repetition ratio: median [min, max] | ratio of minimums |"
     )
     rows = [
         header,
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
         f"| edge `mean` / plain `model(x)` ({EDGE_MODEL}, batch {args.batch_size}) | "
-        + " | ".join(fmt_ratio(edge, "mean", "plain"))
+        + " | ".join(fmt_ratio(edge_mean, "mean", "plain"))
         + " |",
         "| edge `rollout` / plain `model(x)` (informational) | "
-        + " | ".join(fmt_ratio(edge, "rollout", "plain"))
+        + " | ".join(fmt_ratio(edge_rollout, "rollout", "plain"))
         + " |",
         f"| server ragged `classify(all)` / loop of `classify([p])` ({SERVER_MODEL}, "
         f"batch {args.batch_size}) | " + " | ".join(fmt_ratio(server, "ragged", "loop")) + " |",
     ]
+    comparisons = [
+        (edge_mean, "mean", "plain"),
+        (edge_rollout, "rollout", "plain"),
+        (server, "ragged", "loop"),
+    ]
+    bucket_note = ""
+    if "bucketed" in server.seconds:
+        rows.append(
+            f"| server bucketed `classify(all)` with `max_batch={args.bucket_batch}` / loop "
+            "(informational) | " + " | ".join(fmt_ratio(server, "bucketed", "loop")) + " |"
+        )
+        comparisons.append((server, "bucketed", "loop"))
+        slots = token_slots(sizes, args.bucket_batch)
+        bucket_note = (
+            f" The informational bucketed variant (a `Server` with `max_batch={args.bucket_batch}`"
+            f", so sorted chunks of {args.bucket_batch}) runs {slots} token slots "
+            f"({slots / real_tokens:.2f}x)."
+        )
+    noisy = [
+        f"{name}/{baseline}"
+        for timings, name, baseline in comparisons
+        if max(timings.paired_ratios(name, baseline))
+        > 1.25 * min(timings.paired_ratios(name, baseline))
+    ]
+    noise_note = (
+        f"**Noisy run:** the per-repetition ratios of {', '.join(noisy)} spread by more than "
+        "25 % (max/min), a sign of contention from other processes; prefer a rerun on an "
+        "idle machine, or compare with the ratio of minimums (contention only adds time)."
+        if noisy
+        else "Per-repetition ratios stayed within 25 % (max/min) of each other."
+    )
     command = shlex.join(["python", "benchmarks/bench_forward.py", *sys.argv[1:]])
     lines = [
         SECTION_START,
@@ -230,12 +303,16 @@ def render(
         "",
         "Ratios of median wall-clock times measured in one process run, the compared "
         "variants interleaved repetition by repetition (order rotating) after warm-up; "
-        "a ratio below 1 means the variant is faster than its baseline. Models are "
+        "a ratio below 1 means the variant is faster than its baseline. The ratio of "
+        "minimums (fastest repetition of each) resists bursts of load from other processes "
+        "but not a single unusually fast repetition; where it disagrees with the ratio of "
+        "medians, the run was noisy. Models are "
         "randomly initialised (`pretrained=False`), inputs random; CPU, float32.",
         "",
         f"- Edge: `collabvit.vit.forward_with_scores(model, x, mode)` versus `model(x)`, "
         f"{EDGE_MODEL}, x = randn({args.batch_size}, 3, 224, 224), under `torch.inference_mode()`; "
-        f"timed repetitions: {args.repeats}, warm-up runs: {args.warmup}.",
+        "each mode is interleaved with plain in its own pair (plain is timed twice); "
+        f"timed repetitions: {args.repeats} per pair, warm-up runs: {args.warmup}.",
         f"- Server: `collabvit.server.Server(model, 'cpu', max_batch={args.batch_size})` on "
         f"{args.batch_size} `PatchPayload`s of uint8 patches, sizes uniform in "
         f"{MIN_PATCHES}..{MAX_PATCHES} of 196 at random distinct positions (seed {args.seed}); "
@@ -243,10 +320,12 @@ def render(
         f"payloads]`; timed repetitions: {args.server_repeats}, warm-up runs: {args.warmup}. "
         f"Sizes: min {min(sizes)}, median {statistics.median(sizes):g}, max {max(sizes)}; "
         f"the ragged batch runs {padded_tokens} token slots for {real_tokens} real tokens "
-        f"({padded_tokens / real_tokens:.2f}x). Logits agree: max |diff| = {max_diff:.2g} "
-        f"(atol {ATOL:g}).",
+        f"({padded_tokens / real_tokens:.2f}x).{bucket_note} Logits of every server variant "
+        f"agree with the loop: max |diff| = {max_diff:.2g} (atol {ATOL:g}).",
         "",
         *rows,
+        "",
+        noise_note,
         "",
         "Regenerate with:",
         "",
@@ -256,11 +335,13 @@ def render(
         "",
         "Machine:",
         "",
-        *machine_lines(torch.get_num_threads()),
+        *machine_lines(torch.get_num_threads(), load_at_start),
         f"- total benchmark time: {elapsed:.0f} s",
         "",
-        "Other processes (e.g. test runs) may have shared the machine during this run; "
-        "the interleaving keeps the ratios comparable, absolute times are less reliable.",
+        "Other processes (e.g. test runs) may share the machine during a run; interleaving "
+        "exposes the compared variants to the same conditions, so ratios hold up better "
+        "than absolute times, but contention is not neutral: the loop of many small "
+        "single-image forwards suffers more from oversubscribed cores than one large forward.",
         SECTION_END,
     ]
     return "\n".join(lines) + "\n"
@@ -272,7 +353,8 @@ def write_section(path: Path, section: str) -> None:
         text = path.read_text()
         start, end = text.find(SECTION_START), text.find(SECTION_END)
         if start != -1 and end > start:
-            text = text[:start] + section + text[end + len(SECTION_END) :].lstrip("\n")
+            rest = text[end + len(SECTION_END) :].lstrip("\n")
+            text = text[:start] + section + ("\n" + rest if rest else "")
         else:
             text = text.rstrip("\n") + "\n\n" + section
     else:
@@ -295,6 +377,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed repetitions, server part (each is several seconds on CPU)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant")
+    parser.add_argument(
+        "--bucket-batch",
+        type=int,
+        default=8,
+        help="max_batch of the informational bucketed server variant (0: skip it)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
@@ -302,8 +390,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.server_repeats < 1 or args.batch_size < 1 or args.warmup < 0:
-        parser.error("repeats and batch size must be >= 1, warm-up >= 0")
+    if args.repeats < 1 or args.server_repeats < 1 or args.batch_size < 1:
+        parser.error("repeats and batch size must be >= 1")
+    if args.warmup < 0 or args.bucket_batch < 0:
+        parser.error("warm-up and bucket batch must be >= 0")
     return args
 
 
@@ -312,11 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
+    load_at_start = load_average()
     edge = bench_edge(args.batch_size, args.repeats, args.warmup, args.seed)
     server, payloads, max_diff = bench_server(
-        args.batch_size, args.server_repeats, args.warmup, args.seed
+        args.batch_size, args.server_repeats, args.warmup, args.seed, args.bucket_batch
     )
-    section = render(args, edge, server, payloads, max_diff, time.perf_counter() - began)
+    elapsed = time.perf_counter() - began
+    section = render(args, edge, server, payloads, max_diff, elapsed, load_at_start)
     print(section)
     write_section(args.output, section)
     print(f"wrote {args.output}", file=sys.stderr)

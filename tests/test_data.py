@@ -58,7 +58,7 @@ def _fake_fmnist(root: Path, compress: bool, height: int = 5, width: int = 4) ->
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
-@pytest.mark.parametrize(("split", "prefix"), [("train", "train"), ("test", "t10k")])
+@pytest.mark.parametrize(("split", "prefix"), [("train-all", "train"), ("test", "t10k")])
 def test_fashion_mnist_reads_tiny_idx_files(tmp_path, compress, split, prefix):
     arrays = _fake_fmnist(tmp_path, compress)
     images, labels = arrays[prefix]
@@ -124,7 +124,9 @@ def test_missing_train_files_only_fail_for_train(tmp_path):
 
 def test_unknown_split_raises(tmp_path):
     _fake_fmnist(tmp_path, compress=True)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="split must be one of"):
+        FashionMNIST(tmp_path, "validation")
+    with pytest.raises(DataError, match="too few"):
         FashionMNIST(tmp_path, "val")
 
 
@@ -186,6 +188,19 @@ def test_real_fashion_mnist_test_split():
     assert dataset.labels.min().item() == 0 and dataset.labels.max().item() == 9
     assert torch.bincount(dataset.labels, minlength=10).tolist() == [1000] * 10
     assert len(FashionMNIST.classes) == 10
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason=f"{FASHION_MNIST_ROOT} not installed")
+def test_real_fashion_mnist_val_and_train_partition_the_training_set():
+    everything = FashionMNIST(FASHION_MNIST_ROOT, "train-all")
+    train, val = FashionMNIST(FASHION_MNIST_ROOT, "train"), FashionMNIST(FASHION_MNIST_ROOT, "val")
+    assert (len(everything), len(train), len(val)) == (60000, 55000, 5000)
+    both = torch.cat([train.images, val.images]).flatten(1)
+    # same multiset of images as the whole training set: compare sorted row sums as a cheap check
+    torch.testing.assert_close(
+        both.sum(1).sort().values, everything.images.flatten(1).sum(1).sort().values
+    )
+    assert torch.equal(FashionMNIST(FASHION_MNIST_ROOT, "val").labels, val.labels)  # deterministic
 
 
 # --- TensorFile --------------------------------------------------------------------------
@@ -339,7 +354,7 @@ def test_build_dataset_unknown_name():
 
 def test_build_dataset_fmnist_with_path(tmp_path):
     arrays = _fake_fmnist(tmp_path, compress=True)
-    dataset = build_dataset("fmnist", tmp_path, model=None, split="train")
+    dataset = build_dataset("fmnist", tmp_path, model=None, split="train-all")
     assert isinstance(dataset, FashionMNIST)
     assert len(dataset) == len(arrays["train"][1])
     with pytest.raises(DataError, match=HINT):

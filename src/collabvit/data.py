@@ -62,8 +62,28 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}: {FASHION_MNIST_HINT}")
 
 
+# collabvit's training runs hold out these training images for every choice
+# (model selection, operating points); the test set is only reported.
+FASHION_MNIST_VAL_SIZE = 5000
+FASHION_MNIST_VAL_SEED = 0
+FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
+
+
+def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random train/validation split of range(count): (train [count - v], val [v])."""
+    if val_size >= count:
+        raise ValueError(f"validation size {val_size} leaves no training images out of {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
 class FashionMNIST(Dataset):
-    """Fashion-MNIST from its IDX files: uint8 [1, 28, 28] images, labels 0..9."""
+    """Fashion-MNIST from its IDX files: uint8 [1, 28, 28] images, labels 0..9.
+
+    Splits: ``test`` (10,000), ``train-all`` (60,000), and the training set cut
+    as collabvit's training does: ``val`` (5,000 held out, seed 0) and ``train``
+    (the other 55,000).
+    """
 
     classes = FASHION_MNIST_CLASSES
 
@@ -71,15 +91,26 @@ class FashionMNIST(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"Fashion-MNIST folder {root} does not exist: {FASHION_MNIST_HINT}")
-        prefix = {"train": "train", "test": "t10k"}.get(split)
-        if prefix is None:
-            raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        if split not in FASHION_MNIST_SPLITS:
+            raise DataError(
+                f"Fashion-MNIST split must be one of {', '.join(FASHION_MNIST_SPLITS)}, got {split!r}"
+            )
+        prefix = "t10k" if split == "test" else "train"
         images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
         if len(images) != len(labels):
             raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        if split in ("train", "val"):
+            if len(labels) <= FASHION_MNIST_VAL_SIZE:
+                raise DataError(
+                    f"{root} holds {len(labels)} training images, too few for the "
+                    f"{FASHION_MNIST_VAL_SIZE}-image validation split; use train-all"
+                )
+            train, val = split_indices(len(labels), FASHION_MNIST_VAL_SIZE, FASHION_MNIST_VAL_SEED)
+            keep = train if split == "train" else val
+            self.images, self.labels = self.images[keep], self.labels[keep]
 
     def __len__(self) -> int:
         return len(self.labels)

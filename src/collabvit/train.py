@@ -25,7 +25,7 @@ from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from collabvit import __version__, vit
-from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST
+from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST, split_indices
 from collabvit.protocol import patchify
 
 
@@ -73,14 +73,6 @@ def learning_rate(
         return base * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random train/validation split of range(count): (train [count - v], val [v])."""
-    if val_size >= count:
-        raise ValueError(f"validation size {val_size} leaves no training images out of {count}")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[val_size:].sort().values, order[:val_size].sort().values
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
@@ -157,7 +149,7 @@ class Trainer:
         )
         self.normalization = vit.Normalization.of_model(self.model)
         self.geometry = vit.geometry(self.model)
-        data = FashionMNIST(config.data_path, "train")
+        data = FashionMNIST(config.data_path, "train-all")
         images, labels = data.images, data.labels
         expected = (self.geometry.in_chans, *self.geometry.img_size)
         if tuple(images.shape[1:]) != expected:
