@@ -92,9 +92,8 @@ class FashionMNIST(Dataset):
         if not root.is_dir():
             raise DataError(f"Fashion-MNIST folder {root} does not exist: {FASHION_MNIST_HINT}")
         if split not in FASHION_MNIST_SPLITS:
-            raise DataError(
-                f"Fashion-MNIST split must be one of {', '.join(FASHION_MNIST_SPLITS)}, got {split!r}"
-            )
+            choices = ", ".join(FASHION_MNIST_SPLITS)
+            raise DataError(f"Fashion-MNIST split must be one of {choices}, got {split!r}")
         prefix = "t10k" if split == "test" else "train"
         images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
