@@ -1,0 +1,182 @@
+"""Fashion-MNIST results: choose the default operating point on validation, report on test.
+
+    python scripts/fmnist_results.py [--no-drop-server runs/train/server/model.safetensors]
+
+1. On the validation split (5,000 training images held out by training), sweep
+   delta of attention_sum_threshold and eta of min_entropy for the shipped pair
+   and pick the most accurate point whose communication cost is at most
+   --budget. These become `collabvit eval`'s defaults (see cli.py).
+2. On the test split, measure edge alone, server alone, and collaborative
+   accuracy and cost for every selection policy and uncertainty measure, each
+   calibrated on validation to the default's operating point (same sent
+   fraction for every measure; for the policies the same mean patch count),
+   with the token-drop server and, if given, a server trained without it.
+3. Write the table between the results markers in README.md and the raw
+   numbers to benchmarks/fmnist_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from collabvit import vit, zoo
+from collabvit.data import FashionMNIST
+from collabvit.edge import EdgeConfig, EdgeDevice
+from collabvit.server import Server
+from collabvit.sweep import EdgePass, run_edge, select, server_logits, summarize
+from collabvit.train import accuracy
+from collabvit.uncertainty import uncertainty
+
+REPO = Path(__file__).resolve().parents[1]
+DELTAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+MEASURES = ("min_entropy", "shannon_entropy", "margin")
+
+
+def edge_pass(edge_model, split: str) -> EdgePass:
+    data = FashionMNIST(split=split)
+    edge = EdgeDevice(edge_model, EdgeConfig())
+    return run_edge(edge, DataLoader(data, batch_size=500), progress=False)
+
+
+def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
+    """The eta that sends about `fraction` of the images (the most uncertain ones)."""
+    values = uncertainty(logits, measure)
+    if measure == "margin":  # confident when margin > eta: send the smallest margins
+        return float(torch.quantile(values, fraction))
+    return float(torch.quantile(values, 1 - fraction))
+
+
+def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
+    """Most accurate (delta, eta) on validation with cost <= budget."""
+    values = uncertainty(val.logits, "min_entropy")
+    etas = torch.quantile(values, torch.linspace(0.0, 1.0, 41)).tolist()
+    best = None
+    for delta in DELTAS:
+        keep = select(val, "attention_sum_threshold", delta)
+        server_out = server_logits(server, val.images, keep)
+        for eta in etas:
+            eta = round(eta, 3)
+            summary = summarize(val, keep, server_out, "min_entropy", eta)
+            if summary["comm_cost"] <= budget and (
+                best is None or summary["collab_acc"] > best["collab_acc"]
+            ):
+                best = {"delta": delta, "eta": eta, **summary}
+    return best
+
+
+def matched_threshold(val: EdgePass, target_count: float) -> float:
+    """The attention_threshold whose mean selection size on validation is nearest the target."""
+    candidates = torch.quantile(val.scores.flatten(), torch.linspace(0, 1, 2001)).unique()
+    sizes = torch.stack([(val.scores >= c).sum(1).float().mean() for c in candidates])
+    return round(float(candidates[(sizes - target_count).abs().argmin()]), 5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.27, help="communication cost budget on validation"
+    )
+    parser.add_argument(
+        "--no-drop-server", type=Path, help="weights of the server trained without token drop"
+    )
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "fmnist_results.json")
+    args = parser.parse_args()
+
+    edge_model = vit.create_vit(zoo.EDGE)
+    servers = {"token drop": vit.create_vit(zoo.SERVER, server=True)}
+    if args.no_drop_server:
+        servers["no token drop"] = vit.create_vit(zoo.SERVER, args.no_drop_server, server=True)
+    val, test = edge_pass(edge_model, "val"), edge_pass(edge_model, "test")
+    drop_server = Server(servers["token drop"])
+    default = choose_default(val, drop_server, args.budget)
+    print(f"default on validation: {default}")
+
+    mean_count = default["sent_tokens"]  # the patch count the other policies are matched to
+    sent_fraction = default["sent_images"] / default["images"]
+    policies = {
+        "attention_sum_threshold": default["delta"],
+        "topk": max(1, round(mean_count)),
+        "attention_threshold": matched_threshold(val, mean_count),
+        "random": max(1, round(mean_count)),
+    }
+    etas = {m: round(eta_for_sent_fraction(val.logits, m, sent_fraction), 4) for m in MEASURES}
+    etas["min_entropy"] = default["eta"]
+
+    rows = []
+    test_data = FashionMNIST(split="test")
+    edge_alone = accuracy(edge_model, test_data.images, test_data.labels)
+    for server_name, model in servers.items():
+        server = Server(model)
+        full = torch.ones_like(test.scores, dtype=torch.bool)
+        alone = summarize(test, full, server_logits(server, test.images, full), "none", 0.0)
+        rows.append(
+            {
+                "server": server_name,
+                "policy": "all patches",
+                "measure": "none (server alone)",
+                "threshold": "",
+                "eta": "",
+                "collab_acc": alone["collab_acc"],
+                "comm_cost": 1.0,
+            }
+        )
+        for policy, threshold in policies.items():
+            keep = select(test, policy, threshold)
+            server_out = server_logits(server, test.images, keep)
+            for measure in MEASURES if policy == "attention_sum_threshold" else ("min_entropy",):
+                summary = summarize(test, keep, server_out, measure, etas[measure])
+                rows.append(
+                    {
+                        "server": server_name,
+                        "policy": policy,
+                        "measure": measure,
+                        "threshold": threshold,
+                        "eta": etas[measure],
+                        **summary,
+                    }
+                )
+    results = {
+        "default": default,
+        "policies": policies,
+        "etas": etas,
+        "edge_alone": edge_alone,
+        "budget": args.budget,
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_table(args.readme, results)
+
+
+def write_table(readme: Path, results: dict) -> None:
+    lines = [
+        f"Edge alone: **{results['edge_alone']:.2f} %** top-1 on the 10,000 test images.",
+        "",
+        "| server | selection | threshold | uncertainty | η | collaborative acc. | comm. cost |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['server']} | {row['policy']} | {row['threshold']} | {row['measure']} | "
+            f"{row['eta']} | {row['collab_acc']:.2f} % | {row['comm_cost']:.3f} |"
+        )
+    block = "\n".join(lines)
+    text = readme.read_text()
+    pattern = re.compile(
+        r"(<!-- fmnist-results:start -->\n).*?(\n<!-- fmnist-results:end -->)", re.S
+    )
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no fmnist-results markers")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+
+
+if __name__ == "__main__":
+    main()
