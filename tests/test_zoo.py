@@ -1,0 +1,46 @@
+"""The shipped Fashion-MNIST pair: registered with timm, loads offline, matches its card."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import collabvit  # noqa: F401 - registers the shipped models
+from collabvit import vit, zoo
+from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST
+from collabvit.train import accuracy
+
+SLICE = 2000
+
+
+@pytest.mark.parametrize("name", [zoo.EDGE, zoo.SERVER])
+def test_shipped_model_loads_by_name_offline(name, monkeypatch):
+    monkeypatch.setattr(vit, "_hub_reachable", lambda: False)  # must not need the hub
+    model = timm.create_model(name, pretrained=True)
+    card = zoo.model_card(name)
+    assert card["name"] == name and card["storage"] in ("float16", "float32")
+    assert card["recipe"].startswith("collabvit train") and "seed" in card["run_card"]["training"]
+    assert vit.geometry(model).num_patches == 49
+    same = vit.create_vit(name)  # the CLI's path
+    x = torch.rand(2, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(same(x), model.eval()(x), atol=0, rtol=0)
+
+
+def test_shipped_sizes_and_files():
+    params = {
+        n: sum(p.numel() for p in timm.create_model(n).parameters()) for n in (zoo.EDGE, zoo.SERVER)
+    }
+    assert 0.4e6 <= params[zoo.EDGE] <= 0.6e6
+    assert 2.5e6 <= params[zoo.SERVER] <= 3.0e6
+    total = sum(zoo.weights_file(n).stat().st_size for n in (zoo.EDGE, zoo.SERVER))
+    assert total <= 12 * 1024 * 1024
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("name", [zoo.EDGE, zoo.SERVER])
+def test_test_slice_accuracy_matches_the_model_card(name):
+    data = FashionMNIST(split="test")
+    measured = accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])
+    assert measured == pytest.approx(zoo.model_card(name)[f"test_acc_first_{SLICE}"], abs=0.5)
