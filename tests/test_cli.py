@@ -57,7 +57,7 @@ def test_help_lists_every_flag():
         (["--attention-mode", "max"], "invalid choice"),
         (["--uncer-mode", "variance"], "unknown uncertainty mode"),
         (["--uncer-th", "high"], "invalid float"),
-        (["--batch-size", "0"], "at least 1"),
+        (["--batch-size", "0"], "expected a whole number >= 1, got 0"),
         (["--data-set", "fmnist", "--data-path", "/nonexistent/fmnist",
           "--model-weights", "/nonexistent/edge.safetensors"], "not found"),
         (["--model", "resnet_pi"], "unknown timm model"),

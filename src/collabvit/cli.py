@@ -68,24 +68,23 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _checked_number(parse, valid, expected: str):
+    """An argparse type: parse a number and check its range, with a one-line reason."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from error
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return convert
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from error
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return value
+_positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
+_fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
