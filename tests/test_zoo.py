@@ -48,3 +48,26 @@ def test_test_slice_accuracy_matches_the_model_card(name):
     data = FashionMNIST(split="test")
     measured = accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])
     assert measured == pytest.approx(zoo.model_card(name)[f"test_acc_first_{SLICE}"], abs=0.5)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
+def test_eval_without_arguments_runs_the_shipped_pair_on_fashion_mnist(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "collabvit", "eval", "--limit", "1000"]
+    command += ["--results-file", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("* Masking mode:: attention_sum_threshold")
+    assert "min_entropy" in lines[0] and len(lines) == 8
+    saved = json.loads(out.read_text())
+    assert saved["config"]["arguments"]["model"] == zoo.EDGE
+    assert saved["config"]["arguments"]["data_set"] == "fmnist"
+    summary = saved["summary"]
+    assert summary["images"] == 1000 and summary["num_patches"] == 49
+    assert summary["collab_acc"] > summary["client_acc"]
+    assert summary["comm_cost"] < 0.35
