@@ -69,7 +69,12 @@ def test_server_full_logits(golden, pair):
 
 def test_selections_and_server_logits(golden, pair):
     edge_model, server_model = pair
-    server = Server(server_model, normalization=vit.Normalization.identity(), max_batch=5)
+    server = Server(
+        server_model,
+        normalization=vit.Normalization.identity(),
+        max_batch=5,
+        max_padding=float("inf"),
+    )
     patches = patchify(golden.images, (8, 8))
     assert len(golden.expected["selections"]) == 12
     for key, expected in golden.expected["selections"].items():

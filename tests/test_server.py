@@ -8,7 +8,7 @@ from conftest import tiny_vit
 
 from collabvit import vit
 from collabvit.protocol import PatchPayload, patchify
-from collabvit.server import Server, pack_payloads
+from collabvit.server import Server, pack_payloads, plan_batches
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ def test_ragged_batch_equals_each_image_alone(server_model):
     sizes = [16, 1, 9, 0, 5, 12, 3, 16]
     images = uint8_images(len(sizes), seed=1)
     payloads = random_payloads(images, sizes, seed=2)
-    server = Server(server_model, max_batch=64)
+    server = Server(server_model, max_batch=64, max_padding=float("inf"))  # one padded forward
     batched = server.classify(payloads)
     alone = torch.cat([server.classify([p]) for p in payloads])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     # results come back in payload order whatever the internal sorting and chunking
-    chunked = Server(server_model, max_batch=3).classify(payloads)
+    chunked = Server(server_model, max_batch=3, max_padding=float("inf")).classify(payloads)
     torch.testing.assert_close(chunked, batched, atol=1e-5, rtol=0)
 
 
@@ -103,3 +103,17 @@ def test_pack_payloads_pads_and_marks_validity():
 def test_server_rejects_models_it_cannot_serve():
     with pytest.raises(vit.ModelError, match="class-token pooling"):
         Server(tiny_vit(global_pool="avg"))
+
+
+def test_plan_batches_bounds_padding_and_covers_everything():
+    sizes = [196, 100, 101, 150, 0, 3, 120, 196, 130, 99]
+    groups = plan_batches(sizes, max_batch=4, prefix_tokens=1, max_padding=1.1)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for group in groups:
+        assert 1 <= len(group) <= 4
+        tokens = [sizes[i] + 1 for i in group]
+        assert tokens == sorted(tokens)
+        assert len(group) * max(tokens) <= 1.1 * sum(tokens) or len(group) == 1
+    # equal sizes pack fully; wildly different ones never share a forward
+    assert plan_batches([10] * 9, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert plan_batches([0, 196], 4, 1) == [[0], [1]]

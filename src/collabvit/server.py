@@ -33,6 +33,41 @@ def pack_payloads(
     return patches.to(device), positions.to(device), valid.to(device)
 
 
+def plan_batches(
+    sizes: Sequence[int], max_batch: int, prefix_tokens: int, max_padding: float = 1.1
+) -> list[list[int]]:
+    """Group payload indices into forwards of similar size.
+
+    Payloads are taken in order of size; a new group starts when the group
+    would exceed `max_batch` payloads or its padded token count would exceed
+    `max_padding` times its real token count. On a CPU one image of ~100+
+    tokens already keeps the cores busy, so padded slots are pure waste.
+
+    Args:
+        sizes: selection size per payload.
+        max_batch: payloads per forward at most.
+        prefix_tokens: tokens every image carries besides its patches.
+        max_padding: allowed padded / real tokens per forward.
+
+    Returns:
+        index lists, each sorted by size, covering every payload once.
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for index in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+        tokens = sizes[index] + prefix_tokens
+        if groups:
+            group = groups[-1]
+            padded = (len(group) + 1) * tokens  # sorted: this payload is the group's longest
+            if len(group) < max_batch and padded <= max_padding * (real + tokens):
+                group.append(index)
+                real += tokens
+                continue
+        groups.append([index])
+        real = tokens
+    return groups
+
+
 class Server:
     """Owns the server model and its device; holds no per-request state."""
 
@@ -41,7 +76,8 @@ class Server:
         model: VisionTransformer,
         device: str | torch.device = "cpu",
         normalization: vit.Normalization | None = None,
-        max_batch: int = 64,
+        max_batch: int = 32,
+        max_padding: float = 1.1,
     ) -> None:
         vit.check_supported(model, server=True)
         self.device = torch.device(device)
@@ -49,6 +85,7 @@ class Server:
         self.geometry = vit.geometry(model)
         self.normalization = normalization or vit.Normalization.of_model(model)
         self.max_batch = max_batch
+        self.max_padding = max_padding
 
     def validate(self, payload: PatchPayload) -> None:
         """Raise ValueError unless the payload fits this server's model."""
@@ -59,16 +96,17 @@ class Server:
     def classify(self, payloads: Sequence[PatchPayload]) -> torch.Tensor:
         """Logits for each payload, in order: [len(payloads), classes].
 
-        Payloads are sorted by size and cut into batches of at most
-        `max_batch`, so images of similar size share a forward and padding
-        stays small.
+        Payloads of similar size share a forward (see plan_batches), so
+        padding stays small.
         """
         for payload in payloads:
             self.validate(payload)
         logits = torch.empty(len(payloads), self.geometry.num_classes, device=self.device)
-        order = sorted(range(len(payloads)), key=lambda i: payloads[i].size)
-        for start in range(0, len(order), self.max_batch):
-            rows = order[start : start + self.max_batch]
+        sizes = [p.size for p in payloads]
+        groups = plan_batches(
+            sizes, self.max_batch, self.geometry.num_prefix_tokens, self.max_padding
+        )
+        for rows in groups:
             patches, positions, valid = pack_payloads([payloads[i] for i in rows], self.device)
             logits[rows] = vit.forward_selected(
                 self.model, self.normalization(patches), positions, valid
