@@ -49,7 +49,7 @@ import timm
 import torch
 
 from collabvit.protocol import PatchPayload, patchify
-from collabvit.server import Server
+from collabvit.server import Server, plan_batches
 from collabvit.vit import forward_with_scores
 
 EDGE_MODEL = "deit_tiny_patch16_224"
@@ -149,10 +149,9 @@ def make_payloads(batch_size: int, seed: int) -> list[PatchPayload]:
 
 
 def token_slots(sizes: list[int], max_batch: int) -> int:
-    """Token slots the server runs: payloads sorted by size, chunks padded to their max."""
-    ordered = sorted(sizes)
-    chunks = [ordered[i : i + max_batch] for i in range(0, len(ordered), max_batch)]
-    return sum(len(chunk) * (max(chunk) + 1) for chunk in chunks)  # + class token
+    """Token slots the server runs: its own batch plan, each forward padded to its longest."""
+    groups = plan_batches(sizes, max_batch, prefix_tokens=1)  # deit: class token only
+    return sum(len(group) * (max(sizes[i] for i in group) + 1) for group in groups)
 
 
 def bench_server(
