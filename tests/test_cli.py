@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from collabvit.cli import build_parser
+from collabvit.cli import DEFAULT_ETA, build_parser
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -135,10 +135,8 @@ def test_deit_pair_end_to_end_through_the_cli(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert (
-        lines[0]
-        == "* Masking mode:: attention_sum_threshold, 0.5 / Confidence criterion:: none, 0.633"
-    )
+    gate = f"Confidence criterion:: none, {DEFAULT_ETA}"  # --uncer-th is left at its default
+    assert lines[0] == f"* Masking mode:: attention_sum_threshold, 0.5 / {gate}"
     assert lines[2] == "* Total confident image:: 0"
     assert lines[4].startswith("Client only accuracy: ") and lines[5].startswith(
         "Collaborative accuracy: "
