@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 import timm
-import torch
 from safetensors.torch import save_file
 
-from collabvit import __version__, vit, zoo
+from collabvit import __version__, versions, vit, zoo
 from collabvit.data import FashionMNIST
 from collabvit.train import accuracy
 
@@ -67,9 +66,7 @@ def main() -> None:
         f"test_acc_first_{SLICE}": accuracy(shipped, test.images[:SLICE], test.labels[:SLICE]),
         "validation_acc": run_card["validation_acc"],
         "recipe": args.recipe,
-        "collabvit": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        **versions(),
         "run_card": run_card,
     }
     (target.parent / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")

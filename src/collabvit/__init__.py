@@ -6,6 +6,22 @@ Collaborative Inference", IEEE Internet of Things Journal, 2024.
 
 __version__ = "0.1.0"
 
+
+def versions() -> dict[str, str]:
+    """The software that made a result, recorded beside it."""
+    import platform
+
+    import timm
+    import torch
+
+    return {
+        "collabvit": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
 from collabvit.edge import EdgeConfig, EdgeDevice, EdgeResult  # noqa: E402
 from collabvit.evaluate import evaluate  # noqa: E402
 from collabvit.protocol import PatchPayload  # noqa: E402
@@ -22,4 +38,5 @@ __all__ = [
     "__version__",
     "create_vit",
     "evaluate",
+    "versions",
 ]

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-import timm
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from collabvit import __version__, vit, zoo
+from collabvit import __version__, versions, vit, zoo
 from collabvit.data import DATA_SETS, FASHION_MNIST_SPLITS, FashionMNIST, build_dataset
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate, write_per_image, write_results
@@ -471,10 +469,7 @@ def _provenance(args: argparse.Namespace, config: EdgeConfig) -> dict:
         "command": "eval",
         "arguments": {k: v for k, v in vars(args).items() if k != "command"},
         "edge_config": dict(config.__dict__),
-        "collabvit": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
+        **versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
-from collabvit.protocol import PatchPayload, patchify
+from collabvit.protocol import PatchPayload, build_payloads
 from collabvit.scoring import ATTENTION_MODES
 from collabvit.selection import select_patches, selection_statistics, validate_masking
 from collabvit.uncertainty import canonical_uncertainty_mode, is_confident
@@ -99,17 +99,17 @@ class EdgeDevice:
             images: unnormalised [B, C, H, W] (uint8, or float taken as is).
             generator: randomness for the ``random`` policy.
         """
-        self.check_images(images)
         cfg = self.config
-        logits, scores = vit.forward_with_scores(
-            self.model, self.normalization(images.to(self.device)), cfg.attention_mode
-        )
+        logits, scores = self.scores(images)
         confident = is_confident(logits, cfg.uncer_mode, cfg.uncer_th)
         keep = select_patches(scores, cfg.masking_mode, cfg.masking_th, generator)
-        patches = patchify(images, self.geometry.patch_size)
-        payloads = [
-            PatchPayload(positions=positions, patches=patches[i, positions])
-            for i in torch.nonzero(~confident.cpu()).flatten().tolist()
-            for positions in [torch.nonzero(keep[i].cpu()).flatten()]
-        ]
+        sent = torch.nonzero(~confident.cpu()).flatten().tolist()
+        payloads = build_payloads(images, keep, sent, self.geometry.patch_size)
         return EdgeResult(logits, scores, confident, keep, payloads)
+
+    @torch.inference_mode()
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge logits [B, classes] and normalised patch scores [B, N] of unnormalised images."""
+        self.check_images(images)
+        normalised = self.normalization(images.to(self.device))
+        return vit.forward_with_scores(self.model, normalised, self.config.attention_mode)

@@ -29,6 +29,27 @@ def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
     return grid.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels, ph, pw)
 
 
+def build_payloads(
+    images: torch.Tensor, keep: torch.Tensor, rows: list[int], patch_size: tuple[int, int]
+) -> list[PatchPayload]:
+    """The payloads of the chosen images: their kept patches' pixels and grid positions.
+
+    Args:
+        images: unnormalised [B, C, H, W].
+        keep: selections [B, N] bool.
+        rows: which images to build payloads for, in order.
+        patch_size: (P_h, P_w).
+    """
+    if not rows:
+        return []
+    patches = patchify(images[rows], patch_size)
+    keep = keep[rows].cpu()
+    return [
+        PatchPayload(positions=positions, patches=patches[i, positions])
+        for i, positions in enumerate(torch.nonzero(row).flatten() for row in keep)
+    ]
+
+
 @dataclass(frozen=True)
 class PatchPayload:
     """One image's transmission.

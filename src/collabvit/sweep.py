@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from collabvit import vit
 from collabvit.edge import EdgeDevice
 from collabvit.metrics import RunningSummary
-from collabvit.protocol import PatchPayload, patchify
+from collabvit.protocol import build_payloads
 from collabvit.selection import select_patches, selection_statistics
 from collabvit.server import Server
 from collabvit.uncertainty import is_confident
@@ -49,10 +48,7 @@ def run_edge(
     images, labels, logits, scores = [], [], [], []
     quiet = None if progress is None else not progress
     for batch, targets in tqdm(batches, desc="edge pass", disable=quiet, unit="batch"):
-        edge.check_images(batch)
-        batch_logits, batch_scores = vit.forward_with_scores(
-            edge.model, edge.normalization(batch.to(edge.device)), edge.config.attention_mode
-        )
+        batch_logits, batch_scores = edge.scores(batch)
         images.append(batch)
         labels.append(targets)
         logits.append(batch_logits.cpu())
@@ -74,12 +70,8 @@ def server_logits(
     """
     out = []
     for start in range(0, len(images), batch_size):
-        patches = patchify(images[start : start + batch_size], server.geometry.patch_size)
-        rows = keep[start : start + batch_size]
-        payloads = [
-            PatchPayload(positions, patches[i, positions])
-            for i, positions in enumerate(torch.nonzero(row).flatten() for row in rows)
-        ]
+        rows = list(range(start, min(start + batch_size, len(images))))
+        payloads = build_payloads(images, keep, rows, server.geometry.patch_size)
         out.append(server.classify(payloads).cpu())
     return torch.cat(out)
 

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
-from collabvit import __version__, vit
+from collabvit import versions, vit
 from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST, split_indices
 from collabvit.protocol import patchify
 
@@ -125,15 +123,6 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
         logits = model(normalization(images[start : start + batch_size]))
         correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
     return 100.0 * correct / len(labels)
-
-
-def _provenance(config: TrainConfig) -> dict:
-    return {
-        "collabvit": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
 
 
 class Trainer:
@@ -286,7 +275,7 @@ class Trainer:
             },
             "validation_acc": self.log[-1]["val_acc"] if self.log else None,
             "log": self.log,
-            **_provenance(self.config),
+            **versions(),
         }
         if test_images is not None:
             card["test_acc"] = accuracy(self.model, test_images, test_labels)

@@ -227,6 +227,8 @@ def create_vit(
     except (TypeError, ValueError, AssertionError) as error:
         raise ModelError(f"cannot create {name} with {kwargs}: {error}") from error
     check_supported(model, server=server)
+    if weights is None and pretrained:
+        weights = _local_pretrained_file(name)  # shipped models: no second construction
     if weights is not None:
         state = read_state_dict(weights)
         try:
@@ -240,8 +242,7 @@ def create_vit(
                 f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
             )
     elif pretrained:
-        local = _local_pretrained_file(name)
-        if local is None and not _hub_reachable():
+        if not _hub_reachable():
             raise ModelError(
                 f"no weights for {name}: timm's hub is unreachable (offline?). Pass a local "
                 "file with --model-weights / --server-weights (.safetensors, or .pth such as "
