@@ -163,3 +163,94 @@ def test_fmnist_images_do_not_fit_an_imagenet_model(tmp_path, golden):
         pytest.skip("Fashion-MNIST is not installed here")
     assert result.returncode == 2
     assert "images are 1x28x28 but the edge model takes 3x32x32" in result.stderr
+
+
+def test_sweep_writes_points_frontier_and_a_calibrated_pick(golden, tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli(
+        "sweep", *golden.cli_model_args(), "--out-dir", str(out),
+        "--policy", "attention_sum_threshold=0.9,0.97", "--policy", "topk=4",
+        "--uncer-modes", "min_entropy", "margin", "--num-etas", "4",
+        "--budget", "0.6", "--temperature-scaling",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    rows = list(csv.DictReader((out / "points.csv").open()))
+    assert len(rows) == len(points)
+    # 3 selections x (at most 4 etas x 2 measures) x 2 temperatures
+    assert 3 * 2 * 2 <= len(points) <= 3 * 8 * 2
+    assert {p["temperature"] == 1.0 for p in points} == {True, False}
+    for temperature in {p["temperature"] for p in points}:
+        group = [p for p in points if p["temperature"] == temperature]
+        assert any(p["pareto"] for p in group)
+        for p in group:  # no Pareto point is beaten by another of its group
+            if p["pareto"]:
+                assert not any(q["comm_cost"] <= p["comm_cost"] and q["collab_acc"]
+                               > p["collab_acc"] for q in group)  # fmt: skip
+    assert all(p["calibration"]["images"] == 8 and p["held_out"]["images"] == 8 for p in points)
+    report = json.loads((out / "sweep.json").read_text())
+    pick = report["pick"]["uncalibrated"]
+    assert pick["calibration"]["comm_cost"] <= 0.6
+    assert report["temperature"]["mean"]["temperature"] > 0
+    assert (out / "frontier.png").stat().st_size > 1000 and (out / "frontier.svg").is_file()
+    assert "budget 0.6 (uncalibrated):" in result.stdout
+    assert "best collaborative accuracy (%) at communication cost <=" in result.stdout
+
+    # The picked point is exactly what `collabvit eval` reports for those settings.
+    again = run_cli(
+        "eval", *golden.cli_model_args(), "--masking-mode", pick["policy"],
+        "--masking-th", str(pick["threshold"]), "--uncer-mode", pick["measure"],
+        "--uncer-th", repr(pick["eta"]), "--results-file", str(tmp_path / "eval.json"),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((tmp_path / "eval.json").read_text())["summary"]
+    assert summary["collab_acc"] == pytest.approx(pick["collab_acc"], abs=1e-9)
+    assert summary["comm_cost"] == pytest.approx(pick["comm_cost"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policy", "median=3"], "expected MODE=TH"),
+        (["--policy", "topk=a,b"], "expected numbers separated by commas"),
+        (["--policy", "topk=99"], "only 16"),
+        (["--num-etas", "3", "--etas", "0.1"], "not allowed with argument"),
+        (["--budget", "0.2", "--calibration-fraction", "1.5"], r"calibration fraction"),
+        (["--budget", "0.2", "--target-acc", "90"], "not allowed with argument"),
+        (["--compare-at", "-0.1"], "costs must be >= 0"),
+    ],
+)  # fmt: skip
+def test_sweep_bad_input_is_one_line_and_status_2(golden, tmp_path, args, message):
+    result = run_cli("sweep", *golden.cli_model_args(), "--out-dir", str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_visualize_draws_views_and_the_attention_histogram(golden, tmp_path):
+    result = run_cli(
+        "visualize", *golden.cli_model_args(), "--output-dir", str(tmp_path),
+        "--output_list", "0", "3", "--masking-mode", "topk", "--masking-th", "5",
+        "--attention-histogram", "--bins", "10",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for index in ("00000", "00003"):
+        for view in ("original", "heatmap", "masked"):
+            assert (tmp_path / f"{index}_{view}.png").stat().st_size > 500
+    assert "server on 5/16 patches" in result.stdout
+    rows = list(csv.DictReader((tmp_path / "attention_histogram.csv").open()))
+    assert len(rows) == 10
+    assert sum(int(r["patches"]) for r in rows) == 16 * 16  # 16 images x 16 patches
+    assert (tmp_path / "attention_histogram.png").is_file()
+    assert (tmp_path / "attention_histogram.svg").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--indices", "16"], r"outside the dataset \(0..15\)"), ([], "nothing to draw")],
+)
+def test_visualize_bad_input(golden, tmp_path, args, message):
+    result = run_cli("visualize", *golden.cli_model_args(), "--output-dir", str(tmp_path), *args)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr) and len(result.stderr.strip().splitlines()) == 1

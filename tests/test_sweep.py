@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -10,7 +12,22 @@ from collabvit import vit
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate
 from collabvit.server import Server
-from collabvit.sweep import run_edge, select, server_logits, summarize
+from collabvit.sweep import (
+    Grid,
+    best_at_cost,
+    eta_grid,
+    expected_calibration_error,
+    fit_temperature,
+    pareto_optimal,
+    pick_point,
+    run_edge,
+    select,
+    server_logits,
+    split_calibration,
+    summarize,
+    sweep_points,
+)
+from collabvit.uncertainty import is_confident
 
 
 @pytest.mark.parametrize("attention", ["mean", "rollout"])
@@ -43,3 +60,119 @@ def test_server_logits_cover_every_image_in_order(golden):
     out = server_logits(server, golden.images, keep, batch_size=6)
     expected = torch.tensor(golden.expected["server_full_logits"])
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_server_logits_of_some_rows_leave_the_rest_nan(golden):
+    identity = vit.Normalization.identity()
+    server = Server(golden.server_model(), normalization=identity)
+    keep = torch.ones(16, 16, dtype=torch.bool)
+    rows = torch.tensor([1, 4, 5, 15])
+    out = server_logits(server, golden.images, keep, batch_size=3, rows=rows)
+    expected = torch.tensor(golden.expected["server_full_logits"])
+    torch.testing.assert_close(out[rows], expected[rows], atol=1e-4, rtol=0)
+    others = torch.ones(16, dtype=torch.bool)
+    others[rows] = False
+    assert out[others].isnan().all()
+    assert server_logits(server, golden.images, keep, rows=torch.tensor([], dtype=torch.long)) \
+        .isnan().all()  # fmt: skip
+
+
+@pytest.mark.parametrize("measure", ["min_entropy", "shannon_entropy", "margin"])
+def test_eta_grid_spreads_the_sent_fraction_evenly(measure):
+    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(1)) * 3
+    etas = eta_grid(logits, measure, 4)
+    sent = sorted(float((~is_confident(logits, measure, eta)).float().mean()) for eta in etas)
+    assert sent == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=0.01)
+    assert eta_grid(logits, "none", 4) == [0.0]
+
+
+def test_pareto_optimal_keeps_only_undominated_points():
+    costs = [0.1, 0.2, 0.2, 0.3, 0.05, 0.3, 0.4]
+    accs = [80.0, 85.0, 84.0, 85.0, 70.0, 86.0, 86.0]
+    # 0.2/84 loses to 0.2/85; 0.3/85 to 0.2/85; 0.4/86 to 0.3/86.
+    assert pareto_optimal(costs, accs) == [True, True, False, False, True, True, False]
+    assert pareto_optimal([0.1, 0.1], [80.0, 80.0]) == [True, False]  # duplicates: the first
+
+
+def _point(cost, acc, **extra):
+    return {"comm_cost": cost, "collab_acc": acc, "cal": {"comm_cost": cost, "collab_acc": acc},
+            **extra}  # fmt: skip
+
+
+def test_pick_point_by_budget_or_target_accuracy():
+    points = [_point(0.1, 80.0), _point(0.2, 85.0), _point(0.25, 85.0), _point(0.3, 90.0)]
+    assert pick_point(points, "cal", budget=0.26) is points[1]  # ties go to the cheaper one
+    assert pick_point(points, "cal", budget=0.05) is None
+    assert pick_point(points, "cal", target_acc=84.0) is points[1]
+    assert pick_point(points, "cal", target_acc=95.0) is None
+    with pytest.raises(ValueError):
+        pick_point(points, "cal")
+    assert best_at_cost(points, 0.29) is points[1]
+    assert best_at_cost(points, 0.01) is None
+
+
+def test_split_calibration_is_disjoint_complete_and_seeded():
+    calibration, held_out = split_calibration(101, 0.3, seed=4)
+    assert len(calibration) == 30 and len(held_out) == 71
+    assert sorted(torch.cat([calibration, held_out]).tolist()) == list(range(101))
+    again = split_calibration(101, 0.3, seed=4)
+    assert torch.equal(again[0], calibration) and torch.equal(again[1], held_out)
+    assert not torch.equal(split_calibration(101, 0.3, seed=5)[0], calibration)
+    for fraction in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError):
+            split_calibration(101, fraction, seed=0)
+    with pytest.raises(ValueError):
+        split_calibration(1, 0.5, seed=0)
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_with():
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(20000, 5, generator=generator) * 2
+    labels = torch.multinomial(true_logits.softmax(1), 1, generator=generator).flatten()
+    assert fit_temperature(true_logits * 2.5, labels) == pytest.approx(2.5, rel=0.05)
+    assert fit_temperature(true_logits / 2, labels) == pytest.approx(0.5, rel=0.05)
+
+
+def test_expected_calibration_error():
+    # Every prediction made with probability ~1 and half of them right: ECE 50 %.
+    logits = torch.tensor([[50.0, 0.0]] * 4)
+    assert expected_calibration_error(logits, torch.tensor([0, 1, 0, 1])) == pytest.approx(50.0)
+    # Confidence 0.75 and exactly 3 of 4 right: calibrated.
+    logit = math.log(3.0)
+    logits = torch.tensor([[logit, 0.0]] * 4)
+    assert expected_calibration_error(logits, torch.tensor([0, 0, 0, 1])) == pytest.approx(
+        0.0, abs=1e-4
+    )
+
+
+def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
+    identity = vit.Normalization.identity()
+    edge_model, server = golden.edge_model(), Server(golden.server_model(), normalization=identity)
+    images, targets = golden.images, golden.targets
+    loader = DataLoader(TensorDataset(images, targets), batch_size=8)
+    cached = run_edge(EdgeDevice(edge_model, EdgeConfig(), normalization=identity), loader, False)
+    # Etas that keep some images at the edge for every measure, so needed_rows skips some.
+    grid = Grid(
+        policies=(("attention_sum_threshold", 0.9), ("topk", 5), ("random", 7)),
+        measures={"min_entropy": (2.0, 2.2), "margin": (0.04,)},
+    )
+    calibration, held_out = split_calibration(16, 0.5, seed=0)
+    subsets = {"calibration": calibration, "held_out": held_out}
+    points = sweep_points(cached, server, grid, subsets, seed=3, progress=False)
+    assert len(points) == len(grid) == 9
+    for point in points:
+        config = EdgeConfig("mean", point["policy"], point["threshold"], point["measure"],
+                            point["eta"])  # fmt: skip
+        edge = EdgeDevice(edge_model, config, normalization=identity)
+        # `random` draws one seeded selection over the whole pass, as eval does for one batch.
+        batch = len(targets)
+        expected = evaluate(edge, server, DataLoader(TensorDataset(images, targets), batch),
+                            seed=3, progress=False).summary  # fmt: skip
+        figures = {k: v for k, v in point.items() if k in expected}
+        assert figures == pytest.approx(expected, abs=1e-9)
+        for name, index in subsets.items():
+            part = DataLoader(TensorDataset(images[index], targets[index]), batch_size=16)
+            if point["policy"] == "random":  # a subset draws other random patches
+                continue
+            expected = evaluate(edge, server, part, progress=False).summary
+            assert point[name] == pytest.approx(expected, abs=1e-9)

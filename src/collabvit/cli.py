@@ -11,18 +11,20 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from collabvit import __version__, versions, vit, zoo
+from collabvit import __version__, plots, sweep, versions, vit, zoo
 from collabvit.data import DATA_SETS, FASHION_MNIST_SPLITS, FashionMNIST, build_dataset
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate, write_per_image, write_results
 from collabvit.metrics import format_summary
 from collabvit.scoring import ATTENTION_MODES
-from collabvit.selection import MASKING_MODES
+from collabvit.selection import MASKING_MODES, validate_masking
 from collabvit.server import Server
 from collabvit.train import TrainConfig, Trainer
 from collabvit.uncertainty import UNCERTAINTY_MODES, canonical_uncertainty_mode
@@ -90,7 +92,8 @@ _positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
 _fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
-def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_models_and_data(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that runs the pair shares: which models, which images."""
     models = parser.add_argument_group("models")
     _add(
         models,
@@ -182,6 +185,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="data loading processes (default: %(default)s)",
     )
 
+
+def _add_method(parser: argparse.ArgumentParser, gate: bool = True) -> None:
+    """The operating point: attention, selection and (with `gate`) the uncertainty gate."""
     method = parser.add_argument_group("collaborative inference (DESIGN.md section 1)")
     _add(
         method,
@@ -206,6 +212,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="k for random/topk, score threshold for attention_threshold, cumulative share "
         "delta in [0, 1] for attention_sum_threshold (default: %(default)s)",
     )
+    if not gate:
+        return
     _add(
         method,
         "--uncer-mode",
@@ -225,11 +233,21 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
 
+
+def _add_run(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     run = parser.add_argument_group("run")
     _add(run, "--device", default="cpu", help="torch device for both models (default: %(default)s)")
     _add(
         run, "--seed", type=int, default=0, help="seed of the random policy (default: %(default)s)"
     )
+    _add(run, "--quiet", action="store_true", help="no progress bar")
+    return run
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_models_and_data(parser)
+    _add_method(parser)
+    run = _add_run(parser)
     _add(
         run,
         "--results-file",
@@ -237,7 +255,6 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="write every figure and the resolved config as JSON",
     )
     _add(run, "--per-image", metavar="FILE", help="write one CSV row per image")
-    _add(run, "--quiet", action="store_true", help="no progress bar")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +367,142 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--quiet", action="store_true", help="no progress bar")
 
 
+# The sweep's default grid: ten deltas of the paper's policy, twenty etas per measure.
+SWEEP_DELTAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+SWEEP_NUM_ETAS = 20
+SWEEP_COMPARE_AT = (0.1, 0.2, 0.27)
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") \
+            from error  # fmt: skip
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _policy(text: str) -> tuple[str, list[float]]:
+    """MODE=TH,TH,... as given to --policy."""
+    mode, sep, thresholds = text.partition("=")
+    if not sep or mode not in MASKING_MODES:
+        raise argparse.ArgumentTypeError(
+            f"expected MODE=TH,TH,... with MODE one of {', '.join(MASKING_MODES)}, got {text!r}"
+        )
+    return mode, _number_list(thresholds)
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_models_and_data(parser)
+    grid = parser.add_argument_group("grid: one server pass per policy threshold, etas for free")
+    _add(
+        grid,
+        "--attention-modes",
+        nargs="+",
+        choices=ATTENTION_MODES,
+        default=["mean"],
+        help="patch scores to sweep; each mode costs one edge pass (default: mean)",
+    )
+    _add(
+        grid,
+        "--policy",
+        type=_policy,
+        action="append",
+        metavar="MODE=TH,...",
+        help="a selection policy and its thresholds, repeatable, e.g. topk=20,30,40 (default: "
+        f"attention_sum_threshold={','.join(map(str, SWEEP_DELTAS))})",
+    )
+    _add(
+        grid,
+        "--uncer-modes",
+        nargs="+",
+        type=_uncertainty_mode,
+        default=["min_entropy"],
+        metavar="MODE",
+        help="uncertainty measures of the gate (default: min_entropy)",
+    )
+    etas = grid.add_mutually_exclusive_group()
+    _add(
+        etas,
+        "--num-etas",
+        type=_positive_int,
+        default=SWEEP_NUM_ETAS,
+        metavar="N",
+        help="N etas per measure, sending 1/N, 2/N, ..., all of the images (default: %(default)s)",
+    )
+    _add(etas, "--etas", type=_number_list, metavar="ETA,...", help="explicit etas, every measure")
+    _add(
+        grid,
+        "--compare-at",
+        type=_number_list,
+        default=list(SWEEP_COMPARE_AT),
+        metavar="COST,...",
+        help="report each series' best accuracy at these costs (default: "
+        f"{','.join(map(str, SWEEP_COMPARE_AT))})",
+    )
+    _add(
+        grid,
+        "--no-server-alone",
+        action="store_true",
+        help="skip the server-alone reference pass (all patches of every image)",
+    )
+
+    pick = parser.add_argument_group("budget calibration")
+    target = pick.add_mutually_exclusive_group()
+    _add(target, "--budget", type=float, metavar="C",
+         help="pick the most accurate point with communication cost <= C on the calibration "
+         "part and report it on the held-out part")  # fmt: skip
+    _add(target, "--target-acc", type=float, metavar="A",
+         help="pick the cheapest point with accuracy >= A %% on the calibration part")  # fmt: skip
+    _add(
+        pick,
+        "--calibration-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of the images, drawn at random with --seed, used for calibration; the rest "
+        "is held out (default: %(default)s)",
+    )
+    _add(
+        pick,
+        "--temperature-scaling",
+        action="store_true",
+        help="also fit a temperature to the edge logits on the calibration part, sweep the "
+        "gate on the scaled logits and report the calibration error before and after",
+    )
+    run = _add_run(parser)
+    _add(run, "--out-dir", required=True, metavar="DIR",
+         help="writes points.jsonl, points.csv, sweep.json, frontier.png/svg")  # fmt: skip
+    _add(run, "--no-plots", action="store_true", help="do not draw the frontier")
+
+
+def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_models_and_data(parser)
+    _add_method(parser, gate=False)
+    views = parser.add_argument_group("what to draw")
+    _add(
+        views,
+        "--indices",
+        "--output-list",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="I",
+        help="dataset indices to draw: original, attention heatmap, masked image",
+    )
+    _add(
+        views,
+        "--attention-histogram",
+        action="store_true",
+        help="also histogram every patch score over the dataset (use --limit for a part)",
+    )
+    _add(views, "--bins", type=_positive_int, default=50, help="histogram bins (default: 50)")
+    run = _add_run(parser)
+    _add(run, "--output-dir", required=True, metavar="DIR", help="where the PNG/SVG/CSV go")
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
@@ -368,8 +521,7 @@ def run_train(args: argparse.Namespace) -> int:
             )
         test = FashionMNIST(config.data_path, "test")
     except (UsageError, ValueError) as error:
-        print(f"collabvit train: error: {error}", file=sys.stderr)
-        return 2
+        return _fail("train", error)
     if resumed:
         print(f"resuming after epoch {trainer.start_epoch}", file=sys.stderr)
     trainer.fit(on_epoch=lambda r: print(
@@ -400,6 +552,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "label smoothing, augmentation, a validation split from the training set; "
                     "resumable; deterministic given --seed.")  # fmt: skip
     _add_train_arguments(train_parser)
+    sweep_parser = commands.add_parser(
+        "sweep", help="operating points: accuracy against communication cost, the frontier, "
+        "picking a point for a budget",
+        description="Sweep selection thresholds and gate thresholds over a dataset with one "
+                    "edge pass and one server pass per selection setting; write every point "
+                    "(JSON Lines and CSV) with the Pareto-optimal ones marked, plot the "
+                    "frontier, and optionally pick a point for a budget on a calibration part "
+                    "and check it on the held-out part.")  # fmt: skip
+    _add_sweep_arguments(sweep_parser)
+    visualize_parser = commands.add_parser(
+        "visualize", help="attention heatmaps, masked images, the attention histogram",
+        description="Draw what the edge sends: for chosen images the original, the attention "
+                    "heatmap and the masked image (PNG); and the histogram of patch attention "
+                    "over the dataset (PNG, SVG, CSV).")  # fmt: skip
+    _add_visualize_arguments(visualize_parser)
     return parser
 
 
@@ -415,39 +582,63 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """What the models-and-data flags resolve to."""
+
+    edge_model: torch.nn.Module
+    server_model: torch.nn.Module
+    dataset: Dataset
+    device: torch.device
+    normalization: vit.Normalization | None
+
+    def edge(self, config: EdgeConfig) -> EdgeDevice:
+        return EdgeDevice(self.edge_model, config, self.device, self.normalization)
+
+    def server(self) -> Server:
+        return Server(self.server_model, self.device, self.normalization)
+
+
+def _load_pair(args: argparse.Namespace) -> _Pair:
+    """Build both models and the dataset from the flags; user mistakes raise ValueError."""
+    device = _resolve_device(args.device)
+    edge_model = vit.create_vit(args.model, args.model_weights, args.model_kwargs)
+    server_model = vit.create_vit(
+        args.server_model, args.server_weights, args.server_kwargs, server=True
+    )
+    vit.check_compatible(edge_model, server_model)
+    dataset = build_dataset(args.data_set, args.data_path, edge_model, args.split, args.crop_pct)
+    if args.limit is not None:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    if len(dataset) == 0:
+        raise UsageError("the dataset is empty")
+    sample = dataset[0][0]
+    geometry = vit.geometry(edge_model)
+    expected = (geometry.in_chans, *geometry.img_size)
+    if tuple(sample.shape) != expected:
+        raise UsageError(
+            f"{args.data_set} images are {'x'.join(map(str, sample.shape))} but the edge model "
+            f"takes {'x'.join(map(str, expected))}"
+        )
+    normalization = vit.Normalization.identity() if args.inputs_normalized else None
+    return _Pair(edge_model, server_model, dataset, device, normalization)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"collabvit {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def run_eval(args: argparse.Namespace) -> int:
     try:
         config = EdgeConfig(
             attention_mode=args.attention_mode, masking_mode=args.masking_mode,
             masking_th=args.masking_th, uncer_mode=args.uncer_mode, uncer_th=args.uncer_th,
         )  # fmt: skip
-        device = _resolve_device(args.device)
-        edge_model = vit.create_vit(args.model, args.model_weights, args.model_kwargs)
-        server_model = vit.create_vit(
-            args.server_model, args.server_weights, args.server_kwargs, server=True
-        )
-        vit.check_compatible(edge_model, server_model)
-        dataset = build_dataset(
-            args.data_set, args.data_path, edge_model, args.split, args.crop_pct
-        )
-        if args.limit is not None:
-            dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-        if len(dataset) == 0:
-            raise UsageError("the dataset is empty")
-        sample = dataset[0][0]
-        geometry = vit.geometry(edge_model)
-        expected = (geometry.in_chans, *geometry.img_size)
-        if tuple(sample.shape) != expected:
-            raise UsageError(
-                f"{args.data_set} images are {'x'.join(map(str, sample.shape))} but the edge model "
-                f"takes {'x'.join(map(str, expected))}"
-            )
-        normalization = vit.Normalization.identity() if args.inputs_normalized else None
-        edge = EdgeDevice(edge_model, config, device, normalization)
-        server = Server(server_model, device, normalization)
+        pair = _load_pair(args)
+        edge, server, dataset = pair.edge(config), pair.server(), pair.dataset
     except (UsageError, ValueError) as error:  # ModelError and DataError are ValueErrors
-        print(f"collabvit eval: error: {error}", file=sys.stderr)
-        return 2
+        return _fail("eval", error)
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     result = evaluate(
@@ -463,12 +654,204 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provenance(args: argparse.Namespace, config: EdgeConfig) -> dict:
+def _sweep_grid(args: argparse.Namespace, edge_pass: sweep.EdgePass, num_patches: int):
+    policies = args.policy or [("attention_sum_threshold", list(SWEEP_DELTAS))]
+    pairs = []
+    for mode, thresholds in policies:
+        for threshold in thresholds:
+            validate_masking(mode, threshold, num_patches)
+            pairs.append((mode, threshold))
+    measures = {
+        measure: tuple(args.etas) if args.etas and measure != "none"
+        else tuple(sweep.eta_grid(edge_pass.logits, measure, args.num_etas))
+        for measure in dict.fromkeys(args.uncer_modes)
+    }  # fmt: skip
+    return sweep.Grid(tuple(dict.fromkeys(pairs)), measures)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    calibrating = args.budget is not None or args.target_acc is not None
+    try:
+        pair = _load_pair(args)
+        server = pair.server()
+        edges = {mode: pair.edge(EdgeConfig(attention_mode=mode)) for mode in args.attention_modes}
+        if calibrating or args.temperature_scaling:
+            calibration, held_out = sweep.split_calibration(
+                len(pair.dataset), args.calibration_fraction, args.seed
+            )
+        for cost in args.compare_at:
+            if cost < 0:
+                raise UsageError(f"--compare-at costs must be >= 0, got {cost}")
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (UsageError, ValueError, OSError) as error:
+        return _fail("sweep", error)
+    progress = False if args.quiet else None
+    loader = DataLoader(pair.dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    subsets = {"calibration": calibration, "held_out": held_out} if calibrating else {}
+    report: dict = {"provenance": _provenance(args, None, "sweep")}
+
+    points, edge_acc, temperature_info = [], None, {}
+    for mode, edge in edges.items():
+        edge_pass = sweep.run_edge(edge, loader, progress)
+        edge_acc = 100.0 * float((edge_pass.logits.argmax(1) == edge_pass.labels).float().mean())
+        passes = {1.0: edge_pass}
+        if args.temperature_scaling:
+            t = sweep.fit_temperature(edge_pass.logits[calibration], edge_pass.labels[calibration])
+            before = sweep.expected_calibration_error(
+                edge_pass.logits[held_out], edge_pass.labels[held_out]
+            )
+            after = sweep.expected_calibration_error(
+                edge_pass.logits[held_out] / t, edge_pass.labels[held_out]
+            )
+            temperature_info[mode] = {"temperature": t, "held_out_ece_before": before,
+                                      "held_out_ece_after": after}  # fmt: skip
+            passes[t] = edge_pass.with_temperature(t)
+        try:
+            grids = {t: _sweep_grid(args, p, vit.geometry(pair.edge_model).num_patches)
+                     for t, p in passes.items()}  # fmt: skip
+        except ValueError as error:
+            return _fail("sweep", error)
+        for t, scaled in passes.items():
+            group = sweep.sweep_points(scaled, server, grids[t], subsets, args.seed, progress)
+            for point in group:
+                point.update(attention_mode=mode, temperature=t)
+            points += sweep.mark_pareto(group)
+    server_acc = None
+    if not args.no_server_alone:
+        full = torch.ones_like(edge_pass.scores, dtype=torch.bool)
+        alone = sweep.server_logits(server, edge_pass.images, full)
+        server_acc = 100.0 * float((alone.argmax(1) == edge_pass.labels).float().mean())
+
+    sweep.write_points(points, out_dir / "points.jsonl", out_dir / "points.csv")
+    print(
+        f"edge alone: {edge_acc:.2f} %"
+        + (f" | server alone (all patches): {server_acc:.2f} %" if server_acc is not None else "")
+    )
+    pareto = sum(p["pareto"] for p in points)
+    print(f"{len(points)} operating points, {pareto} Pareto-optimal: {out_dir / 'points.csv'}")
+    comparison = _compare_series(points, args.compare_at)
+    report.update(edge_acc=edge_acc, server_acc=server_acc, points=len(points),
+                  comparison=comparison, temperature=temperature_info)  # fmt: skip
+    if calibrating:
+        report["pick"] = _report_picks(points, args)
+    if temperature_info:
+        for mode, info in temperature_info.items():
+            print(f"temperature ({mode}): T = {info['temperature']:.3f}; held-out expected "
+                  f"calibration error {info['held_out_ece_before']:.2f} % -> "
+                  f"{info['held_out_ece_after']:.2f} %")  # fmt: skip
+    if not args.no_plots:
+        title = f"{len(edge_pass.labels)} images of {args.data_set} ({args.split})" \
+            if args.data_set == "fmnist" else f"{len(edge_pass.labels)} images"  # fmt: skip
+        report["figures"] = [str(path) for path in plots.plot_frontier(
+            points, edge_acc, server_acc, out_dir / "frontier", title)]  # fmt: skip
+        print(f"frontier: {report['figures'][0]}")
+    (out_dir / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _series(point: dict) -> str:
+    label = f"{point['attention_mode']} {point['policy']} {point['measure']}"
+    return label if point["temperature"] == 1.0 else f"{label} T={point['temperature']:.2f}"
+
+
+def _compare_series(points: list[dict], costs: Sequence[float]) -> dict:
+    """Each series' best accuracy at each cost; printed as a table and returned."""
+    series: dict[str, list[dict]] = {}
+    for point in points:
+        series.setdefault(_series(point), []).append(point)
+    table = {
+        name: {str(c): (best := sweep.best_at_cost(members, c)) and best["collab_acc"]
+               for c in costs}
+        for name, members in series.items()
+    }  # fmt: skip
+    width = max(len(name) for name in table)
+    print("best collaborative accuracy (%) at communication cost <=")
+    print(" " * width + "".join(f"{c:>9}" for c in costs))
+    for name, row in table.items():
+        cells = "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in row.values())
+        print(f"{name:<{width}}{cells}")
+    return table
+
+
+def _report_picks(points: list[dict], args: argparse.Namespace) -> dict:
+    """The calibrated pick per temperature: printed and returned."""
+    picks = {}
+    for t in dict.fromkeys(p["temperature"] for p in points):
+        candidates = [p for p in points if p["temperature"] == t]
+        chosen = sweep.pick_point(candidates, "calibration", args.budget, args.target_acc)
+        key = "uncalibrated" if t == 1.0 else "temperature-scaled"
+        picks[key] = chosen
+        goal = f"budget {args.budget}" if args.budget is not None \
+            else f"target {args.target_acc} %"  # fmt: skip
+        if chosen is None:
+            print(f"{goal} ({key}): no operating point qualifies on the calibration part")
+            continue
+        cal, held = chosen["calibration"], chosen["held_out"]
+        print(f"{goal} ({key}): {chosen['attention_mode']} {chosen['policy']} "
+              f"{chosen['threshold']}, {chosen['measure']} eta {chosen['eta']:.4g} -> "
+              f"calibration {cal['collab_acc']:.2f} % at cost {cal['comm_cost']:.3f}; "
+              f"held-out {held['collab_acc']:.2f} % at cost {held['comm_cost']:.3f}")  # fmt: skip
+    return picks
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    try:
+        config = EdgeConfig(attention_mode=args.attention_mode, masking_mode=args.masking_mode,
+                            masking_th=args.masking_th, uncer_mode="none")  # fmt: skip
+        pair = _load_pair(args)
+        edge, server = pair.edge(config), pair.server()
+        for index in args.indices:
+            if not 0 <= index < len(pair.dataset):
+                last = len(pair.dataset) - 1
+                raise UsageError(f"index {index} is outside the dataset (0..{last})")
+        if not args.indices and not args.attention_histogram:
+            raise UsageError("nothing to draw: give --indices and/or --attention-histogram")
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (UsageError, ValueError, OSError) as error:
+        return _fail("visualize", error)
+    base = pair.dataset.dataset if isinstance(pair.dataset, Subset) else pair.dataset
+    classes = getattr(base, "classes", None)
+    name = (lambda i: classes[i]) if classes else str  # noqa: E731
+    patch_size = edge.geometry.patch_size
+    for index in args.indices:
+        image, label = pair.dataset[index]
+        result = edge.process(image[None], torch.Generator().manual_seed(args.seed))
+        server_answer = int(server.classify(result.payloads).argmax(1)[0])
+        edge_answer = int(result.logits.argmax(1)[0])
+        paths = plots.save_patch_views(image, result.scores[0], result.keep[0], patch_size,
+                                       out_dir, f"{index:05d}")  # fmt: skip
+        kept = int(result.keep[0].sum())
+        print(f"image {index}: label {name(int(label))}; edge says {name(edge_answer)}, server on "
+              f"{kept}/{edge.geometry.num_patches} patches says {name(server_answer)} -> "
+              f"{paths[0].parent}/{index:05d}_*.png")  # fmt: skip
+    if args.attention_histogram:
+        loader = DataLoader(pair.dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+        scores = sweep.run_edge(edge, loader, False if args.quiet else None).scores
+        counts, edges = torch.histogram(scores.flatten().float(), bins=args.bins)
+        csv_path = out_dir / "attention_histogram.csv"
+        csv_path.write_text(
+            "bin_start,bin_end,patches\n"
+            + "".join(
+                f"{a:.6g},{b:.6g},{int(c)}\n"
+                for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
+            )
+        )
+        figure = plots.plot_histogram(counts.tolist(), edges.tolist(),
+                                      out_dir / "attention_histogram",
+                                      f"{args.attention_mode} attention, {len(scores)} images, "
+                                      f"{scores.shape[1]} patches each")  # fmt: skip
+        print(f"attention histogram: {figure[0]} and {csv_path}")
+    return 0
+
+
+def _provenance(args: argparse.Namespace, config: EdgeConfig | None, command="eval") -> dict:
     """How the numbers were made: every resolved flag, the edge config and the versions."""
     return {
-        "command": "eval",
+        "command": command,
         "arguments": {k: v for k, v in vars(args).items() if k != "command"},
-        "edge_config": dict(config.__dict__),
+        "edge_config": dict(config.__dict__) if config else None,
         **versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -481,6 +864,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_eval(args)
     if args.command == "train":
         return run_train(args)
+    if args.command == "sweep":
+        return run_sweep(args)
+    if args.command == "visualize":
+        return run_visualize(args)
     parser.print_help()
     return 2
 

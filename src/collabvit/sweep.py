@@ -3,14 +3,21 @@
 The gate threshold eta only decides which images use the server's answer, so
 for a fixed selection every eta is evaluated from the same two sets of logits.
 Figures are computed with metrics.RunningSummary, exactly as `collabvit eval`.
+On top: the Pareto frontier, picking a point for a budget on calibration
+data, and temperature scaling of the edge's logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from collabvit.edge import EdgeDevice
@@ -18,7 +25,7 @@ from collabvit.metrics import RunningSummary
 from collabvit.protocol import build_payloads
 from collabvit.selection import select_patches, selection_statistics
 from collabvit.server import Server
-from collabvit.uncertainty import is_confident
+from collabvit.uncertainty import canonical_uncertainty_mode, is_confident, uncertainty
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,15 @@ class EdgePass:
     labels: torch.Tensor
     logits: torch.Tensor
     scores: torch.Tensor
+
+    def subset(self, index: torch.Tensor) -> EdgePass:
+        """The pass restricted to images `index` [m]."""
+        return EdgePass(self.images[index], self.labels[index], self.logits[index],
+                        self.scores[index])  # fmt: skip
+
+    def with_temperature(self, temperature: float) -> EdgePass:
+        """The same pass with logits / T: predictions unchanged, the gate sees calibrated ones."""
+        return replace(self, logits=self.logits / temperature)
 
 
 @torch.inference_mode()
@@ -57,23 +73,34 @@ def run_edge(
 
 
 def server_logits(
-    server: Server, images: torch.Tensor, keep: torch.Tensor, batch_size: int = 256
+    server: Server,
+    images: torch.Tensor,
+    keep: torch.Tensor,
+    batch_size: int = 256,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The server's logits for every image on its selection alone.
+    """The server's logits for every image (or only `rows`) on its selection alone.
 
     Args:
         images: unnormalised [n, C, H, W].
         keep: selections [n, N] bool.
+        rows: image indices [m] to classify; the other rows come back NaN.
 
     Returns:
         [n, classes].
     """
-    out = []
-    for start in range(0, len(images), batch_size):
-        rows = list(range(start, min(start + batch_size, len(images))))
-        payloads = build_payloads(images, keep, rows, server.geometry.patch_size)
-        out.append(server.classify(payloads).cpu())
-    return torch.cat(out)
+    wanted = torch.arange(len(images)) if rows is None else rows
+    out = None
+    for start in range(0, len(wanted), batch_size):
+        chunk = wanted[start : start + batch_size]
+        payloads = build_payloads(images, keep, chunk.tolist(), server.geometry.patch_size)
+        logits = server.classify(payloads).cpu()
+        if out is None:
+            out = torch.full((len(images), logits.shape[1]), torch.nan, dtype=logits.dtype)
+        out[chunk] = logits
+    if out is None:  # no image needs the server; the width is the server's class count
+        out = torch.full((len(images), server.geometry.num_classes), torch.nan)
+    return out
 
 
 def summarize(
@@ -98,3 +125,233 @@ def select(
     """Selections [n, N] of a policy over the whole pass (``random`` seeded once)."""
     generator = torch.Generator().manual_seed(seed)
     return select_patches(edge_pass.scores, masking_mode, masking_th, generator)
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def eta_grid(logits: torch.Tensor, measure: str, count: int) -> list[float]:
+    """`count` gate thresholds that send 1/count, 2/count, ..., all of the images.
+
+    The thresholds are quantiles of the measure over `logits` [n, classes], so
+    the grid spreads evenly over the sent fraction whatever the measure's
+    scale (entropies in nats, margins in probability). ``none`` has one eta.
+    """
+    if canonical_uncertainty_mode(measure) == "none":
+        return [0.0]
+    fractions = torch.arange(1, count + 1, dtype=torch.float64) / count
+    return sorted({eta_for_sent_fraction(logits, measure, float(f)) for f in fractions})
+
+
+def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
+    """The eta that sends about `fraction` of the images (the most uncertain ones).
+
+    Entropies are confident below eta, so eta is their (1 - fraction) quantile;
+    the margin is confident above it, so eta is its fraction quantile. A
+    fraction of 1 gives the extreme value, where the strict gate sends all.
+    """
+    values = uncertainty(logits, measure).double()
+    level = fraction if canonical_uncertainty_mode(measure) == "margin" else 1.0 - fraction
+    return float(torch.quantile(values, min(max(level, 0.0), 1.0)))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a sweep covers.
+
+    Attributes:
+        policies: (masking_mode, threshold) pairs; each costs one server pass.
+        measures: uncertainty measure -> its eta values; free (no forward).
+    """
+
+    policies: tuple[tuple[str, float], ...]
+    measures: dict[str, tuple[float, ...]]
+
+    def __len__(self) -> int:
+        return len(self.policies) * sum(len(etas) for etas in self.measures.values())
+
+
+def needed_rows(logits: torch.Tensor, measures: dict[str, Sequence[float]]) -> torch.Tensor:
+    """Images sent under at least one (measure, eta): the only ones the server must see.
+
+    logits [n, classes] -> indices [m] int64, ascending.
+    """
+    sent = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for measure, etas in measures.items():
+        for eta in etas:
+            sent |= ~is_confident(logits, measure, eta).cpu()
+    return torch.nonzero(sent).flatten()
+
+
+def sweep_points(
+    edge_pass: EdgePass,
+    server: Server,
+    grid: Grid,
+    subsets: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> list[dict]:
+    """Every operating point of the grid: one server pass per policy, the etas for free.
+
+    Args:
+        edge_pass: the edge outputs (its logits may be temperature-scaled).
+        subsets: name -> image indices; each point also gets the figures on each
+            subset under that name (e.g. calibration and held-out).
+
+    Returns:
+        one dict per (policy, threshold, measure, eta): those four, the figures
+        over all images (as `collabvit eval` reports them) and one dict per subset.
+    """
+    subsets = subsets or {}
+    rows = needed_rows(edge_pass.logits, grid.measures)
+    parts = {name: edge_pass.subset(index) for name, index in subsets.items()}
+    points = []
+    quiet = None if progress is None else not progress
+    for mode, threshold in tqdm(grid.policies, desc="server passes", disable=quiet, unit="pass"):
+        keep = select(edge_pass, mode, threshold, seed)
+        server_out = server_logits(server, edge_pass.images, keep, rows=rows)
+        for measure, etas in grid.measures.items():
+            for eta in etas:
+                point = {"policy": mode, "threshold": threshold, "measure": measure, "eta": eta}
+                point.update(summarize(edge_pass, keep, server_out, measure, eta))
+                for name, index in subsets.items():
+                    point[name] = summarize(
+                        parts[name], keep[index], server_out[index], measure, eta
+                    )
+                points.append(point)
+    return points
+
+
+# ------------------------------------------------------- frontier and budget
+
+
+def pareto_optimal(costs: Sequence[float], accuracies: Sequence[float]) -> list[bool]:
+    """Which points no other point beats: none cheaper-or-equal and at least as accurate.
+
+    Of exact duplicates only the first counts. costs, accuracies [n] -> [n] bool.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -accuracies[i], i))
+    optimal = [False] * len(costs)
+    best = -math.inf
+    for i in order:
+        if accuracies[i] > best:
+            optimal[i] = True
+            best = accuracies[i]
+    return optimal
+
+
+def mark_pareto(points: list[dict], cost_key: str = "comm_cost", acc_key: str = "collab_acc"):
+    """Set point["pareto"] over the whole list (in place) and return the list."""
+    flags = pareto_optimal([p[cost_key] for p in points], [p[acc_key] for p in points])
+    for point, flag in zip(points, flags, strict=True):
+        point["pareto"] = flag
+    return points
+
+
+def pick_point(
+    points: Sequence[dict],
+    on: str,
+    budget: float | None = None,
+    target_acc: float | None = None,
+) -> dict | None:
+    """The best point by its figures on subset `on`.
+
+    With `budget`: the most accurate point whose cost is <= budget (ties: cheaper).
+    With `target_acc`: the cheapest point whose accuracy is >= target (ties: more
+    accurate). None when no point qualifies.
+    """
+    if (budget is None) == (target_acc is None):
+        raise ValueError("give exactly one of budget and target accuracy")
+    if budget is not None:
+        fitting = [p for p in points if p[on]["comm_cost"] <= budget]
+        key = lambda p: (-p[on]["collab_acc"], p[on]["comm_cost"])  # noqa: E731
+    else:
+        fitting = [p for p in points if p[on]["collab_acc"] >= target_acc]
+        key = lambda p: (p[on]["comm_cost"], -p[on]["collab_acc"])  # noqa: E731
+    return min(fitting, key=key) if fitting else None
+
+
+def best_at_cost(points: Sequence[dict], cost: float) -> dict | None:
+    """The most accurate point with cost <= `cost` (for comparisons at equal cost)."""
+    fitting = [p for p in points if p["comm_cost"] <= cost]
+    return max(fitting, key=lambda p: (p["collab_acc"], -p["comm_cost"])) if fitting else None
+
+
+def split_calibration(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint random (calibration, held-out) indices of `count` images, each sorted."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"calibration fraction must lie in (0, 1), got {fraction}")
+    calibration_size = round(count * fraction)
+    if not 0 < calibration_size < count:
+        raise ValueError(f"{count} images cannot be split into calibration and held-out parts")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[:calibration_size].sort().values, order[calibration_size:].sort().values
+
+
+# ------------------------------------------------------------- calibration
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al., 2017).
+
+    logits [n, classes], labels [n] -> T > 0.
+    """
+    logits, labels = logits.detach().double(), labels.detach()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE in %: the bin-weighted gap between confidence and accuracy (equal-width bins).
+
+    logits [n, classes], labels [n].
+    """
+    probabilities = logits.double().softmax(dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == labels).double()
+    bin_of = torch.clamp((confidence * bins).ceil().long() - 1, 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        in_bin = bin_of == b
+        if in_bin.any():
+            gap = (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+            error += float(in_bin.double().mean() * gap)
+    return 100.0 * error
+
+
+# ------------------------------------------------------------------ output
+
+POINT_FIELDS = ("attention_mode", "temperature", "policy", "threshold", "measure", "eta",
+                "comm_cost", "collab_acc", "sent_tokens", "sent_images", "confident_images",
+                "images", "client_acc", "collab_acc5", "avg_min_attention", "avg_sum_attention",
+                "pareto")  # fmt: skip
+SUBSET_FIELDS = ("comm_cost", "collab_acc", "sent_tokens", "sent_images", "images")
+
+
+def flat_point(point: dict) -> dict:
+    """One CSV row: the point's fields, then each subset's as <subset>_<field>."""
+    row = {field: point[field] for field in POINT_FIELDS if field in point}
+    for name, figures in point.items():
+        if isinstance(figures, dict):
+            row.update({f"{name}_{field}": figures[field] for field in SUBSET_FIELDS})
+    return row
+
+
+def write_points(points: Sequence[dict], jsonl_path: str | Path, csv_path: str | Path) -> None:
+    """Every point as JSON Lines (nested subsets kept) and as CSV (flattened)."""
+    Path(jsonl_path).write_text("".join(json.dumps(p) + "\n" for p in points))
+    rows = [flat_point(p) for p in points]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(POINT_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
