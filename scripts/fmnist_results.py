@@ -28,7 +28,14 @@ from collabvit import vit, zoo
 from collabvit.data import FashionMNIST
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.server import Server
-from collabvit.sweep import EdgePass, run_edge, select, server_logits, summarize
+from collabvit.sweep import (
+    EdgePass,
+    eta_for_sent_fraction,
+    run_edge,
+    select,
+    server_logits,
+    summarize,
+)
 from collabvit.uncertainty import uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,14 +47,6 @@ def edge_pass(edge_model, split: str) -> EdgePass:
     data = FashionMNIST(split=split)
     edge = EdgeDevice(edge_model, EdgeConfig())
     return run_edge(edge, DataLoader(data, batch_size=500), progress=False)
-
-
-def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
-    """The eta that sends about `fraction` of the images (the most uncertain ones)."""
-    values = uncertainty(logits, measure)
-    if measure == "margin":  # confident when margin > eta: send the smallest margins
-        return float(torch.quantile(values, fraction))
-    return float(torch.quantile(values, 1 - fraction))
 
 
 def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
