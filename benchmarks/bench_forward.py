@@ -346,13 +346,15 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of `path` (or append it, or create the file)."""
+def write_section(
+    path: Path, section: str, start_marker: str = SECTION_START, end_marker: str = SECTION_END
+) -> None:
+    """Replace one script's section of `path` (or append it, or create the file)."""
     if path.exists():
         text = path.read_text()
-        start, end = text.find(SECTION_START), text.find(SECTION_END)
+        start, end = text.find(start_marker), text.find(end_marker)
         if start != -1 and end > start:
-            rest = text[end + len(SECTION_END) :].lstrip("\n")
+            rest = text[end + len(end_marker) :].lstrip("\n")
             text = text[:start] + section + ("\n" + rest if rest else "")
         else:
             text = text.rstrip("\n") + "\n\n" + section

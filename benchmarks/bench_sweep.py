@@ -1,0 +1,115 @@
+"""What a sweep costs against the forwards it cannot avoid, measured in one run.
+
+`collabvit sweep` promises about one edge pass over the data plus one server
+pass per selection setting: the gate threshold eta only decides which images
+use the server's answer, so no eta needs a forward of its own. This measures
+it on the shipped Fashion-MNIST pair and the 10,000 test images:
+
+- sweep: ``run_edge`` + the eta grid + ``sweep_points`` for 10 deltas of
+  ``attention_sum_threshold`` x 20 etas of ``min_entropy`` (200 points), i.e.
+  everything ``collabvit sweep`` computes besides writing files;
+- baseline: ``run_edge`` + ``server_logits`` of every image on each of the 10
+  selections (one edge pass plus ten server passes), nothing else.
+
+The two alternate repetition by repetition (bench_forward's ``interleaved``),
+and the ratio of their medians goes into this script's section of
+``benchmarks/RESULTS.md``.
+
+Usage:
+    python benchmarks/bench_sweep.py [--repeats 3] [--threads N] [--limit N]
+        [--output benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from bench_forward import fmt_ratio, interleaved, load_average, machine_lines, write_section
+from torch.utils.data import DataLoader, Subset
+
+from collabvit import vit, zoo
+from collabvit.cli import SWEEP_DELTAS, SWEEP_NUM_ETAS
+from collabvit.data import FashionMNIST
+from collabvit.edge import EdgeConfig, EdgeDevice
+from collabvit.server import Server
+from collabvit.sweep import Grid, eta_grid, run_edge, select, server_logits, sweep_points
+
+SECTION_START = "<!-- bench_sweep:start (written by benchmarks/bench_sweep.py) -->"
+SECTION_END = "<!-- bench_sweep:end -->"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--limit", type=int, help="only the first N test images")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_at_start = load_average()
+
+    data = FashionMNIST(split="test")
+    if args.limit:
+        data = Subset(data, range(args.limit))
+    loader = DataLoader(data, batch_size=500)
+    edge = EdgeDevice(vit.create_vit(zoo.EDGE), EdgeConfig())
+    server = Server(vit.create_vit(zoo.SERVER, server=True))
+    policies = tuple(("attention_sum_threshold", delta) for delta in SWEEP_DELTAS)
+    points: list[dict] = []
+
+    def sweep() -> None:
+        edge_pass = run_edge(edge, loader, progress=False)
+        grid = Grid(policies, {"min_entropy": tuple(eta_grid(edge_pass.logits, "min_entropy",
+                                                             SWEEP_NUM_ETAS))})  # fmt: skip
+        points[:] = sweep_points(edge_pass, server, grid, progress=False)
+
+    def baseline() -> None:
+        edge_pass = run_edge(edge, loader, progress=False)
+        for mode, threshold in policies:
+            server_logits(server, edge_pass.images, select(edge_pass, mode, threshold))
+
+    print(f"{len(data)} images, {len(policies)} selections, {args.repeats} repetitions",
+          file=sys.stderr)  # fmt: skip
+    timings = interleaved({"sweep": sweep, "baseline": baseline}, args.repeats, warmup=0)
+    row = fmt_ratio(timings, "sweep", "baseline")
+    command = "python benchmarks/bench_sweep.py" + (
+        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
+    )
+    lines = [
+        SECTION_START,
+        "## Sweep cost: 10 δ x 20 η against one edge pass + ten server passes (`bench_sweep.py`)",
+        "",
+        f"The shipped pair ({zoo.EDGE}, {zoo.SERVER}) on {len(data)} Fashion-MNIST test images. "
+        f"Sweep = `run_edge` + η grid + `sweep_points` over {len(policies)} δ of "
+        f"attention_sum_threshold x {SWEEP_NUM_ETAS} η of min_entropy ({len(points)} points); "
+        "baseline = `run_edge` + `server_logits` of every image on each of the "
+        f"{len(policies)} selections. Variants interleaved, {args.repeats} repetitions each; "
+        "a ratio at or below 1.3 meets issue 4's target.",
+        "",
+        "| comparison | sweep median (ms) | baseline median (ms) | ratio of medians | "
+        "per-repetition ratio: median [min, max] | ratio of minimums |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| sweep / (one edge pass + ten server passes) | " + " | ".join(row) + " |",
+        "",
+        "Regenerate with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Machine:",
+        "",
+        *machine_lines(args.threads, load_at_start),
+        SECTION_END,
+    ]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    write_section(args.output, section, SECTION_START, SECTION_END)
+
+
+if __name__ == "__main__":
+    main()
