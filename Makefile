@@ -7,7 +7,7 @@ STAMP := $(VENV)/.collabvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= ../shared/golden
 
-.PHONY: setup data test test-all demo demo-golden results lint bench clean
+.PHONY: setup data test test-all demo demo-golden results findings lint bench bench-sweep clean
 
 setup: $(STAMP)
 
@@ -53,8 +53,22 @@ demo-golden: setup
 results: setup data
 	$(PY) scripts/fmnist_results.py
 
+# The paper's comparisons at our scale, each at equal communication cost (README, Findings).
+SWEEP := $(VENV)/bin/collabvit sweep --quiet
+findings: setup data
+	$(SWEEP) --out-dir runs/findings/attention --attention-modes mean rollout
+	$(SWEEP) --out-dir runs/findings/policies \
+		--policy attention_sum_threshold=0.9,0.95,0.97,0.98,0.99,0.995,1.0 \
+		--policy attention_threshold=0.001,0.002,0.003,0.004,0.006,0.008,0.012 \
+		--policy topk=25,30,35,38,41,44,49 --policy random=25,30,35,38,41,44,49
+	$(SWEEP) --out-dir runs/findings/measures --uncer-modes min_entropy shannon_entropy margin \
+		--budget 0.25 --temperature-scaling
+
 bench: setup
 	$(PY) benchmarks/bench_forward.py
+
+bench-sweep: setup data
+	$(PY) benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -30,13 +30,16 @@ from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.server import Server
 from collabvit.sweep import (
     EdgePass,
+    Grid,
     eta_for_sent_fraction,
+    eta_grid,
+    pick_point,
     run_edge,
     select,
     server_logits,
     summarize,
+    sweep_points,
 )
-from collabvit.uncertainty import uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
 DELTAS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
@@ -50,21 +53,13 @@ def edge_pass(edge_model, split: str) -> EdgePass:
 
 
 def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
-    """Most accurate (delta, eta) on validation with cost <= budget."""
-    values = uncertainty(val.logits, "min_entropy")
-    etas = torch.quantile(values, torch.linspace(0.0, 1.0, 41)).tolist()
-    best = None
-    for delta in DELTAS:
-        keep = select(val, "attention_sum_threshold", delta)
-        server_out = server_logits(server, val.images, keep)
-        for eta in etas:
-            eta = round(eta, 3)
-            summary = summarize(val, keep, server_out, "min_entropy", eta)
-            if summary["comm_cost"] <= budget and (
-                best is None or summary["collab_acc"] > best["collab_acc"]
-            ):
-                best = {"delta": delta, "eta": eta, **summary}
-    return best
+    """Most accurate (delta, eta) on validation with cost <= budget (collabvit sweep's pick)."""
+    etas = tuple(dict.fromkeys(round(eta, 3) for eta in eta_grid(val.logits, "min_entropy", 40)))
+    grid = Grid(tuple(("attention_sum_threshold", delta) for delta in DELTAS),
+                {"min_entropy": etas})  # fmt: skip
+    best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
+    figures = {k: v for k, v in best.items() if k not in ("policy", "threshold", "measure")}
+    return {"delta": best["threshold"], **figures}
 
 
 def matched_threshold(val: EdgePass, target_count: float) -> float:

@@ -108,6 +108,7 @@ def test_pick_point_by_budget_or_target_accuracy():
     with pytest.raises(ValueError):
         pick_point(points, "cal")
     assert best_at_cost(points, 0.29) is points[1]
+    assert pick_point(points, budget=0.26) is points[1]  # on the points' own figures
     assert best_at_cost(points, 0.01) is None
 
 

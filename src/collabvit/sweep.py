@@ -250,11 +250,11 @@ def mark_pareto(points: list[dict], cost_key: str = "comm_cost", acc_key: str = 
 
 def pick_point(
     points: Sequence[dict],
-    on: str,
+    on: str | None = None,
     budget: float | None = None,
     target_acc: float | None = None,
 ) -> dict | None:
-    """The best point by its figures on subset `on`.
+    """The best point by its figures on subset `on` (None: over all its images).
 
     With `budget`: the most accurate point whose cost is <= budget (ties: cheaper).
     With `target_acc`: the cheapest point whose accuracy is >= target (ties: more
@@ -262,19 +262,19 @@ def pick_point(
     """
     if (budget is None) == (target_acc is None):
         raise ValueError("give exactly one of budget and target accuracy")
+    figures = (lambda p: p[on]) if on else (lambda p: p)  # noqa: E731
     if budget is not None:
-        fitting = [p for p in points if p[on]["comm_cost"] <= budget]
-        key = lambda p: (-p[on]["collab_acc"], p[on]["comm_cost"])  # noqa: E731
+        fitting = [p for p in points if figures(p)["comm_cost"] <= budget]
+        key = lambda p: (-figures(p)["collab_acc"], figures(p)["comm_cost"])  # noqa: E731
     else:
-        fitting = [p for p in points if p[on]["collab_acc"] >= target_acc]
-        key = lambda p: (p[on]["comm_cost"], -p[on]["collab_acc"])  # noqa: E731
+        fitting = [p for p in points if figures(p)["collab_acc"] >= target_acc]
+        key = lambda p: (figures(p)["comm_cost"], -figures(p)["collab_acc"])  # noqa: E731
     return min(fitting, key=key) if fitting else None
 
 
 def best_at_cost(points: Sequence[dict], cost: float) -> dict | None:
     """The most accurate point with cost <= `cost` (for comparisons at equal cost)."""
-    fitting = [p for p in points if p["comm_cost"] <= cost]
-    return max(fitting, key=lambda p: (p["collab_acc"], -p["comm_cost"])) if fitting else None
+    return pick_point(points, budget=cost)
 
 
 def split_calibration(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
