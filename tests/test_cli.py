@@ -180,16 +180,23 @@ def test_sweep_writes_points_frontier_and_a_calibrated_pick(golden, tmp_path):
     # 3 selections x (at most 4 etas x 2 measures) x 2 temperatures
     assert 3 * 2 * 2 <= len(points) <= 3 * 8 * 2
     assert {p["temperature"] == 1.0 for p in points} == {True, False}
-    for temperature in {p["temperature"] for p in points}:
-        group = [p for p in points if p["temperature"] == temperature]
-        assert any(p["pareto"] for p in group)
-        for p in group:  # no Pareto point is beaten by another of its group
-            if p["pareto"]:
-                assert not any(q["comm_cost"] <= p["comm_cost"] and q["collab_acc"]
-                               > p["collab_acc"] for q in group)  # fmt: skip
+    # Pareto over the whole file: marked points are unbeaten, every other point is beaten.
+    for p in points:
+        beaten = any(
+            q["comm_cost"] <= p["comm_cost"] and q["collab_acc"] >= p["collab_acc"]
+            and (q["comm_cost"], q["collab_acc"]) != (p["comm_cost"], p["collab_acc"])
+            for q in points
+        )  # fmt: skip
+        duplicate_first = next(q for q in points if (q["comm_cost"], q["collab_acc"])
+                               == (p["comm_cost"], p["collab_acc"]))  # fmt: skip
+        assert p["pareto"] == (not beaten and duplicate_first is p)
+    assert any(p["comm_cost"] == 0.0 and p["sent_images"] == 0 for p in points)  # edge alone
     assert all(p["calibration"]["images"] == 8 and p["held_out"]["images"] == 8 for p in points)
     report = json.loads((out / "sweep.json").read_text())
     pick = report["pick"]["uncalibrated"]
+    fitting = [p for p in points if p["temperature"] == 1.0 and
+               p["calibration"]["comm_cost"] <= 0.6]  # fmt: skip
+    assert pick["calibration"]["collab_acc"] == max(p["calibration"]["collab_acc"] for p in fitting)
     assert pick["calibration"]["comm_cost"] <= 0.6
     assert report["temperature"]["mean"]["temperature"] > 0
     assert (out / "frontier.png").stat().st_size > 1000 and (out / "frontier.svg").is_file()
@@ -215,9 +222,13 @@ def test_sweep_writes_points_frontier_and_a_calibrated_pick(golden, tmp_path):
         (["--policy", "topk=a,b"], "expected numbers separated by commas"),
         (["--policy", "topk=99"], "only 16"),
         (["--num-etas", "3", "--etas", "0.1"], "not allowed with argument"),
-        (["--budget", "0.2", "--calibration-fraction", "1.5"], r"calibration fraction"),
+        (["--budget", "0.2", "--calibration-fraction", "1.5"], r"expected a number in \(0, 1\)"),
         (["--budget", "0.2", "--target-acc", "90"], "not allowed with argument"),
         (["--compare-at", "-0.1"], "costs must be >= 0"),
+        (["--etas", "nan"], "expected finite numbers"),
+        (["--num-etas", "100000000000"], r"expected a whole number in 1\.\.1000"),
+        (["--budget", "-1"], "expected a cost >= 0"),
+        (["--target-acc", "150"], r"expected an accuracy in \[0, 100\]"),
     ],
 )  # fmt: skip
 def test_sweep_bad_input_is_one_line_and_status_2(golden, tmp_path, args, message):
@@ -248,7 +259,12 @@ def test_visualize_draws_views_and_the_attention_histogram(golden, tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--indices", "16"], r"outside the dataset \(0..15\)"), ([], "nothing to draw")],
+    [
+        (["--indices", "16"], r"outside the dataset \(0..15\)"),
+        (["--indices", "-1"], r"outside the dataset"),
+        (["--attention-histogram", "--bins", "10000000000"], r"1\.\.10000"),
+        ([], "nothing to draw"),
+    ],
 )
 def test_visualize_bad_input(golden, tmp_path, args, message):
     result = run_cli("visualize", *golden.cli_model_args(), "--output-dir", str(tmp_path), *args)

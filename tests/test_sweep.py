@@ -18,6 +18,8 @@ from collabvit.sweep import (
     eta_grid,
     expected_calibration_error,
     fit_temperature,
+    gate_grid,
+    needed_rows,
     pareto_optimal,
     pick_point,
     run_edge,
@@ -78,12 +80,25 @@ def test_server_logits_of_some_rows_leave_the_rest_nan(golden):
 
 
 @pytest.mark.parametrize("measure", ["min_entropy", "shannon_entropy", "margin"])
-def test_eta_grid_spreads_the_sent_fraction_evenly(measure):
+def test_eta_grid_spreads_the_sent_fraction_evenly_from_none_to_all(measure):
     logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(1)) * 3
-    etas = eta_grid(logits, measure, 4)
+    etas = eta_grid(logits, measure, 5)
     sent = sorted(float((~is_confident(logits, measure, eta)).float().mean()) for eta in etas)
-    assert sent == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=0.01)
+    assert sent == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=0.01)
+    assert sent[0] == 0.0 and sent[-1] == 1.0  # edge alone and everything sent, exactly
+    assert len(eta_grid(logits, measure, 1)) == 1
     assert eta_grid(logits, "none", 4) == [0.0]
+
+
+def test_gate_grid_takes_quantiles_of_the_scaled_logits():
+    logits = torch.randn(300, 10, generator=torch.Generator().manual_seed(2)) * 3
+    gates = gate_grid(logits, ["min_entropy", "margin", "min_entropy"], 4, temperatures=(1.0, 2.0))
+    assert list(gates) == [(1.0, "min_entropy"), (1.0, "margin"), (2.0, "min_entropy"),
+                           (2.0, "margin")]  # fmt: skip
+    assert list(gates[(2.0, "min_entropy")]) == eta_grid(logits / 2.0, "min_entropy", 4)
+    assert gates[(2.0, "min_entropy")] != gates[(1.0, "min_entropy")]
+    explicit = gate_grid(logits, ["margin", "none"], etas=[0.1, 0.2])
+    assert explicit == {(1.0, "margin"): (0.1, 0.2), (1.0, "none"): (0.0,)}
 
 
 def test_pareto_optimal_keeps_only_undominated_points():
@@ -94,21 +109,31 @@ def test_pareto_optimal_keeps_only_undominated_points():
     assert pareto_optimal([0.1, 0.1], [80.0, 80.0]) == [True, False]  # duplicates: the first
 
 
-def _point(cost, acc, **extra):
-    return {"comm_cost": cost, "collab_acc": acc, "cal": {"comm_cost": cost, "collab_acc": acc},
-            **extra}  # fmt: skip
+def _point(cost, acc, cal_cost, cal_acc):
+    return {"comm_cost": cost, "collab_acc": acc,
+            "cal": {"comm_cost": cal_cost, "collab_acc": cal_acc}}  # fmt: skip
 
 
-def test_pick_point_by_budget_or_target_accuracy():
-    points = [_point(0.1, 80.0), _point(0.2, 85.0), _point(0.25, 85.0), _point(0.3, 90.0)]
-    assert pick_point(points, "cal", budget=0.26) is points[1]  # ties go to the cheaper one
+def test_pick_point_by_budget_or_target_accuracy_on_the_chosen_part():
+    points = [
+        _point(0.1, 80.0, 0.12, 81.0),
+        _point(0.2, 85.0, 0.22, 84.0),
+        _point(0.25, 85.0, 0.24, 84.0),
+        _point(0.3, 90.0, 0.27, 88.0),
+    ]
+    # On the calibration figures the last fits 0.28; on its own figures it does not.
+    assert pick_point(points, "cal", budget=0.28) is points[3]
+    assert pick_point(points, budget=0.28) is points[1]
+    assert pick_point(points, "cal", budget=0.235) is points[1]
+    assert pick_point(points, "cal", budget=0.245) is points[1]  # tie at 84 %: the cheaper
     assert pick_point(points, "cal", budget=0.05) is None
-    assert pick_point(points, "cal", target_acc=84.0) is points[1]
+    assert pick_point(points, "cal", target_acc=84.0) is points[1]  # cheapest reaching 84 %
+    assert pick_point(points, "cal", target_acc=85.0) is points[3]
+    assert pick_point(points, target_acc=85.0) is points[1]
     assert pick_point(points, "cal", target_acc=95.0) is None
     with pytest.raises(ValueError):
         pick_point(points, "cal")
     assert best_at_cost(points, 0.29) is points[1]
-    assert pick_point(points, budget=0.26) is points[1]  # on the points' own figures
     assert best_at_cost(points, 0.01) is None
 
 
@@ -152,16 +177,27 @@ def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
     images, targets = golden.images, golden.targets
     loader = DataLoader(TensorDataset(images, targets), batch_size=8)
     cached = run_edge(EdgeDevice(edge_model, EdgeConfig(), normalization=identity), loader, False)
-    # Etas that keep some images at the edge for every measure, so needed_rows skips some.
+    # Etas that keep some images at the edge under every gate, so the server skips those.
+    gates = {
+        (1.0, "min_entropy"): (2.0, 2.2),
+        (1.0, "margin"): (0.04,),
+        (2.0, "min_entropy"): (2.5,),
+    }
     grid = Grid(
-        policies=(("attention_sum_threshold", 0.9), ("topk", 5), ("random", 7)),
-        measures={"min_entropy": (2.0, 2.2), "margin": (0.04,)},
+        policies=(("attention_sum_threshold", 0.9), ("topk", 5), ("random", 7)), gates=gates
     )
+    assert 0 < len(needed_rows(cached.logits, gates)) < 16
     calibration, held_out = split_calibration(16, 0.5, seed=0)
     subsets = {"calibration": calibration, "held_out": held_out}
     points = sweep_points(cached, server, grid, subsets, seed=3, progress=False)
-    assert len(points) == len(grid) == 9
-    for point in points:
+    assert len(points) == len(grid) == 12
+    scaled_points = [p for p in points if p["temperature"] == 2.0]
+    for point in scaled_points:  # the gate sees logits / T; the answers are the edge's own
+        keep = select(cached, point["policy"], point["threshold"], seed=3)
+        server_out = server_logits(server, images, keep)
+        expected = summarize(cached.with_temperature(2.0), keep, server_out, "min_entropy", 2.5)
+        assert {k: v for k, v in point.items() if k in expected} == pytest.approx(expected)
+    for point in [p for p in points if p["temperature"] == 1.0]:
         config = EdgeConfig("mean", point["policy"], point["threshold"], point["measure"],
                             point["eta"])  # fmt: skip
         edge = EdgeDevice(edge_model, config, normalization=identity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from collabvit import __version__, plots, sweep, versions, vit, zoo
 from collabvit.data import DATA_SETS, FASHION_MNIST_SPLITS, FashionMNIST, build_dataset
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate, write_per_image, write_results
-from collabvit.metrics import format_summary
+from collabvit.metrics import format_summary, topk_correct
 from collabvit.scoring import ATTENTION_MODES
 from collabvit.selection import MASKING_MODES, validate_masking
 from collabvit.server import Server
@@ -89,6 +90,11 @@ def _checked_number(parse, valid, expected: str):
 
 
 _positive_int = _checked_number(int, lambda v: v >= 1, "a whole number >= 1")
+_num_etas = _checked_number(int, lambda v: 1 <= v <= 1000, "a whole number in 1..1000")
+_num_bins = _checked_number(int, lambda v: 1 <= v <= 10_000, "a whole number in 1..10000")
+_cost = _checked_number(float, lambda v: math.isfinite(v) and v >= 0, "a cost >= 0")
+_percent = _checked_number(float, lambda v: 0.0 <= v <= 100.0, "an accuracy in [0, 100]")
+_open_fraction = _checked_number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 _fraction = _checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
@@ -381,6 +387,15 @@ def _number_list(text: str) -> list[float]:
             from error  # fmt: skip
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _cost_list(text: str) -> list[float]:
+    values = _number_list(text)
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"costs must be >= 0, got {text!r}")
     return values
 
 
@@ -427,7 +442,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         etas,
         "--num-etas",
-        type=_positive_int,
+        type=_num_etas,
         default=SWEEP_NUM_ETAS,
         metavar="N",
         help="N etas per measure, sending 1/N, 2/N, ..., all of the images (default: %(default)s)",
@@ -436,7 +451,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     _add(
         grid,
         "--compare-at",
-        type=_number_list,
+        type=_cost_list,
         default=list(SWEEP_COMPARE_AT),
         metavar="COST,...",
         help="report each series' best accuracy at these costs (default: "
@@ -451,15 +466,15 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
     pick = parser.add_argument_group("budget calibration")
     target = pick.add_mutually_exclusive_group()
-    _add(target, "--budget", type=float, metavar="C",
+    _add(target, "--budget", type=_cost, metavar="C",
          help="pick the most accurate point with communication cost <= C on the calibration "
          "part and report it on the held-out part")  # fmt: skip
-    _add(target, "--target-acc", type=float, metavar="A",
+    _add(target, "--target-acc", type=_percent, metavar="A",
          help="pick the cheapest point with accuracy >= A %% on the calibration part")  # fmt: skip
     _add(
         pick,
         "--calibration-fraction",
-        type=float,
+        type=_open_fraction,
         default=0.5,
         metavar="F",
         help="share of the images, drawn at random with --seed, used for calibration; the rest "
@@ -490,7 +505,8 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="I",
-        help="dataset indices to draw: original, attention heatmap, masked image",
+        help="dataset indices to draw: original, attention heatmap, masked image (the random "
+        "policy draws each image's patches with --seed)",
     )
     _add(
         views,
@@ -498,7 +514,7 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also histogram every patch score over the dataset (use --limit for a part)",
     )
-    _add(views, "--bins", type=_positive_int, default=50, help="histogram bins (default: 50)")
+    _add(views, "--bins", type=_num_bins, default=50, help="histogram bins (default: 50)")
     run = _add_run(parser)
     _add(run, "--output-dir", required=True, metavar="DIR", help="where the PNG/SVG/CSV go")
 
@@ -654,19 +670,19 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_grid(args: argparse.Namespace, edge_pass: sweep.EdgePass, num_patches: int):
+def _sweep_policies(args: argparse.Namespace, num_patches: int) -> tuple[tuple[str, float], ...]:
+    """The (mode, threshold) pairs of --policy, validated before any forward pass."""
     policies = args.policy or [("attention_sum_threshold", list(SWEEP_DELTAS))]
     pairs = []
     for mode, thresholds in policies:
         for threshold in thresholds:
             validate_masking(mode, threshold, num_patches)
             pairs.append((mode, threshold))
-    measures = {
-        measure: tuple(args.etas) if args.etas and measure != "none"
-        else tuple(sweep.eta_grid(edge_pass.logits, measure, args.num_etas))
-        for measure in dict.fromkeys(args.uncer_modes)
-    }  # fmt: skip
-    return sweep.Grid(tuple(dict.fromkeys(pairs)), measures)
+    return tuple(dict.fromkeys(pairs))
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * topk_correct(logits, labels, 1) / len(labels)
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -674,92 +690,91 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         pair = _load_pair(args)
         server = pair.server()
+        policies = _sweep_policies(args, vit.geometry(pair.edge_model).num_patches)
         edges = {mode: pair.edge(EdgeConfig(attention_mode=mode)) for mode in args.attention_modes}
+        calibration = held_out = None
         if calibrating or args.temperature_scaling:
             calibration, held_out = sweep.split_calibration(
                 len(pair.dataset), args.calibration_fraction, args.seed
             )
-        for cost in args.compare_at:
-            if cost < 0:
-                raise UsageError(f"--compare-at costs must be >= 0, got {cost}")
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        outputs = [out_dir / name for name in ("points.jsonl", "points.csv", "sweep.json")]
+        for path in outputs:
+            if path.exists() and not path.is_file():
+                raise UsageError(f"{path} exists and is not a file")
     except (UsageError, ValueError, OSError) as error:
         return _fail("sweep", error)
     progress = False if args.quiet else None
     loader = DataLoader(pair.dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     subsets = {"calibration": calibration, "held_out": held_out} if calibrating else {}
-    report: dict = {"provenance": _provenance(args, None, "sweep")}
 
-    points, edge_acc, temperature_info = [], None, {}
+    points, temperatures = [], {}
     for mode, edge in edges.items():
         edge_pass = sweep.run_edge(edge, loader, progress)
-        edge_acc = 100.0 * float((edge_pass.logits.argmax(1) == edge_pass.labels).float().mean())
-        passes = {1.0: edge_pass}
+        scales = [1.0]
         if args.temperature_scaling:
-            t = sweep.fit_temperature(edge_pass.logits[calibration], edge_pass.labels[calibration])
-            before = sweep.expected_calibration_error(
-                edge_pass.logits[held_out], edge_pass.labels[held_out]
+            fitted = sweep.fit_temperature(
+                edge_pass.logits[calibration], edge_pass.labels[calibration]
             )
-            after = sweep.expected_calibration_error(
-                edge_pass.logits[held_out] / t, edge_pass.labels[held_out]
-            )
-            temperature_info[mode] = {"temperature": t, "held_out_ece_before": before,
-                                      "held_out_ece_after": after}  # fmt: skip
-            passes[t] = edge_pass.with_temperature(t)
-        try:
-            grids = {t: _sweep_grid(args, p, vit.geometry(pair.edge_model).num_patches)
-                     for t, p in passes.items()}  # fmt: skip
-        except ValueError as error:
-            return _fail("sweep", error)
-        for t, scaled in passes.items():
-            group = sweep.sweep_points(scaled, server, grids[t], subsets, args.seed, progress)
-            for point in group:
-                point.update(attention_mode=mode, temperature=t)
-            points += sweep.mark_pareto(group)
+            logits, labels = edge_pass.logits[held_out], edge_pass.labels[held_out]
+            temperatures[mode] = {
+                "temperature": fitted,
+                "held_out_ece_before": sweep.expected_calibration_error(logits, labels),
+                "held_out_ece_after": sweep.expected_calibration_error(logits / fitted, labels),
+            }
+            scales.append(fitted)
+        # Candidate etas come from the calibration part when there is one (labels unused).
+        eta_logits = edge_pass.logits if calibration is None else edge_pass.logits[calibration]
+        gates = sweep.gate_grid(eta_logits, args.uncer_modes, args.num_etas, args.etas, scales)
+        grid = sweep.Grid(policies, gates)
+        for point in sweep.sweep_points(edge_pass, server, grid, subsets, args.seed, progress):
+            point["attention_mode"] = mode
+            points.append(point)
+    sweep.mark_pareto(points)
+    edge_acc = _accuracy(edge_pass.logits, edge_pass.labels)
     server_acc = None
     if not args.no_server_alone:
         full = torch.ones_like(edge_pass.scores, dtype=torch.bool)
         alone = sweep.server_logits(server, edge_pass.images, full)
-        server_acc = 100.0 * float((alone.argmax(1) == edge_pass.labels).float().mean())
+        server_acc = _accuracy(alone, edge_pass.labels)
 
-    sweep.write_points(points, out_dir / "points.jsonl", out_dir / "points.csv")
     print(
         f"edge alone: {edge_acc:.2f} %"
         + (f" | server alone (all patches): {server_acc:.2f} %" if server_acc is not None else "")
     )
     pareto = sum(p["pareto"] for p in points)
     print(f"{len(points)} operating points, {pareto} Pareto-optimal: {out_dir / 'points.csv'}")
-    comparison = _compare_series(points, args.compare_at)
-    report.update(edge_acc=edge_acc, server_acc=server_acc, points=len(points),
-                  comparison=comparison, temperature=temperature_info)  # fmt: skip
+    report = {"provenance": _provenance(args, None, "sweep"), "edge_acc": edge_acc,
+              "server_acc": server_acc, "points": len(points),
+              "comparison": _compare_series(points, args.compare_at),
+              "temperature": temperatures}  # fmt: skip
     if calibrating:
         report["pick"] = _report_picks(points, args)
-    if temperature_info:
-        for mode, info in temperature_info.items():
-            print(f"temperature ({mode}): T = {info['temperature']:.3f}; held-out expected "
-                  f"calibration error {info['held_out_ece_before']:.2f} % -> "
-                  f"{info['held_out_ece_after']:.2f} %")  # fmt: skip
-    if not args.no_plots:
-        title = f"{len(edge_pass.labels)} images of {args.data_set} ({args.split})" \
-            if args.data_set == "fmnist" else f"{len(edge_pass.labels)} images"  # fmt: skip
-        report["figures"] = [str(path) for path in plots.plot_frontier(
-            points, edge_acc, server_acc, out_dir / "frontier", title)]  # fmt: skip
-        print(f"frontier: {report['figures'][0]}")
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    for mode, info in temperatures.items():
+        print(f"temperature ({mode}): T = {info['temperature']:.3f}; held-out expected "
+              f"calibration error {info['held_out_ece_before']:.2f} % -> "
+              f"{info['held_out_ece_after']:.2f} %")  # fmt: skip
+    try:
+        if not args.no_plots:
+            title = f"{len(edge_pass.labels)} images" + (
+                f" of Fashion-MNIST {args.split}" if args.data_set == "fmnist" else ""
+            )
+            figures = plots.plot_frontier(points, edge_acc, server_acc, out_dir / "frontier", title)
+            report["figures"] = [str(path) for path in figures]
+            print(f"frontier: {figures[0]}")
+        sweep.write_points(points, outputs[0], outputs[1])
+        outputs[2].write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as error:
+        return _fail("sweep", error)
     return 0
-
-
-def _series(point: dict) -> str:
-    label = f"{point['attention_mode']} {point['policy']} {point['measure']}"
-    return label if point["temperature"] == 1.0 else f"{label} T={point['temperature']:.2f}"
 
 
 def _compare_series(points: list[dict], costs: Sequence[float]) -> dict:
     """Each series' best accuracy at each cost; printed as a table and returned."""
     series: dict[str, list[dict]] = {}
     for point in points:
-        series.setdefault(_series(point), []).append(point)
+        series.setdefault(sweep.series_label(point), []).append(point)
     table = {
         name: {str(c): (best := sweep.best_at_cost(members, c)) and best["collab_acc"]
                for c in costs}
@@ -775,15 +790,14 @@ def _compare_series(points: list[dict], costs: Sequence[float]) -> dict:
 
 
 def _report_picks(points: list[dict], args: argparse.Namespace) -> dict:
-    """The calibrated pick per temperature: printed and returned."""
+    """The calibrated pick per temperature (1 = uncalibrated): printed and returned."""
     picks = {}
-    for t in dict.fromkeys(p["temperature"] for p in points):
-        candidates = [p for p in points if p["temperature"] == t]
+    goal = f"budget {args.budget}" if args.budget is not None else f"target {args.target_acc} %"
+    for temperature in dict.fromkeys(p["temperature"] for p in points):
+        candidates = [p for p in points if p["temperature"] == temperature]
         chosen = sweep.pick_point(candidates, "calibration", args.budget, args.target_acc)
-        key = "uncalibrated" if t == 1.0 else "temperature-scaled"
+        key = "uncalibrated" if temperature == 1.0 else "temperature-scaled"
         picks[key] = chosen
-        goal = f"budget {args.budget}" if args.budget is not None \
-            else f"target {args.target_acc} %"  # fmt: skip
         if chosen is None:
             print(f"{goal} ({key}): no operating point qualifies on the calibration part")
             continue

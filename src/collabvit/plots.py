@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from collabvit.sweep import pareto_optimal
+from collabvit.sweep import SERIES_FIELDS, pareto_optimal, series_label
 
 FORMATS = ("png", "svg")
 
@@ -26,18 +26,6 @@ def save(figure: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> 
     for path in paths:
         figure.savefig(path, dpi=150, bbox_inches="tight")
     return paths
-
-
-SERIES_FIELDS = ("attention_mode", "policy", "measure", "temperature")
-
-
-def series_label(point: dict, varying: Sequence[str]) -> str:
-    """A legend label naming only the fields that differ between series."""
-    parts = []
-    for field in varying:
-        value = point[field]
-        parts.append(f"T={value:.2f}" if field == "temperature" else str(value))
-    return " · ".join(parts) or "all points"
 
 
 def plot_frontier(
@@ -54,7 +42,7 @@ def plot_frontier(
     frontier as a line. The frontier over all points is drawn in black; the
     edge-alone and server-alone accuracies are horizontal reference lines.
     """
-    varying = [f for f in SERIES_FIELDS if f in points[0] and len({p[f] for p in points}) > 1]
+    varying = [f for f in SERIES_FIELDS if len({p.get(f) for p in points}) > 1]
     series: dict[str, list[dict]] = {}
     for point in points:
         series.setdefault(series_label(point, varying), []).append(point)
@@ -131,15 +119,34 @@ def masked_image(
     return image * mask.to(image.device)[None].to(image.dtype)
 
 
-def _image_figure(pixels: torch.Tensor, size_inches: float = 3.0) -> tuple[Figure, object]:
-    figure = Figure(figsize=(size_inches, size_inches))
-    axes = figure.add_axes((0, 0, 1, 1))
-    axes.set_axis_off()
-    cmap = "gray" if pixels.shape[-1] == 1 else None
+def draw_image(axes, pixels: torch.Tensor) -> None:
+    """Show display pixels [H, W, C] in [0, 1] on `axes`, without ticks."""
     pixels = pixels.numpy()  # matplotlib wants arrays, not tensors
-    axes.imshow(pixels.squeeze(-1) if cmap else pixels, cmap=cmap, vmin=0, vmax=1,
+    gray = pixels.shape[-1] == 1
+    axes.imshow(pixels.squeeze(-1) if gray else pixels, cmap="gray" if gray else None,
+                vmin=0, vmax=1, interpolation="nearest")  # fmt: skip
+    axes.set_axis_off()
+
+
+def draw_heatmap(axes, image: torch.Tensor, scores: torch.Tensor, patch_size) -> None:
+    """Image [C, H, W] with its patch scores [N] (row-major) overlaid as a heatmap."""
+    height, width = image.shape[1:]
+    grid = (height // patch_size[0], width // patch_size[1])
+    draw_image(axes, display_image(image))
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # pixel edges, as the image is drawn
+    axes.imshow(patch_map(scores, grid).numpy(), cmap="jet", alpha=0.5, extent=extent,
                 interpolation="nearest")  # fmt: skip
-    return figure, axes
+
+
+def draw_sent(axes, image: torch.Tensor, keep: torch.Tensor, patch_size) -> None:
+    """What the server receives from image [C, H, W]: the kept patches (keep [N] bool).
+
+    Dropped patches are mid-grey: black would vanish into Fashion-MNIST's background.
+    """
+    pixels = display_image(masked_image(image, keep, patch_size))
+    dropped = ~masked_image(torch.ones_like(image[:1], dtype=torch.bool), keep, patch_size)[0]
+    pixels[dropped] = 0.5
+    draw_image(axes, pixels)
 
 
 def save_patch_views(
@@ -160,23 +167,16 @@ def save_patch_views(
         scores: normalised patch scores [N].
         keep: selection [N] bool.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    height, width = image.shape[1:]
-    grid = (height // patch_size[0], width // patch_size[1])
+    views = {
+        "original": lambda axes: draw_image(axes, display_image(image)),
+        "heatmap": lambda axes: draw_heatmap(axes, image, scores, patch_size),
+        "masked": lambda axes: draw_sent(axes, image, keep, patch_size),
+    }
     paths = []
-    figure, _ = _image_figure(display_image(image))
-    paths += save(figure, out_dir / f"{name}_original", ("png",))
-    figure, axes = _image_figure(display_image(image))
-    axes.imshow(patch_map(scores, grid).numpy(), cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5,
-                height - 0.5, -0.5), interpolation="nearest")  # fmt: skip
-    paths += save(figure, out_dir / f"{name}_heatmap", ("png",))
-    # Dropped patches in mid-grey: black would vanish into Fashion-MNIST's background.
-    dropped = ~masked_image(torch.ones_like(image[:1], dtype=torch.bool), keep, patch_size)
-    pixels = display_image(masked_image(image, keep, patch_size))
-    pixels[dropped[0]] = 0.5
-    figure, _ = _image_figure(pixels)
-    paths += save(figure, out_dir / f"{name}_masked", ("png",))
+    for view, draw in views.items():
+        figure = Figure(figsize=(3, 3))
+        draw(figure.add_axes((0, 0, 1, 1)))
+        paths += save(figure, Path(out_dir) / f"{name}_{view}", ("png",))
     return paths
 
 

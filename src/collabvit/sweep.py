@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from collabvit.data import split_indices
 from collabvit.edge import EdgeDevice
 from collabvit.metrics import RunningSummary
 from collabvit.protocol import build_payloads
@@ -131,28 +132,47 @@ def select(
 
 
 def eta_grid(logits: torch.Tensor, measure: str, count: int) -> list[float]:
-    """`count` gate thresholds that send 1/count, 2/count, ..., all of the images.
+    """`count` gate thresholds sending evenly spaced shares of the images, none to all.
 
     The thresholds are quantiles of the measure over `logits` [n, classes], so
     the grid spreads evenly over the sent fraction whatever the measure's
-    scale (entropies in nats, margins in probability). ``none`` has one eta.
+    scale (entropies in nats, margins in probability). The first keeps every
+    image at the edge (edge alone, cost 0), the last sends every image; with
+    count 1 only the last. Equal thresholds (ties in the data) appear once.
+    ``none`` has the single eta 0.
     """
     if canonical_uncertainty_mode(measure) == "none":
         return [0.0]
-    fractions = torch.arange(1, count + 1, dtype=torch.float64) / count
-    return sorted({eta_for_sent_fraction(logits, measure, float(f)) for f in fractions})
+    fractions = torch.linspace(0.0, 1.0, count, dtype=torch.float64) if count > 1 else [1.0]
+    return sorted(set(etas_for_sent_fractions(logits, measure, torch.as_tensor(fractions))))
 
 
-def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
-    """The eta that sends about `fraction` of the images (the most uncertain ones).
+def etas_for_sent_fractions(
+    logits: torch.Tensor, measure: str, fractions: torch.Tensor
+) -> list[float]:
+    """The etas that send about each of `fractions` [f] of the images (the most uncertain).
 
     Entropies are confident below eta, so eta is their (1 - fraction) quantile;
     the margin is confident above it, so eta is its fraction quantile. A
-    fraction of 1 gives the extreme value, where the strict gate sends all.
+    fraction of 1 gives the extreme value, where the strict gate sends all; a
+    fraction of 0 gives the next number beyond the other extreme, so none is sent.
     """
-    values = uncertainty(logits, measure).double()
-    level = fraction if canonical_uncertainty_mode(measure) == "margin" else 1.0 - fraction
-    return float(torch.quantile(values, min(max(level, 0.0), 1.0)))
+    # Stay in the measure's own dtype: the gate compares in it, so the "beyond" value
+    # must be a neighbour there, not in float64 (it would round back onto the extreme).
+    values = uncertainty(logits, measure).cpu()
+    margin = canonical_uncertainty_mode(measure) == "margin"
+    fractions = fractions.to(values.dtype).clamp(0.0, 1.0)
+    etas = torch.quantile(values, fractions if margin else 1.0 - fractions)
+    if margin:
+        beyond = torch.nextafter(values.min(), torch.tensor(-math.inf, dtype=values.dtype))
+    else:
+        beyond = torch.nextafter(values.max(), torch.tensor(math.inf, dtype=values.dtype))
+    return torch.where(fractions == 0, beyond, etas).tolist()
+
+
+def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
+    """The eta that sends about `fraction` of the images; see etas_for_sent_fractions."""
+    return etas_for_sent_fractions(logits, measure, torch.tensor([fraction]))[0]
 
 
 @dataclass(frozen=True)
@@ -161,25 +181,49 @@ class Grid:
 
     Attributes:
         policies: (masking_mode, threshold) pairs; each costs one server pass.
-        measures: uncertainty measure -> its eta values; free (no forward).
+        gates: (temperature, measure) -> eta values; free (no forward). The
+            gate sees the edge logits divided by the temperature.
     """
 
     policies: tuple[tuple[str, float], ...]
-    measures: dict[str, tuple[float, ...]]
+    gates: dict[tuple[float, str], tuple[float, ...]]
 
     def __len__(self) -> int:
-        return len(self.policies) * sum(len(etas) for etas in self.measures.values())
+        return len(self.policies) * sum(len(etas) for etas in self.gates.values())
 
 
-def needed_rows(logits: torch.Tensor, measures: dict[str, Sequence[float]]) -> torch.Tensor:
-    """Images sent under at least one (measure, eta): the only ones the server must see.
+def gate_grid(
+    logits: torch.Tensor,
+    measures: Sequence[str],
+    num_etas: int | None = None,
+    etas: Sequence[float] | None = None,
+    temperatures: Sequence[float] = (1.0,),
+) -> dict[tuple[float, str], tuple[float, ...]]:
+    """Grid.gates: explicit `etas` for every measure, or `num_etas` from eta_grid.
 
-    logits [n, classes] -> indices [m] int64, ascending.
+    logits [n, classes] are the ones the eta quantiles are taken over (e.g. the
+    calibration part's), divided by each temperature in turn.
+    """
+    gates = {}
+    for temperature in temperatures:
+        for measure in dict.fromkeys(measures):
+            if etas is not None and canonical_uncertainty_mode(measure) != "none":
+                values = tuple(etas)
+            else:
+                values = tuple(eta_grid(logits / temperature, measure, num_etas or 1))
+            gates[(temperature, measure)] = values
+    return gates
+
+
+def needed_rows(logits: torch.Tensor, gates: dict[tuple[float, str], Sequence[float]]):
+    """Images sent under at least one gate: the only ones the server must see.
+
+    logits [n, classes] (unscaled) -> indices [m] int64, ascending.
     """
     sent = torch.zeros(logits.shape[0], dtype=torch.bool)
-    for measure, etas in measures.items():
+    for (temperature, measure), etas in gates.items():
         for eta in etas:
-            sent |= ~is_confident(logits, measure, eta).cpu()
+            sent |= ~is_confident(logits / temperature, measure, eta).cpu()
     return torch.nonzero(sent).flatten()
 
 
@@ -191,38 +235,55 @@ def sweep_points(
     seed: int = 0,
     progress: bool | None = None,
 ) -> list[dict]:
-    """Every operating point of the grid: one server pass per policy, the etas for free.
+    """Every operating point of the grid: one server pass per policy, the gates for free.
 
     Args:
-        edge_pass: the edge outputs (its logits may be temperature-scaled).
-        subsets: name -> image indices; each point also gets the figures on each
-            subset under that name (e.g. calibration and held-out).
+        edge_pass: the edge outputs over n images.
+        subsets: name -> image indices [m]; each point also gets the figures on
+            each subset under that name (e.g. calibration and held-out).
 
     Returns:
-        one dict per (policy, threshold, measure, eta): those four, the figures
-        over all images (as `collabvit eval` reports them) and one dict per subset.
+        one dict per (policy, threshold, temperature, measure, eta): those five,
+        the figures over all images (as `collabvit eval` reports them) and one
+        dict of figures per subset.
     """
     subsets = subsets or {}
-    rows = needed_rows(edge_pass.logits, grid.measures)
-    parts = {name: edge_pass.subset(index) for name, index in subsets.items()}
+    rows = needed_rows(edge_pass.logits, grid.gates)
+    scaled = {t: edge_pass.with_temperature(t) for t, _ in grid.gates}
+    parts = {(t, name): scaled[t].subset(index) for t in scaled for name, index in subsets.items()}
     points = []
     quiet = None if progress is None else not progress
     for mode, threshold in tqdm(grid.policies, desc="server passes", disable=quiet, unit="pass"):
         keep = select(edge_pass, mode, threshold, seed)
         server_out = server_logits(server, edge_pass.images, keep, rows=rows)
-        for measure, etas in grid.measures.items():
+        for (temperature, measure), etas in grid.gates.items():
             for eta in etas:
-                point = {"policy": mode, "threshold": threshold, "measure": measure, "eta": eta}
-                point.update(summarize(edge_pass, keep, server_out, measure, eta))
+                point = {"policy": mode, "threshold": threshold, "temperature": temperature,
+                         "measure": measure, "eta": eta}  # fmt: skip
+                point.update(summarize(scaled[temperature], keep, server_out, measure, eta))
                 for name, index in subsets.items():
                     point[name] = summarize(
-                        parts[name], keep[index], server_out[index], measure, eta
+                        parts[(temperature, name)], keep[index], server_out[index], measure, eta
                     )
                 points.append(point)
     return points
 
 
 # ------------------------------------------------------- frontier and budget
+
+SERIES_FIELDS = ("attention_mode", "policy", "measure", "temperature")
+
+
+def series_label(point: dict, fields: Sequence[str] = SERIES_FIELDS) -> str:
+    """Which curve a point belongs to: its values of `fields` (temperature as T=..)."""
+    parts = []
+    for field in fields:
+        value = point.get(field)
+        if field == "temperature":
+            parts.append(f"T={value:.2f}" if value not in (None, 1.0) else "")
+        elif value is not None:
+            parts.append(str(value))
+    return " · ".join(part for part in parts if part) or "all points"
 
 
 def pareto_optimal(costs: Sequence[float], accuracies: Sequence[float]) -> list[bool]:
@@ -284,8 +345,8 @@ def split_calibration(count: int, fraction: float, seed: int) -> tuple[torch.Ten
     calibration_size = round(count * fraction)
     if not 0 < calibration_size < count:
         raise ValueError(f"{count} images cannot be split into calibration and held-out parts")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[:calibration_size].sort().values, order[calibration_size:].sort().values
+    held_out, calibration = split_indices(count, calibration_size, seed)
+    return calibration, held_out
 
 
 # ------------------------------------------------------------- calibration
