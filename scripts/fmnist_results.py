@@ -58,6 +58,8 @@ def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     grid = Grid(tuple(("attention_sum_threshold", delta) for delta in DELTAS),
                 {"min_entropy": etas})  # fmt: skip
     best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
+    if best is None:
+        raise SystemExit(f"no operating point has a validation cost <= {budget}")
     figures = {k: v for k, v in best.items() if k not in ("policy", "threshold", "measure")}
     return {"delta": best["threshold"], **figures}
 

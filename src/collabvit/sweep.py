@@ -111,7 +111,14 @@ def summarize(
     uncer_mode: str,
     uncer_th: float,
 ) -> dict[str, float]:
-    """The summary figures of one operating point (same definitions as `collabvit eval`)."""
+    """The summary figures of one operating point (same definitions as `collabvit eval`).
+
+    Args:
+        edge_pass: n images.
+        keep: selections [n, N] bool.
+        server_out: server logits [n, classes] (rows of confident images unused, may be NaN).
+        uncer_mode, uncer_th: the gate on edge_pass.logits.
+    """
     confident = is_confident(edge_pass.logits, uncer_mode, uncer_th)
     final = torch.where(confident[:, None], edge_pass.logits, server_out)
     size, minimum, total = selection_statistics(edge_pass.scores, keep)
@@ -123,7 +130,7 @@ def summarize(
 def select(
     edge_pass: EdgePass, masking_mode: str, masking_th: float, seed: int = 0
 ) -> torch.Tensor:
-    """Selections [n, N] of a policy over the whole pass (``random`` seeded once)."""
+    """Selections keep [n, N] bool of a policy over the whole pass (``random`` seeded once)."""
     generator = torch.Generator().manual_seed(seed)
     return select_patches(edge_pass.scores, masking_mode, masking_th, generator)
 
