@@ -36,7 +36,7 @@ from collabvit.cli import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.data import FashionMNIST
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.server import Server
-from collabvit.sweep import Grid, eta_grid, run_edge, select, server_logits, sweep_points
+from collabvit.sweep import Grid, gate_grid, run_edge, select, server_logits, sweep_points
 
 SECTION_START = "<!-- bench_sweep:start (written by benchmarks/bench_sweep.py) -->"
 SECTION_END = "<!-- bench_sweep:end -->"
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def sweep() -> None:
         edge_pass = run_edge(edge, loader, progress=False)
-        grid = Grid(policies, {"min_entropy": tuple(eta_grid(edge_pass.logits, "min_entropy",
-                                                             SWEEP_NUM_ETAS))})  # fmt: skip
+        gates = gate_grid(edge_pass.logits, ["min_entropy"], SWEEP_NUM_ETAS)
+        grid = Grid(policies, gates)
         points[:] = sweep_points(edge_pass, server, grid, progress=False)
 
     def baseline() -> None:
