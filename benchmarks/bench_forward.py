@@ -224,6 +224,12 @@ def machine_lines(threads: int, load_at_start: str) -> list[str]:
     ]
 
 
+def regenerate_and_machine(command: str, threads: int, load_at_start: str) -> list[str]:
+    """The closing lines of a results section: how to rerun it, and on what it ran."""
+    return ["Regenerate with:", "", "```", command, "```", "", "Machine:", "",
+            *machine_lines(threads, load_at_start)]  # fmt: skip
+
+
 def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, ...]:
     paired = timings.paired_ratios(name, baseline)
     return (
@@ -326,15 +332,7 @@ def render(
         "",
         noise_note,
         "",
-        "Regenerate with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "Machine:",
-        "",
-        *machine_lines(torch.get_num_threads(), load_at_start),
+        *regenerate_and_machine(command, torch.get_num_threads(), load_at_start),
         f"- total benchmark time: {elapsed:.0f} s",
         "",
         "Other processes (e.g. test runs) may share the machine during a run; interleaving "

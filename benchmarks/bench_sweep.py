@@ -28,7 +28,13 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_forward import fmt_ratio, interleaved, load_average, machine_lines, write_section
+from bench_forward import (
+    fmt_ratio,
+    interleaved,
+    load_average,
+    regenerate_and_machine,
+    write_section,
+)
 from torch.utils.data import DataLoader, Subset
 
 from collabvit import vit, zoo
@@ -95,15 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|---:|",
         "| sweep / (one edge pass + ten server passes) | " + " | ".join(row) + " |",
         "",
-        "Regenerate with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "Machine:",
-        "",
-        *machine_lines(args.threads, load_at_start),
+        *regenerate_and_machine(command, args.threads, load_at_start),
         SECTION_END,
     ]
     section = "\n".join(lines) + "\n"
