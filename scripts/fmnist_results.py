@@ -54,7 +54,7 @@ def edge_pass(edge_model, split: str) -> EdgePass:
 
 def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     """Most accurate (delta, eta) on validation with cost <= budget (collabvit sweep's pick)."""
-    etas = tuple(dict.fromkeys(round(eta, 3) for eta in eta_grid(val.logits, "min_entropy", 40)))
+    etas = tuple(dict.fromkeys(round(eta, 3) for eta in eta_grid(val.logits, "min_entropy", 41)))
     grid = Grid(tuple(("attention_sum_threshold", delta) for delta in DELTAS),
                 {"min_entropy": etas})  # fmt: skip
     best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
