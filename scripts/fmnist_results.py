@@ -1,6 +1,6 @@
 """Fashion-MNIST results: choose the default operating point on validation, report on test.
 
-    python scripts/fmnist_results.py [--no-drop-server runs/train/server/model.safetensors]
+    python scripts/fmnist_results.py [--no-drop-server runs/train/server_nodrop/model.safetensors]
 
 1. On the validation split (5,000 training images held out by training), sweep
    delta of attention_sum_threshold and eta of min_entropy for the shipped pair
@@ -10,7 +10,8 @@
    accuracy and cost for every selection policy and uncertainty measure, each
    calibrated on validation to the default's operating point (same sent
    fraction for every measure; for the policies the same mean patch count),
-   with the token-drop server and, if given, a server trained without it.
+   with the token-drop server and the one trained without it (the shipped
+   collabvit_fmnist_server_nodrop, or --no-drop-server).
 3. Write the table between the results markers in README.md and the raw
    numbers to benchmarks/fmnist_results.json.
 """
@@ -79,7 +80,10 @@ def main() -> None:
         "--budget", type=float, default=0.27, help="communication cost budget on validation"
     )
     parser.add_argument(
-        "--no-drop-server", type=Path, help="weights of the server trained without token drop"
+        "--no-drop-server",
+        type=Path,
+        help="weights of a server trained without token drop (default: the shipped "
+        f"{zoo.SERVER_NO_DROP})",
     )
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "fmnist_results.json")
@@ -89,6 +93,8 @@ def main() -> None:
     servers = {"token drop": vit.create_vit(zoo.SERVER, server=True)}
     if args.no_drop_server:
         servers["no token drop"] = vit.create_vit(zoo.SERVER, args.no_drop_server, server=True)
+    elif zoo.is_shipped(zoo.SERVER_NO_DROP):
+        servers["no token drop"] = vit.create_vit(zoo.SERVER_NO_DROP, server=True)
     val, test = edge_pass(edge_model, "val"), edge_pass(edge_model, "test")
     drop_server = Server(servers["token drop"])
     default = choose_default(val, drop_server, args.budget)

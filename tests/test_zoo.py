@@ -13,12 +13,15 @@ from collabvit.train import accuracy
 
 SLICE = 2000
 pytestmark = pytest.mark.skipif(
-    not (zoo.is_shipped(zoo.EDGE) and zoo.is_shipped(zoo.SERVER)),
+    not all(zoo.is_shipped(name) for name in (zoo.EDGE, zoo.SERVER, zoo.SERVER_NO_DROP)),
     reason="the Fashion-MNIST pair is not in src/collabvit/weights yet (scripts/ship_model.py)",
 )
 
 
-@pytest.mark.parametrize("name", [zoo.EDGE, zoo.SERVER])
+SHIPPED = [zoo.EDGE, zoo.SERVER, zoo.SERVER_NO_DROP]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_loads_by_name_offline(name, monkeypatch):
     monkeypatch.setattr(vit, "_hub_reachable", lambda: False)  # must not need the hub
     model = timm.create_model(name, pretrained=True)
@@ -38,12 +41,14 @@ def test_shipped_sizes_and_files():
     }
     assert 0.4e6 <= params[zoo.EDGE] <= 0.6e6
     assert 2.5e6 <= params[zoo.SERVER] <= 3.0e6
-    total = sum(zoo.weights_file(n).stat().st_size for n in (zoo.EDGE, zoo.SERVER))
+    assert params[zoo.SERVER] == sum(p.numel() for p in timm.create_model(zoo.SERVER_NO_DROP)
+                                     .parameters())  # fmt: skip
+    total = sum(zoo.weights_file(n).stat().st_size for n in SHIPPED)
     assert total <= 12 * 1024 * 1024
 
 
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
-@pytest.mark.parametrize("name", [zoo.EDGE, zoo.SERVER])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_test_slice_accuracy_matches_the_model_card(name):
     data = FashionMNIST(split="test")
     measured = accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])

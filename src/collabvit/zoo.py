@@ -2,7 +2,8 @@
 
 After ``import collabvit``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
 loads the shipped Fashion-MNIST edge ViT offline from the package (timm's
-``file`` pretrained source), and likewise ``collabvit_fmnist_server``.
+``file`` pretrained source), and likewise ``collabvit_fmnist_server`` (trained
+with token drop) and ``collabvit_fmnist_server_nodrop`` (the same without).
 With ``pretrained=False`` they are the architectures to train.
 """
 
@@ -24,8 +25,11 @@ _FMNIST_INPUT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
 ARCHITECTURES = {
     "collabvit_fmnist_edge": dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
     "collabvit_fmnist_server": dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
+    # The server's architecture and recipe without token drop: the README's comparison.
+    "collabvit_fmnist_server_nodrop": dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
 }
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+SERVER_NO_DROP = "collabvit_fmnist_server_nodrop"
 
 
 def weights_file(name: str) -> Path:
@@ -81,3 +85,9 @@ def collabvit_fmnist_edge(pretrained: bool = False, **kwargs) -> VisionTransform
 def collabvit_fmnist_server(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Server ViT for Fashion-MNIST: 28x28x1, 4x4 patches (49), width 192, depth 6, 3 heads."""
     return _create(SERVER, pretrained, **kwargs)
+
+
+@register_model
+def collabvit_fmnist_server_nodrop(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """collabvit_fmnist_server's architecture, trained without token drop (for comparison)."""
+    return _create(SERVER_NO_DROP, pretrained, **kwargs)
