@@ -57,11 +57,12 @@ def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     """Most accurate (delta, eta) on validation with cost <= budget (collabvit sweep's pick)."""
     etas = tuple(dict.fromkeys(round(eta, 3) for eta in eta_grid(val.logits, "min_entropy", 41)))
     grid = Grid(tuple(("attention_sum_threshold", delta) for delta in DELTAS),
-                {"min_entropy": etas})  # fmt: skip
+                {(1.0, "min_entropy"): etas})  # fmt: skip
     best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
     if best is None:
         raise SystemExit(f"no operating point has a validation cost <= {budget}")
-    figures = {k: v for k, v in best.items() if k not in ("policy", "threshold", "measure")}
+    skip = ("policy", "threshold", "measure", "temperature")
+    figures = {k: v for k, v in best.items() if k not in skip}
     return {"delta": best["threshold"], **figures}
 
 

@@ -33,7 +33,7 @@ from collabvit.uncertainty import UNCERTAINTY_MODES, canonical_uncertainty_mode
 # The default run: the shipped Fashion-MNIST pair at an operating point chosen on the
 # validation split by scripts/fmnist_results.py (benchmarks/fmnist_results.json records it).
 DEFAULT_DELTA = 0.99
-DEFAULT_ETA = 0.633
+DEFAULT_ETA = 0.717
 
 
 class UsageError(Exception):
