@@ -32,8 +32,8 @@ from collabvit.server import Server
 from collabvit.sweep import (
     EdgePass,
     Grid,
-    eta_for_sent_fraction,
     eta_grid,
+    etas_for_sent_fractions,
     pick_point,
     run_edge,
     select,
@@ -109,7 +109,8 @@ def main() -> None:
         "attention_threshold": matched_threshold(val, mean_count),
         "random": max(1, round(mean_count)),
     }
-    etas = {m: round(eta_for_sent_fraction(val.logits, m, sent_fraction), 4) for m in MEASURES}
+    fraction = torch.tensor([sent_fraction])
+    etas = {m: round(etas_for_sent_fractions(val.logits, m, fraction)[0], 4) for m in MEASURES}
     etas["min_entropy"] = default["eta"]
 
     rows = []

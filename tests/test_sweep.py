@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ from collabvit.evaluate import evaluate
 from collabvit.server import Server
 from collabvit.sweep import (
     Grid,
-    best_at_cost,
     eta_grid,
     expected_calibration_error,
     fit_temperature,
+    gate_decisions,
     gate_grid,
     needed_rows,
     pareto_optimal,
@@ -133,8 +134,8 @@ def test_pick_point_by_budget_or_target_accuracy_on_the_chosen_part():
     assert pick_point(points, "cal", target_acc=95.0) is None
     with pytest.raises(ValueError):
         pick_point(points, "cal")
-    assert best_at_cost(points, 0.29) is points[1]
-    assert best_at_cost(points, 0.01) is None
+    assert pick_point(points, budget=0.29) is points[1]  # best at a cost, for comparisons
+    assert pick_point(points, budget=0.01) is None
 
 
 def test_split_calibration_is_disjoint_complete_and_seeded():
@@ -186,7 +187,7 @@ def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
     grid = Grid(
         policies=(("attention_sum_threshold", 0.9), ("topk", 5), ("random", 7)), gates=gates
     )
-    assert 0 < len(needed_rows(cached.logits, gates)) < 16
+    assert 0 < len(needed_rows(gate_decisions(cached.logits, gates).values())) < 16
     calibration, held_out = split_calibration(16, 0.5, seed=0)
     subsets = {"calibration": calibration, "held_out": held_out}
     points = sweep_points(cached, server, grid, subsets, seed=3, progress=False)
@@ -195,7 +196,9 @@ def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
     for point in scaled_points:  # the gate sees logits / T; the answers are the edge's own
         keep = select(cached, point["policy"], point["threshold"], seed=3)
         server_out = server_logits(server, images, keep)
-        expected = summarize(cached.with_temperature(2.0), keep, server_out, "min_entropy", 2.5)
+        expected = summarize(
+            replace(cached, logits=cached.logits / 2.0), keep, server_out, "min_entropy", 2.5
+        )
         assert {k: v for k, v in point.items() if k in expected} == pytest.approx(expected)
     for point in [p for p in points if p["temperature"] == 1.0]:
         config = EdgeConfig("mean", point["policy"], point["threshold"], point["measure"],

@@ -776,7 +776,7 @@ def _compare_series(points: list[dict], costs: Sequence[float]) -> dict:
     for point in points:
         series.setdefault(sweep.series_label(point), []).append(point)
     table = {
-        name: {str(c): (best := sweep.best_at_cost(members, c)) and best["collab_acc"]
+        name: {str(c): (best := sweep.pick_point(members, budget=c)) and best["collab_acc"]
                for c in costs}
         for name, members in series.items()
     }  # fmt: skip

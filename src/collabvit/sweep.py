@@ -13,7 +13,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,10 +49,6 @@ class EdgePass:
         """The pass restricted to images `index` [m]."""
         return EdgePass(self.images[index], self.labels[index], self.logits[index],
                         self.scores[index])  # fmt: skip
-
-    def with_temperature(self, temperature: float) -> EdgePass:
-        """The same pass with logits / T: predictions unchanged, the gate sees calibrated ones."""
-        return replace(self, logits=self.logits / temperature)
 
 
 @torch.inference_mode()
@@ -120,10 +116,28 @@ def summarize(
         uncer_mode, uncer_th: the gate on edge_pass.logits.
     """
     confident = is_confident(edge_pass.logits, uncer_mode, uncer_th)
+    return summarize_decisions(
+        edge_pass, selection_statistics(edge_pass.scores, keep), server_out, confident
+    )
+
+
+def summarize_decisions(
+    edge_pass: EdgePass,
+    statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    server_out: torch.Tensor,
+    confident: torch.Tensor,
+) -> dict[str, float]:
+    """summarize() from decisions already made (a sweep reuses them across points).
+
+    Args:
+        edge_pass: n images.
+        statistics: selection_statistics of the selections (size, minimum, sum; [n] each).
+        server_out: server logits [n, classes].
+        confident: the gate's decision [n] bool.
+    """
     final = torch.where(confident[:, None], edge_pass.logits, server_out)
-    size, minimum, total = selection_statistics(edge_pass.scores, keep)
     running = RunningSummary(num_patches=edge_pass.scores.shape[1])
-    running.update(edge_pass.labels, edge_pass.logits, final, confident, size, minimum, total)
+    running.update(edge_pass.labels, edge_pass.logits, final, confident, *statistics)
     return running.summary()
 
 
@@ -177,11 +191,6 @@ def etas_for_sent_fractions(
     return torch.where(fractions == 0, beyond, etas).tolist()
 
 
-def eta_for_sent_fraction(logits: torch.Tensor, measure: str, fraction: float) -> float:
-    """The eta that sends about `fraction` of the images; see etas_for_sent_fractions."""
-    return etas_for_sent_fractions(logits, measure, torch.tensor([fraction]))[0]
-
-
 @dataclass(frozen=True)
 class Grid:
     """What a sweep covers.
@@ -222,16 +231,31 @@ def gate_grid(
     return gates
 
 
-def needed_rows(logits: torch.Tensor, gates: dict[tuple[float, str], Sequence[float]]):
-    """Images sent under at least one gate: the only ones the server must see.
+def gate_decisions(
+    logits: torch.Tensor, gates: dict[tuple[float, str], Sequence[float]]
+) -> dict[tuple[float, str, float], torch.Tensor]:
+    """Which images each gate keeps at the edge: (temperature, measure, eta) -> [n] bool.
 
-    logits [n, classes] (unscaled) -> indices [m] int64, ascending.
+    The gate sees logits [n, classes] / temperature; the answers stay the edge's own
+    (a positive temperature changes no prediction).
     """
-    sent = torch.zeros(logits.shape[0], dtype=torch.bool)
+    decisions = {}
     for (temperature, measure), etas in gates.items():
+        scaled = logits / temperature
         for eta in etas:
-            sent |= ~is_confident(logits / temperature, measure, eta).cpu()
-    return torch.nonzero(sent).flatten()
+            decisions[(temperature, measure, eta)] = is_confident(scaled, measure, eta).cpu()
+    return decisions
+
+
+def needed_rows(confident: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Images sent under at least one gate decision [n] bool: the only ones the server must see.
+
+    Returns indices [m] int64, ascending.
+    """
+    sent = None
+    for decision in confident:
+        sent = ~decision if sent is None else sent | ~decision
+    return torch.nonzero(sent).flatten() if sent is not None else torch.zeros(0, dtype=torch.long)
 
 
 def sweep_points(
@@ -244,6 +268,9 @@ def sweep_points(
 ) -> list[dict]:
     """Every operating point of the grid: one server pass per policy, the gates for free.
 
+    Each gate decides once for all policies, each selection's statistics are
+    taken once for all gates, and the server sees only images some gate sends.
+
     Args:
         edge_pass: the edge outputs over n images.
         subsets: name -> image indices [m]; each point also gets the figures on
@@ -255,24 +282,25 @@ def sweep_points(
         dict of figures per subset.
     """
     subsets = subsets or {}
-    rows = needed_rows(edge_pass.logits, grid.gates)
-    scaled = {t: edge_pass.with_temperature(t) for t, _ in grid.gates}
-    parts = {(t, name): scaled[t].subset(index) for t in scaled for name, index in subsets.items()}
+    decisions = gate_decisions(edge_pass.logits, grid.gates)
+    rows = needed_rows(decisions.values())
+    parts = {name: edge_pass.subset(index) for name, index in subsets.items()}
     points = []
     quiet = None if progress is None else not progress
     for mode, threshold in tqdm(grid.policies, desc="server passes", disable=quiet, unit="pass"):
         keep = select(edge_pass, mode, threshold, seed)
         server_out = server_logits(server, edge_pass.images, keep, rows=rows)
-        for (temperature, measure), etas in grid.gates.items():
-            for eta in etas:
-                point = {"policy": mode, "threshold": threshold, "temperature": temperature,
-                         "measure": measure, "eta": eta}  # fmt: skip
-                point.update(summarize(scaled[temperature], keep, server_out, measure, eta))
-                for name, index in subsets.items():
-                    point[name] = summarize(
-                        parts[(temperature, name)], keep[index], server_out[index], measure, eta
-                    )
-                points.append(point)
+        statistics = selection_statistics(edge_pass.scores, keep)
+        for (temperature, measure, eta), confident in decisions.items():
+            point = {"policy": mode, "threshold": threshold, "temperature": temperature,
+                     "measure": measure, "eta": eta}  # fmt: skip
+            point.update(summarize_decisions(edge_pass, statistics, server_out, confident))
+            for name, index in subsets.items():
+                part_statistics = tuple(values[index] for values in statistics)
+                point[name] = summarize_decisions(
+                    parts[name], part_statistics, server_out[index], confident[index]
+                )
+            points.append(point)
     return points
 
 
@@ -338,11 +366,6 @@ def pick_point(
         fitting = [p for p in points if figures(p)["collab_acc"] >= target_acc]
         key = lambda p: (figures(p)["comm_cost"], -figures(p)["collab_acc"])  # noqa: E731
     return min(fitting, key=key) if fitting else None
-
-
-def best_at_cost(points: Sequence[dict], cost: float) -> dict | None:
-    """The most accurate point with cost <= `cost` (for comparisons at equal cost)."""
-    return pick_point(points, budget=cost)
 
 
 def split_calibration(count: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
