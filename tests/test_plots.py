@@ -13,6 +13,7 @@ from collabvit.plots import (
     plot_histogram,
     save_patch_views,
 )
+from collabvit.sweep import mark_pareto
 
 
 def _points():
@@ -22,7 +23,7 @@ def _points():
             points.append({"attention_mode": "mean", "policy": policy, "measure": "min_entropy",
                            "temperature": 1.0, "comm_cost": 0.05 * i,
                            "collab_acc": 80.0 + i - (policy == "random")})  # fmt: skip
-    return points
+    return mark_pareto(points)
 
 
 def _check_image_files(paths, suffixes):

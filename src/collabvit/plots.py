@@ -39,8 +39,9 @@ def plot_frontier(
 
     One colour per series (attention mode, policy, uncertainty measure, and
     temperature where they vary): every point faintly, the series' own
-    frontier as a line. The frontier over all points is drawn in black; the
-    edge-alone and server-alone accuracies are horizontal reference lines.
+    frontier as a line. The points' `pareto` flags (sweep.mark_pareto over all
+    of them) are drawn in black, so figure and CSV agree; the edge-alone and
+    server-alone accuracies are horizontal reference lines.
     """
     varying = [f for f in SERIES_FIELDS if len({p.get(f) for p in points}) > 1]
     series: dict[str, list[dict]] = {}
@@ -61,11 +62,7 @@ def plot_frontier(
         axes.plot(
             *zip(*front, strict=True), "-", color=dots.get_facecolor()[0][:3], lw=1.4, label=label
         )
-    overall_flags = pareto_optimal(
-        [p["comm_cost"] for p in points], [p["collab_acc"] for p in points]
-    )
-    overall = [p for p, ok in zip(points, overall_flags, strict=True) if ok]
-    overall.sort(key=lambda p: p["comm_cost"])
+    overall = sorted((p for p in points if p["pareto"]), key=lambda p: p["comm_cost"])
     axes.plot([p["comm_cost"] for p in overall], [p["collab_acc"] for p in overall], "o-",
               color="black", ms=3.5, lw=1.2, label="Pareto frontier (all)", zorder=5)  # fmt: skip
     axes.axhline(edge_acc, color="tab:gray", ls="--", lw=1, label=f"edge alone {edge_acc:.2f} %")
@@ -105,6 +102,14 @@ def patch_map(values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     return values.detach().cpu().float().reshape(grid_size)
 
 
+def patch_mask(keep: torch.Tensor, image_size: tuple[int, int], patch_size) -> torch.Tensor:
+    """Pixels of the kept patches: keep [N] bool (row-major over the grid) -> [H, W] bool."""
+    height, width = image_size
+    ph, pw = patch_size
+    grid = keep.cpu().reshape(height // ph, width // pw)
+    return grid.repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+
+
 def masked_image(
     image: torch.Tensor, keep: torch.Tensor, patch_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -112,11 +117,8 @@ def masked_image(
 
     keep [N] bool (row-major over the patch grid) -> [C, H, W], image's dtype.
     """
-    channels, height, width = image.shape
-    ph, pw = patch_size
-    mask = keep.reshape(height // ph, width // pw).repeat_interleave(ph, 0)
-    mask = mask.repeat_interleave(pw, 1)
-    return image * mask.to(image.device)[None].to(image.dtype)
+    mask = patch_mask(keep, image.shape[1:], patch_size).to(image.device)
+    return image * mask[None].to(image.dtype)
 
 
 def draw_image(axes, pixels: torch.Tensor) -> None:
@@ -143,9 +145,8 @@ def draw_sent(axes, image: torch.Tensor, keep: torch.Tensor, patch_size) -> None
 
     Dropped patches are mid-grey: black would vanish into Fashion-MNIST's background.
     """
-    pixels = display_image(masked_image(image, keep, patch_size))
-    dropped = ~masked_image(torch.ones_like(image[:1], dtype=torch.bool), keep, patch_size)[0]
-    pixels[dropped] = 0.5
+    pixels = display_image(image)
+    pixels[~patch_mask(keep, image.shape[1:], patch_size)] = 0.5
     draw_image(axes, pixels)
 
 
