@@ -445,7 +445,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         type=_num_etas,
         default=SWEEP_NUM_ETAS,
         metavar="N",
-        help="N etas per measure, sending 1/N, 2/N, ..., all of the images (default: %(default)s)",
+        help="N etas per measure, sending evenly spaced shares of the images from none (edge "
+        "alone) to all (default: %(default)s)",
     )
     _add(etas, "--etas", type=_number_list, metavar="ETA,...", help="explicit etas, every measure")
     _add(
@@ -557,33 +558,46 @@ def build_parser() -> argparse.ArgumentParser:
         "(Im et al., IEEE IoT Journal 2024)."))  # fmt: skip
     parser.add_argument("--version", action="version", version=f"collabvit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    evaluate_parser = commands.add_parser(
-        "eval", help="collaborative evaluation: prints the reference's six summary lines",
-        description="Run edge + server collaborative inference over a dataset and print the "
-                    "reference's six summary lines (plus top-5).")  # fmt: skip
-    _add_eval_arguments(evaluate_parser)
-    train_parser = commands.add_parser(
-        "train", help="train a small ViT on Fashion-MNIST (optionally with token drop)",
-        description="Train a timm ViT on Fashion-MNIST: AdamW, cosine schedule with warm-up, "
-                    "label smoothing, augmentation, a validation split from the training set; "
-                    "resumable; deterministic given --seed.")  # fmt: skip
-    _add_train_arguments(train_parser)
-    sweep_parser = commands.add_parser(
-        "sweep", help="operating points: accuracy against communication cost, the frontier, "
-        "picking a point for a budget",
-        description="Sweep selection thresholds and gate thresholds over a dataset with one "
-                    "edge pass and one server pass per selection setting; write every point "
-                    "(JSON Lines and CSV) with the Pareto-optimal ones marked, plot the "
-                    "frontier, and optionally pick a point for a budget on a calibration part "
-                    "and check it on the held-out part.")  # fmt: skip
-    _add_sweep_arguments(sweep_parser)
-    visualize_parser = commands.add_parser(
-        "visualize", help="attention heatmaps, masked images, the attention histogram",
-        description="Draw what the edge sends: for chosen images the original, the attention "
-                    "heatmap and the masked image (PNG); and the histogram of patch attention "
-                    "over the dataset (PNG, SVG, CSV).")  # fmt: skip
-    _add_visualize_arguments(visualize_parser)
+    for name, (summary, description, add_arguments, run) in _commands().items():
+        command = commands.add_parser(name, help=summary, description=description)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
+
+
+def _commands() -> dict:
+    """name -> (one-line help, description, flag declarations, what runs it)."""
+    return {
+        "eval": (
+            "collaborative evaluation: prints the reference's six summary lines",
+            "Run edge + server collaborative inference over a dataset and print the "
+            "reference's six summary lines (plus top-5).",
+            _add_eval_arguments, run_eval,
+        ),
+        "train": (
+            "train a small ViT on Fashion-MNIST (optionally with token drop)",
+            "Train a timm ViT on Fashion-MNIST: AdamW, cosine schedule with warm-up, label "
+            "smoothing, augmentation, a validation split from the training set; resumable; "
+            "deterministic given --seed.",
+            _add_train_arguments, run_train,
+        ),
+        "sweep": (
+            "operating points: accuracy against communication cost, the frontier, picking a "
+            "point for a budget",
+            "Sweep selection thresholds and gate thresholds over a dataset with one edge pass "
+            "and one server pass per selection setting; write every point (JSON Lines and CSV) "
+            "with the Pareto-optimal ones marked, plot the frontier, and optionally pick a "
+            "point for a budget on a calibration part and check it on the held-out part.",
+            _add_sweep_arguments, run_sweep,
+        ),
+        "visualize": (
+            "attention heatmaps, masked images, the attention histogram",
+            "Draw what the edge sends: for chosen images the original, the attention heatmap "
+            "and the masked image (PNG); and the histogram of patch attention over the dataset "
+            "(PNG, SVG, CSV).",
+            _add_visualize_arguments, run_visualize,
+        ),
+    }  # fmt: skip
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -864,7 +878,7 @@ def _provenance(args: argparse.Namespace, config: EdgeConfig | None, command="ev
     """How the numbers were made: every resolved flag, the edge config and the versions."""
     return {
         "command": command,
-        "arguments": {k: v for k, v in vars(args).items() if k != "command"},
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("command", "run")},
         "edge_config": dict(config.__dict__) if config else None,
         **versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -874,16 +888,10 @@ def _provenance(args: argparse.Namespace, config: EdgeConfig | None, command="ev
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "eval":
-        return run_eval(args)
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "sweep":
-        return run_sweep(args)
-    if args.command == "visualize":
-        return run_visualize(args)
-    parser.print_help()
-    return 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 
 _FMNIST_INPUT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
-ARCHITECTURES = {
-    "collabvit_fmnist_edge": dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
-    "collabvit_fmnist_server": dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
-    # The server's architecture and recipe without token drop: the README's comparison.
-    "collabvit_fmnist_server_nodrop": dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
-}
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
 SERVER_NO_DROP = "collabvit_fmnist_server_nodrop"
+_SERVER_ARCHITECTURE = dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3)
+ARCHITECTURES = {
+    EDGE: dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
+    SERVER: _SERVER_ARCHITECTURE,
+    # The server's architecture and recipe without token drop: the README's comparison.
+    SERVER_NO_DROP: _SERVER_ARCHITECTURE,
+}
 
 
 def weights_file(name: str) -> Path:
