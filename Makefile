@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.collabvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
-GOLDEN ?= ../shared/golden
+GOLDEN ?= tests/golden
 
 .PHONY: setup data test test-all demo demo-golden results findings lint bench bench-sweep clean
 

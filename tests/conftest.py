@@ -13,11 +13,19 @@ from safetensors.torch import load_file
 from collabvit import vit
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("COLLABVIT_GOLDEN", REPO.parent / "shared" / "golden"))
+# The reference's outputs on a tiny ViT pair (tests/golden/README.md); COLLABVIT_GOLDEN
+# points the tests at another copy.
+GOLDEN_DIR = Path(os.environ.get("COLLABVIT_GOLDEN") or REPO / "tests" / "golden")
+GOLDEN_FILES = (
+    "expected.json",
+    "inputs.safetensors",
+    "tiny_edge.safetensors",
+    "tiny_server.safetensors",
+)
 
 
 class Golden:
-    """The paper's reference outputs on a tiny ViT pair (see shared/golden/README.md)."""
+    """The paper's reference outputs on a tiny ViT pair (see tests/golden/README.md)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -51,8 +59,14 @@ class Golden:
 
 @pytest.fixture(scope="session")
 def golden() -> Golden:
-    if not (GOLDEN_DIR / "expected.json").is_file():
-        pytest.skip(f"golden reference folder not found at {GOLDEN_DIR} (set COLLABVIT_GOLDEN)")
+    """The golden reference outputs; a missing folder or file is an error, never a skip."""
+    missing = [name for name in GOLDEN_FILES if not (GOLDEN_DIR / name).is_file()]
+    if missing:
+        pytest.fail(
+            f"golden reference outputs missing in {GOLDEN_DIR}: {', '.join(missing)} "
+            "(they ship in tests/golden; COLLABVIT_GOLDEN overrides the folder)",
+            pytrace=False,
+        )
     return Golden(GOLDEN_DIR)
 
 

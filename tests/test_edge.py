@@ -71,16 +71,28 @@ def test_no_gate_sends_everything(edge_model):
     assert result.sent.all() and len(result.payloads) == 4
 
 
-def test_random_policy_is_seeded(edge_model):
+def test_random_policy_draws_per_image_from_seed_and_index(edge_model):
     edge = EdgeDevice(
         edge_model, EdgeConfig(masking_mode="random", masking_th=4, uncer_mode="none")
     )
     images = uint8_images(3)
-    first = edge.process(images, torch.Generator().manual_seed(7)).keep
-    again = edge.process(images, torch.Generator().manual_seed(7)).keep
-    other = edge.process(images, torch.Generator().manual_seed(8)).keep
+    ids = torch.tensor([10, 11, 12])
+    first = edge.process(images, ids, seed=7).keep
+    again = edge.process(images, ids, seed=7).keep
+    other = edge.process(images, ids, seed=8).keep
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.sum(dim=1).tolist() == [4, 4, 4]
+    # An image's patches do not depend on the batch it is in.
+    alone = edge.process(images[1:2], ids[1:2], seed=7).keep
+    assert torch.equal(alone[0], first[1])
+
+
+def test_inputs_outside_the_contract_are_rejected(edge_model):
+    edge = EdgeDevice(edge_model, EdgeConfig())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        edge.process(uint8_images(2).float())  # 0..255 floats
+    with pytest.raises(ValueError):
+        edge.process(uint8_images(2).long())
 
 
 def test_images_of_the_wrong_size_are_rejected(edge_model):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabvit.metrics import RunningSummary, format_summary, topk_correct
+from collabvit.metrics import RunningSummary, Summary, format_summary, topk_correct
 
 INF = math.inf
 
@@ -81,23 +81,23 @@ def _two_batch_summary() -> RunningSummary:
 
 def test_running_summary_two_batches_hand_computed():
     summary = _two_batch_summary().summary()
-    assert summary["images"] == 5
-    assert summary["num_patches"] == 4
-    assert summary["confident_images"] == 2
-    assert summary["sent_images"] == 3
+    assert summary.images == 5
+    assert summary.num_patches == 4
+    assert summary.confident_images == 2
+    assert summary.sent_images == 3
     # client: top-1 right on 2 of 5, top-5 right on 4 of 5
-    assert summary["client_acc"] == pytest.approx(40.0)
-    assert summary["client_acc5"] == pytest.approx(80.0)
+    assert summary.client_acc == pytest.approx(40.0)
+    assert summary.client_acc5 == pytest.approx(80.0)
     # collaborative: top-1 right on 3 of 5, top-5 right on 5 of 5
-    assert summary["collab_acc"] == pytest.approx(60.0)
-    assert summary["collab_acc5"] == pytest.approx(100.0)
+    assert summary.collab_acc == pytest.approx(60.0)
+    assert summary.collab_acc5 == pytest.approx(100.0)
     # sent images have selections of 2, 0 and 3 patches
-    assert summary["sent_tokens"] == pytest.approx(5.0 / 3.0)
+    assert summary.sent_tokens == pytest.approx(5.0 / 3.0)
     # non-empty sent selections: (min 0.2, sum 0.6) and (min 0.05, sum 0.8)
-    assert summary["avg_min_attention"] == pytest.approx(0.125)
-    assert summary["avg_sum_attention"] == pytest.approx(0.7)
+    assert summary.avg_min_attention == pytest.approx(0.125)
+    assert summary.avg_sum_attention == pytest.approx(0.7)
     # (3 / 5) * ((5 / 3) / 4)
-    assert summary["comm_cost"] == pytest.approx(0.25)
+    assert summary.comm_cost == pytest.approx(0.25)
 
 
 def test_running_summary_batches_accumulate_like_one_batch():
@@ -119,7 +119,7 @@ def test_running_summary_batches_accumulate_like_one_batch():
             targets[part], edge[part], final[part], confident[part],
             size[part], minimum[part], total[part],
         )  # fmt: skip
-    a, b = whole.summary(), split.summary()
+    a, b = whole.summary().as_dict(), split.summary().as_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert a[key] == pytest.approx(b[key]), key
@@ -145,14 +145,14 @@ def test_nothing_sent_gives_zeros():
         selection_sum=torch.tensor([0.5, 0.5]),
     )
     summary = running.summary()
-    assert summary["confident_images"] == 2
-    assert summary["sent_images"] == 0
-    assert summary["sent_tokens"] == 0.0
-    assert summary["avg_min_attention"] == 0.0
-    assert summary["avg_sum_attention"] == 0.0
-    assert summary["comm_cost"] == 0.0
-    assert summary["client_acc"] == pytest.approx(50.0)
-    assert summary["collab_acc"] == pytest.approx(50.0)
+    assert summary.confident_images == 2
+    assert summary.sent_images == 0
+    assert summary.sent_tokens == 0.0
+    assert summary.avg_min_attention == 0.0
+    assert summary.avg_sum_attention == 0.0
+    assert summary.comm_cost == 0.0
+    assert summary.client_acc == pytest.approx(50.0)
+    assert summary.collab_acc == pytest.approx(50.0)
 
 
 def test_sent_but_all_empty_selections():
@@ -168,20 +168,20 @@ def test_sent_but_all_empty_selections():
         selection_sum=torch.tensor([0.0, 0.0]),
     )
     summary = running.summary()
-    assert summary["sent_images"] == 2
-    assert summary["sent_tokens"] == 0.0
-    assert summary["avg_min_attention"] == 0.0
-    assert summary["avg_sum_attention"] == 0.0
-    assert summary["comm_cost"] == 0.0
-    assert all(math.isfinite(float(value)) for value in summary.values())
+    assert summary.sent_images == 2
+    assert summary.sent_tokens == 0.0
+    assert summary.avg_min_attention == 0.0
+    assert summary.avg_sum_attention == 0.0
+    assert summary.comm_cost == 0.0
+    assert all(math.isfinite(float(value)) for value in summary.as_dict().values())
 
 
 def test_empty_summary_has_no_division_errors():
     summary = RunningSummary(num_patches=196).summary()
-    assert summary["images"] == 0
+    assert summary.images == 0
     for key in ("sent_tokens", "avg_min_attention", "avg_sum_attention", "comm_cost",
                 "client_acc", "client_acc5", "collab_acc", "collab_acc5"):  # fmt: skip
-        assert summary[key] == 0.0, key
+        assert getattr(summary, key) == 0.0, key
 
 
 def test_full_transmission_comm_cost_is_one():
@@ -192,9 +192,9 @@ def test_full_transmission_comm_cost_is_one():
         torch.tensor([4, 4]), torch.tensor([0.25, 0.25]), torch.tensor([1.0, 1.0]),
     )  # fmt: skip
     summary = running.summary()
-    assert summary["sent_tokens"] == 4.0
-    assert summary["comm_cost"] == 1.0
-    assert summary["avg_sum_attention"] == 1.0
+    assert summary.sent_tokens == 4.0
+    assert summary.comm_cost == 1.0
+    assert summary.avg_sum_attention == 1.0
 
 
 def test_top5_capped_at_number_of_classes():
@@ -210,9 +210,9 @@ def test_top5_capped_at_number_of_classes():
         torch.zeros(3, dtype=torch.long), torch.full((3,), INF), torch.zeros(3),
     )  # fmt: skip
     summary = running.summary()
-    assert summary["client_acc5"] == pytest.approx(100.0)
-    assert summary["collab_acc5"] == pytest.approx(100.0)
-    assert summary["client_acc"] == pytest.approx(100.0 / 3.0)
+    assert summary.client_acc5 == pytest.approx(100.0)
+    assert summary.collab_acc5 == pytest.approx(100.0)
+    assert summary.client_acc == pytest.approx(100.0 / 3.0)
 
 
 # --- format_summary ----------------------------------------------------------------------
@@ -229,20 +229,20 @@ DESIGN_EXAMPLE = [
 
 
 def test_format_summary_reproduces_design_example():
-    summary = {
-        "images": 50000,
-        "num_patches": 196,
-        "confident_images": 32171,
-        "sent_images": 17829,
-        "sent_tokens": 148.81131,
-        "avg_min_attention": 0.00112,
-        "avg_sum_attention": 0.96943,
-        "comm_cost": 0.27073030612244897,
-        "client_acc": 72.12999999,
-        "client_acc5": 91.0,
-        "collab_acc": 80.2300001,
-        "collab_acc5": 95.0,
-    }
+    summary = Summary(
+        images=50000,
+        num_patches=196,
+        confident_images=32171,
+        sent_images=17829,
+        sent_tokens=148.81131,
+        avg_min_attention=0.00112,
+        avg_sum_attention=0.96943,
+        comm_cost=0.27073030612244897,
+        client_acc=72.12999999,
+        client_acc5=91.0,
+        collab_acc=80.2300001,
+        collab_acc5=95.0,
+    )
     text = format_summary(summary, "attention_sum_threshold", 0.97, "min_entropy", 1.0)
     lines = text.splitlines()
     assert lines[:6] == DESIGN_EXAMPLE
@@ -256,25 +256,19 @@ def test_format_summary_from_running_summary():
         "* Sent token number:: 1.6667 / Averaged minimum attention:: 0.125 / "
         "Averaged sum of attention:: 0.7",
         "* Total confident image:: 2",
-        f"* Communication cost:: {_two_batch_summary().summary()['comm_cost']}",
+        f"* Communication cost:: {_two_batch_summary().summary().comm_cost}",
         "Client only accuracy: 40.0 %",
         "Collaborative accuracy: 60.0 %",
     ]
     # the communication cost is printed unrounded
-    assert float(lines[3].split(":: ")[1]) == _two_batch_summary().summary()["comm_cost"]
+    assert float(lines[3].split(":: ")[1]) == _two_batch_summary().summary().comm_cost
 
 
 def test_format_summary_comm_cost_not_rounded():
-    summary = {
-        "confident_images": 0,
-        "sent_tokens": 1.0,
-        "avg_min_attention": 0.0,
-        "avg_sum_attention": 0.0,
-        "comm_cost": 0.123456789012345,
-        "client_acc": 0.0,
-        "client_acc5": 0.0,
-        "collab_acc": 0.0,
-        "collab_acc5": 0.0,
-    }
+    summary = Summary(
+        images=1, num_patches=8, confident_images=0, sent_images=1, sent_tokens=1.0,
+        avg_min_attention=0.0, avg_sum_attention=0.0, comm_cost=0.123456789012345,
+        client_acc=0.0, client_acc5=0.0, collab_acc=0.0, collab_acc5=0.0,
+    )
     lines = format_summary(summary, "topk", 1, "none", 0.0).splitlines()
     assert lines[3] == "* Communication cost:: 0.123456789012345"

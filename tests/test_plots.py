@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb, to_rgba
 from PIL import Image
 
+from collabvit import frontier, metrics
 from collabvit.plots import (
+    DROPPED_COLOUR,
     display_image,
+    frontier_figure,
     masked_image,
+    patch_view_figures,
     plot_frontier,
     plot_histogram,
     save_patch_views,
+    sent_pixels,
 )
-from collabvit.sweep import mark_pareto
 
 
-def _points():
-    points = []
-    for policy in ("attention_sum_threshold", "random"):
-        for i in range(6):
-            points.append({"attention_mode": "mean", "policy": policy, "measure": "min_entropy",
-                           "temperature": 1.0, "comm_cost": 0.05 * i,
-                           "collab_acc": 80.0 + i - (policy == "random")})  # fmt: skip
-    return mark_pareto(points)
+def _point(cost, acc, policy="attention_sum_threshold", measure="min_entropy", temperature=1.0):
+    figures = metrics.Summary(
+        images=100, num_patches=49, confident_images=50, sent_images=50,
+        sent_tokens=98 * cost, avg_min_attention=0.01, avg_sum_attention=0.5, comm_cost=cost,
+        client_acc=79.0, client_acc5=95.0, collab_acc=acc, collab_acc5=98.0,
+    )  # fmt: skip
+    return frontier.SweepPoint("mean", temperature, policy, 0.5, measure, 0.3, figures)
+
+
+def _points(policies=("attention_sum_threshold", "random")):
+    points = [
+        _point(0.05 * i, 80.0 + i - index, policy)
+        for index, policy in enumerate(policies)
+        for i in range(6)
+    ]
+    return frontier.mark_pareto(points)
 
 
 def _check_image_files(paths, suffixes):
@@ -37,6 +52,10 @@ def _check_image_files(paths, suffixes):
             assert path.read_text().lstrip().startswith("<?xml")
 
 
+def _legend_texts(figure):
+    return [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
 def test_frontier_plot_is_written_as_png_and_svg_with_its_series(tmp_path):
     paths = plot_frontier(_points(), edge_acc=79.0, server_acc=86.0, stem=tmp_path / "f")
     _check_image_files(paths, [".png", ".svg"])
@@ -44,16 +63,106 @@ def test_frontier_plot_is_written_as_png_and_svg_with_its_series(tmp_path):
     for label in ("attention_sum_threshold", "random", "Pareto frontier", "edge alone 79.00",
                   "server alone 86.00"):  # fmt: skip
         assert label in svg
+    assert "pick" not in svg
 
 
-def test_patch_views_write_three_pngs(tmp_path):
+def test_frontier_gives_twelve_series_twelve_distinct_colours():
+    policies = [f"policy_{i}" for i in range(12)]
+    figure = frontier_figure(_points(policies), edge_acc=79.0, server_acc=None)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    colours = {to_rgba(lines[policy].get_color()) for policy in policies}
+    assert len(colours) == 12
+    assert to_rgba("black") not in colours  # black is the overall frontier's
+
+
+def test_frontier_marks_the_pick_in_legend_and_svg(tmp_path):
+    points = _points()
+    pick = frontier.pick_point(points, budget=0.12)
+    assert (pick.comm_cost, pick.collab_acc) == (0.1, 82.0)
+    figure = frontier_figure(points, 79.0, 86.0, pick=pick, pick_label="budget pick")
+    assert "budget pick: 82.00 % at cost 0.100" in _legend_texts(figure)
+    star = [line for line in figure.axes[0].get_lines() if line.get_marker() == "*"]
+    assert [tuple(line.get_xydata()[0]) for line in star] == [(0.1, 82.0)]
+    paths = plot_frontier(points, 79.0, 86.0, tmp_path / "f", pick=pick, pick_label="budget pick")
+    assert "budget pick: 82.00 % at cost 0.100" in paths[1].read_text()
+
+
+def test_frontier_counts_the_points_below_the_axis():
+    points = frontier.mark_pareto(_points() + [_point(0.9, 10.0)])
+    texts = [text.get_text() for text in frontier_figure(points, 79.0, 86.0).axes[0].texts]
+    assert "1 point below the axis" in texts
+
+
+def test_patch_views_write_three_titled_pngs(tmp_path):
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     keep = torch.zeros(49, dtype=torch.bool)
     keep[:10] = True
-    paths = save_patch_views(image, torch.rand(49), keep, (4, 4), tmp_path, "00003")
+    paths = save_patch_views(image, torch.rand(49), keep, (4, 4), tmp_path, "00003",
+                             label="Coat", edge_answer="Shirt", server_answer="Coat")  # fmt: skip
     assert [p.name for p in paths] == ["00003_original.png", "00003_heatmap.png",
                                        "00003_masked.png"]  # fmt: skip
     _check_image_files(paths, [".png"] * 3)
+
+
+def test_patch_view_titles_name_the_label_and_both_answers():
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    keep = torch.arange(49) < 41
+    figures = patch_view_figures(image, torch.rand(49), keep, (4, 4), label="Coat",
+                                 edge_answer="Shirt", server_answer="Coat")  # fmt: skip
+    assert list(figures) == ["original", "heatmap", "masked"]
+    for figure in figures.values():
+        title = " ".join(figure.axes[0].get_title().split())
+        assert "label Coat · edge: Shirt ✗" in title
+        assert "server (41/49 patches): Coat ✓" in title
+
+
+def test_patch_view_titles_without_answers_name_only_the_view():
+    figures = patch_view_figures(torch.zeros(1, 28, 28), torch.rand(49), torch.arange(49) < 3,
+                                 (4, 4))  # fmt: skip
+    assert figures["original"].axes[0].get_title() == "original"
+
+
+def test_heatmap_has_a_colour_bar():
+    figures = patch_view_figures(torch.zeros(1, 28, 28), torch.rand(49), torch.arange(49) < 3,
+                                 (4, 4))  # fmt: skip
+    bars = [axes for axes in figures["heatmap"].axes if "attention" in axes.get_ylabel()]
+    assert len(bars) == 1
+
+
+def _rendered(figure):
+    """The figure's pixels [H, W, 3] uint8, top row first, and its canvas."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3], canvas
+
+
+def test_masked_view_colours_dropped_patches_and_keeps_the_grey_of_the_rest():
+    # Each 4x4 patch of a 28x28 image a grey level of its own, every other patch kept.
+    levels = 40 + 4 * torch.arange(49, dtype=torch.uint8)
+    grid = levels.reshape(7, 7).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    keep = torch.arange(49) % 2 == 0
+    figure = patch_view_figures(grid[None], torch.rand(49), keep, (4, 4))["masked"]
+    pixels, _ = _rendered(figure)
+    box = figure.axes[0].get_window_extent()  # display coordinates, origin bottom left
+    dropped = np.round(np.array(to_rgb(DROPPED_COLOUR)) * 255)
+    for index in range(49):
+        row, column = divmod(index, 7)
+        x = int(box.x0 + (column + 0.5) / 7 * box.width)
+        y = int(pixels.shape[0] - (box.y1 - (row + 0.5) / 7 * box.height))
+        expected = np.full(3, int(levels[index])) if keep[index] else dropped
+        np.testing.assert_allclose(pixels[y, x], expected, atol=2, err_msg=f"patch {index}")
+    assert not np.allclose(dropped, dropped.mean())  # not a grey a garment could have
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["not sent to the server"]
+
+
+def test_sent_pixels_colour_an_rgb_image_without_touching_it():
+    image = torch.full((3, 8, 8), 0.25)
+    pixels = sent_pixels(image, torch.tensor([True, False, False, True]), (4, 4))
+    assert pixels.shape == (8, 8, 3)
+    torch.testing.assert_close(pixels[:4, :4], torch.full((4, 4, 3), 0.25))
+    torch.testing.assert_close(pixels[:4, 4:], torch.tensor(to_rgb(DROPPED_COLOUR)).expand(4, 4, 3))
+    assert image.eq(0.25).all()
 
 
 def test_masked_image_keeps_exactly_the_selected_patches():

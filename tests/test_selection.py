@@ -70,36 +70,73 @@ def test_topk_with_ties_still_keeps_k():
 @pytest.mark.parametrize("k", [0, 1, 7, 16])
 def test_random_keeps_k_distinct(k):
     scores = torch.rand(8, 16)
-    keep = select_random(scores, k, torch.Generator().manual_seed(0))
+    keep = select_random(scores, k, torch.arange(8), seed=0)
     assert keep.dtype == torch.bool and keep.shape == (8, 16)
     assert keep.sum(dim=1).tolist() == [k] * 8
 
 
-def test_random_is_reproducible_with_seed_and_differs_with_other_seed():
-    scores = torch.rand(4, 64)
-    first = select_random(scores, 10, torch.Generator().manual_seed(123))
-    again = select_random(scores, 10, torch.Generator().manual_seed(123))
-    other = select_random(scores, 10, torch.Generator().manual_seed(456))
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
+def test_random_draw_is_pinned():
+    # (seed 0, ids [0, 1], N = 8, k = 3): a change of generator or algorithm shows up here
+    keep = select_random(torch.zeros(2, 8), 3, torch.tensor([0, 1]), seed=0)
+    assert _kept(keep[0]) == {2, 3, 4}
+    assert _kept(keep[1]) == {1, 3, 7}
+
+
+def test_random_image_keeps_its_selection_in_any_batch():
+    n, k = 49, 10
+    alone = select_random(torch.zeros(1, n), k, torch.tensor([42]), seed=3)
+    small = select_random(torch.zeros(3, n), k, torch.tensor([7, 42, 1000]), seed=3)
+    large_ids = torch.tensor([5, 6, 9, 11, 0, 42, 13, 2, 8])
+    large = select_random(torch.rand(9, n), k, large_ids, seed=3)
+    assert torch.equal(small[1], alone[0])
+    assert torch.equal(large[5], alone[0])
+    # the same id twice in one batch gets the same draw; its neighbours do not matter
+    twice = select_random(torch.zeros(2, n), k, torch.tensor([42, 42]), seed=3)
+    assert torch.equal(twice[0], alone[0]) and torch.equal(twice[1], alone[0])
+
+
+def test_random_differs_across_ids_and_seeds():
+    ids = torch.arange(6)
+    base = select_random(torch.zeros(6, 64), 10, ids, seed=123)
+    assert torch.equal(base, select_random(torch.zeros(6, 64), 10, ids, seed=123))
+    assert len({tuple(row.tolist()) for row in base}) == 6
+    other_seed = select_random(torch.zeros(6, 64), 10, ids, seed=456)
+    assert all(not torch.equal(base[i], other_seed[i]) for i in range(6))
 
 
 def test_random_ignores_scores_values():
-    generator_a = torch.Generator().manual_seed(7)
-    generator_b = torch.Generator().manual_seed(7)
-    a = select_random(torch.rand(3, 20), 5, generator_a)
-    b = select_random(torch.zeros(3, 20), 5, generator_b)
+    ids = torch.tensor([3, 1, 4])
+    a = select_random(torch.rand(3, 20), 5, ids, seed=7)
+    b = select_random(torch.zeros(3, 20), 5, ids, seed=7)
     assert torch.equal(a, b)
 
 
-def test_random_rows_differ_within_a_batch():
-    keep = select_random(torch.zeros(6, 50), 5, torch.Generator().manual_seed(1))
-    assert len({tuple(row.tolist()) for row in keep}) > 1
+def test_random_smaller_k_is_a_subset_of_larger_k():
+    ids = torch.tensor([10, 20])
+    small = select_random(torch.zeros(2, 30), 4, ids, seed=1)
+    large = select_random(torch.zeros(2, 30), 12, ids, seed=1)
+    assert torch.equal(small & large, small)
 
 
-def test_random_via_select_patches_uses_int_of_threshold():
-    keep = select_patches(torch.rand(2, 10), "random", 3.9, torch.Generator().manual_seed(0))
+def test_random_rejects_bad_image_ids():
+    with pytest.raises(ValueError, match="shape"):
+        select_random(torch.zeros(3, 8), 2, torch.arange(2), seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        select_random(torch.zeros(2, 8), 2, torch.tensor([0, -1]), seed=0)
+    with pytest.raises(TypeError):
+        select_random(torch.zeros(2, 8), 2, torch.Generator(), seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        select_random(torch.zeros(2, 8), 2, torch.arange(2), seed=-1)
+
+
+def test_random_via_select_patches_uses_int_of_threshold_and_ids():
+    scores = torch.rand(2, 10)
+    keep = select_patches(scores, "random", 3.9, torch.tensor([5, 9]), seed=2)
     assert keep.sum(dim=1).tolist() == [3, 3]
+    assert torch.equal(keep, select_random(scores, 3, torch.tensor([5, 9]), seed=2))
+    # without ids, images are numbered by batch position; the default seed is 0
+    default = select_patches(torch.zeros(2, 8), "random", 3)
+    assert _kept(default[0]) == {2, 3, 4} and _kept(default[1]) == {1, 3, 7}
 
 
 # --- attention_threshold -----------------------------------------------------------------
@@ -141,6 +178,27 @@ def test_sum_threshold_one_keeps_all_on_exact_scores():
     scores = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5]])
     assert select_attention_sum_threshold(scores, 1.0).all()
     assert select_patches(scores, "attention_sum_threshold", 1.0).all()
+
+
+@pytest.mark.parametrize("num_patches", [49, 196])
+def test_sum_threshold_one_keeps_all_on_softmax_rows(num_patches):
+    # softmax rows as a ViT produces them; their float32 running sums may round above 1.0
+    logits = 3 * torch.randn(64, num_patches, generator=torch.Generator().manual_seed(0))
+    scores = torch.softmax(logits, dim=1)
+    ranked = scores.sort(dim=1, descending=True, stable=True).values
+    over = ranked.cumsum(dim=1)[:, -1] > 1.0
+    assert int(over.sum()) >= 5  # rows on which the literal "cumsum <= 1" rule drops a tail
+    keep = select_attention_sum_threshold(scores, 1.0)
+    assert keep.sum(dim=1).tolist() == [num_patches] * 64
+    assert select_patches(scores, "attention_sum_threshold", 1.0).all()
+
+
+def test_sum_threshold_just_below_one_drops_the_crossing_patch():
+    # running sums 0.5, 0.75, 0.875, 0.9375, 1.0; the tied 0.0625s keep patch order
+    scores = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+    assert _kept(select_attention_sum_threshold(scores, 0.999)[0]) == {0, 1, 2, 3}
+    assert _kept(select_attention_sum_threshold(scores, 0.9375)[0]) == {0, 1, 2, 3}
+    assert _kept(select_attention_sum_threshold(scores, 0.9374)[0]) == {0, 1, 2}
 
 
 def test_sum_threshold_all_zero_scores():

@@ -1,4 +1,5 @@
-"""sweep.py: cached edge pass + per-selection server pass == `collabvit eval` figures."""
+"""passes.py, frontier.py, calibration.py: one edge pass + a server pass per selection equal
+`collabvit eval`'s figures; the frontier, the pick and temperature scaling."""
 
 from __future__ import annotations
 
@@ -10,37 +11,48 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from collabvit import vit
-from collabvit.edge import EdgeConfig, EdgeDevice
+from collabvit.calibration import expected_calibration_error, fit_temperature, split_calibration
+from collabvit.edge import EdgeConfig, EdgeDevice, gate
 from collabvit.evaluate import evaluate
-from collabvit.server import Server
-from collabvit.sweep import (
+from collabvit.frontier import SweepPoint, pareto_optimal, pick_point
+from collabvit.metrics import Summary
+from collabvit.passes import (
     Grid,
     eta_grid,
-    expected_calibration_error,
-    fit_temperature,
     gate_decisions,
     gate_grid,
     needed_rows,
-    pareto_optimal,
-    pick_point,
     run_edge,
-    select,
+    selections,
     server_logits,
-    split_calibration,
-    summarize,
+    summarize_decisions,
     sweep_points,
 )
+from collabvit.selection import selection_statistics
+from collabvit.server import Server
 from collabvit.uncertainty import is_confident
+
+
+def indexed(images, targets, ids=None):
+    """A dataset yielding (image, target, dataset index), as the evaluation loaders do."""
+    return TensorDataset(images, targets, torch.arange(len(targets)) if ids is None else ids)
+
+
+def summarize(edge_pass, keep, server_out, measure, eta):
+    """The figures of one gate over a pass, from a selection already made."""
+    confident = gate(edge_pass.logits, EdgeConfig(uncer_mode=measure, uncer_th=eta))
+    statistics = selection_statistics(edge_pass.scores, keep)
+    return summarize_decisions(edge_pass, statistics, server_out, confident)
 
 
 @pytest.mark.parametrize("attention", ["mean", "rollout"])
 def test_every_eta_from_one_pass_matches_full_evaluations(golden, attention):
     identity = vit.Normalization.identity()
     edge_model, server = golden.edge_model(), Server(golden.server_model(), normalization=identity)
-    loader = DataLoader(TensorDataset(golden.images, golden.targets), batch_size=8)
+    loader = DataLoader(indexed(golden.images, golden.targets), batch_size=8)
     base = EdgeConfig(attention, "attention_sum_threshold", 0.9, "min_entropy", 2.2)
     cached = run_edge(EdgeDevice(edge_model, base, normalization=identity), loader, progress=False)
-    keep = select(cached, "attention_sum_threshold", 0.9)
+    keep = selections(cached, base)
     server_out = server_logits(server, cached.images, keep, batch_size=5)
     for measure, eta in [
         ("min_entropy", 2.2),
@@ -51,9 +63,8 @@ def test_every_eta_from_one_pass_matches_full_evaluations(golden, attention):
         config = EdgeConfig(attention, "attention_sum_threshold", 0.9, measure, eta)
         edge = EdgeDevice(edge_model, config, normalization=identity)
         expected = evaluate(edge, server, loader, progress=False).summary
-        assert summarize(cached, keep, server_out, measure, eta) == pytest.approx(
-            expected, abs=1e-9
-        )
+        figures = summarize(cached, keep, server_out, measure, eta)
+        assert figures.as_dict() == pytest.approx(expected.as_dict(), abs=1e-9)
 
 
 def test_server_logits_cover_every_image_in_order(golden):
@@ -110,9 +121,16 @@ def test_pareto_optimal_keeps_only_undominated_points():
     assert pareto_optimal([0.1, 0.1], [80.0, 80.0]) == [True, False]  # duplicates: the first
 
 
+def _figures(cost, acc):
+    return Summary(images=100, num_patches=49, confident_images=50, sent_images=50,
+                   sent_tokens=20.0, avg_min_attention=0.01, avg_sum_attention=0.9,
+                   comm_cost=cost, client_acc=80.0, client_acc5=95.0, collab_acc=acc,
+                   collab_acc5=99.0)  # fmt: skip
+
+
 def _point(cost, acc, cal_cost, cal_acc):
-    return {"comm_cost": cost, "collab_acc": acc,
-            "cal": {"comm_cost": cal_cost, "collab_acc": cal_acc}}  # fmt: skip
+    return SweepPoint("mean", 1.0, "topk", 20, "min_entropy", 1.0, figures=_figures(cost, acc),
+                      subsets={"cal": _figures(cal_cost, cal_acc)})  # fmt: skip
 
 
 def test_pick_point_by_budget_or_target_accuracy_on_the_chosen_part():
@@ -176,7 +194,7 @@ def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
     identity = vit.Normalization.identity()
     edge_model, server = golden.edge_model(), Server(golden.server_model(), normalization=identity)
     images, targets = golden.images, golden.targets
-    loader = DataLoader(TensorDataset(images, targets), batch_size=8)
+    loader = DataLoader(indexed(images, targets), batch_size=8)
     cached = run_edge(EdgeDevice(edge_model, EdgeConfig(), normalization=identity), loader, False)
     # Etas that keep some images at the edge under every gate, so the server skips those.
     gates = {
@@ -190,29 +208,26 @@ def test_sweep_points_match_collabvit_eval_on_all_and_on_subsets(golden):
     assert 0 < len(needed_rows(gate_decisions(cached.logits, gates).values())) < 16
     calibration, held_out = split_calibration(16, 0.5, seed=0)
     subsets = {"calibration": calibration, "held_out": held_out}
-    points = sweep_points(cached, server, grid, subsets, seed=3, progress=False)
+    points = sweep_points(cached, server, grid, "mean", subsets, seed=3, progress=False)
     assert len(points) == len(grid) == 12
-    scaled_points = [p for p in points if p["temperature"] == 2.0]
+    scaled_points = [p for p in points if p.temperature == 2.0]
     for point in scaled_points:  # the gate sees logits / T; the answers are the edge's own
-        keep = select(cached, point["policy"], point["threshold"], seed=3)
+        keep = selections(cached, EdgeConfig(masking_mode=point.policy,
+                                             masking_th=point.threshold), seed=3)  # fmt: skip
         server_out = server_logits(server, images, keep)
         expected = summarize(
             replace(cached, logits=cached.logits / 2.0), keep, server_out, "min_entropy", 2.5
         )
-        assert {k: v for k, v in point.items() if k in expected} == pytest.approx(expected)
-    for point in [p for p in points if p["temperature"] == 1.0]:
-        config = EdgeConfig("mean", point["policy"], point["threshold"], point["measure"],
-                            point["eta"])  # fmt: skip
+        assert point.figures.as_dict() == pytest.approx(expected.as_dict())
+    for point in [p for p in points if p.temperature == 1.0]:
+        config = EdgeConfig("mean", point.policy, point.threshold, point.measure, point.eta)
         edge = EdgeDevice(edge_model, config, normalization=identity)
-        # `random` draws one seeded selection over the whole pass, as eval does for one batch.
-        batch = len(targets)
-        expected = evaluate(edge, server, DataLoader(TensorDataset(images, targets), batch),
+        # `random` draws each image's patches from (seed, dataset index): any batching agrees.
+        expected = evaluate(edge, server, DataLoader(indexed(images, targets), batch_size=5),
                             seed=3, progress=False).summary  # fmt: skip
-        figures = {k: v for k, v in point.items() if k in expected}
-        assert figures == pytest.approx(expected, abs=1e-9)
+        # (float32 attention sums add up in another order across batches: 1e-7)
+        assert point.figures.as_dict() == pytest.approx(expected.as_dict(), abs=1e-7)
         for name, index in subsets.items():
-            part = DataLoader(TensorDataset(images[index], targets[index]), batch_size=16)
-            if point["policy"] == "random":  # a subset draws other random patches
-                continue
-            expected = evaluate(edge, server, part, progress=False).summary
-            assert point[name] == pytest.approx(expected, abs=1e-9)
+            part = DataLoader(indexed(images[index], targets[index], index), batch_size=3)
+            expected = evaluate(edge, server, part, seed=3, progress=False).summary
+            assert point.subsets[name].as_dict() == pytest.approx(expected.as_dict(), abs=1e-7)

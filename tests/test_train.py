@@ -4,33 +4,51 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from collabvit import vit
 from collabvit.cli import main
+from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
 from collabvit.protocol import patchify
-from collabvit.train import (
-    TrainConfig,
-    Trainer,
-    augment,
-    drop_tokens,
-    learning_rate,
-    split_indices,
-)
+from collabvit.train import TrainConfig, Trainer, augment, drop_tokens, lr_scheduler
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
 
 
-def test_learning_rate_warms_up_then_decays_to_the_minimum():
-    rates = [learning_rate(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
-    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
-    assert learning_rate(100, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
-    assert rates[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.5)))
+def _rates(total_steps: int, warmup_steps: int, steps) -> list[float]:
+    """The learning rate optimiser step s trains at, for each s in steps (lr 1e-3, min 1e-5)."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = lr_scheduler(optimizer, total_steps, warmup_steps, min_lr=1e-5)
+    rates = []
+    for step in steps:
+        scheduler.step_update(step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_the_minimum():
+    # 100 steps, 10 of warm-up: step s < 10 trains at 1e-3 (s + 1) / 10, step 9 is the peak,
+    # then a cosine over the remaining 91 steps reaches 1e-5 at step 100. (The former
+    # hand-written schedule held the peak for steps 9 and 10 and ran its cosine over 90
+    # steps from step 10: identical warm-up, e.g. 0.000505 instead of 0.000496 at step 55.)
+    steps = [0, 4, 8, 9, 10, 55, 99, 100]
+    expected = [1e-4, 5e-4, 9e-4, 1e-3, 0.00099970504957278, 0.0004964559827518327,
+                1.029495042722015e-05, 1e-5]  # fmt: skip
+    assert _rates(100, 10, steps) == pytest.approx(expected, rel=1e-12)
+    rates = _rates(100, 10, range(101))
+    assert all(a > b for a, b in zip(rates[9:], rates[10:], strict=False))  # decays after the peak
+
+
+def test_learning_rate_without_warm_up_is_a_plain_cosine():
+    assert _rates(100, 0, [0, 50, 99]) == pytest.approx(
+        [1e-3, 0.000505, 1.0244252618962858e-05], rel=1e-12
+    )
 
 
 def test_split_is_disjoint_complete_and_seeded():
@@ -75,11 +93,27 @@ def test_config_rejects_bad_values():
         TrainConfig(epochs=0)
 
 
+def test_config_has_no_validation_size_to_disagree_with_the_split():
+    assert "val_size" not in asdict(TrainConfig())
+
+
+@needs_fmnist
+def test_training_holds_out_the_val_split_whatever_the_seed(tmp_path):
+    """Seed 1 trains on images of `--split train` and validates on exactly `--split val`."""
+    config = TrainConfig(model_kwargs={"depth": 1}, train_limit=300, seed=1)
+    trainer = Trainer(config, tmp_path, progress=False)
+    val, train = FashionMNIST(FMNIST, "val"), FashionMNIST(FMNIST, "train")
+    assert torch.equal(trainer.val_images, val.images)
+    assert torch.equal(trainer.val_labels, val.labels)
+    assert torch.equal(trainer.train_images, train.images[:300])
+    assert torch.equal(trainer.train_labels, train.labels[:300])
+
+
 @needs_fmnist
 def test_short_run_resume_and_export_loadable(tmp_path):
     """A few hundred images, one epoch; resuming for a second epoch equals training two at once."""
     kwargs = dict(model="collabvit_fmnist_edge", model_kwargs={"depth": 1}, train_limit=256,
-                  val_size=200, batch_size=64, seed=5)  # fmt: skip
+                  batch_size=64, seed=5)  # fmt: skip
     straight = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "straight", progress=False)
     straight.fit()
     first = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "resumed", progress=False)
@@ -91,10 +125,19 @@ def test_short_run_resume_and_export_loadable(tmp_path):
     second.fit()
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, atol=0, rtol=0)
+    # 4 steps an epoch, 8 in all, 4 of warm-up: the peak at step 3, then the cosine (see above)
+    assert [r["lr"] for r in straight.log] == pytest.approx([1e-3, 0.00010453658778440107])
 
     weights = straight.export()
     card = json.loads((tmp_path / "straight" / "model_card.json").read_text())
     assert card["training"]["seed"] == 5 and card["collabvit"] and card["parameters"] > 0
+    split = {"size": 5000, "seed": 0}
+    assert card["training"]["validation_split"] == split
+    assert card["data"]["validation_split"] == split and card["data"]["validation_images"] == 5000
+    with safe_open(str(weights), framework="pt") as handle:
+        assert json.loads(handle.metadata()["config"]) == card["training"]
+    assert recorded_training_config("collabvit_fmnist_edge", weights) == card["training"]
+    assert val_overlap(card["training"]) == 0
     loaded = vit.create_vit("collabvit_fmnist_edge", weights, {"depth": 1})
     x = torch.rand(3, 1, 28, 28)
     with torch.inference_mode():
@@ -107,7 +150,7 @@ def test_short_run_resume_and_export_loadable(tmp_path):
 def test_train_command_writes_a_checkpoint_the_eval_loader_accepts(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
-            "--out-dir", str(out), "--epochs", "1", "--train-limit", "300", "--val-size", "300",
+            "--out-dir", str(out), "--epochs", "1", "--train-limit", "300",
             "--token-drop", "0.5", "--quiet"]  # fmt: skip
     assert main(args) == 0
     assert "validation" in capsys.readouterr().out

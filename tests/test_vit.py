@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import datetime
+import zipfile
 
 import pytest
 import timm
@@ -118,6 +121,72 @@ def test_server_forward_ignores_patch_order(model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def ragged_batch(x, sizes, seed=0):
+    """Padded subsets of x's patches: (patches [B, L, C, 8, 8], positions [B, L], valid [B, L])."""
+    from collabvit.protocol import patchify
+
+    generator = torch.Generator().manual_seed(seed)
+    every = patchify(x, (8, 8))
+    length = max(sizes)
+    patches = torch.zeros(len(sizes), length, *every.shape[2:])
+    positions = torch.zeros(len(sizes), length, dtype=torch.int64)
+    valid = torch.zeros(len(sizes), length, dtype=torch.bool)
+    for row, size in enumerate(sizes):
+        chosen = torch.randperm(16, generator=generator)[:size]
+        patches[row, :size], positions[row, :size] = every[row, chosen], chosen
+        valid[row, :size] = True
+    return patches, positions, valid
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_server_ragged_batch_equals_each_image_alone(model, fused):
+    """Padded keys must be invisible on timm's explicit softmax path and on the fused one."""
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        block.attn.fused_attn = fused  # this instance only; timm's global switch is untouched
+    sizes = [16, 3, 0, 9, 1]
+    patches, positions, valid = ragged_batch(images(batch=5, seed=4), sizes)
+    with torch.inference_mode():
+        batched = vit.forward_selected(twin, patches, positions, valid)
+        alone = torch.cat([
+            vit.forward_selected(twin, patches[i : i + 1, :n], positions[i : i + 1, :n])
+            for i, n in enumerate(sizes)
+        ])  # fmt: skip
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_key_padding_bias_is_additive_in_the_activation_dtype():
+    valid = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    bias = vit.key_padding_bias(valid, 1, torch.float16)
+    assert bias.dtype == torch.float16 and bias.shape == (3, 1, 1, 4)
+    inf = float("inf")
+    expected = [[0, 0, 0, -inf], [0, 0, -inf, -inf], [0, -inf, -inf, -inf]]
+    assert bias[:, 0, 0].tolist() == expected
+
+
+def test_server_forward_hands_every_block_a_float_key_bias(model):
+    seen = []
+    hooks = [
+        block.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attn_mask"]), with_kwargs=True
+        )
+        for block in model.blocks
+    ]
+    patches, positions, valid = ragged_batch(images(batch=2), [4, 2])
+    try:
+        with torch.inference_mode():
+            vit.forward_selected(model, patches, positions, valid)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefix = model.num_prefix_tokens
+    assert len(seen) == len(model.blocks)
+    for mask in seen:
+        assert mask.dtype == torch.float32 and mask.shape == (2, 1, 1, prefix + 4)
+        assert mask[0].eq(0).all()
+        assert mask[1, 0, 0].tolist() == [0.0] * (prefix + 2) + [float("-inf")] * 2
+
+
 def test_unknown_attention_mode_is_rejected():
     with pytest.raises(ValueError, match="attention mode"):
         vit.forward_with_scores(tiny_vit(), images(), "max")
@@ -169,7 +238,7 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(vit.ModelError, match="not found"):
         vit.create_vit("vit_tiny_patch16_224", tmp_path / "missing.safetensors", kwargs)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(vit.ModelError, match="cannot read"):
+    with pytest.raises(vit.ModelError, match="not a weights file"):
         vit.create_vit("vit_tiny_patch16_224", tmp_path / "junk.pth", kwargs)
     save_file(tiny_vit(embed_dim=96).state_dict(), str(tmp_path / "other.safetensors"))
     with pytest.raises(vit.ModelError, match="do not fit"):
@@ -177,6 +246,64 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setattr(vit, "_hub_reachable", lambda: False)
     with pytest.raises(vit.ModelError, match="--model-weights"):
         vit.create_vit("deit_tiny_patch16_224")
+
+
+TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+
+
+@pytest.mark.parametrize("keys", [("model", "model_ema"), ("state_dict", "state_dict_ema")])
+def test_checkpoint_with_ema_loads_the_trained_weights_unless_asked(tmp_path, keys):
+    trained = tiny_vit().state_dict()
+    averaged = {name: tensor + 1 for name, tensor in trained.items()}
+    path = tmp_path / "checkpoint.pth"
+    # timm's training layout, argparse arguments included
+    torch.save({keys[0]: trained, keys[1]: averaged, "epoch": 9,
+                "args": argparse.Namespace(lr=0.1)}, path)  # fmt: skip
+    weight = "blocks.0.attn.qkv.weight"
+    assert torch.equal(vit.read_state_dict(path)[weight], trained[weight])
+    assert torch.equal(vit.read_state_dict(path, use_ema=True)[weight], averaged[weight])
+    model = vit.create_vit("vit_tiny_patch16_224", path, TINY_KWARGS)
+    ema = vit.create_vit("vit_tiny_patch16_224", path, TINY_KWARGS, use_ema=True)
+    assert torch.equal(model.state_dict()[weight], trained[weight])
+    assert torch.equal(ema.state_dict()[weight], averaged[weight])
+
+
+def test_use_ema_without_an_ema_is_an_error(tmp_path):
+    state = tiny_vit().state_dict()
+    torch.save({"model": state}, tmp_path / "plain.pth")
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    for file in ("plain.pth", "plain.safetensors"):
+        with pytest.raises(vit.ModelError, match="no EMA weights") as info:
+            vit.create_vit("vit_tiny_patch16_224", tmp_path / file, TINY_KWARGS, use_ema=True)
+        assert "\n" not in str(info.value)
+
+
+def test_files_that_are_not_weights_are_named_as_such(tmp_path):
+    archive = tmp_path / "archive.pth"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("readme.txt", "hello")
+    files = {
+        "notes.txt": b"epoch 3: loss 0.41\n",
+        "junk.pth": b"not a checkpoint",
+        "fake.safetensors": b'{"weights": []}',
+        "empty.pth": b"",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    for path in [archive, *(tmp_path / name for name in files)]:
+        with pytest.raises(vit.ModelError) as info:
+            vit.read_state_dict(path)
+        assert str(info.value) == (
+            f"{path} is not a weights file: expected .safetensors or a PyTorch .pth checkpoint"
+        )
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": tiny_vit().state_dict(), "saved": datetime.date(2024, 1, 2)}, path)
+    with pytest.raises(vit.ModelError, match="objects other than tensors") as info:
+        vit.read_state_dict(path)
+    assert "\n" not in str(info.value)
 
 
 def test_edge_server_mismatch_is_an_error():

@@ -71,8 +71,11 @@ def test_eval_without_arguments_runs_the_shipped_pair_on_fashion_mnist(tmp_path)
     assert lines[0].startswith("* Masking mode:: attention_sum_threshold")
     assert "min_entropy" in lines[0] and len(lines) == 8
     saved = json.loads(out.read_text())
-    assert saved["config"]["arguments"]["model"] == zoo.EDGE
-    assert saved["config"]["arguments"]["data_set"] == "fmnist"
+    assert saved["config"]["edge_model"]["name"] == zoo.EDGE
+    assert saved["config"]["data"]["data_set"] == "fmnist"
+    point = zoo.model_card(zoo.EDGE)["operating_point"]  # the shipped default
+    assert saved["config"]["edge"]["masking_th"] == point["masking_th"]
+    assert saved["config"]["edge"]["uncer_th"] == point["uncer_th"]
     summary = saved["summary"]
     assert summary["images"] == 1000 and summary["num_patches"] == 49
     assert summary["collab_acc"] > summary["client_acc"]

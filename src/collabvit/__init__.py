@@ -2,9 +2,35 @@
 
 The method of Im et al., "Attention-aware Semantic Communications for
 Collaborative Inference", IEEE Internet of Things Journal, 2024.
+
+The names below load on first use, so ``import collabvit`` (and the command
+line's help) does not pay for torch and timm until they are needed.
+Submodules keep their own names: ``collabvit.evaluate.evaluate(...)``.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "DataSpec": "config",
+    "EdgeConfig": "config",
+    "ModelSpec": "config",
+    "SweepConfig": "config",
+    "EdgeDevice": "edge",
+    "EdgeResult": "edge",
+    "PatchPayload": "protocol",
+    "Server": "server",
+    "Normalization": "vit",
+    "create_vit": "vit",
+    "Pair": "pair",
+    "load_pair": "pair",
+}
+
+__all__ = ["__version__", "versions", *_EXPORTS]
 
 
 def versions() -> dict[str, str]:
@@ -22,21 +48,7 @@ def versions() -> dict[str, str]:
     }
 
 
-from collabvit.edge import EdgeConfig, EdgeDevice, EdgeResult  # noqa: E402
-from collabvit.evaluate import evaluate  # noqa: E402
-from collabvit.protocol import PatchPayload  # noqa: E402
-from collabvit.server import Server  # noqa: E402
-from collabvit.vit import Normalization, create_vit  # noqa: E402
-
-__all__ = [
-    "EdgeConfig",
-    "EdgeDevice",
-    "EdgeResult",
-    "Normalization",
-    "PatchPayload",
-    "Server",
-    "__version__",
-    "create_vit",
-    "evaluate",
-    "versions",
-]
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"collabvit.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'collabvit' has no attribute {name!r}")

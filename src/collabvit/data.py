@@ -1,21 +1,29 @@
-"""Datasets yielding unnormalised images: (uint8 [C, H, W], label).
+"""Datasets yielding unnormalised images: (uint8 [C, H, W], label), and the input contract.
 
 Each model normalises with its own mean/std (see vit.Normalization).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import timm.data
 import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import pil_loader
+
+from collabvit import zoo
 
 DATA_SETS = ("fmnist", "imagenet", "tensors")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -31,6 +39,61 @@ FASHION_MNIST_CLASSES = (
 
 class DataError(ValueError):
     """A dataset cannot be found or read (a user-facing, one-line reason)."""
+
+
+class InputError(DataError):
+    """Images or labels outside the input contract (a user-facing, one-line reason)."""
+
+
+INPUT_HINT = "pass uint8 for 0..255 pixels, or --inputs-normalized for normalised inputs"
+
+
+def check_images(images: torch.Tensor, normalized: bool = False) -> None:
+    """Raise InputError unless `images` [B, C, H, W] are pixels the models can take.
+
+    uint8 means 0..255 and floats (any float dtype) mean 0..1; with `normalized`
+    floats are taken as already normalised and need only be finite. Other dtypes
+    are refused because their scale is ambiguous (int 255 would be read as 255.0).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a torch tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise InputError(
+            f"images are {images.dtype} but must be uint8 or floating point; {INPUT_HINT}"
+        )
+    if images.numel() == 0:
+        return
+    finite = torch.isfinite(images)
+    if not finite.all():
+        count = int((~finite).sum())
+        raise InputError(f"images hold {count} NaN or infinite values; pass finite pixels")
+    if not normalized:
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise InputError(
+                f"image values span [{low:g}, {high:g}] but floats must lie in [0, 1]; {INPUT_HINT}"
+            )
+
+
+def check_labels(targets: torch.Tensor, num_classes: int) -> None:
+    """Raise InputError unless `targets` [B] are integer class indices in [0, num_classes)."""
+    if not isinstance(targets, torch.Tensor):
+        raise InputError(f"labels must be a torch tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise InputError(
+            f"labels are {targets.dtype} but must be integer class indices 0..{num_classes - 1}"
+        )
+    if targets.dim() != 1:
+        raise InputError(f"labels must be one per image [B], got shape {tuple(targets.shape)}")
+    outside = (targets < 0) | (targets >= num_classes)
+    if outside.any():
+        position = int(outside.nonzero()[0, 0])
+        raise InputError(
+            f"label {int(targets[position])} (batch position {position}) is outside "
+            f"0..{num_classes - 1}: the model has {num_classes} classes"
+        )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -63,10 +126,13 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 # collabvit's training runs hold out these training images for every choice
-# (model selection, operating points); the test set is only reported.
+# (model selection, operating points); the test set is only reported. This is
+# the one definition of the cut: `--split val`, `--split train` and training use it.
 FASHION_MNIST_VAL_SIZE = 5000
 FASHION_MNIST_VAL_SEED = 0
+FASHION_MNIST_TRAIN_SIZE = 60000
 FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
+VALIDATION_SPLIT = {"size": FASHION_MNIST_VAL_SIZE, "seed": FASHION_MNIST_VAL_SEED}
 
 
 def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +143,72 @@ def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, t
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
+def validation_split(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """collabvit's train/validation cut of a `count`-image training set (VALIDATION_SPLIT).
+
+    Returns sorted int64 indices: train [count - 5000], val [5000].
+    """
+    return split_indices(count, FASHION_MNIST_VAL_SIZE, FASHION_MNIST_VAL_SEED)
+
+
+def val_overlap(training_config: dict) -> int:
+    """How many images of Fashion-MNIST `--split val` a run with this recorded config trained on.
+
+    Runs record `validation_split` ({"size", "seed"}); older records have none
+    because their split was drawn with `val_size` and the training `seed`.
+    With `train_limit` a run trained on the first N of its sorted training indices.
+    """
+    split = training_config.get("validation_split") or {
+        "size": training_config.get("val_size", FASHION_MNIST_VAL_SIZE),
+        "seed": training_config.get("seed", 0),
+    }
+    trained, _ = split_indices(FASHION_MNIST_TRAIN_SIZE, int(split["size"]), int(split["seed"]))
+    limit = training_config.get("train_limit")
+    if limit is not None:
+        trained = trained[: int(limit)]
+    _, val = validation_split(FASHION_MNIST_TRAIN_SIZE)
+    return int(torch.isin(trained, val).sum())
+
+
+def recorded_training_config(model_name: str, weights_path: str | Path | None) -> dict | None:
+    """The training config recorded for a model: None when unknown.
+
+    Without a weights file: the shipped model card's ``run_card.training``;
+    with one: the JSON under the safetensors metadata key "config" (what
+    Trainer.export writes). Other files (.pth, foreign safetensors) give None.
+    """
+    name = model_name.split(".")[0]  # "name.tag" -> the card of name
+    shipped = zoo.weights_file(name)
+    if weights_path is None or (shipped.is_file() and Path(weights_path).resolve() == shipped):
+        card = zoo.model_card(name)
+        training = card.get("run_card", {}).get("training")
+        return training if isinstance(training, dict) else None
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        config = json.loads(metadata["config"])
+    except (OSError, SafetensorError, KeyError, ValueError):  # JSONDecodeError is a ValueError
+        return None
+    return config if isinstance(config, dict) else None
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST from its IDX files: uint8 [1, 28, 28] images, labels 0..9.
 
     Splits: ``test`` (10,000), ``train-all`` (60,000), and the training set cut
-    as collabvit's training does: ``val`` (5,000 held out, seed 0) and ``train``
-    (the other 55,000).
+    as collabvit's training does (validation_split): ``val`` (5,000 held out,
+    seed 0) and ``train`` (the other 55,000).
     """
 
     classes = FASHION_MNIST_CLASSES
 
     def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test") -> None:
         root = Path(root)
+        if root.is_file():
+            raise DataError(
+                f"{root} is a file, not a folder: point --data-path at the folder holding "
+                "the four Fashion-MNIST *-idx?-ubyte(.gz) files"
+            )
         if not root.is_dir():
             raise DataError(f"Fashion-MNIST folder {root} does not exist: {FASHION_MNIST_HINT}")
         if split not in FASHION_MNIST_SPLITS:
@@ -107,7 +227,7 @@ class FashionMNIST(Dataset):
                     f"{root} holds {len(labels)} training images, too few for the "
                     f"{FASHION_MNIST_VAL_SIZE}-image validation split; use train-all"
                 )
-            train, val = split_indices(len(labels), FASHION_MNIST_VAL_SIZE, FASHION_MNIST_VAL_SEED)
+            train, val = validation_split(len(labels))
             keep = train if split == "train" else val
             self.images, self.labels = self.images[keep], self.labels[keep]
 
@@ -123,6 +243,11 @@ class TensorFile(Dataset):
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
+        if path.is_dir():
+            raise DataError(
+                f"{path} is a folder, not a file: --data-set tensors reads one .safetensors "
+                "file holding 'images' and 'targets'"
+            )
         if not path.is_file():
             raise DataError(f"tensor file {path} does not exist")
         try:
@@ -142,28 +267,89 @@ class TensorFile(Dataset):
         return self.images[index], int(self.targets[index])
 
 
-# The reference evaluates DeiT as DeiT's own code does: resize to 256/224 of the
-# input, then centre crop; timm's DeiT configs say 0.9 instead of 0.875.
+# The paper evaluates DeiT as DeiT's own code does at 224: resize to 256, then
+# centre crop 224; timm's configs say 0.9. DeiT's 384 fine-tunes (crop 1.0) and
+# DeiT III (a different recipe) keep timm's values.
 DEIT_CROP_PCT = 224 / 256
 
 
 def eval_crop_pct(model: nn.Module) -> float:
-    """The centre-crop fraction the reference uses for this model (DeiT: 0.875, else timm's)."""
-    architecture = (
-        model.pretrained_cfg.get("architecture", "") if hasattr(model, "pretrained_cfg") else ""
-    )
-    if architecture.startswith("deit"):
+    """The centre-crop fraction the reference uses for this model.
+
+    0.875 for timm's ``deit_*`` architectures (distilled too) at 224 input; timm's
+    own crop_pct for everything else, ``deit3_*`` and ``*_384`` included.
+    """
+    config = timm.data.resolve_data_config(model=model)
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or ""
+    if architecture.startswith("deit_") and tuple(config["input_size"][1:]) == (224, 224):
         return DEIT_CROP_PCT
-    return timm.data.resolve_data_config(model=model)["crop_pct"]
+    return config["crop_pct"]
 
 
-def image_folder(root: str | Path, model: nn.Module, crop_pct: float | None = None) -> ImageFolder:
+IMAGE_FOLDER_LAYOUT = "--data-set imagenet reads ROOT/val/<class>/<image> or ROOT/<class>/<image>"
+
+
+def read_image(path: str) -> Image.Image:
+    """An image file as RGB; DataError naming the file when it cannot be decoded."""
+    try:
+        return pil_loader(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL reports broken files as OSError (UnidentifiedImageError, truncation),
+        # some decoders as SyntaxError or ValueError
+        reason = (
+            "not an image format PIL knows" if isinstance(error, UnidentifiedImageError) else error
+        )
+        raise DataError(f"cannot read image {path}: {reason}") from error
+
+
+@functools.cache
+def _imagenet_info(subset: str) -> timm.data.ImageNetInfo:
+    return timm.data.ImageNetInfo(subset)
+
+
+@functools.cache
+def _synset_index(subset: str) -> dict[str, int]:
+    """Synset (e.g. "n01440764") -> class index in the ImageNet `subset`."""
+    return {name: index for index, name in enumerate(_imagenet_info(subset).label_names())}
+
+
+class ImageNetFolder(ImageFolder):
+    """ImageFolder whose ImageNet synset folders (n01440764, ...) keep their class indices.
+
+    When every folder is a synset of the model's ImageNet subset (timm's
+    infer_imagenet_subset, e.g. "imagenet-1k"), targets are the model's class
+    indices, so any subset of ImageNet scores correctly. Otherwise folders are
+    numbered 0..k-1 in sorted order, as torchvision does. Unreadable images
+    raise DataError naming the file.
+    """
+
+    def __init__(self, root: str | Path, transform, imagenet_subset: str | None) -> None:
+        self.imagenet_subset = imagenet_subset
+        self.synset_labelled = False  # set by find_classes, which ImageFolder calls
+        super().__init__(str(root), transform=transform, loader=read_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx = super().find_classes(directory)
+        if self.imagenet_subset is not None:
+            index = _synset_index(self.imagenet_subset)
+            if all(name in index for name in classes):
+                self.synset_labelled = True
+                class_to_idx = {name: index[name] for name in classes}
+        return classes, class_to_idx
+
+
+def image_folder(
+    root: str | Path, model: nn.Module, crop_pct: float | None = None
+) -> ImageNetFolder:
     """ImageNet-style folder with the model's timm eval transform, unnormalised uint8.
 
     Uses ROOT/val/<class>/<image> when ROOT/val exists (the reference's layout),
     else ROOT/<class>/<image>. `crop_pct` defaults to eval_crop_pct(model).
+    Items are (uint8 [3, H, W], label); synset folders get ImageNet labels.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file, not a folder: {IMAGE_FOLDER_LAYOUT}")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     folder = root / "val" if (root / "val").is_dir() else root
@@ -171,11 +357,139 @@ def image_folder(root: str | Path, model: nn.Module, crop_pct: float | None = No
     config["crop_pct"] = crop_pct if crop_pct is not None else eval_crop_pct(model)
     transform = timm.data.create_transform(**config, is_training=False, normalize=False)
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageNetFolder(folder, transform, timm.data.infer_imagenet_subset(model))
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(
             f"{folder} is not an ImageNet-style folder (<class>/<image>): {error}"
         ) from error
+
+
+def _unwrap(dataset: Dataset) -> Dataset:
+    """The dataset under any torch Subset (e.g. --limit's)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def class_names(dataset: Dataset, num_classes: int) -> list[str]:
+    """A readable name for each of the model's `num_classes` class indices.
+
+    ImageNet synset folders: the ImageNet descriptions of all classes; other
+    folders: their names at their labels; Fashion-MNIST: its class names;
+    str(index) wherever nothing is known, so any predicted index has a name.
+    """
+    dataset = _unwrap(dataset)
+    if isinstance(dataset, ImageNetFolder) and dataset.synset_labelled:
+        descriptions = _imagenet_info(dataset.imagenet_subset).label_descriptions()
+        known = dict(enumerate(descriptions))
+    elif isinstance(dataset, ImageFolder):
+        known = {index: name for name, index in dataset.class_to_idx.items()}
+    else:
+        known = dict(enumerate(getattr(dataset, "classes", ())))
+    return [known.get(index, str(index)) for index in range(num_classes)]
+
+
+def label_fit_problem(dataset: Dataset, num_classes: int) -> str | None:
+    """A one-line reason why the dataset's labels may not mean the model's classes, or None."""
+    dataset = _unwrap(dataset)
+    if isinstance(dataset, ImageNetFolder) and dataset.synset_labelled:
+        return None
+    if isinstance(dataset, ImageFolder):
+        count = len(dataset.classes)
+        if count > num_classes:
+            return (
+                f"{dataset.root} has {count} class folders but the model has {num_classes} "
+                f"classes: labels {num_classes}..{count - 1} can never be predicted"
+            )
+        if count < num_classes:
+            hint = (
+                "; name the folders by ImageNet synset (n01440764, ...) to use ImageNet labels"
+                if getattr(dataset, "imagenet_subset", None)
+                else ""
+            )
+            return (
+                f"{dataset.root}: labels 0..{count - 1} are assigned by folder order and may "
+                f"not match the model's {num_classes} classes{hint}"
+            )
+        return None
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) != num_classes:
+        return f"the data has {len(classes)} classes but the model has {num_classes}"
+    targets = getattr(dataset, "targets", None)
+    if isinstance(targets, torch.Tensor) and targets.numel():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            return f"labels span {low}..{high} but the model's classes are 0..{num_classes - 1}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Stands in for an item whose image could not be read (picklable, for worker processes)."""
+
+    reason: str
+
+
+class _Indexed(Dataset):
+    """(image, target, index) items of `dataset`; an unreadable one becomes _Unreadable.
+
+    Returning rather than raising lets the reason reach the main process as one
+    line (a worker's exception would arrive wrapped in its traceback).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, target = self.dataset[index]
+        except DataError as error:
+            return _Unreadable(str(error))
+        return image, target, index
+
+
+def _collate(items: list, skip_unreadable: bool):
+    """The readable items collated; the first _Unreadable unless skipping; None if none remain."""
+    readable = [item for item in items if not isinstance(item, _Unreadable)]
+    if len(readable) < len(items) and not skip_unreadable:
+        return next(item for item in items if isinstance(item, _Unreadable))
+    return default_collate(readable) if readable else None
+
+
+class _IndexedLoader(DataLoader):
+    """Raises an unreadable item's DataError here, in the main process; drops empty batches."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Unreadable):
+                raise DataError(batch.reason)
+            if batch is not None:
+                yield batch
+
+
+def indexed_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, skip_unreadable: bool = False
+) -> DataLoader:
+    """The evaluation's batches, in order: (images [B, C, H, W], targets [B], indices [B]).
+
+    indices are int64 positions in `dataset` (per-image seeds downstream).
+    An unreadable image raises DataError naming the file; with `skip_unreadable`
+    it is left out instead, so skipped = len(dataset) - images seen (a batch may
+    be short, and a batch of only unreadable images is not yielded).
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise DataError(f"number of workers must be >= 0, got {num_workers}")
+    return _IndexedLoader(
+        _Indexed(dataset),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=functools.partial(_collate, skip_unreadable=skip_unreadable),
+    )
 
 
 def build_dataset(

@@ -8,32 +8,33 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
+from collabvit.config import EdgeConfig
+from collabvit.data import check_images
 from collabvit.protocol import PatchPayload, build_payloads
-from collabvit.scoring import ATTENTION_MODES
 from collabvit.selection import select_patches, selection_statistics, validate_masking
-from collabvit.uncertainty import canonical_uncertainty_mode, is_confident
+from collabvit.uncertainty import is_confident
+
+__all__ = ["EdgeConfig", "EdgeDevice", "EdgeResult", "gate", "select"]
 
 
-@dataclass(frozen=True)
-class EdgeConfig:
-    """The paper's knobs. Validated on construction (ValueError with a one-line reason)."""
+def gate(logits: torch.Tensor, config: EdgeConfig, temperature: float = 1.0) -> torch.Tensor:
+    """The transmission gate: which images the edge answers itself.
 
-    attention_mode: str = "mean"
-    masking_mode: str = "attention_sum_threshold"
-    masking_th: float = 0.97
-    uncer_mode: str = "min_entropy"
-    uncer_th: float = 1.0
+    logits [B, classes] (seen divided by `temperature`) -> confident [B] bool.
+    """
+    scaled = logits if temperature == 1.0 else logits / temperature
+    return is_confident(scaled, config.uncer_mode, config.uncer_th)
 
-    def __post_init__(self) -> None:
-        if self.attention_mode not in ATTENTION_MODES:
-            raise ValueError(
-                f"unknown attention mode {self.attention_mode!r}; "
-                f"choose one of {', '.join(ATTENTION_MODES)}"
-            )
-        validate_masking(self.masking_mode, self.masking_th)
-        object.__setattr__(self, "uncer_mode", canonical_uncertainty_mode(self.uncer_mode))
-        if not isinstance(self.uncer_th, (int, float)) or self.uncer_th != self.uncer_th:
-            raise ValueError(f"uncertainty threshold must be a number, got {self.uncer_th!r}")
+
+def select(
+    scores: torch.Tensor, config: EdgeConfig, image_ids: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
+    """The patches an image would send. scores [B, N], image_ids [B] -> keep [B, N] bool.
+
+    `random` draws each image's patches from (seed, its image id), so a selection does
+    not depend on the batch it is in.
+    """
+    return select_patches(scores, config.masking_mode, config.masking_th, image_ids, seed)
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class EdgeResult:
     """The edge's view of one batch.
 
     Attributes:
-        logits: [B, classes].
-        scores: normalised patch scores [B, N].
+        logits: [B, classes] float32.
+        scores: normalised patch scores [B, N] float32.
         confident: answered at the edge [B] bool.
         keep: selected patches [B, N] bool (computed for every image).
         payloads: one per image that is not confident, in batch order.
@@ -79,10 +80,12 @@ class EdgeDevice:
         self.config = config
         self.geometry = vit.geometry(model)
         self.normalization = normalization or vit.Normalization.of_model(model)
+        self.inputs_normalized = self.normalization == vit.Normalization.identity()
         validate_masking(config.masking_mode, config.masking_th, self.geometry.num_patches)
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise ValueError unless images are [B, C, H, W] of the model's size."""
+        """Raise ValueError unless images are [B, C, H, W] of the model's size, in the input
+        contract (uint8, or float in [0, 1]; any finite float when already normalised)."""
         g = self.geometry
         expected = (g.in_chans, *g.img_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
@@ -90,19 +93,24 @@ class EdgeDevice:
                 f"images of shape {tuple(images.shape)} do not fit the edge model, "
                 f"which takes [B, {expected[0]}, {expected[1]}, {expected[2]}]"
             )
+        check_images(images, normalized=self.inputs_normalized)
 
     @torch.inference_mode()
-    def process(self, images: torch.Tensor, generator: torch.Generator | None = None) -> EdgeResult:
+    def process(
+        self, images: torch.Tensor, image_ids: torch.Tensor | None = None, seed: int = 0
+    ) -> EdgeResult:
         """Classify, gate and select for one batch.
 
         Args:
-            images: unnormalised [B, C, H, W] (uint8, or float taken as is).
-            generator: randomness for the ``random`` policy.
+            images: unnormalised [B, C, H, W] (uint8, or float in [0, 1]).
+            image_ids: [B] int64 dataset indices (default 0..B-1); seed the ``random`` policy.
+            seed: seed of the ``random`` policy.
         """
-        cfg = self.config
+        if image_ids is None:
+            image_ids = torch.arange(images.shape[0])
         logits, scores = self.scores(images)
-        confident = is_confident(logits, cfg.uncer_mode, cfg.uncer_th)
-        keep = select_patches(scores, cfg.masking_mode, cfg.masking_th, generator)
+        confident = gate(logits, self.config)
+        keep = select(scores, self.config, image_ids, seed)
         sent = torch.nonzero(~confident.cpu()).flatten().tolist()
         payloads = build_payloads(images, keep, sent, self.geometry.patch_size)
         return EdgeResult(logits, scores, confident, keep, payloads)

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from collabvit import vit
 from collabvit.edge import EdgeDevice
-from collabvit.metrics import RunningSummary
+from collabvit.data import check_labels
+from collabvit.metrics import RunningSummary, Summary
+from collabvit.progress import progress_bar
 from collabvit.server import Server
 
 
@@ -31,18 +32,22 @@ class ImageRecord:
 
 @dataclass
 class EvalResult:
-    summary: dict[str, float]
+    """The figures of a run, its per-image records (when asked for) and the images skipped."""
+
+    summary: Summary
     records: list[ImageRecord] = field(default_factory=list)
+    skipped: int = 0
 
 
 def evaluate(
     edge: EdgeDevice,
     server: Server,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     seed: int = 0,
     progress: bool | None = None,
     keep_records: bool = False,
     total: int | None = None,
+    expected_images: int | None = None,
 ) -> EvalResult:
     """Run the collaborative protocol over batches and summarise it.
 
@@ -52,20 +57,23 @@ def evaluate(
     Args:
         edge: the edge device.
         server: the server.
-        batches: (unnormalised images [B, C, H, W], targets [B]) pairs.
-        seed: seeds the ``random`` selection policy.
-        progress: tqdm bar on stderr; None shows it only on a terminal.
+        batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]).
+        seed: seeds the ``random`` selection policy (with each image's index).
+        progress: progress on stderr; None shows it on a terminal, and as periodic
+            lines otherwise; False shows nothing.
         keep_records: also return one ImageRecord per image.
-        total: number of batches, for the progress bar.
+        total: number of batches, for the progress display.
+        expected_images: the dataset's size, to count images the loader skipped.
     """
     vit.check_compatible(edge.model, server.model)
-    generator = torch.Generator().manual_seed(seed)
+    num_classes = edge.geometry.num_classes
     running = RunningSummary(num_patches=edge.geometry.num_patches)
     records: list[ImageRecord] = []
-    quiet = None if progress is None else not progress  # tqdm: None = quiet unless a terminal
-    bar = tqdm(batches, total=total, disable=quiet, unit="batch", desc="collaborative eval")
-    for images, targets in bar:
-        result = edge.process(images, generator)
+    for images, targets, indices in progress_bar(
+        batches, "collaborative eval", total=total, unit="batch", enabled=progress
+    ):
+        check_labels(targets, num_classes)
+        result = edge.process(images, indices, seed)
         final_logits = result.logits.clone()
         if result.payloads:
             final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)
@@ -78,20 +86,24 @@ def evaluate(
             final_pred = final_logits.argmax(dim=1).tolist()
             sent = result.sent.tolist()
             sizes = size.tolist()
-            for row, label in enumerate(targets.tolist()):
+            for row, (index, label) in enumerate(zip(indices.tolist(), targets.tolist(),
+                                                     strict=True)):
                 records.append(ImageRecord(
-                    index=len(records), label=int(label), edge_prediction=edge_pred[row],
+                    index=int(index), label=int(label), edge_prediction=edge_pred[row],
                     final_prediction=final_pred[row], sent=sent[row],
                     patches_sent=sizes[row] if sent[row] else 0,
                 ))  # fmt: skip
-    return EvalResult(summary=running.summary(), records=records)
+    summary = running.summary()
+    skipped = expected_images - summary.images if expected_images is not None else 0
+    return EvalResult(summary=summary, records=records, skipped=skipped)
 
 
-def write_results(path: str | Path, summary: dict, config: dict) -> None:
-    """Every figure plus the resolved config (how the numbers were made) as JSON."""
+def write_results(path: str | Path, summary: Summary, provenance: dict, **extra) -> None:
+    """Every figure plus how they were made (resolved config, data, versions) as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"summary": summary, "config": config}, indent=2) + "\n")
+    record = {"summary": summary.as_dict(), **extra, "config": provenance}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_per_image(path: str | Path, records: list[ImageRecord]) -> None:

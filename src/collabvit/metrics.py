@@ -7,6 +7,32 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class Summary:
+    """The figures of a collaborative run over some images (docs/design.md, "Summary metrics").
+
+    Accuracies are in %; `sent_tokens` is the mean selection size over the sent
+    images; the attention averages are over sent images with a non-empty selection;
+    `comm_cost` = (sent images / images) x (sent_tokens / num_patches).
+    """
+
+    images: int
+    num_patches: int
+    confident_images: int
+    sent_images: int
+    sent_tokens: float
+    avg_min_attention: float
+    avg_sum_attention: float
+    comm_cost: float
+    client_acc: float
+    client_acc5: float
+    collab_acc: float
+    collab_acc5: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
     """How many rows have their target among the k largest logits.
 
@@ -71,39 +97,44 @@ class RunningSummary:
         self.sum_of_min_attention += float(selection_min[nonempty].double().sum())
         self.sum_of_sum_attention += float(selection_sum[nonempty].double().sum())
 
-    def summary(self) -> dict[str, float]:
-        """The figures as a flat dict (accuracies in %, 0 when nothing was seen)."""
+    def summary(self) -> Summary:
+        """The figures read out (accuracies in %, 0 when nothing was seen)."""
         sent = self.images - self.confident
         sent_tokens = self.sent_patches / sent if sent else 0.0
         percent = 100.0 / self.images if self.images else 0.0
-        return {
-            "images": self.images,
-            "num_patches": self.num_patches,
-            "confident_images": self.confident,
-            "sent_images": sent,
-            "sent_tokens": sent_tokens,
-            "avg_min_attention": (
+        return Summary(
+            images=self.images,
+            num_patches=self.num_patches,
+            confident_images=self.confident,
+            sent_images=sent,
+            sent_tokens=sent_tokens,
+            avg_min_attention=(
                 self.sum_of_min_attention / self.nonempty_sent if self.nonempty_sent else 0.0
             ),
-            "avg_sum_attention": (
+            avg_sum_attention=(
                 self.sum_of_sum_attention / self.nonempty_sent if self.nonempty_sent else 0.0
             ),
-            "comm_cost": (sent / self.images) * (sent_tokens / self.num_patches)
+            comm_cost=(sent / self.images) * (sent_tokens / self.num_patches)
             if self.images
             else 0.0,
-            "client_acc": self.client_top1 * percent,
-            "client_acc5": self.client_top5 * percent,
-            "collab_acc": self.collab_top1 * percent,
-            "collab_acc5": self.collab_top5 * percent,
-        }
+            client_acc=self.client_top1 * percent,
+            client_acc5=self.client_top5 * percent,
+            collab_acc=self.collab_top1 * percent,
+            collab_acc5=self.collab_top5 * percent,
+        )
 
     def state(self) -> dict:
         """Raw counters, for merging or debugging."""
         return asdict(self)
 
 
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in % of logits [n, C] against targets [n] (0 for n = 0)."""
+    return 100.0 * topk_correct(logits, targets, 1) / len(targets) if len(targets) else 0.0
+
+
 def format_summary(
-    summary: dict[str, float],
+    summary: Summary,
     masking_mode: str,
     masking_th: float,
     uncer_mode: str,
@@ -111,6 +142,7 @@ def format_summary(
 ) -> str:
     """The reference's six summary lines, then the two top-5 lines."""
     r = lambda value: round(float(value), 4)  # noqa: E731 - the reference prints round(x, 4)
+    summary = summary.as_dict()
     return "\n".join(
         [
             f"* Masking mode:: {masking_mode}, {masking_th} / "

@@ -7,15 +7,31 @@ saved as PNG and SVG next to each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from collabvit.sweep import SERIES_FIELDS, pareto_optimal, series_label
+from collabvit.frontier import SERIES_FIELDS, SweepPoint, pareto_optimal, series_label
 
 FORMATS = ("png", "svg")
+
+# Twelve qualitative colours, the most distinct first: tab10 without its grey (the
+# edge-alone line is grey) and three more that differ from all of them.
+SERIES_COLOURS = (
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+    "tab:pink", "tab:olive", "tab:cyan", "#000075", "#ff00ff", "#00c080",
+)  # fmt: skip
+# Beyond twelve series the colours come round again with another line style.
+SERIES_LINESTYLES = ("-", "--", "-.", ":")
+
+# Dropped patches in the masked view: a saturated colour, so it can never be mistaken
+# for a grey (or black) pixel of the image itself.
+DROPPED_COLOUR = "#3b7dd8"
 
 
 def save(figure: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
@@ -28,63 +44,118 @@ def save(figure: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> 
     return paths
 
 
-def plot_frontier(
-    points: Sequence[dict],
-    edge_acc: float,
-    server_acc: float | None,
-    stem: str | Path,
-    title: str = "",
-) -> list[Path]:
-    """Collaborative accuracy against communication cost, as the paper plots it.
+# --- the trade-off -----------------------------------------------------------------
 
-    One colour per series (attention mode, policy, uncertainty measure, and
-    temperature where they vary): every point faintly, the series' own
-    frontier as a line. The points' `pareto` flags (sweep.mark_pareto over all
-    of them) are drawn in black, so figure and CSV agree; the edge-alone and
-    server-alone accuracies are horizontal reference lines.
-    """
-    varying = [f for f in SERIES_FIELDS if len({p.get(f) for p in points}) > 1]
-    series: dict[str, list[dict]] = {}
+
+def series_style(index: int) -> dict:
+    """Colour and line style of the index-th series: twelve distinct colours, then repeats."""
+    colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+    linestyle = SERIES_LINESTYLES[index // len(SERIES_COLOURS) % len(SERIES_LINESTYLES)]
+    return {"color": colour, "linestyle": linestyle}
+
+
+def group_series(points: Sequence[SweepPoint]) -> dict[str, list[SweepPoint]]:
+    """The points by series, labelled only by the series fields that vary among them."""
+    varying = [f for f in SERIES_FIELDS if len({getattr(p, f) for p in points}) > 1]
+    series: dict[str, list[SweepPoint]] = {}
     for point in points:
         series.setdefault(series_label(point, varying), []).append(point)
+    return series
 
-    figure = Figure(figsize=(7.5, 5))
-    axes = figure.add_subplot()
-    for label, members in series.items():
-        costs = [p["comm_cost"] for p in members]
-        accuracies = [p["collab_acc"] for p in members]
-        dots = axes.scatter(costs, accuracies, s=9, alpha=0.3)
-        front = sorted(
-            (c, a)
-            for c, a, ok in zip(costs, accuracies, pareto_optimal(costs, accuracies), strict=True)
-            if ok
-        )
-        axes.plot(
-            *zip(*front, strict=True), "-", color=dots.get_facecolor()[0][:3], lw=1.4, label=label
-        )
-    overall = sorted((p for p in points if p["pareto"]), key=lambda p: p["comm_cost"])
-    axes.plot([p["comm_cost"] for p in overall], [p["collab_acc"] for p in overall], "o-",
-              color="black", ms=3.5, lw=1.2, label="Pareto frontier (all)", zorder=5)  # fmt: skip
+
+def pick_legend(pick: SweepPoint, pick_label: str) -> str:
+    """The legend entry of a picked point, e.g. 'budget pick: 87.50 % at cost 0.210'."""
+    return f"{pick_label}: {pick.collab_acc:.2f} % at cost {pick.comm_cost:.3f}"
+
+
+def _draw_series(axes, label: str, members: Sequence[SweepPoint], style: dict) -> None:
+    """Every point of a series faintly, and its own frontier as a line."""
+    costs = [p.comm_cost for p in members]
+    accuracies = [p.collab_acc for p in members]
+    axes.scatter(costs, accuracies, s=9, alpha=0.3, color=style["color"], linewidths=0)
+    flags = pareto_optimal(costs, accuracies)
+    front = sorted((c, a) for c, a, ok in zip(costs, accuracies, flags, strict=True) if ok)
+    axes.plot(*zip(*front, strict=True), lw=1.4, label=label, **style)
+
+
+def _draw_references(axes, edge_acc: float, server_acc: float | None) -> None:
+    """Edge-alone and server-alone accuracies as horizontal lines in neutral tones."""
     axes.axhline(edge_acc, color="tab:gray", ls="--", lw=1, label=f"edge alone {edge_acc:.2f} %")
     if server_acc is not None:
-        axes.axhline(server_acc, color="tab:red", ls=":", lw=1.2,
+        axes.axhline(server_acc, color="black", ls=":", lw=1.2,
                      label=f"server alone {server_acc:.2f} %")  # fmt: skip
-    # Zoom on the frontier and the reference lines; far-dominated points fall below.
-    high = max(max(p["collab_acc"] for p in points), server_acc or -math.inf)
-    low = min(min(p["collab_acc"] for p in overall), edge_acc)
+
+
+def _zoom(axes, points, overall, edge_acc, server_acc, pick) -> None:
+    """Zoom on the frontier, the reference lines and the pick; say how many points fall below."""
+    high = max(max(p.collab_acc for p in points), server_acc or -math.inf)
+    shown = overall or points  # without pareto flags, nothing is singled out
+    low = min(min(p.collab_acc for p in shown), edge_acc,
+              pick.collab_acc if pick is not None else math.inf)  # fmt: skip
     span = max(high - low, 1.0)
     bottom = low - 0.5 * span
     axes.set_ylim(bottom, high + 0.15 * span)
-    hidden = sum(p["collab_acc"] < bottom for p in points)
+    hidden = sum(p.collab_acc < bottom for p in points)
     if hidden:
-        axes.text(0.01, 0.01, f"{hidden} points below the axis", transform=axes.transAxes,
+        note = f"{hidden} point{'s' if hidden > 1 else ''} below the axis"
+        axes.text(0.01, 0.01, note, transform=axes.transAxes,
                   fontsize=7, color="tab:gray")  # fmt: skip
+
+
+def frontier_figure(
+    points: Sequence[SweepPoint],
+    edge_acc: float,
+    server_acc: float | None,
+    title: str = "",
+    pick: SweepPoint | None = None,
+    pick_label: str = "pick",
+) -> Figure:
+    """Collaborative accuracy against communication cost, as the paper plots it.
+
+    One colour per series (attention mode, policy, uncertainty measure, and
+    temperature where they vary): every point faintly, the series' own frontier as
+    a line. The points' `pareto` flags (frontier.mark_pareto over all of them) are
+    drawn in black, so figure and CSV agree; the edge-alone and server-alone
+    accuracies are horizontal reference lines; `pick` (a budget or target pick) is
+    a star whose legend entry starts with `pick_label`.
+    """
+    figure = Figure(figsize=(7.5, 5))
+    axes = figure.add_subplot()
+    for index, (label, members) in enumerate(group_series(points).items()):
+        _draw_series(axes, label, members, series_style(index))
+    overall = sorted((p for p in points if p.pareto), key=lambda p: p.comm_cost)
+    if overall:
+        costs, accuracies = [p.comm_cost for p in overall], [p.collab_acc for p in overall]
+        axes.plot(costs, accuracies, "o-", color="black", ms=3.5, lw=1.2,
+                  label="Pareto frontier (all)", zorder=5)  # fmt: skip
+    _draw_references(axes, edge_acc, server_acc)
+    if pick is not None:
+        axes.plot(pick.comm_cost, pick.collab_acc, "*", ms=16, color="gold", mec="black",
+                  mew=0.9, zorder=6, label=pick_legend(pick, pick_label))  # fmt: skip
+    _zoom(axes, points, overall, edge_acc, server_acc, pick)
     axes.set_xlabel("communication cost (sent patches / all patches)")
     axes.set_ylabel("collaborative top-1 accuracy (%)")
     axes.set_title(title or "Accuracy against communication cost")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
-    return save(figure, stem)
+    # Beside the axes: with a dozen series a legend inside would hide the frontier.
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return figure
+
+
+def plot_frontier(
+    points: Sequence[SweepPoint],
+    edge_acc: float,
+    server_acc: float | None,
+    stem: str | Path,
+    title: str = "",
+    pick: SweepPoint | None = None,
+    pick_label: str = "pick",
+) -> list[Path]:
+    """`frontier_figure` saved as stem.png and stem.svg; returns the paths."""
+    return save(frontier_figure(points, edge_acc, server_acc, title, pick, pick_label), stem)
+
+
+# --- one image and its patches ---------------------------------------------------------
 
 
 def display_image(image: torch.Tensor) -> torch.Tensor:
@@ -130,24 +201,124 @@ def draw_image(axes, pixels: torch.Tensor) -> None:
     axes.set_axis_off()
 
 
-def draw_heatmap(axes, image: torch.Tensor, scores: torch.Tensor, patch_size) -> None:
-    """Image [C, H, W] with its patch scores [N] (row-major) overlaid as a heatmap."""
+def draw_heatmap(
+    axes, image: torch.Tensor, scores: torch.Tensor, patch_size, colorbar: bool = True
+) -> None:
+    """Image [C, H, W] with its patch scores [N] (row-major) overlaid as a heatmap.
+
+    With `colorbar`, a bar beside the image reads the colours as scores (they sum to 1).
+    """
     height, width = image.shape[1:]
     grid = (height // patch_size[0], width // patch_size[1])
     draw_image(axes, display_image(image))
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # pixel edges, as the image is drawn
-    axes.imshow(patch_map(scores, grid).numpy(), cmap="jet", alpha=0.5, extent=extent,
-                interpolation="nearest")  # fmt: skip
+    overlay = axes.imshow(patch_map(scores, grid).numpy(), cmap="jet", alpha=0.5, vmin=0,
+                          extent=extent, interpolation="nearest")  # fmt: skip
+    if colorbar:
+        # The bar shows the colours unblended: their hue, not the mix, encodes the score.
+        opaque = ScalarMappable(norm=overlay.norm, cmap=overlay.cmap)
+        bar = axes.figure.colorbar(opaque, ax=axes, fraction=0.046, pad=0.03)
+        bar.set_label("normalised patch attention", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
 
 
-def draw_sent(axes, image: torch.Tensor, keep: torch.Tensor, patch_size) -> None:
+def sent_pixels(
+    image: torch.Tensor, keep: torch.Tensor, patch_size, colour=DROPPED_COLOUR
+) -> torch.Tensor:
+    """Display pixels [H, W, 3] of what the server receives: dropped patches in `colour`.
+
+    Grey images become RGB so that the colour of the dropped patches can show. A copy:
+    display_image may return a view of `image` itself.
+    """
+    pixels = display_image(image).expand(-1, -1, 3).clone()
+    pixels[~patch_mask(keep, image.shape[1:], patch_size)] = torch.tensor(to_rgb(colour))
+    return pixels
+
+
+def draw_sent(
+    axes, image: torch.Tensor, keep: torch.Tensor, patch_size, legend: bool = True
+) -> None:
     """What the server receives from image [C, H, W]: the kept patches (keep [N] bool).
 
-    Dropped patches are mid-grey: black would vanish into Fashion-MNIST's background.
+    Dropped patches are DROPPED_COLOUR: black or grey would vanish into Fashion-MNIST's
+    background or garments. With `legend`, a key below the image says so.
     """
-    pixels = display_image(image)
-    pixels[~patch_mask(keep, image.shape[1:], patch_size)] = 0.5
-    draw_image(axes, pixels)
+    draw_image(axes, sent_pixels(image, keep, patch_size))
+    if legend:
+        key = Patch(facecolor=DROPPED_COLOUR, edgecolor="none", label="not sent to the server")
+        axes.legend(handles=[key], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                    frameon=False, fontsize=7, handlelength=1.2, borderaxespad=0.3)  # fmt: skip
+
+
+def verdict(answer: str, label: str | None) -> str:
+    """An answer with a tick or a cross when the label is known."""
+    if label is None:
+        return answer
+    return f"{answer} {'✓' if answer == label else '✗'}"
+
+
+def view_caption(
+    label: str | None,
+    edge_answer: str | None,
+    server_answer: str | None,
+    kept: int,
+    total: int,
+    width: int = 44,
+) -> str:
+    """What the image is and what each model said, e.g.
+    'label Coat · edge: Shirt ✗ · server (41/49 patches): Coat ✓', broken into lines
+    of about `width` characters between the parts; empty when nothing is given.
+    """
+    parts = []
+    if label is not None:
+        parts.append(f"label {label}")
+    if edge_answer is not None:
+        parts.append(f"edge: {verdict(edge_answer, label)}")
+    if server_answer is not None:
+        parts.append(f"server ({kept}/{total} patches): {verdict(server_answer, label)}")
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += f" · {part}"
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def patch_view_figures(
+    image: torch.Tensor,
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    patch_size: tuple[int, int],
+    *,
+    label: str | None = None,
+    edge_answer: str | None = None,
+    server_answer: str | None = None,
+) -> dict[str, Figure]:
+    """The reference's three views of one image: original, heatmap, masked.
+
+    Each is titled with what it shows, above the label and both answers where given.
+
+    Args:
+        image: unnormalised [C, H, W].
+        scores: normalised patch scores [N].
+        keep: selection [N] bool.
+        label, edge_answer, server_answer: class names, or None to leave them out.
+    """
+    caption = view_caption(label, edge_answer, server_answer, int(keep.sum()), keep.numel())
+    views: dict[str, tuple[str, Callable]] = {
+        "original": ("original", lambda ax: draw_image(ax, display_image(image))),
+        "heatmap": ("patch attention", lambda ax: draw_heatmap(ax, image, scores, patch_size)),
+        "masked": ("what the server receives", lambda ax: draw_sent(ax, image, keep, patch_size)),
+    }
+    figures = {}
+    for view, (heading, draw) in views.items():
+        figure = Figure(figsize=(3.6 if view == "heatmap" else 3, 3))
+        axes = figure.add_subplot()
+        draw(axes)
+        axes.set_title(f"{heading}\n{caption}" if caption else heading, fontsize=8)
+        figures[view] = figure
+    return figures
 
 
 def save_patch_views(
@@ -157,28 +328,28 @@ def save_patch_views(
     patch_size: tuple[int, int],
     out_dir: str | Path,
     name: str,
+    *,
+    label: str | None = None,
+    edge_answer: str | None = None,
+    server_answer: str | None = None,
 ) -> list[Path]:
-    """The reference's three views of one image, as PNGs in out_dir.
-
-    name_original.png, name_heatmap.png (patch scores over the image) and
-    name_masked.png (only the selected patches).
+    """`patch_view_figures` as name_original.png, name_heatmap.png and name_masked.png.
 
     Args:
         image: unnormalised [C, H, W].
         scores: normalised patch scores [N].
         keep: selection [N] bool.
+        label, edge_answer, server_answer: class names for the titles (None: left out).
     """
-    views = {
-        "original": lambda axes: draw_image(axes, display_image(image)),
-        "heatmap": lambda axes: draw_heatmap(axes, image, scores, patch_size),
-        "masked": lambda axes: draw_sent(axes, image, keep, patch_size),
-    }
+    figures = patch_view_figures(image, scores, keep, patch_size, label=label,
+                                 edge_answer=edge_answer, server_answer=server_answer)  # fmt: skip
     paths = []
-    for view, draw in views.items():
-        figure = Figure(figsize=(3, 3))
-        draw(figure.add_axes((0, 0, 1, 1)))
+    for view, figure in figures.items():
         paths += save(figure, Path(out_dir) / f"{name}_{view}", ("png",))
     return paths
+
+
+# --- attention over many images ---------------------------------------------------------
 
 
 def plot_histogram(

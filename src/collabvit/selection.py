@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
@@ -65,14 +66,51 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _mask_from_ranking(order, ranks < k)
 
 
-def select_random(
-    scores: torch.Tensor, k: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """k distinct patches uniformly at random. scores [B, N] (only its shape) -> keep [B, N]."""
-    noise = torch.rand(scores.shape, generator=generator, device="cpu").to(scores.device)
-    order = noise.argsort(dim=1)
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return _mask_from_ranking(order, ranks < k)
+def _check_image_ids(image_ids: torch.Tensor, batch: int) -> None:
+    """Raise ValueError/TypeError unless image_ids is [B] of non-negative integers."""
+    if not isinstance(image_ids, torch.Tensor):
+        raise TypeError(
+            f"image_ids must be a [B] integer tensor of dataset indices, got {type(image_ids)}"
+        )
+    if image_ids.dtype.is_floating_point or image_ids.dtype.is_complex:
+        raise TypeError(f"image_ids must hold integers, got {image_ids.dtype}")
+    if tuple(image_ids.shape) != (batch,):
+        raise ValueError(
+            f"image_ids must have shape [{batch}] (one per image), got {tuple(image_ids.shape)}"
+        )
+    if batch and int(image_ids.min()) < 0:
+        raise ValueError("image_ids must be non-negative dataset indices")
+
+
+def select_random(scores: torch.Tensor, k: int, image_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """k distinct patches uniformly at random, drawn per image from (seed, image id).
+
+    Each image gets its own ``numpy.random.default_rng([seed, image_id])``
+    (numpy's SeedSequence mixes the pair into the PCG64 state, so nearby ids
+    and seeds give unrelated streams) and keeps the first k entries of one
+    permutation of its N patches. An image's selection therefore depends only
+    on (seed, id, N, k): not on the batch size, the other images in the batch,
+    its position in the batch or the device; and for one image the selection
+    at k is contained in the selection at every larger k.
+
+    Args:
+        scores: [B, N]; only its shape and device are used.
+        k: patches to keep per image, 0 <= k <= N.
+        image_ids: [B] non-negative integer dataset indices, one per image.
+        seed: non-negative run seed.
+
+    Returns:
+        keep [B, N] bool on the device of `scores`.
+    """
+    batch, num_patches = scores.shape
+    _check_image_ids(image_ids, batch)
+    if seed < 0:
+        raise ValueError(f"the random selection seed must be >= 0, got {seed}")
+    keep = np.zeros((batch, num_patches), dtype=bool)
+    for row, image_id in enumerate(image_ids.tolist()):
+        chosen = np.random.default_rng([int(seed), image_id]).permutation(num_patches)[:k]
+        keep[row, chosen] = True
+    return torch.from_numpy(keep).to(scores.device)
 
 
 def select_attention_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -83,9 +121,26 @@ def select_attention_threshold(scores: torch.Tensor, threshold: float) -> torch.
 def select_attention_sum_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Most attended patches whose cumulative score stays <= threshold.
 
-    The patch whose cumulative sum crosses the threshold is not kept, so the
-    selection can be empty. scores [B, N] -> keep [B, N].
+    Patches are ranked by score, descending (stable: ties keep patch order),
+    and kept while the float32 running sum of their scores is <= threshold;
+    the patch whose running sum crosses the threshold is not kept, so the
+    selection can be empty.
+
+    A threshold >= 1 keeps every patch. This departs on purpose from the
+    reference, whose rule applied literally at δ = 1 drops a tail whenever the
+    float32 running sum of a normalised row rounds above 1.0 (common for
+    softmax rows of 49 or 196 patches), although δ = 1 means "all of the
+    attention".
+
+    Args:
+        scores: normalised patch scores [B, N].
+        threshold: δ, the share of attention to keep.
+
+    Returns:
+        keep [B, N] bool.
     """
+    if threshold >= 1.0:
+        return torch.ones_like(scores, dtype=torch.bool)
     ranked, order = scores.sort(dim=1, descending=True, stable=True)
     return _mask_from_ranking(order, ranked.cumsum(dim=1) <= threshold)
 
@@ -94,7 +149,8 @@ def select_patches(
     scores: torch.Tensor,
     mode: str,
     threshold: float,
-    generator: torch.Generator | None = None,
+    image_ids: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Apply a masking mode. scores [B, N] -> keep [B, N] bool.
 
@@ -102,13 +158,17 @@ def select_patches(
         scores: normalised patch scores [B, N].
         mode: one of MASKING_MODES.
         threshold: k (count modes, int(threshold)) or score threshold.
-        generator: randomness for ``random``.
+        image_ids: [B] dataset indices that key the ``random`` draw; None
+            means 0..B-1 (the draw then depends on each image's batch position).
+        seed: run seed of the ``random`` draw.
     """
     validate_masking(mode, threshold, scores.shape[1])
     if mode == "topk":
         return select_topk(scores, int(threshold))
     if mode == "random":
-        return select_random(scores, int(threshold), generator)
+        if image_ids is None:
+            image_ids = torch.arange(scores.shape[0])
+        return select_random(scores, int(threshold), image_ids, seed)
     if mode == "attention_threshold":
         return select_attention_threshold(scores, threshold)
     return select_attention_sum_threshold(scores, threshold)

@@ -1,8 +1,9 @@
 """Training small ViTs (the shipped Fashion-MNIST pair) with an optional token-drop regime.
 
-AdamW, per-step cosine schedule with linear warm-up, label smoothing, random
-translation + horizontal flip, a validation split carved from the training
-set (the test set is only reported, never used for choices), a JSON-lines log,
+AdamW, per-step cosine schedule with linear warm-up (timm's CosineLRScheduler),
+label smoothing, random translation + horizontal flip, collabvit's one
+validation split of the training set (data.validation_split, the images of
+``--split val``; the test set is only reported, never used for choices), a JSON-lines log,
 resumable at epoch boundaries and deterministic given the seed (every epoch's
 randomness is derived from (seed, epoch), so a resumed run repeats an
 uninterrupted one).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from collabvit import versions, vit
-from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST, split_indices
+from collabvit.data import (
+    FASHION_MNIST_ROOT,
+    VALIDATION_SPLIT,
+    FashionMNIST,
+    validation_split,
+)
 from collabvit.protocol import patchify
 
 
@@ -41,7 +49,6 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    val_size: int = 5000
     train_limit: int | None = None
     token_drop: float = 0.0
     augment: bool = True
@@ -55,7 +62,6 @@ class TrainConfig:
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (0 <= self.token_drop < 1, f"token drop must lie in [0, 1), got {self.token_drop}"),
             (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
-            (self.val_size >= 1, f"validation size must be >= 1, got {self.val_size}"),
             (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
         ]
         for ok, message in checks:
@@ -63,14 +69,34 @@ class TrainConfig:
                 raise ValueError(message)
 
 
-def learning_rate(
-    step: int, total_steps: int, warmup_steps: int, base: float, minimum: float
-) -> float:
-    """Linear warm-up to `base`, then cosine decay to `minimum` at `total_steps`."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(1.0, progress)))
+def training_record(config: TrainConfig) -> dict:
+    """The config a run records in its model card and weights: its fields plus the split."""
+    return {**asdict(config), "validation_split": dict(VALIDATION_SPLIT)}
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float
+) -> CosineLRScheduler:
+    """Linear warm-up to the optimiser's lr, then cosine decay to `min_lr` at `total_steps`.
+
+    Call ``step_update(s)`` before optimiser step s (0-based). With W warm-up
+    steps, step s < W trains at lr (s + 1) / W, so step W - 1 is the peak;
+    then the cosine runs from the peak to `min_lr`, reached at s = total_steps.
+    """
+    warmup_steps = min(warmup_steps, total_steps)
+    # timm's warm-up climbs from warmup_lr_init to lr over warmup_t steps; starting
+    # at lr / W and peaking one step early makes the first step train at lr / W, not 0
+    warmup_t = max(warmup_steps - 1, 0)
+    lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps - warmup_t,
+        lr_min=min_lr,
+        warmup_t=warmup_t,
+        warmup_lr_init=lr / max(warmup_steps, 1),
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
@@ -145,7 +171,8 @@ class Trainer:
             raise ValueError(
                 f"training images are {tuple(images.shape[1:])}, the model takes {expected}"
             )
-        train_index, val_index = split_indices(len(labels), config.val_size, config.seed)
+        # not the training seed: every run holds out the images of `--split val`
+        train_index, val_index = validation_split(len(labels))
         if config.train_limit is not None:
             train_index = train_index[: config.train_limit]
         self.train_images, self.train_labels = images[train_index], labels[train_index]
@@ -155,6 +182,12 @@ class Trainer:
         )
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
+        self.scheduler = lr_scheduler(
+            self.optimizer,
+            config.epochs * self.steps_per_epoch,
+            round(config.warmup_epochs * self.steps_per_epoch),
+            config.min_lr,
+        )
         self.log: list[dict] = []
         self.start_epoch = 0
 
@@ -193,8 +226,6 @@ class Trainer:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(len(self.train_labels), generator=generator)
-        total_steps = cfg.epochs * self.steps_per_epoch
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.model.train()
         loss_sum, correct, seen, started = 0.0, 0, 0, time.time()
         quiet = None if self.progress is None else not self.progress
@@ -206,9 +237,8 @@ class Trainer:
             if cfg.augment:
                 images = augment(images, generator)
             step = epoch * self.steps_per_epoch + step_in_epoch
-            lr = learning_rate(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self.scheduler.step_update(step)
+            lr = self.optimizer.param_groups[0]["lr"]
             loss, logits = self._loss(images, labels, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -239,16 +269,22 @@ class Trainer:
         torch.save(state, temporary)
         temporary.replace(self.checkpoint_path)  # never leave a half-written checkpoint
 
-    def fit(self, on_epoch=None) -> list[dict]:
-        """Train the remaining epochs; checkpoint and log after each."""
+    def epochs(self) -> Iterator[dict]:
+        """Train the remaining epochs, yielding each one's log record after checkpointing it."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        config = json.dumps(training_record(self.config), indent=2)
+        (self.out_dir / "config.json").write_text(config + "\n")
         for epoch in range(self.start_epoch, self.config.epochs):
             record = self.train_epoch(epoch)
             self.log.append(record)
             with (self.out_dir / "log.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             self.save_checkpoint(epoch + 1)
+            yield record
+
+    def fit(self, on_epoch=None) -> list[dict]:
+        """Train the remaining epochs; checkpoint and log after each."""
+        for record in self.epochs():
             if on_epoch is not None:
                 on_epoch(record)
         return self.log
@@ -258,20 +294,21 @@ class Trainer:
         state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
                  for k, v in self.model.state_dict().items()}  # fmt: skip
         weights = self.out_dir / "model.safetensors"
-        metadata = {"model": self.config.model, "config": json.dumps(asdict(self.config))}
+        metadata = {"model": self.config.model, "config": json.dumps(training_record(self.config))}
         save_file(state, str(weights), metadata=metadata)
         card = {
             "model": self.config.model,
             "architecture": {k: v for k, v in vit.geometry(self.model).__dict__.items()},
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "storage": "float16" if half else "float32",
-            "training": asdict(self.config),
+            "training": training_record(self.config),
             "data": {
                 "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)",
                 "train_images": len(self.train_labels),
                 "validation_images": len(self.val_labels),
-                "validation": f"{self.config.val_size} images of the training set, split with seed "
-                f"{self.config.seed}",
+                "validation_split": dict(VALIDATION_SPLIT),
+                "validation": f"{VALIDATION_SPLIT['size']} images of the training set, split with "
+                f"seed {VALIDATION_SPLIT['seed']} (Fashion-MNIST --split val)",
             },
             "validation_acc": self.log[-1]["val_acc"] if self.log else None,
             "log": self.log,
@@ -281,3 +318,28 @@ class Trainer:
             card["test_acc"] = accuracy(self.model, test_images, test_labels)
         (self.out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         return weights
+
+
+def train(config: TrainConfig, run) -> Iterator[str]:
+    """A whole `collabvit train` run, yielding the lines it reports.
+
+    `run` names out_dir, resume and quiet (config.TrainRun). Raises ValueError
+    (before training) when out_dir holds a checkpoint and resume is not asked for.
+    Ends by exporting the weights and model card, with the test accuracy.
+    """
+    trainer = Trainer(config, run.out_dir, progress=False if run.quiet else None)
+    if run.resume:
+        if trainer.resume():
+            yield f"resuming after epoch {trainer.start_epoch}"
+    elif trainer.checkpoint_path.is_file():
+        raise ValueError(f"{trainer.checkpoint_path} exists: pass --resume or another --out-dir")
+    test = FashionMNIST(config.data_path, "test")  # read first: a missing file fails early
+    for r in trainer.epochs():
+        yield (
+            f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} % | "
+            f"val acc {r['val_acc']:.2f} % | {r['seconds']} s"
+        )
+    weights = trainer.export(test.images, test.labels)
+    card = json.loads((trainer.out_dir / "model_card.json").read_text())
+    validation, test_acc = card["validation_acc"], card["test_acc"]
+    yield f"wrote {weights}: validation {validation:.2f} %, test {test_acc:.2f} %"

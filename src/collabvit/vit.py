@@ -12,8 +12,11 @@ T = prefix + N tokens, L selected patches (padded), E embedding width.
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import socket
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ import timm
 import timm.data
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -191,15 +195,99 @@ def _local_pretrained_file(name: str) -> Path | None:
     return Path(file)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A timm state dict from safetensors or .pth (weights_only; nested under 'model' is fine)."""
+_NOT_WEIGHTS = "expected .safetensors or a PyTorch .pth checkpoint"
+_MODEL_KEYS = ("state_dict", "model")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+def _weights_format(path: Path) -> str | None:
+    """``"safetensors"``, ``"torch"`` or None, judged from the file's content, not its name."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        # torch.save writes a zip with a pickled record; other zips are not checkpoints
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return None
+        return "torch" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else None
+    if head[:1] == b"\x80":  # a pickle stream: torch.save's legacy (pre-zip) format
+        return "torch"
+    # safetensors: little-endian u64 header length, then a JSON header
+    if len(head) == 9 and head[8:9] == b"{":
+        if 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+            return "safetensors"
+    return None
+
+
+def _load_checkpoint(path: Path, kind: str) -> object:
+    """The file's content: a flat tensor dict (safetensors) or what torch.save stored."""
+    if kind == "safetensors":
+        return load_safetensors(str(path))
+    # weights_only: never run code from a file. timm's training checkpoints also store
+    # their argparse arguments next to the weights, a plain data class that is safe to load.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _pick_state_dict(checkpoint: object, use_ema: bool, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict to load from a checkpoint's content.
+
+    A training checkpoint nests the weights under ``state_dict`` or ``model``
+    and, with an EMA, the averaged weights under ``state_dict_ema`` or
+    ``model_ema``; a plain one is the state dict itself.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ModelError(f"{path} holds no model weights (a {type(checkpoint).__name__})")
+    keys = _EMA_KEYS if use_ema else _MODEL_KEYS
+    nested = [checkpoint[key] for key in keys if isinstance(checkpoint.get(key), Mapping)]
+    if nested:
+        state = nested[0]
+    elif use_ema:
+        raise ModelError(
+            f"{path} holds no EMA weights (no 'model_ema' or 'state_dict_ema'); load it "
+            "without use_ema to get its model weights"
+        )
+    else:
+        state = checkpoint
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(
+            f"{path} holds no model weights: expected a state dict of tensors, or one under "
+            "'model' or 'state_dict'"
+        )
+    return timm.models.clean_state_dict(dict(state))  # drops DDP / torch.compile prefixes
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """A timm state dict from a safetensors file or a PyTorch checkpoint.
+
+    Checkpoints are read with ``weights_only``. When a checkpoint holds both
+    the trained weights and their EMA, the trained weights (``model``) are
+    read unless `use_ema`; `use_ema` on a file without an EMA is an error,
+    never a silent fallback.
+
+    Raises:
+        ModelError: one-line reason (missing file, not a weights file,
+            unreadable, no EMA, no state dict).
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
+    kind = _weights_format(path)
+    if kind is None:
+        raise ModelError(f"{path} is not a weights file: {_NOT_WEIGHTS}")
     try:
-        return timm.models.load_state_dict(str(path), weights_only=True)
-    except Exception as error:  # pickle, safetensors and zip errors have no common base
-        raise ModelError(f"cannot read weights from {path}: {error}") from error
+        checkpoint = _load_checkpoint(path, kind)
+    except pickle.UnpicklingError as error:
+        raise ModelError(
+            f"cannot read weights from {path}: it stores Python objects other than tensors, "
+            "which are never loaded; save the model's state_dict() instead"
+        ) from error
+    except Exception as error:  # torch and safetensors raise many unrelated types
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise ModelError(f"cannot read weights from {path}: {lines[0]}") from error
+    return _pick_state_dict(checkpoint, use_ema, path)
 
 
 def create_vit(
@@ -208,6 +296,7 @@ def create_vit(
     model_kwargs: Mapping | None = None,
     server: bool = False,
     pretrained: bool = True,
+    use_ema: bool = False,
 ) -> VisionTransformer:
     """Create a timm ViT in eval mode, with weights from a file or timm's hub.
 
@@ -218,6 +307,8 @@ def create_vit(
         model_kwargs: overrides of the architecture (img_size, depth, ...).
         server: check what server use needs too.
         pretrained: False gives random weights (tests, training from scratch).
+        use_ema: from a checkpoint holding both, load the EMA weights instead
+            of the trained ones (an error when the file has no EMA).
     """
     kwargs = dict(model_kwargs or {})
     if not timm.is_model(name):
@@ -230,7 +321,7 @@ def create_vit(
     if weights is None and pretrained:
         weights = _local_pretrained_file(name)  # shipped models: no second construction
     if weights is not None:
-        state = read_state_dict(weights)
+        state = read_state_dict(weights, use_ema=use_ema)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as error:
@@ -255,6 +346,11 @@ def create_vit(
     return model.eval()
 
 
+def compute_dtype(model: VisionTransformer) -> torch.dtype:
+    """The dtype the model computes in: that of its parameters (float32, float16, bfloat16)."""
+    return model.patch_embed.proj.weight.dtype
+
+
 def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """Token sequence entering the first block. images [B, C, H, W] normalised -> [B, T, E]."""
     x = model.patch_embed(images)
@@ -264,8 +360,8 @@ def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
 
 
 def _head(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Final norm and classifier. x [B, T, E] -> logits [B, classes]."""
-    return model.forward_head(model.norm(x))
+    """Final norm and classifier. x [B, T, E] -> float32 logits [B, classes]."""
+    return model.forward_head(model.norm(x)).float()
 
 
 def _block_query_key(block: Block, x: torch.Tensor, class_row_only: bool) -> tuple:
@@ -292,6 +388,11 @@ def _block_query_key(block: Block, x: torch.Tensor, class_row_only: bool) -> tup
     return attn.q_norm(q), attn.k_norm(k), attn.scale
 
 
+def _without_autocast(x: torch.Tensor) -> torch.autocast:
+    """A context in which float32 inputs compute in float32 even inside an autocast region."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def forward_with_scores(
     model: VisionTransformer, images: torch.Tensor, attention_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,36 +402,68 @@ def forward_with_scores(
     (from q and k, no T x T map) and every block keeps fused attention. In
     ``rollout`` mode each block's full attention map is needed.
 
+    The blocks run in the model's dtype (or an enclosing autocast's); the
+    attention probabilities behind the scores, and the rollout's products, are
+    computed in float32 from the blocks' q and k, because in half precision
+    the small patch scores that the selection policies threshold lose most of
+    their digits.
+
     Args:
-        model: a supported ViT in eval mode.
-        images: normalised [B, C, H, W].
+        model: a supported ViT in eval mode, float32, float16 or bfloat16.
+        images: normalised [B, C, H, W] float32 (cast to the model's dtype).
         attention_mode: ``mean`` or ``rollout``.
 
     Returns:
-        logits [B, classes], scores [B, N].
+        logits [B, classes] float32, scores [B, N] float32.
     """
     if attention_mode not in ATTENTION_MODES:
         raise ValueError(
             f"unknown attention mode {attention_mode!r}; choose one of {ATTENTION_MODES}"
         )
     prefix = model.num_prefix_tokens
-    x = _embed(model, images)
+    x = _embed(model, images.to(compute_dtype(model)))
     if attention_mode == "mean":
         *early, last = model.blocks
         for block in early:
             x = block(x)
         q, k, scale = _block_query_key(last, x, class_row_only=True)
-        class_row = attention_probabilities(q, k, scale)[:, :, 0]
-        scores = mean_scores(class_row, prefix)
+        with _without_autocast(x):
+            class_row = attention_probabilities(q.float(), k.float(), scale)[:, :, 0]
+            scores = mean_scores(class_row, prefix)
         x = last(x)
     else:
         maps = []
         for block in model.blocks:
             q, k, scale = _block_query_key(block, x, class_row_only=False)
-            maps.append(attention_probabilities(q, k, scale))
+            with _without_autocast(x):
+                maps.append(attention_probabilities(q.float(), k.float(), scale))
             x = block(x)
-        scores = rollout_scores(maps, prefix)
+        with _without_autocast(x):
+            scores = rollout_scores(maps, prefix)
     return _head(model, x), scores
+
+
+def key_padding_bias(
+    valid: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention bias that hides padded keys from every query.
+
+    A float bias (0 or -inf added to the attention logits) means the same to
+    PyTorch's fused attention and to timm's explicit softmax path, whatever
+    the timm version; a boolean mask does not (older timm added it to the
+    logits as 0/1 on the explicit path).
+
+    Args:
+        valid: [B, L] bool, False marks a padded patch slot.
+        num_prefix_tokens: prefix tokens in front of the patches (always real).
+        dtype: the activations' dtype.
+
+    Returns:
+        [B, 1, 1, prefix + L] of `dtype`: 0 for real keys, -inf for padded ones.
+    """
+    keys = torch.cat([valid.new_ones(valid.shape[0], num_prefix_tokens), valid], dim=1)
+    bias = torch.zeros(keys.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~keys, float("-inf"))[:, None, None, :]
 
 
 def forward_selected(
@@ -343,22 +476,24 @@ def forward_selected(
 
     Each kept patch is embedded with the model's own patch projection and gets
     the position embedding of its grid position; prefix tokens are prepended
-    with theirs. Padding is excluded from attention by a key mask and never
-    reaches the class-token head. With every patch kept this equals model(x).
+    with theirs. Padding is excluded from attention by an additive key bias
+    (see key_padding_bias) and never reaches the class-token head. With every
+    patch kept this equals model(x).
 
     Args:
-        model: a supported ViT in eval mode (class-token pooling).
-        patches: normalised pixels [B, L, C, P, P].
+        model: a supported ViT in eval mode (class-token pooling), float32,
+            float16 or bfloat16.
+        patches: normalised pixels [B, L, C, P, P] float32 (cast to the model's dtype).
         positions: row-major grid index of each patch [B, L] int64 (any valid
             index where padded).
         valid: [B, L] bool, False marks padding; None means no padding.
 
     Returns:
-        logits [B, classes].
+        logits [B, classes] float32.
     """
     batch, length = positions.shape
     proj = model.patch_embed.proj
-    tokens = F.linear(patches.flatten(2), proj.weight.flatten(1), proj.bias)
+    tokens = F.linear(patches.flatten(2).to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
     tokens = model.patch_embed.norm(tokens)
     num_patches = model.patch_embed.num_patches
     # _pos_embed is additive, so embedding zeros yields the position table itself:
@@ -371,8 +506,7 @@ def forward_selected(
     x = model.norm_pre(x)
     attn_mask = None
     if valid is not None and not bool(valid.all()):
-        keys = torch.cat([valid.new_ones(batch, prefix), valid], dim=1)
-        attn_mask = keys[:, None, None, :]  # [B, 1, 1, T]: every query sees only real keys
+        attn_mask = key_padding_bias(valid, prefix, x.dtype)
     for block in model.blocks:
         x = block(x, attn_mask=attn_mask)
     return _head(model, x)

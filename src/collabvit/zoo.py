@@ -12,9 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import fields
+
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from collabvit.config import EdgeConfig
+
+EDGE_CONFIG_FIELDS = tuple(item.name for item in fields(EdgeConfig))
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Fashion-MNIST training-set pixel statistics (on [0, 1]).
@@ -42,6 +47,19 @@ def model_card(name: str) -> dict:
     """The shipped model card (config, recipe, data, accuracies, version); {} if absent."""
     path = WEIGHTS_DIR / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def default_operating_point(edge: str, server: str) -> EdgeConfig:
+    """The operating point shipped with an edge model for its server, else the paper's.
+
+    The shipped Fashion-MNIST pair's point was chosen on the validation split
+    (the edge's model card says how); any other pair gets the paper's
+    delta 0.97 / eta 1.0 with mean attention and min-entropy.
+    """
+    point = model_card(edge.split(".")[0]).get("operating_point")
+    if not point or point.get("server") != server.split(".")[0]:
+        return EdgeConfig()
+    return EdgeConfig(**{key: point[key] for key in EDGE_CONFIG_FIELDS})
 
 
 def is_shipped(name: str) -> bool:

@@ -1,0 +1,371 @@
+"""What a run is made of, as small frozen dataclasses, and the names of the method's modes.
+
+This module imports neither torch nor timm, so the command line can be built
+(and `collabvit --help` answered) without loading them. The `collabvit`
+command generates its flags from these fields (see flags.py): each option is
+declared once, here, with its help text; results record `asdict` of them.
+Values are validated on construction (ValueError with a one-line reason).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ATTENTION_MODES = ("mean", "rollout")
+MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
+COUNT_MODES = ("random", "topk")
+UNCERTAINTY_MODES = ("shannon_entropy", "min_entropy", "margin", "none")
+DATA_SETS = ("fmnist", "imagenet", "tensors")
+FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
+
+# The paper's operating point, for models that do not ship one of their own.
+PAPER_DELTA = 0.97
+PAPER_ETA = 1.0
+
+
+def flag(help: str, **argparse_options) -> dict:
+    """Field metadata for flags.py: the help text and argparse options of one flag."""
+    return {"help": help, **argparse_options}
+
+
+def canonical_uncertainty_mode(mode: str | None) -> str:
+    """Map the accepted spellings onto UNCERTAINTY_MODES ('' and None mean 'none')."""
+    if mode is None or mode in ("", "none"):
+        return "none"
+    if mode not in UNCERTAINTY_MODES:
+        raise ValueError(
+            f"unknown uncertainty mode {mode!r}; choose one of {', '.join(UNCERTAINTY_MODES)}"
+        )
+    return mode
+
+
+def validate_masking(mode: str, threshold: float, num_patches: int | None = None) -> None:
+    """Raise ValueError with a one-line reason if (mode, threshold) is unusable.
+
+    Args:
+        mode: one of MASKING_MODES.
+        threshold: k for the count modes, a score threshold otherwise.
+        num_patches: N, when known, to reject k > N.
+    """
+    if mode not in MASKING_MODES:
+        raise ValueError(f"unknown masking mode {mode!r}; choose one of {', '.join(MASKING_MODES)}")
+    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"masking threshold must be a finite number, got {threshold}")
+    if mode in COUNT_MODES:
+        if threshold < 0:
+            raise ValueError(
+                f"{mode} keeps k = int(threshold) patches; k must be >= 0, got {threshold}"
+            )
+        if num_patches is not None and int(threshold) > num_patches:
+            raise ValueError(
+                f"{mode} asks for k = {int(threshold)} patches but the model has only {num_patches}"
+            )
+    elif mode == "attention_sum_threshold" and not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"attention_sum_threshold takes a cumulative attention share in [0, 1], got {threshold}"
+        )
+    elif mode == "attention_threshold" and threshold < 0:
+        raise ValueError(
+            f"attention_threshold must be >= 0 (scores are non-negative), got {threshold}"
+        )
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, with which weights. The edge's flags are --model, --model-weights, ...;
+    the server's --server-model, --server-weights, ... (flags.EDGE_FLAGS, SERVER_FLAGS)."""
+
+    name: str = field(default="collabvit_fmnist_edge", metadata=flag(
+        "a timm ViT name, e.g. deit_tiny_patch16_224 (default: %(default)s)", metavar="NAME"))
+    weights: str | None = field(default=None, metadata=flag(
+        ".safetensors or .pth (the DeiT release's nested 'model' is fine); without it a shipped "
+        "collabvit model loads from the package and any other asks timm's hub", metavar="FILE"))
+    kwargs: dict = field(default_factory=dict, metadata=flag(
+        "architecture overrides for timm.create_model, e.g. '{\"img_size\": 32}'",
+        type="json", metavar="JSON"))
+    use_ema: bool = field(default=False, metadata=flag(
+        "load the checkpoint's EMA weights (model_ema) instead of its model"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which images, read how."""
+
+    data_set: str = field(default="fmnist", metadata=flag(
+        "imagenet: ImageNet-style folder (synset folders get their ImageNet indices) with the "
+        "edge model's eval transform; fmnist: Fashion-MNIST IDX files; tensors: a safetensors "
+        "file with images and targets (default: %(default)s)", choices=DATA_SETS))
+    data_path: str | None = field(default=None, metadata=flag(
+        "ROOT with ROOT/val/<class>/<image> or ROOT/<class>/<image>; the Fashion-MNIST folder "
+        "(default /usr/share/datasets/fashion-mnist); or the tensor file", metavar="PATH"))
+    split: str = field(default="test", metadata=flag(
+        "Fashion-MNIST split: test (10,000); val: the 5,000 training images collabvit's "
+        "training holds out; train: the other 55,000; train-all: all 60,000 training images "
+        "(default: %(default)s)", choices=FASHION_MNIST_SPLITS))
+    crop_pct: float | None = field(default=None, metadata=flag(
+        "centre-crop fraction for ImageNet-style data (default: 0.875 = resize 256, crop 224 "
+        "for the DeiT-224 models, as the reference; timm's value for other models)",
+        type="fraction", metavar="F"))
+    limit: int | None = field(default=None, metadata=flag(
+        "only the first N images", type="positive_int", metavar="N"))
+    inputs_normalized: bool = field(default=False, metadata=flag(
+        "the images are already normalised: both models take them as they are"))
+    batch_size: int = field(default=64, metadata=flag(
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    num_workers: int = field(default=0, metadata=flag(
+        "data loading processes (default: %(default)s)", type="non_negative_int", metavar="N"))
+    skip_unreadable: bool = field(default=False, metadata=flag(
+        "skip and count images that cannot be read instead of stopping"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (self.data_set in DATA_SETS, f"unknown data set {self.data_set!r}; "
+             f"choose one of {', '.join(DATA_SETS)}"),
+            (self.split in FASHION_MNIST_SPLITS, f"unknown split {self.split!r}; "
+             f"choose one of {', '.join(FASHION_MNIST_SPLITS)}"),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, "crop fraction must lie in (0, 1]"),
+            (self.limit is None or self.limit >= 1, "limit must be >= 1"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.num_workers >= 0, f"data loading workers must be >= 0, got {self.num_workers}"),
+        ])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The paper's knobs: patch scores, selection and the transmission gate."""
+
+    attention_mode: str = field(default="mean", metadata=flag(
+        "patch scores from the last block's class-token attention (mean) or the reference's "
+        "attention rollout (default: %(default)s)", choices=ATTENTION_MODES))
+    masking_mode: str = field(default="attention_sum_threshold", metadata=flag(
+        "patch selection policy (default: %(default)s)", choices=MASKING_MODES))
+    masking_th: float = field(default=PAPER_DELTA, metadata=flag(
+        "k for random/topk, score threshold for attention_threshold, cumulative share delta in "
+        "[0, 1] for attention_sum_threshold (default: the shipped pair's validation-chosen "
+        "point for the shipped models, else the paper's 0.97)", type="finite", metavar="TH"))
+    uncer_mode: str = field(default="min_entropy", metadata=flag(
+        "uncertainty measure of the transmission gate; none sends every image "
+        "(default: %(default)s)", type="uncertainty_mode",
+        metavar="{" + ",".join(UNCERTAINTY_MODES) + "}"))
+    uncer_th: float = field(default=PAPER_ETA, metadata=flag(
+        "gate threshold eta: entropies below it / a margin above it stay at the edge (default: "
+        "the shipped pair's validation-chosen point for the shipped models, else the paper's "
+        "1.0)", type="finite", metavar="ETA"))
+
+    def __post_init__(self) -> None:
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(
+                f"unknown attention mode {self.attention_mode!r}; "
+                f"choose one of {', '.join(ATTENTION_MODES)}"
+            )
+        validate_masking(self.masking_mode, self.masking_th)
+        object.__setattr__(self, "uncer_mode", canonical_uncertainty_mode(self.uncer_mode))
+        if not _finite(self.uncer_th):
+            raise ValueError(f"uncertainty threshold must be a finite number, got {self.uncer_th}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes."""
+
+    device: str = field(default="cpu", metadata=flag(
+        "torch device for both models, e.g. cpu, cuda, cuda:1 (default: %(default)s)"))
+    seed: int = field(default=0, metadata=flag(
+        "seed of the random policy (each image's draw depends on the seed and its index) and "
+        "of calibration splits (default: %(default)s)", type=int))
+    quiet: bool = field(default=False, metadata=flag("no progress output"))
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What `collabvit eval` writes besides its summary lines."""
+
+    results_file: str | None = field(default=None, metadata=flag(
+        "write every figure and the resolved configuration as JSON", metavar="FILE"))
+    per_image: str | None = field(default=None, metadata=flag(
+        "write one CSV row per image", metavar="FILE"))
+
+
+# The sweep's default grid: ten deltas of the paper's policy, twenty etas per measure.
+SWEEP_DELTAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+SWEEP_NUM_ETAS = 20
+SWEEP_COMPARE_AT = (0.1, 0.2, 0.27)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid of a sweep, what to report and where."""
+
+    out_dir: str = field(default="", metadata=flag(
+        "writes points.jsonl, points.csv, sweep.json, frontier.png/svg", required=True,
+        metavar="DIR"))
+    attention_modes: tuple[str, ...] = field(default=("mean",), metadata=flag(
+        "patch scores to sweep; each mode costs one edge pass (default: mean)", nargs="+",
+        choices=ATTENTION_MODES))
+    policy: tuple[tuple[str, tuple[float, ...]], ...] = field(
+        default=(("attention_sum_threshold", SWEEP_DELTAS),), metadata=flag(
+            "a selection policy and its thresholds, repeatable, e.g. topk=20,30,40 (default: "
+            f"attention_sum_threshold={','.join(map(str, SWEEP_DELTAS))})", type="policy",
+            action="append", metavar="MODE=TH,..."))
+    uncer_modes: tuple[str, ...] = field(default=("min_entropy",), metadata=flag(
+        "uncertainty measures of the gate (default: min_entropy)", nargs="+",
+        type="uncertainty_mode", metavar="MODE"))
+    num_etas: int = field(default=SWEEP_NUM_ETAS, metadata=flag(
+        "N etas per measure, sending evenly spaced shares of the images from none (edge "
+        "alone) to all (default: %(default)s)", type="num_etas", metavar="N", exclusive="etas"))
+    etas: tuple[float, ...] | None = field(default=None, metadata=flag(
+        "explicit etas for every measure instead of --num-etas", type="number_list",
+        metavar="ETA,...", exclusive="etas"))
+    compare_at: tuple[float, ...] = field(default=SWEEP_COMPARE_AT, metadata=flag(
+        "report each series' best accuracy at these costs (default: "
+        f"{','.join(map(str, SWEEP_COMPARE_AT))})", type="cost_list", metavar="COST,..."))
+    no_server_alone: bool = field(default=False, metadata=flag(
+        "skip the server-alone reference pass (all patches of every image)"))
+    budget: float | None = field(default=None, metadata=flag(
+        "pick the most accurate point with communication cost <= C on the calibration part "
+        "and report it on the held-out part", type="cost", metavar="C", exclusive="goal"))
+    target_acc: float | None = field(default=None, metadata=flag(
+        "pick the cheapest point with accuracy >= A %% on the calibration part",
+        type="percent", metavar="A", exclusive="goal"))
+    calibration_fraction: float = field(default=0.5, metadata=flag(
+        "share of the images, drawn at random with --seed, used for calibration; the rest is "
+        "held out (default: %(default)s)", type="open_fraction", metavar="F"))
+    temperature_scaling: bool = field(default=False, metadata=flag(
+        "also fit a temperature to the edge logits on the calibration part, sweep the gate on "
+        "the scaled logits and report the calibration error before and after"))
+    no_plots: bool = field(default=False, metadata=flag("do not draw the frontier"))
+
+    def __post_init__(self) -> None:
+        for mode, thresholds in self.policy:
+            if not thresholds:
+                raise ValueError(f"policy {mode} has no thresholds")
+            for threshold in thresholds:
+                validate_masking(mode, threshold)
+        object.__setattr__(
+            self, "uncer_modes", tuple(canonical_uncertainty_mode(m) for m in self.uncer_modes)
+        )
+        _require([
+            (bool(self.out_dir), "the sweep needs an output folder (--out-dir)"),
+            (bool(self.attention_modes) and set(self.attention_modes) <= set(ATTENTION_MODES),
+             f"attention modes must be among {', '.join(ATTENTION_MODES)}"),
+            (1 <= self.num_etas <= 1000, f"--num-etas must lie in 1..1000, got {self.num_etas}"),
+            (self.etas is None or (bool(self.etas) and all(map(_finite, self.etas))),
+             "etas must be finite numbers"),
+            (all(_finite(c) and c >= 0 for c in self.compare_at), "costs must be >= 0"),
+            (self.budget is None or self.target_acc is None,
+             "give at most one of --budget and --target-acc"),
+            (self.budget is None or (_finite(self.budget) and self.budget >= 0),
+             "the budget must be a cost >= 0"),
+            (self.target_acc is None or 0 <= self.target_acc <= 100,
+             "the target accuracy must lie in [0, 100]"),
+            (0 < self.calibration_fraction < 1, "the calibration fraction must lie in (0, 1)"),
+        ])  # fmt: skip
+
+    @property
+    def calibrating(self) -> bool:
+        """A point is picked on a calibration part and checked on the held-out part."""
+        return self.budget is not None or self.target_acc is not None
+
+    def selection_policies(self) -> tuple[tuple[str, float], ...]:
+        """The (mode, threshold) pairs of the grid, without repeats, in the given order."""
+        return tuple(dict.fromkeys((m, float(t)) for m, ths in self.policy for t in ths))
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """What `collabvit visualize` draws."""
+
+    output_dir: str = field(default="", metadata=flag(
+        "where the PNG/SVG/CSV go", required=True, metavar="DIR"))
+    indices: tuple[int, ...] = field(default=(), metadata=flag(
+        "dataset indices to draw: original, attention heatmap, masked image (the random "
+        "policy draws each image's patches from --seed and its index)", type=int, nargs="+",
+        metavar="I", aliases=("--output-list",)))
+    attention_histogram: bool = field(default=False, metadata=flag(
+        "also histogram every patch score over the dataset (use --limit for a part)"))
+    bins: int = field(default=50, metadata=flag(
+        "histogram bins (default: %(default)s)", type="num_bins", metavar="N"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (bool(self.output_dir), "visualize needs an output folder (--output-dir)"),
+            (1 <= self.bins <= 10_000, f"--bins must lie in 1..10000, got {self.bins}"),
+            (bool(self.indices) or self.attention_histogram,
+             "nothing to draw: give --indices and/or --attention-histogram"),
+        ])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (written into its checkpoint and model card).
+
+    The validation split is not a knob: every run holds out the same 5,000 training
+    images (data.py), whatever its seed.
+    """
+
+    model: str = field(default="collabvit_fmnist_edge", metadata=flag(
+        "timm ViT name or a named collabvit architecture: collabvit_fmnist_edge, "
+        "collabvit_fmnist_server (default: %(default)s)", metavar="NAME"))
+    model_kwargs: dict = field(default_factory=dict, metadata=flag(
+        "architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'", type="json",
+        metavar="JSON"))
+    data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
+        "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))
+    epochs: int = field(default=30, metadata=flag(
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    batch_size: int = field(default=128, metadata=flag(
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    lr: float = field(default=1e-3, metadata=flag(
+        "peak AdamW learning rate (default: %(default)s)", type="finite"))
+    min_lr: float = field(default=1e-5, metadata=flag(
+        "learning rate at the end of the cosine schedule (default: %(default)s)", type="finite"))
+    weight_decay: float = field(default=0.05, metadata=flag(
+        "(default: %(default)s)", type="finite"))
+    warmup_epochs: float = field(default=1.0, metadata=flag(
+        "linear warm-up, in epochs (default: %(default)s)", type="finite"))
+    label_smoothing: float = field(default=0.1, metadata=flag(
+        "(default: %(default)s)", type="finite"))
+    train_limit: int | None = field(default=None, metadata=flag(
+        "train on only N images (smoke tests)", type="positive_int", metavar="N"))
+    token_drop: float = field(default=0.0, metadata=flag(
+        "token-drop training: each batch keeps a random subset of between (1-P) N and N "
+        "patches per image (default: %(default)s, off)", type="finite", metavar="P"))
+    augment: bool = field(default=True, metadata=flag("no random shift/flip"))
+    bf16: bool = field(default=False, metadata=flag(
+        "bfloat16 autocast (faster on CPUs with AVX512-BF16)"))
+    seed: int = field(default=0, metadata=flag(
+        "weight initialisation and batch order (default: %(default)s)", type=int))
+
+    def __post_init__(self) -> None:
+        _require([
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (0 <= self.min_lr <= self.lr, "the minimum learning rate must lie in [0, lr]"),
+            (0 <= self.token_drop < 1, f"token drop must lie in [0, 1), got {self.token_drop}"),
+            (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
+            (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
+            (self.weight_decay >= 0, "weight decay must be >= 0"),
+        ])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where a training run writes, and how it reports."""
+
+    out_dir: str = field(default="", metadata=flag(
+        "checkpoint (last.pt), log.jsonl, config.json, model.safetensors, model_card.json",
+        required=True, metavar="DIR"))
+    resume: bool = field(default=False, metadata=flag("continue from DIR/last.pt"))
+    quiet: bool = field(default=False, metadata=flag("no progress output"))

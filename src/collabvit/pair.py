@@ -1,0 +1,132 @@
+"""An edge model, a server model and the images they run on, loaded and checked together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from collabvit import data, vit, zoo
+from collabvit.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.edge import EdgeDevice
+from collabvit.server import Server
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device that can hold a tensor here, or ValueError with a one-line reason."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r} (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"device {name!r} cannot be used here: {reason}") from error
+    return device
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Both models on one device and the dataset they run on.
+
+    Attributes:
+        warnings: one-line notes a user should see (e.g. a validation split that overlaps
+            a model's training images, folder labels that may not match the model's classes).
+    """
+
+    edge_model: torch.nn.Module
+    server_model: torch.nn.Module
+    dataset: Dataset
+    device: torch.device
+    normalization: vit.Normalization | None
+    edge_spec: ModelSpec
+    server_spec: ModelSpec
+    data_spec: DataSpec
+    warnings: tuple[str, ...] = field(default=())
+
+    def edge(self, config: EdgeConfig) -> EdgeDevice:
+        return EdgeDevice(self.edge_model, config, self.device, self.normalization)
+
+    def server(self) -> Server:
+        return Server(self.server_model, self.device, self.normalization)
+
+    def loader(self, dataset: Dataset | None = None) -> DataLoader:
+        """Batches (images, targets, dataset indices) of `dataset` (default: the pair's)."""
+        spec = self.data_spec
+        return data.indexed_loader(
+            self.dataset if dataset is None else dataset, spec.batch_size, spec.num_workers,
+            skip_unreadable=spec.skip_unreadable,
+        )  # fmt: skip
+
+    def class_names(self) -> list[str]:
+        """A readable name for each of the models' classes."""
+        return data.class_names(self.dataset, vit.geometry(self.edge_model).num_classes)
+
+    def default_config(self) -> EdgeConfig:
+        """The operating point shipped with this pair of models, else the paper's."""
+        return zoo.default_operating_point(self.edge_spec.name, self.server_spec.name)
+
+
+def load_model(spec: ModelSpec, server: bool = False) -> torch.nn.Module:
+    """A supported timm ViT in eval mode, from the spec (ModelError with a one-line reason)."""
+    return vit.create_vit(spec.name, spec.weights, spec.kwargs, server=server, use_ema=spec.use_ema)
+
+
+def load_pair(
+    edge: ModelSpec, server: ModelSpec, dataset: DataSpec, device: str = "cpu"
+) -> Pair:
+    """Build both models and the dataset, and check that they fit together.
+
+    Raises ValueError (ModelError, DataError) with a one-line reason for any user mistake:
+    unknown model or device, unreadable weights, edge and server of different geometry,
+    missing or empty data, images of another size than the models take.
+    """
+    torch_device = resolve_device(device)
+    edge_model = load_model(edge)
+    server_model = load_model(server, server=True)
+    vit.check_compatible(edge_model, server_model)
+    images = data.build_dataset(
+        dataset.data_set, dataset.data_path, edge_model, dataset.split, dataset.crop_pct
+    )
+    if dataset.limit is not None:
+        images = Subset(images, range(min(dataset.limit, len(images))))
+    if len(images) == 0:
+        raise data.DataError("the dataset is empty")
+    geometry = vit.geometry(edge_model)
+    notes = []
+    problem = data.label_fit_problem(images, geometry.num_classes)
+    if problem:
+        notes.append(problem)
+    if dataset.data_set == "fmnist" and dataset.split == "val":
+        for role, spec in (("edge", edge), ("server", server)):
+            recorded = data.recorded_training_config(spec.name, spec.weights)
+            overlap = data.val_overlap(recorded) if recorded else 0
+            if overlap:
+                notes.append(
+                    f"the {role} model {spec.name} was trained on {overlap} of the "
+                    f"validation split's images (its run held out another validation "
+                    "split): its accuracy on --split val is optimistic"
+                )
+    normalization = vit.Normalization.identity() if dataset.inputs_normalized else None
+    pair = Pair(edge_model, server_model, images, torch_device, normalization, edge, server,
+                dataset, tuple(notes))  # fmt: skip
+    _check_first_image(pair, geometry)
+    return pair
+
+
+def _check_first_image(pair: Pair, geometry: vit.Geometry) -> None:
+    """Images of another size than the models take are a clear error before any work."""
+    first = next(iter(pair.loader(Subset(pair.dataset, range(min(1, len(pair.dataset)))))), None)
+    if first is None:  # the only candidate was unreadable and skipped: the loop will tell
+        return
+    shape = tuple(first[0].shape[1:])
+    expected = (geometry.in_chans, *geometry.img_size)
+    if shape != expected:
+        raise data.DataError(
+            f"{pair.data_spec.data_set} images are {'x'.join(map(str, shape))} but the edge "
+            f"model takes {'x'.join(map(str, expected))}"
+        )

@@ -1,0 +1,281 @@
+"""The sweep's forward passes: one edge pass over a dataset, one server pass per selection.
+
+The gate threshold eta only decides which images use the server's answer, so
+for a fixed selection every eta is evaluated from the same two sets of logits.
+The gate and the selection are the edge's own decision step (edge.gate,
+edge.select), and the figures come from metrics.RunningSummary, exactly as in
+`collabvit eval`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from collabvit.config import EdgeConfig, canonical_uncertainty_mode
+from collabvit.edge import EdgeDevice, gate, select
+from collabvit.frontier import SweepPoint
+from collabvit.metrics import RunningSummary, Summary
+from collabvit.progress import progress_bar
+from collabvit.protocol import build_payloads
+from collabvit.selection import selection_statistics
+from collabvit.server import Server
+from collabvit.uncertainty import uncertainty
+
+
+@dataclass(frozen=True)
+class EdgePass:
+    """The edge's outputs over a dataset, kept for sweeping.
+
+    Attributes:
+        images: unnormalised [n, C, H, W].
+        labels: [n].
+        image_ids: dataset indices [n] int64 (they seed the ``random`` policy).
+        logits: edge logits [n, classes].
+        scores: normalised patch scores [n, N] (of the edge's attention mode).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    logits: torch.Tensor
+    scores: torch.Tensor
+
+    def subset(self, index: torch.Tensor) -> EdgePass:
+        """The pass restricted to images `index` [m] (positions in this pass)."""
+        return EdgePass(self.images[index], self.labels[index], self.image_ids[index],
+                        self.logits[index], self.scores[index])  # fmt: skip
+
+
+@torch.inference_mode()
+def run_edge(
+    edge: EdgeDevice,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    progress: bool | None = None,
+) -> EdgePass:
+    """Edge logits and patch scores for every image (the gate and selection come later).
+
+    batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]).
+    """
+    images, labels, ids, logits, scores = [], [], [], [], []
+    for batch, targets, indices in progress_bar(batches, "edge pass", unit="batch",
+                                                enabled=progress):  # fmt: skip
+        batch_logits, batch_scores = edge.scores(batch)
+        images.append(batch)
+        labels.append(targets)
+        ids.append(indices)
+        logits.append(batch_logits.cpu())
+        scores.append(batch_scores.cpu())
+    return EdgePass(torch.cat(images), torch.cat(labels), torch.cat(ids), torch.cat(logits),
+                    torch.cat(scores))  # fmt: skip
+
+
+def server_logits(
+    server: Server,
+    images: torch.Tensor,
+    keep: torch.Tensor,
+    batch_size: int = 256,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The server's logits for every image (or only `rows`) on its selection alone.
+
+    Args:
+        images: unnormalised [n, C, H, W].
+        keep: selections [n, N] bool.
+        rows: image indices [m] to classify; the other rows come back NaN.
+
+    Returns:
+        [n, classes] float32.
+    """
+    wanted = torch.arange(len(images)) if rows is None else rows
+    out = torch.full((len(images), server.geometry.num_classes), torch.nan)
+    for start in range(0, len(wanted), batch_size):
+        chunk = wanted[start : start + batch_size]
+        payloads = build_payloads(images, keep, chunk.tolist(), server.geometry.patch_size)
+        out[chunk] = server.classify(payloads).cpu()
+    return out
+
+
+def selections(edge_pass: EdgePass, config: EdgeConfig, seed: int = 0) -> torch.Tensor:
+    """What each image of the pass would send under `config`'s policy: keep [n, N] bool."""
+    return select(edge_pass.scores, config, edge_pass.image_ids, seed)
+
+
+def summarize_decisions(
+    edge_pass: EdgePass,
+    statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    server_out: torch.Tensor,
+    confident: torch.Tensor,
+) -> Summary:
+    """The summary of one operating point from decisions already made.
+
+    Args:
+        edge_pass: n images.
+        statistics: selection_statistics of the selections (size, minimum, sum; [n] each).
+        server_out: server logits [n, classes] (rows of confident images unused, may be NaN).
+        confident: the gate's decision [n] bool.
+    """
+    final = torch.where(confident[:, None], edge_pass.logits, server_out)
+    running = RunningSummary(num_patches=edge_pass.scores.shape[1])
+    running.update(edge_pass.labels, edge_pass.logits, final, confident, *statistics)
+    return running.summary()
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def eta_grid(logits: torch.Tensor, measure: str, count: int) -> list[float]:
+    """`count` gate thresholds sending evenly spaced shares of the images, none to all.
+
+    The thresholds are quantiles of the measure over `logits` [n, classes], so
+    the grid spreads evenly over the sent fraction whatever the measure's
+    scale (entropies in bits, margins in probability). The first keeps every
+    image at the edge (edge alone, cost 0), the last sends every image; with
+    count 1 only the last. Equal thresholds (ties in the data) appear once.
+    ``none`` has the single eta 0.
+    """
+    if canonical_uncertainty_mode(measure) == "none":
+        return [0.0]
+    fractions = torch.linspace(0.0, 1.0, count, dtype=torch.float64) if count > 1 else [1.0]
+    return sorted(set(etas_for_sent_fractions(logits, measure, torch.as_tensor(fractions))))
+
+
+def etas_for_sent_fractions(
+    logits: torch.Tensor, measure: str, fractions: torch.Tensor
+) -> list[float]:
+    """The etas that send about each of `fractions` [f] of the images (the most uncertain).
+
+    Entropies are confident below eta, so eta is their (1 - fraction) quantile;
+    the margin is confident above it, so eta is its fraction quantile. A
+    fraction of 1 gives the extreme value, where the strict gate sends all; a
+    fraction of 0 gives the next number beyond the other extreme, so none is sent.
+    """
+    # Stay in the measure's own dtype: the gate compares in it, so the "beyond" value
+    # must be a neighbour there, not in float64 (it would round back onto the extreme).
+    values = uncertainty(logits, measure).cpu()
+    margin = canonical_uncertainty_mode(measure) == "margin"
+    fractions = fractions.to(values.dtype).clamp(0.0, 1.0)
+    etas = torch.quantile(values, fractions if margin else 1.0 - fractions)
+    if margin:
+        beyond = torch.nextafter(values.min(), torch.tensor(-math.inf, dtype=values.dtype))
+    else:
+        beyond = torch.nextafter(values.max(), torch.tensor(math.inf, dtype=values.dtype))
+    return torch.where(fractions == 0, beyond, etas).tolist()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a sweep covers.
+
+    Attributes:
+        policies: (masking_mode, threshold) pairs; each costs one server pass.
+        gates: (temperature, measure) -> eta values; free (no forward). The
+            gate sees the edge logits divided by the temperature.
+    """
+
+    policies: tuple[tuple[str, float], ...]
+    gates: dict[tuple[float, str], tuple[float, ...]]
+
+    def __len__(self) -> int:
+        return len(self.policies) * sum(len(etas) for etas in self.gates.values())
+
+
+def gate_grid(
+    logits: torch.Tensor,
+    measures: Sequence[str],
+    num_etas: int | None = None,
+    etas: Sequence[float] | None = None,
+    temperatures: Sequence[float] = (1.0,),
+) -> dict[tuple[float, str], tuple[float, ...]]:
+    """Grid.gates: explicit `etas` for every measure, or `num_etas` from eta_grid.
+
+    logits [n, classes] are the ones the eta quantiles are taken over (e.g. the
+    calibration part's), divided by each temperature in turn.
+    """
+    gates = {}
+    for temperature in temperatures:
+        for measure in dict.fromkeys(measures):
+            if etas is not None and canonical_uncertainty_mode(measure) != "none":
+                values = tuple(etas)
+            else:
+                values = tuple(eta_grid(logits / temperature, measure, num_etas or 1))
+            gates[(temperature, measure)] = values
+    return gates
+
+
+def gate_decisions(
+    logits: torch.Tensor, gates: dict[tuple[float, str], Sequence[float]]
+) -> dict[tuple[float, str, float], torch.Tensor]:
+    """Which images each gate keeps at the edge: (temperature, measure, eta) -> [n] bool.
+
+    The gate sees logits [n, classes] / temperature; the answers stay the edge's own
+    (a positive temperature changes no prediction).
+    """
+    decisions = {}
+    for (temperature, measure), etas in gates.items():
+        for eta in etas:
+            config = EdgeConfig(uncer_mode=measure, uncer_th=eta)
+            decisions[(temperature, measure, eta)] = gate(logits, config, temperature).cpu()
+    return decisions
+
+
+def needed_rows(confident: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Images sent under at least one gate decision [n] bool: the only ones the server must see.
+
+    Returns indices [m] int64, ascending.
+    """
+    sent = None
+    for decision in confident:
+        sent = ~decision if sent is None else sent | ~decision
+    return torch.nonzero(sent).flatten() if sent is not None else torch.zeros(0, dtype=torch.long)
+
+
+def sweep_points(
+    edge_pass: EdgePass,
+    server: Server,
+    grid: Grid,
+    attention_mode: str = "mean",
+    subsets: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> list[SweepPoint]:
+    """Every operating point of the grid: one server pass per policy, the gates for free.
+
+    Each gate decides once for all policies, each selection's statistics are
+    taken once for all gates, and the server sees only images some gate sends.
+
+    Args:
+        edge_pass: the edge outputs over n images (of `attention_mode`).
+        subsets: name -> image positions [m] in the pass; each point also gets its
+            figures on each subset under that name (e.g. calibration and held-out).
+    """
+    subsets = subsets or {}
+    decisions = gate_decisions(edge_pass.logits, grid.gates)
+    rows = needed_rows(decisions.values())
+    parts = {name: edge_pass.subset(index) for name, index in subsets.items()}
+    points = []
+    for mode, threshold in progress_bar(grid.policies, "server passes", unit="pass",
+                                        enabled=progress):  # fmt: skip
+        policy = EdgeConfig(attention_mode=attention_mode, masking_mode=mode, masking_th=threshold)
+        keep = selections(edge_pass, policy, seed)
+        server_out = server_logits(server, edge_pass.images, keep, rows=rows)
+        statistics = selection_statistics(edge_pass.scores, keep)
+        for (temperature, measure, eta), confident in decisions.items():
+            figures = {
+                name: summarize_decisions(
+                    parts[name], tuple(values[index] for values in statistics),
+                    server_out[index], confident[index],
+                )
+                for name, index in subsets.items()
+            }  # fmt: skip
+            points.append(SweepPoint(
+                attention_mode=attention_mode, temperature=temperature, policy=mode,
+                threshold=threshold, measure=measure, eta=eta,
+                figures=summarize_decisions(edge_pass, statistics, server_out, confident),
+                subsets=figures,
+            ))  # fmt: skip
+    return points
+

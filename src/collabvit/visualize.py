@@ -1,0 +1,56 @@
+"""`collabvit visualize`: what the edge sends, drawn: per-image views, attention histogram."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from collabvit import passes, plots
+from collabvit.config import EdgeConfig, VisualizeConfig
+from collabvit.pair import Pair
+
+
+def draw_images(
+    pair: Pair, config: EdgeConfig, views: VisualizeConfig, out_dir: Path, seed: int = 0
+) -> Iterator[str]:
+    """Original, heatmap and masked view of each of `views.indices`; yields one line each."""
+    edge, server = pair.edge(config), pair.server()
+    names = pair.class_names()
+    total = edge.geometry.num_patches
+    for index in views.indices:
+        image, label = pair.dataset[index]
+        result = edge.process(image[None], torch.tensor([index]), seed)
+        server_answer = int(server.classify(result.payloads).argmax(1)[0])
+        edge_answer = int(result.logits.argmax(1)[0])
+        kept = int(result.keep[0].sum())
+        plots.save_patch_views(
+            image, result.scores[0], result.keep[0], edge.geometry.patch_size, out_dir,
+            f"{index:05d}", label=names[int(label)], edge_answer=names[edge_answer],
+            server_answer=names[server_answer],
+        )  # fmt: skip
+        yield (f"image {index}: label {names[int(label)]}; edge says {names[edge_answer]}, "
+               f"server on {kept}/{total} patches says {names[server_answer]} -> "
+               f"{out_dir}/{index:05d}_*.png")  # fmt: skip
+
+
+def draw_attention_histogram(
+    pair: Pair, config: EdgeConfig, views: VisualizeConfig, out_dir: Path, progress=None
+) -> str:
+    """Histogram of every patch score over the dataset (PNG, SVG and CSV); returns one line."""
+    scores = passes.run_edge(pair.edge(config), pair.loader(), progress).scores
+    counts, edges = torch.histogram(scores.flatten().float(), bins=views.bins)
+    csv_path = out_dir / "attention_histogram.csv"
+    csv_path.write_text(
+        "bin_start,bin_end,patches\n"
+        + "".join(
+            f"{a:.6g},{b:.6g},{int(c)}\n"
+            for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
+        )
+    )
+    title = (f"{config.attention_mode} attention, {len(scores)} images, "
+             f"{scores.shape[1]} patches each")  # fmt: skip
+    figure = plots.plot_histogram(counts.tolist(), edges.tolist(),
+                                  out_dir / "attention_histogram", title)  # fmt: skip
+    return f"attention histogram: {figure[0]} and {csv_path}"
