@@ -63,6 +63,10 @@ findings: setup data
 		--policy topk=25,30,35,38,41,44,49 --policy random=25,30,35,38,41,44,49
 	$(SWEEP) --out-dir runs/findings/measures --uncer-modes min_entropy shannon_entropy margin \
 		--budget 0.25 --temperature-scaling
+	for name in attention policies measures; do mkdir -p docs/findings/$$name && \
+		cp runs/findings/$$name/sweep.json runs/findings/$$name/frontier.png \
+		   docs/findings/$$name/; done
+	$(PY) scripts/findings_table.py
 
 bench: setup
 	$(PY) benchmarks/bench_forward.py

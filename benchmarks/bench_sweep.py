@@ -35,14 +35,14 @@ from bench_forward import (
     regenerate_and_machine,
     write_section,
 )
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from collabvit import vit, zoo
-from collabvit.cli import SWEEP_DELTAS, SWEEP_NUM_ETAS
-from collabvit.data import FashionMNIST
+from collabvit.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
+from collabvit.data import FashionMNIST, indexed_loader
 from collabvit.edge import EdgeConfig, EdgeDevice
+from collabvit.passes import Grid, gate_grid, run_edge, selections, server_logits, sweep_points
 from collabvit.server import Server
-from collabvit.sweep import Grid, gate_grid, run_edge, select, server_logits, sweep_points
 
 SECTION_START = "<!-- bench_sweep:start (written by benchmarks/bench_sweep.py) -->"
 SECTION_END = "<!-- bench_sweep:end -->"
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     data = FashionMNIST(split="test")
     if args.limit:
         data = Subset(data, range(args.limit))
-    loader = DataLoader(data, batch_size=500)
+    loader = indexed_loader(data, batch_size=500)
     edge = EdgeDevice(vit.create_vit(zoo.EDGE), EdgeConfig())
     server = Server(vit.create_vit(zoo.SERVER, server=True))
     policies = tuple(("attention_sum_threshold", delta) for delta in SWEEP_DELTAS)
-    points: list[dict] = []
+    points: list = []
 
     def sweep() -> None:
         edge_pass = run_edge(edge, loader, progress=False)
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     def baseline() -> None:
         edge_pass = run_edge(edge, loader, progress=False)
         for mode, threshold in policies:
-            server_logits(server, edge_pass.images, select(edge_pass, mode, threshold))
+            policy = EdgeConfig(masking_mode=mode, masking_th=threshold)
+            server_logits(server, edge_pass.images, selections(edge_pass, policy))
 
     print(f"{len(data)} images, {len(policies)} selections, {args.repeats} repetitions",
           file=sys.stderr)  # fmt: skip

@@ -5,7 +5,8 @@
 1. On the validation split (5,000 training images held out by training), sweep
    delta of attention_sum_threshold and eta of min_entropy for the shipped pair
    and pick the most accurate point whose communication cost is at most
-   --budget. These become `collabvit eval`'s defaults (see cli.py).
+   --budget. It is written into the edge's model card as the shipped pair's
+   operating point, which `collabvit eval` uses by default (zoo.py).
 2. On the test split, measure edge alone, server alone, and collaborative
    accuracy and cost for every selection policy and uncertainty measure, each
    calibrated on validation to the default's operating point (same sent
@@ -13,7 +14,8 @@
    with the token-drop server and the one trained without it (the shipped
    collabvit_fmnist_server_nodrop, or --no-drop-server).
 3. Write the table between the results markers in README.md and the raw
-   numbers to benchmarks/fmnist_results.json.
+   numbers to benchmarks/fmnist_results.json (tests/test_readme_numbers.py checks
+   that the two agree).
 """
 
 from __future__ import annotations
@@ -23,24 +25,24 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from collabvit import vit, zoo
-from collabvit.data import FashionMNIST
+from collabvit import versions, vit, zoo
+from collabvit.data import FashionMNIST, indexed_loader
 from collabvit.edge import EdgeConfig, EdgeDevice
-from collabvit.metrics import topk_correct
-from collabvit.server import Server
-from collabvit.sweep import (
+from collabvit.frontier import pick_point
+from collabvit.metrics import accuracy
+from collabvit.passes import (
     EdgePass,
     Grid,
     eta_grid,
     etas_for_sent_fractions,
-    pick_point,
     run_edge,
     server_logits,
-    summarize,
+    summarize_decisions,
     sweep_points,
 )
+from collabvit.selection import selection_statistics
+from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 DELTAS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
@@ -50,7 +52,7 @@ MEASURES = ("min_entropy", "shannon_entropy", "margin")
 def edge_pass(edge_model, split: str) -> EdgePass:
     data = FashionMNIST(split=split)
     edge = EdgeDevice(edge_model, EdgeConfig())
-    return run_edge(edge, DataLoader(data, batch_size=500), progress=False)
+    return run_edge(edge, indexed_loader(data, batch_size=500), progress=False)
 
 
 def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
@@ -61,9 +63,22 @@ def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
     if best is None:
         raise SystemExit(f"no operating point has a validation cost <= {budget}")
-    skip = ("policy", "threshold", "measure", "temperature")
-    figures = {k: v for k, v in best.items() if k not in skip}
-    return {"delta": best["threshold"], **figures}
+    return {"delta": best.threshold, "eta": best.eta, **best.figures.as_dict()}
+
+
+def ship_operating_point(default: dict, budget: float) -> None:
+    """Record the chosen point in the edge's model card, where `collabvit eval` finds it."""
+    path = zoo.WEIGHTS_DIR / f"{zoo.EDGE}.json"
+    card = json.loads(path.read_text())
+    card["operating_point"] = {
+        "server": zoo.SERVER, "attention_mode": "mean", "masking_mode": "attention_sum_threshold",
+        "masking_th": default["delta"], "uncer_mode": "min_entropy", "uncer_th": default["eta"],
+        "chosen": "scripts/fmnist_results.py: the most accurate (delta, eta) of "
+        "attention_sum_threshold + min_entropy on the validation split with a validation cost "
+        f"of at most {budget} (ties go to the cheaper point)",
+        "validation": {"collab_acc": default["collab_acc"], "comm_cost": default["comm_cost"]},
+    }  # fmt: skip
+    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 def matched_threshold(val: EdgePass, target_count: float) -> float:
@@ -100,6 +115,7 @@ def main() -> None:
     drop_server = Server(servers["token drop"])
     default = choose_default(val, drop_server, args.budget)
     print(f"default on validation: {default}")
+    ship_operating_point(default, args.budget)
 
     mean_count = default["sent_tokens"]  # the patch count the other policies are matched to
     sent_fraction = default["sent_images"] / default["images"]
@@ -119,19 +135,22 @@ def main() -> None:
     wanted = {("attention_sum_threshold", m) for m in MEASURES}
     wanted |= {(policy, "min_entropy") for policy in policies}
     rows = []
-    edge_alone = 100.0 * topk_correct(test.logits, test.labels, 1) / len(test.labels)
+    edge_alone = accuracy(test.logits, test.labels)
     for server_name, model in servers.items():
         server = Server(model)
         full = torch.ones_like(test.scores, dtype=torch.bool)
-        alone = summarize(test, full, server_logits(server, test.images, full), "none", 0.0)
+        nobody_confident = torch.zeros(len(test.labels), dtype=torch.bool)
+        alone = summarize_decisions(test, selection_statistics(test.scores, full),
+                                    server_logits(server, test.images, full), nobody_confident)
         rows.append({"server": server_name, "policy": "all patches",
                      "measure": "none (server alone)", "threshold": "", "eta": "",
-                     "collab_acc": alone["collab_acc"], "comm_cost": 1.0})  # fmt: skip
+                     "collab_acc": alone.collab_acc, "comm_cost": 1.0})  # fmt: skip
         grid = Grid(tuple(policies.items()), gates)
         for point in sweep_points(test, server, grid, progress=False):
-            if (point["policy"], point["measure"]) in wanted:
-                point.pop("temperature")
-                rows.append({"server": server_name, **point})
+            if (point.policy, point.measure) in wanted:
+                row = {"server": server_name, **point.as_dict()}
+                row.pop("temperature")
+                rows.append(row)
     results = {
         "default": default,
         "policies": policies,
@@ -139,6 +158,11 @@ def main() -> None:
         "edge_alone": edge_alone,
         "budget": args.budget,
         "rows": rows,
+        "provenance": {"script": "scripts/fmnist_results.py", "edge": zoo.EDGE,
+                       "servers": {name: getattr(m, "default_cfg", {}).get("architecture")
+                                   for name, m in servers.items()},
+                       "data": "Fashion-MNIST val (choice) and test (report)", "seed": 0,
+                       **versions()},
     }
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     write_table(args.readme, results)

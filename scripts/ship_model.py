@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from collabvit import __version__, versions, vit, zoo
 from collabvit.data import FashionMNIST
-from collabvit.train import accuracy
+from collabvit.train import model_accuracy
 
 SLICE = 2000
 MAX_FP16_CHANGE = 0.05
@@ -40,30 +40,32 @@ def main() -> None:
     run_card = json.loads((args.run_dir / "model_card.json").read_text())
     test = FashionMNIST(split="test")
     model = vit.create_vit(args.name, args.run_dir / "model.safetensors")
-    fp32_acc = accuracy(model, test.images, test.labels)
+    fp32_acc = model_accuracy(model, test.images, test.labels)
 
     target = zoo.weights_file(args.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     half = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     save_file(half, str(target), metadata={"model": args.name, "collabvit": __version__})
     shipped = timm.create_model(args.name, pretrained=True)
-    shipped_acc = accuracy(shipped, test.images, test.labels)
+    shipped_acc = model_accuracy(shipped, test.images, test.labels)
     storage = "float16"
     if abs(shipped_acc - fp32_acc) > MAX_FP16_CHANGE:
         save_file(
             model.state_dict(), str(target), metadata={"model": args.name, "collabvit": __version__}
         )
         shipped = timm.create_model(args.name, pretrained=True)
-        shipped_acc, storage = accuracy(shipped, test.images, test.labels), "float32"
+        shipped_acc, storage = model_accuracy(shipped, test.images, test.labels), "float32"
 
     card = {
         "name": args.name,
-        "load": f'import collabvit, timm; timm.create_model("{args.name}", pretrained=True)',
+        "load": f'import collabvit.zoo, timm; timm.create_model("{args.name}", pretrained=True)',
         "storage": storage,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "test_acc": shipped_acc,
         "test_acc_float32": fp32_acc,
-        f"test_acc_first_{SLICE}": accuracy(shipped, test.images[:SLICE], test.labels[:SLICE]),
+        f"test_acc_first_{SLICE}": model_accuracy(
+            shipped, test.images[:SLICE], test.labels[:SLICE]
+        ),
         "validation_acc": run_card["validation_acc"],
         "recipe": args.recipe,
         **versions(),

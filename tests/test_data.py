@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -12,13 +13,23 @@ import torch
 from safetensors.torch import save_file
 
 from collabvit.data import (
+    FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     DataError,
     FashionMNIST,
+    InputError,
     TensorFile,
     build_dataset,
+    check_images,
+    check_labels,
+    class_names,
+    eval_crop_pct,
     image_folder,
+    indexed_loader,
+    label_fit_problem,
     read_idx,
+    recorded_training_config,
+    val_overlap,
 )
 
 HINT = "dataset-fashion-mnist"
@@ -376,3 +387,317 @@ def test_deit_folders_use_the_reference_resize_256_crop_224(tmp_path):
     resize = next(t for t in steps if isinstance(t, transforms.Resize))
     assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
     assert image_folder(tmp_path, model, crop_pct=1.0).transform.transforms[0].size == 224
+
+
+# --- input contract ----------------------------------------------------------------------
+
+HINT_0_255 = (
+    "floats must lie in [0, 1]; pass uint8 for 0..255 pixels, "
+    "or --inputs-normalized for normalised inputs"
+)
+
+
+@pytest.mark.parametrize(
+    ("images", "normalized"),
+    [
+        (torch.tensor([0, 17, 255], dtype=torch.uint8).view(1, 1, 1, 3), False),
+        (torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3), False),
+        (torch.tensor([0.0, 0.25, 1.0], dtype=torch.float16).view(1, 1, 1, 3), False),
+        (torch.tensor([0.0, 0.25, 1.0], dtype=torch.bfloat16).view(1, 1, 1, 3), False),
+        (torch.tensor([0.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2), False),
+        (torch.tensor([-2.1, 0.0, 2.6]).view(1, 1, 1, 3), True),
+        (torch.zeros(0, 3, 4, 4), False),
+    ],
+    ids=["uint8", "float32", "float16", "bfloat16", "float64", "normalised", "empty"],
+)
+def test_check_images_accepts_the_contract(images, normalized):
+    check_images(images, normalized=normalized)
+
+
+@pytest.mark.parametrize(
+    ("images", "normalized", "message"),
+    [
+        (torch.tensor([0, 255]).view(1, 1, 1, 2), False, "images are torch.int64"),
+        (torch.tensor([0, 255], dtype=torch.int32).view(1, 1, 1, 2), True, "torch.int32"),
+        (torch.tensor([True, False]).view(1, 1, 1, 2), False, "torch.bool"),
+        (torch.tensor([0.0, 255.0]).view(1, 1, 1, 2), False, r"span \[0, 255\]"),
+        (torch.tensor([-0.5, 0.5]).view(1, 1, 1, 2), False, r"span \[-0.5, 0.5\]"),
+        (torch.tensor([0.5, float("nan")]).view(1, 1, 1, 2), False, "1 NaN or infinite"),
+        (torch.tensor([float("inf"), float("-inf")]).view(1, 1, 1, 2), True, "2 NaN or inf"),
+        (np.zeros((1, 1, 2, 2), dtype=np.uint8), False, "torch tensor, got ndarray"),
+    ],
+    ids=["int64", "int32", "bool", "0-255-floats", "negative", "nan", "inf-normalised", "numpy"],
+)
+def test_check_images_rejects_everything_else(images, normalized, message):
+    with pytest.raises(InputError, match=message) as caught:
+        check_images(images, normalized=normalized)
+    assert isinstance(caught.value, DataError) and isinstance(caught.value, ValueError)
+    assert "\n" not in str(caught.value)
+
+
+def test_check_images_says_what_to_do_with_0_255_floats():
+    with pytest.raises(InputError) as caught:
+        check_images(torch.full((2, 1, 4, 4), 200.0))
+    assert str(caught.value) == f"image values span [200, 200] but {HINT_0_255}"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_check_labels_accepts_integer_labels_in_range(dtype):
+    check_labels(torch.tensor([0, 9, 3], dtype=dtype), num_classes=10)
+    check_labels(torch.zeros(0, dtype=dtype), num_classes=10)
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (torch.tensor([3, 10, 11]), r"^label 10 \(batch position 1\) is outside 0\.\.9"),
+        (torch.tensor([-1, 2]), r"^label -1 \(batch position 0\)"),
+        (torch.tensor([1.0, 2.0]), "labels are torch.float32"),
+        (torch.tensor([True]), "labels are torch.bool"),
+        (torch.zeros(2, 1, dtype=torch.int64), r"one per image \[B\], got shape \(2, 1\)"),
+        ([1, 2], "torch tensor, got list"),
+    ],
+    ids=["too-large", "negative", "float", "bool", "2-d", "list"],
+)
+def test_check_labels_names_the_offending_label(targets, message):
+    with pytest.raises(InputError, match=message):
+        check_labels(targets, num_classes=10)
+
+
+# --- evaluation crop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("deit_tiny_patch16_224", 0.875),
+        ("deit_base_distilled_patch16_224", 0.875),
+        ("deit3_small_patch16_224", 0.9),  # timm's value: DeiT III is not the paper's recipe
+        ("deit_base_patch16_384", 1.0),  # timm's value: DeiT's 384 fine-tunes are not cropped
+        ("collabvit_fmnist_edge", 1.0),
+    ],
+)
+def test_eval_crop_pct_is_256_224_only_for_deit_at_224(name, expected):
+    import timm
+
+    import collabvit.zoo  # noqa: F401 - registers collabvit_fmnist_edge
+
+    # depth 1 keeps the large variants cheap; the crop depends on the architecture name only
+    model = timm.create_model(name, pretrained=False, depth=1)
+    assert eval_crop_pct(model) == expected
+
+
+# --- the validation split recorded by training runs --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "overlap"),
+    [
+        # records from before the split was fixed: drawn with val_size and the training seed
+        ({"val_size": 5000, "seed": 1, "train_limit": None}, 4588),
+        ({"val_size": 5000, "seed": 1, "train_limit": 1000}, 87),
+        ({"val_size": 200, "seed": 5, "train_limit": None}, 4985),
+        ({"val_size": 5000, "seed": 0, "train_limit": None}, 0),
+        # records that name their split
+        ({"seed": 1, "train_limit": None, "validation_split": {"size": 5000, "seed": 0}}, 0),
+        ({"seed": 0, "validation_split": {"size": 5000, "seed": 1}}, 4588),
+    ],
+    ids=["old-seed-1", "old-seed-1-limit", "old-200-seed-5", "old-seed-0", "new", "other-split"],
+)
+def test_val_overlap_counts_val_images_a_run_trained_on(record, overlap):
+    assert val_overlap(record) == overlap
+
+
+def test_recorded_training_config_of_shipped_models():
+    for name in ("collabvit_fmnist_edge", "collabvit_fmnist_server.fmnist"):
+        record = recorded_training_config(name, None)
+        assert record["seed"] == 0 and record["val_size"] == 5000
+        assert val_overlap(record) == 0
+    from collabvit.zoo import weights_file
+
+    shipped = weights_file("collabvit_fmnist_edge")
+    assert recorded_training_config("collabvit_fmnist_edge", shipped)["seed"] == 0
+    assert recorded_training_config("deit_tiny_patch16_224", None) is None
+
+
+def test_recorded_training_config_of_weight_files(tmp_path):
+    weights = {"w": torch.zeros(2)}
+    recorded = tmp_path / "run.safetensors"
+    save_file(
+        weights, str(recorded), metadata={"config": json.dumps({"seed": 1, "val_size": 5000})}
+    )
+    assert recorded_training_config("collabvit_fmnist_edge", recorded) == {
+        "seed": 1,
+        "val_size": 5000,
+    }
+    bare = tmp_path / "bare.safetensors"
+    save_file(weights, str(bare), metadata={"model": "x"})
+    broken = tmp_path / "broken.safetensors"
+    save_file(weights, str(broken), metadata={"config": "{not json"})
+    pth = tmp_path / "weights.pth"
+    torch.save(weights, pth)
+    for path in (bare, broken, pth, tmp_path / "absent.safetensors"):
+        assert recorded_training_config("collabvit_fmnist_edge", path) is None
+
+
+# --- ImageNet labels, class names, label fit ---------------------------------------------
+
+SYNSET_LAYOUT = {  # ImageNet-1k indices 0, 217 and 701
+    "n01440764": [(255, 0, 0)],
+    "n02102040": [(0, 255, 0), (0, 0, 255)],
+    "n03888257": [(9, 9, 9)],
+}
+
+
+def test_synset_folders_get_their_imagenet_labels(tmp_path, deit_tiny):
+    _write_pngs(tmp_path / "val", SYNSET_LAYOUT)
+    dataset = image_folder(tmp_path, deit_tiny)
+    assert dataset.classes == ["n01440764", "n02102040", "n03888257"]
+    assert [dataset[i][1] for i in range(len(dataset))] == [0, 217, 217, 701]
+    assert label_fit_problem(dataset, 1000) is None
+    names = class_names(dataset, 1000)
+    assert len(names) == 1000
+    assert names[0] == "tench, Tinca tinca"
+    assert (
+        names[1] == "goldfish, Carassius auratus"
+    )  # every class has a name, not only present ones
+    assert names[217] == "English springer, English springer spaniel"
+    assert class_names(torch.utils.data.Subset(dataset, [0]), 1000) == names
+
+
+def test_synset_folders_for_a_model_that_is_not_an_imagenet_classifier(tmp_path):
+    import timm
+
+    _write_pngs(tmp_path, SYNSET_LAYOUT)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3, depth=1)
+    dataset = image_folder(tmp_path, model)
+    assert [dataset[i][1] for i in range(len(dataset))] == [0, 1, 1, 2]
+    assert label_fit_problem(dataset, 3) is None
+    assert class_names(dataset, 4) == ["n01440764", "n02102040", "n03888257", "3"]
+
+
+def test_other_folders_are_numbered_in_order_and_flagged(tmp_path, deit_tiny):
+    _write_pngs(tmp_path, {**LAYOUT, "n01440764": [(1, 2, 3)]})  # one synset is not enough
+    dataset = image_folder(tmp_path, deit_tiny)
+    assert sorted({dataset.targets[i] for i in range(len(dataset))}) == [0, 1, 2, 3]
+    problem = label_fit_problem(dataset, 1000)
+    assert problem.startswith(
+        f"{tmp_path}: labels 0..3 are assigned by folder order and may not match the model's "
+        "1000 classes"
+    )
+    assert "n01440764" in problem and "\n" not in problem  # suggests synset names
+    assert label_fit_problem(dataset, 4) is None
+    assert label_fit_problem(dataset, 2) == (
+        f"{tmp_path} has 4 class folders but the model has 2 classes: "
+        "labels 2..3 can never be predicted"
+    )
+    assert class_names(dataset, 6) == ["ant", "bee", "cat", "n01440764", "4", "5"]
+    assert class_names(dataset, 2) == ["ant", "bee"]
+
+
+def test_label_fit_and_class_names_of_other_datasets(tmp_path):
+    _fake_fmnist(tmp_path, compress=False)
+    fmnist = FashionMNIST(tmp_path, "test")
+    assert label_fit_problem(fmnist, 10) is None
+    assert label_fit_problem(fmnist, 1000) == "the data has 10 classes but the model has 1000"
+    assert class_names(fmnist, 10) == list(FASHION_MNIST_CLASSES)
+    assert class_names(fmnist, 11)[10] == "10"
+    path = tmp_path / "data.safetensors"
+    save_file({"images": torch.zeros(3, 1, 2, 2), "targets": torch.tensor([3, 0, 12])}, str(path))
+    tensors = TensorFile(path)
+    assert label_fit_problem(tensors, 13) is None
+    assert label_fit_problem(tensors, 10) == "labels span 0..12 but the model's classes are 0..9"
+    assert class_names(tensors, 3) == ["0", "1", "2"]
+
+
+# --- unreadable images and the evaluation loader -----------------------------------------
+
+
+def _folder_with_broken_images(root: Path) -> tuple[Path, Path]:
+    """ROOT/a: good0.png, good1.png; ROOT/b: bad.png (not an image), cut.png (truncated)."""
+    from PIL import Image
+
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "a" / f"good{index}.png")
+    bad, cut = root / "b" / "bad.png", root / "b" / "cut.png"
+    bad.write_bytes(b"this is not an image")
+    whole = (root / "a" / "good0.png").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    return bad, cut
+
+
+def test_unreadable_images_raise_naming_the_file(tmp_path, deit_tiny):
+    bad, cut = _folder_with_broken_images(tmp_path)
+    dataset = image_folder(tmp_path, deit_tiny)
+    assert dataset[0][0].shape == (3, 224, 224)
+    with pytest.raises(DataError) as caught:
+        dataset[2]
+    assert str(caught.value) == f"cannot read image {bad}: not an image format PIL knows"
+    with pytest.raises(DataError, match=f"^cannot read image {cut}: image file is truncated"):
+        dataset[3]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_indexed_loader_raises_one_line_for_an_unreadable_image(tmp_path, deit_tiny, num_workers):
+    bad, _ = _folder_with_broken_images(tmp_path)
+    loader = indexed_loader(image_folder(tmp_path, deit_tiny), 4, num_workers)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    assert str(caught.value) == f"cannot read image {bad}: not an image format PIL knows"
+
+
+def test_indexed_loader_skips_unreadable_images(tmp_path, deit_tiny):
+    _folder_with_broken_images(tmp_path)
+    dataset = image_folder(tmp_path, deit_tiny)
+    batches = list(indexed_loader(dataset, 3, 0, skip_unreadable=True))
+    assert [len(targets) for _, targets, _ in batches] == [2]  # the batch of 3 lost bad.png
+    images, targets, indices = batches[0]
+    assert images.shape == (2, 3, 224, 224) and images.dtype == torch.uint8
+    assert targets.tolist() == [0, 0] and indices.tolist() == [0, 1]
+    # a batch of only unreadable images is left out, not yielded empty
+    singles = list(indexed_loader(dataset, 1, 0, skip_unreadable=True))
+    assert [indices.tolist() for _, _, indices in singles] == [[0], [1]]
+
+
+def test_indexed_loader_yields_dataset_indices(tmp_path):
+    path = tmp_path / "data.safetensors"
+    images = torch.arange(5 * 4, dtype=torch.uint8).view(5, 1, 2, 2)
+    save_file({"images": images, "targets": torch.tensor([4, 3, 2, 1, 0])}, str(path))
+    subset = torch.utils.data.Subset(TensorFile(path), [1, 2, 3, 4])
+    batches = list(indexed_loader(subset, 3, 0))
+    assert [b[2].tolist() for b in batches] == [[0, 1, 2], [3]]
+    assert [b[1].tolist() for b in batches] == [[3, 2, 1], [0]]
+    assert all(b[1].dtype == torch.int64 and b[2].dtype == torch.int64 for b in batches)
+    assert torch.equal(batches[0][0], images[1:4])
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "num_workers", "message"),
+    [(4, -1, "number of workers must be >= 0, got -1"), (0, 0, "batch size must be >= 1")],
+)
+def test_indexed_loader_rejects_bad_settings(tmp_path, batch_size, num_workers, message):
+    with pytest.raises(DataError, match=message):
+        indexed_loader(torch.utils.data.TensorDataset(torch.zeros(2)), batch_size, num_workers)
+
+
+# --- a file where a folder is expected, and the reverse ----------------------------------
+
+
+def test_a_file_given_for_a_data_folder(tmp_path, deit_tiny):
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{path} is a file, not a folder: point --data-path"):
+        FashionMNIST(path, "test")
+    with pytest.raises(DataError, match=f"^{path} is a file, not a folder"):
+        build_dataset("fmnist", path, model=None)
+    with pytest.raises(DataError, match=f"^{path} is a file, not a folder: --data-set imagenet"):
+        build_dataset("imagenet", path, deit_tiny)
+
+
+def test_a_folder_given_for_a_tensor_file(tmp_path):
+    with pytest.raises(DataError, match=f"^{tmp_path} is a folder, not a file: --data-set tensors"):
+        build_dataset("tensors", tmp_path, model=None)

@@ -13,9 +13,10 @@ from safetensors import safe_open
 
 from collabvit import vit
 from collabvit.cli import main
+from collabvit.config import TrainConfig
 from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
 from collabvit.protocol import patchify
-from collabvit.train import TrainConfig, Trainer, augment, drop_tokens, lr_scheduler
+from collabvit.train import Trainer, augment, drop_tokens, lr_scheduler
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")

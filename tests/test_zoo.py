@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
-import collabvit  # noqa: F401 - registers the shipped models
+import collabvit.zoo  # noqa: F401 - registers the shipped models
 from collabvit import vit, zoo
 from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST
-from collabvit.train import accuracy
+from collabvit.train import model_accuracy
 
 SLICE = 2000
 pytestmark = pytest.mark.skipif(
@@ -52,7 +52,7 @@ def test_shipped_sizes_and_files():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_test_slice_accuracy_matches_the_model_card(name):
     data = FashionMNIST(split="test")
-    measured = accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])
+    measured = model_accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])
     assert measured == pytest.approx(zoo.model_card(name)[f"test_acc_first_{SLICE}"], abs=0.5)
 
 

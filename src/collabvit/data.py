@@ -24,8 +24,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
+from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
 
-DATA_SETS = ("fmnist", "imagenet", "tensors")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HINT = (
     "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
@@ -131,7 +131,6 @@ def _find_idx(root: Path, stem: str) -> Path:
 FASHION_MNIST_VAL_SIZE = 5000
 FASHION_MNIST_VAL_SEED = 0
 FASHION_MNIST_TRAIN_SIZE = 60000
-FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
 VALIDATION_SPLIT = {"size": FASHION_MNIST_VAL_SIZE, "seed": FASHION_MNIST_VAL_SEED}
 
 
@@ -471,7 +470,7 @@ class _IndexedLoader(DataLoader):
 
 
 def indexed_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, skip_unreadable: bool = False
+    dataset: Dataset, batch_size: int, num_workers: int = 0, skip_unreadable: bool = False
 ) -> DataLoader:
     """The evaluation's batches, in order: (images [B, C, H, W], targets [B], indices [B]).
 

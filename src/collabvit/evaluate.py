@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from collabvit import vit
-from collabvit.edge import EdgeDevice
 from collabvit.data import check_labels
+from collabvit.edge import EdgeDevice
 from collabvit.metrics import RunningSummary, Summary
 from collabvit.progress import progress_bar
 from collabvit.server import Server

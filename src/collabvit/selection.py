@@ -6,44 +6,10 @@ patches of each image; an all-False row (empty selection) is legal.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
-_COUNT_MODES = ("random", "topk")
-
-
-def validate_masking(mode: str, threshold: float, num_patches: int | None = None) -> None:
-    """Raise ValueError with a one-line reason if (mode, threshold) is unusable.
-
-    Args:
-        mode: one of MASKING_MODES.
-        threshold: k for the count modes, a score threshold otherwise.
-        num_patches: N, when known, to reject k > N.
-    """
-    if mode not in MASKING_MODES:
-        raise ValueError(f"unknown masking mode {mode!r}; choose one of {', '.join(MASKING_MODES)}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"masking threshold must be a finite number, got {threshold}")
-    if mode in _COUNT_MODES:
-        if threshold < 0:
-            raise ValueError(
-                f"{mode} keeps k = int(threshold) patches; k must be >= 0, got {threshold}"
-            )
-        if num_patches is not None and int(threshold) > num_patches:
-            raise ValueError(
-                f"{mode} asks for k = {int(threshold)} patches but the model has only {num_patches}"
-            )
-    elif mode == "attention_sum_threshold" and not 0.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"attention_sum_threshold takes a cumulative attention share in [0, 1], got {threshold}"
-        )
-    elif mode == "attention_threshold" and threshold < 0:
-        raise ValueError(
-            f"attention_threshold must be >= 0 (scores are non-negative), got {threshold}"
-        )
+from collabvit.config import MASKING_MODES, validate_masking  # noqa: F401 - re-exported
 
 
 def _mask_from_ranking(order: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,47 +26,14 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from collabvit import versions, vit
+from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
-    FASHION_MNIST_ROOT,
     VALIDATION_SPLIT,
     FashionMNIST,
     validation_split,
 )
+from collabvit.metrics import accuracy
 from collabvit.protocol import patchify
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run (written into its checkpoint and model card)."""
-
-    model: str = "collabvit_fmnist_edge"
-    model_kwargs: dict = field(default_factory=dict)
-    data_path: str = str(FASHION_MNIST_ROOT)
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    train_limit: int | None = None
-    token_drop: float = 0.0
-    augment: bool = True
-    bf16: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (0 <= self.token_drop < 1, f"token drop must lie in [0, 1), got {self.token_drop}"),
-            (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
-            (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 def training_record(config: TrainConfig) -> dict:
@@ -140,15 +107,15 @@ def drop_tokens(
 
 
 @torch.inference_mode()
-def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in % of `model` on unnormalised images [n, C, H, W]."""
+def model_accuracy(
+    model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
+    """Top-1 accuracy in % of `model` on unnormalised images [n, C, H, W], labels [n]."""
     normalization = vit.Normalization.of_model(model)
     model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(normalization(images[start : start + batch_size]))
-        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
-    return 100.0 * correct / len(labels)
+    logits = torch.cat([model(normalization(images[start : start + batch_size])).float()
+                        for start in range(0, len(labels), batch_size)])  # fmt: skip
+    return accuracy(logits, labels)
 
 
 class Trainer:
@@ -251,7 +218,7 @@ class Trainer:
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "train_acc": 100.0 * correct / seen,
-            "val_acc": accuracy(self.model, self.val_images, self.val_labels),
+            "val_acc": model_accuracy(self.model, self.val_images, self.val_labels),
             "lr": lr,
             "seconds": round(time.time() - started, 1),
         }
@@ -315,12 +282,12 @@ class Trainer:
             **versions(),
         }
         if test_images is not None:
-            card["test_acc"] = accuracy(self.model, test_images, test_labels)
+            card["test_acc"] = model_accuracy(self.model, test_images, test_labels)
         (self.out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         return weights
 
 
-def train(config: TrainConfig, run) -> Iterator[str]:
+def train(config: TrainConfig, run: TrainRun) -> Iterator[str]:
     """A whole `collabvit train` run, yielding the lines it reports.
 
     `run` names out_dir, resume and quiet (config.TrainRun). Raises ValueError

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-UNCERTAINTY_MODES = ("shannon_entropy", "min_entropy", "margin", "none")
-_NO_GATE = ("", "none")
+from collabvit.config import UNCERTAINTY_MODES, canonical_uncertainty_mode  # noqa: F401
+
 _LN2 = math.log(2.0)
 
 
@@ -32,17 +32,6 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 _MEASURES = {"shannon_entropy": shannon_entropy, "min_entropy": min_entropy, "margin": margin}
-
-
-def canonical_uncertainty_mode(mode: str | None) -> str:
-    """Map the accepted spellings onto UNCERTAINTY_MODES ('' and None mean 'none')."""
-    if mode is None or mode in _NO_GATE:
-        return "none"
-    if mode not in _MEASURES:
-        raise ValueError(
-            f"unknown uncertainty mode {mode!r}; choose one of {', '.join(UNCERTAINTY_MODES)}"
-        )
-    return mode
 
 
 def uncertainty(logits: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The models collabvit ships, registered with timm.
 
-After ``import collabvit``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
+After ``import collabvit.zoo``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
 loads the shipped Fashion-MNIST edge ViT offline from the package (timm's
 ``file`` pretrained source), and likewise ``collabvit_fmnist_server`` (trained
 with token drop) and ``collabvit_fmnist_server_nodrop`` (the same without).
@@ -10,9 +10,8 @@ With ``pretrained=False`` they are the architectures to train.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from dataclasses import fields
+from pathlib import Path
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer

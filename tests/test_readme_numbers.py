@@ -1,0 +1,63 @@
+"""The README's figures are the regenerated ones: tables and the demo lines come from the JSON
+that `make results` and `make findings` write (benchmarks/, docs/findings/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from collabvit.metrics import Summary, format_summary
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+RESULTS = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def between(text: str, start: str, end: str) -> str:
+    assert start in text and end in text, f"README lacks the {start!r} markers"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_results_table_is_the_regenerated_one(tmp_path):
+    copy = tmp_path / "README.md"
+    copy.write_text(README)
+    script("fmnist_results").write_table(copy, RESULTS)
+    assert copy.read_text() == README, "README's results table differs from fmnist_results.json"
+    assert "| token drop | attention_sum_threshold |" in README
+
+
+def test_findings_table_is_the_regenerated_one():
+    findings = script("findings_table")
+    table = between(README, findings.START, findings.END).strip()
+    assert table == findings.render(REPO / "docs" / "findings")
+    assert table.count("\n") >= 10
+
+
+def test_demo_lines_are_the_default_point_on_test():
+    """`make demo` prints the default operating point's test figures, as the results have them."""
+    default = RESULTS["default"]
+    row = next(r for r in RESULTS["rows"] if r["server"] == "token drop"
+               and r["policy"] == "attention_sum_threshold" and r["measure"] == "min_entropy")
+    assert (row["threshold"], row["eta"]) == (default["delta"], default["eta"])
+    fields = {name: row[name] for name in Summary.__dataclass_fields__}
+    expected = format_summary(Summary(**fields), row["policy"], row["threshold"], row["measure"],
+                              row["eta"])  # fmt: skip
+    block = re.search(r"`make demo` runs.*?```\n(.*?)```", README, re.S)
+    assert block, "README has no demo output block"
+    assert block.group(1).strip() == expected
+
+
+def test_shipped_operating_point_is_the_validation_pick():
+    card = json.loads((REPO / "src/collabvit/weights/collabvit_fmnist_edge.json").read_text())
+    point = card["operating_point"]
+    default = RESULTS["default"]
+    assert (point["masking_th"], point["uncer_th"]) == (default["delta"], default["eta"])
