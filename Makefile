@@ -26,11 +26,14 @@ data:
 		echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist, or pass --data-path DIR with its IDX files"; \
 	fi
 
-test: setup data
-	$(PY) -m pytest -q
+PYTEST_FLAGS ?=
 
+test: setup data
+	$(PY) -m pytest -q $(PYTEST_FLAGS)
+
+# Also the tests marked slow (DeiT-Base end to end and anything over ~20 s).
 test-all: setup data
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' $(PYTEST_FLAGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

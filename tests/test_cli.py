@@ -292,3 +292,108 @@ def test_visualize_bad_input(run_cli, golden, tmp_path, args, message):
     result = run_cli("visualize", *golden.cli_model_args(), "--output-dir", str(tmp_path), *args)
     assert result.returncode == 2
     assert re.search(message, result.stderr) and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------- failures after set-up
+
+
+def tiny_folder_pair(tmp_path, classes=("n01440764", "n01443537"), corrupt=False):
+    """A tiny random ViT pair saved to files and an ImageNet-style folder of 32x32 PNGs."""
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3,
+              "num_classes": 1000}  # fmt: skip
+    torch.manual_seed(0)
+    for role in ("edge", "server"):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+        save_file(model.state_dict(), str(tmp_path / f"{role}.safetensors"))
+    write_image_folder(tmp_path / "images", classes=classes, per_class=2, size=(32, 32))
+    if corrupt:
+        (tmp_path / "images" / "val" / classes[0] / "broken.png").write_bytes(b"\x89PNG\r\n")
+    return [
+        "--model", "vit_tiny_patch16_224", "--model-weights", str(tmp_path / "edge.safetensors"),
+        "--model-kwargs", json.dumps(kwargs), "--server-model", "vit_tiny_patch16_224",
+        "--server-weights", str(tmp_path / "server.safetensors"),
+        "--server-kwargs", json.dumps(kwargs), "--data-set", "imagenet",
+        "--data-path", str(tmp_path / "images"), "--crop-pct", "1.0", "--quiet",
+    ]  # fmt: skip
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(run_cli, tmp_path):
+    args = tiny_folder_pair(tmp_path, corrupt=True)
+    assert_one_line_error(run_cli("eval", *args), r"cannot read image .*broken\.png")
+    result = run_cli("eval", *args, "--skip-unreadable", "--results-file",
+                     str(tmp_path / "r.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable images" in result.stderr
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["summary"]["images"] == 4 and saved["skipped_images"] == 1
+
+
+def test_synset_folders_score_with_their_imagenet_indices(run_cli, tmp_path):
+    args = tiny_folder_pair(tmp_path)
+    result = run_cli("eval", *args, "--per-image", str(tmp_path / "rows.csv"))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert [int(r["label"]) for r in rows] == [0, 0, 1, 1]  # tench, goldfish: ImageNet 0 and 1
+    assert result.stderr == ""  # synsets fit a 1000-class head: nothing to warn about
+
+
+def test_folders_that_do_not_fit_the_head_warn_and_visualize_names_every_class(run_cli,
+                                                                               tmp_path):
+    args = tiny_folder_pair(tmp_path, classes=("cat", "dog"))
+    result = run_cli("eval", *args)
+    assert result.returncode == 0
+    assert "warning: " in result.stderr and "folder order" in result.stderr
+    # The models answer with any of 1000 classes; the folder has names for two.
+    result = run_cli("visualize", *args, "--indices", "0", "--output-dir", str(tmp_path / "v"))
+    assert result.returncode == 0, result.stderr
+    assert "image 0: label cat;" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, make_path, message",
+    [
+        ("--results-file", lambda d: d, "is a folder"),
+        ("--per-image", lambda d: d / "a-file" / "rows.csv", "cannot create the folder"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(run_cli, golden, tmp_path, flag, make_path,
+                                                  message):
+    (tmp_path / "a-file").write_text("")
+    result = run_cli("eval", *golden.cli_model_args(), flag, str(make_path(tmp_path)))
+    assert_one_line_error(result, message)
+    assert result.stdout == ""  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "CUDA is not available"), ("tpu9", "unknown device"), ("cuda:x", "unknown device")],
+)
+def test_an_unusable_device_is_one_line(run_cli, golden, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    assert_one_line_error(run_cli("eval", *golden.cli_model_args(), "--device", device), message)
+
+
+def test_help_and_usage_errors_do_not_load_torch():
+    code = ("import sys; from collabvit.cli import main\n"
+            "try:\n    main(['eval', '--masking-th', 'x'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert "expected a finite number" in result.stderr
+
+
+def test_the_real_entry_point_runs_an_evaluation(golden, tmp_path):
+    result = run_process("eval", *golden.cli_model_args(), "--masking-mode", "topk",
+                         "--masking-th", "5", "--uncer-mode", "shannon_entropy", "--uncer-th",
+                         "3.0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = golden.expected["summaries"]["mean/topk@5/shannon_entropy@3.0"]
+    assert f"Collaborative accuracy: {round(expected['collab_acc'], 4)} %" in result.stdout
+    assert len(result.stdout.splitlines()) == 8

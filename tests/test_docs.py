@@ -166,3 +166,15 @@ def test_the_checks_reject_what_they_should():
     assert "absolute" in problem(readme, "/etc/passwd")
     found = [m.group(1) for m in PARENT_PATH.finditer("in `../shared/golden` and ../x.md, a/../b")]
     assert found == ["../shared/golden", "../x.md"]
+
+
+def readme_python_snippets() -> list[str]:
+    """The ```python blocks of README.md, in order."""
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+
+
+def test_readme_python_snippets_run_as_written():
+    snippets = readme_python_snippets()
+    assert len(snippets) >= 3
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102

@@ -353,6 +353,10 @@ def image_folder(
         raise DataError(f"data folder {root} does not exist")
     folder = root / "val" if (root / "val").is_dir() else root
     config = timm.data.resolve_data_config(model=model)
+    # The model's own input size: architecture overrides (img_size=...) are not in its
+    # pretrained config, and a transform to another size would only fail later.
+    embed = model.patch_embed
+    config["input_size"] = (embed.proj.in_channels, *embed.img_size)
     config["crop_pct"] = crop_pct if crop_pct is not None else eval_crop_pct(model)
     transform = timm.data.create_transform(**config, is_training=False, normalize=False)
     try:
