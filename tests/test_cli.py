@@ -397,3 +397,18 @@ def test_the_real_entry_point_runs_an_evaluation(golden, tmp_path):
     expected = golden.expected["summaries"]["mean/topk@5/shannon_entropy@3.0"]
     assert f"Collaborative accuracy: {round(expected['collab_acc'], 4)} %" in result.stdout
     assert len(result.stdout.splitlines()) == 8
+
+
+def test_val_split_warns_when_a_model_trained_on_it(run_cli, tmp_path):
+    """Weights from an older run that held out another validation split (its own seed)."""
+    from collabvit import vit
+
+    state = vit.create_vit("collabvit_fmnist_edge").state_dict()
+    config = {"model": "collabvit_fmnist_edge", "val_size": 5000, "seed": 1, "train_limit": None}
+    weights = tmp_path / "edge.safetensors"
+    save_file(state, str(weights), metadata={"config": json.dumps(config)})
+    args = ["--model-weights", str(weights), "--limit", "20", "--quiet"]
+    result = run_cli("eval", *args, "--split", "val")
+    assert result.returncode == 0, result.stderr
+    assert "warning: the edge model collabvit_fmnist_edge was trained on 4588" in result.stderr
+    assert "warning" not in run_cli("eval", *args, "--split", "test").stderr
