@@ -106,11 +106,12 @@ def test_running_summary_batches_accumulate_like_one_batch():
     targets = torch.randint(0, classes, (n,), generator=generator)
     edge = torch.randn(n, classes, generator=generator)
     server = torch.randn(n, classes, generator=generator)
-    confident = torch.rand(n, generator=generator) < 0.4
+    # hand-made selections; image 5 (the middle batch on its own) is confident
+    confident = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
     final = torch.where(confident.unsqueeze(1), edge, server)
-    size = torch.randint(0, patches + 1, (n,), generator=generator)
-    minimum = torch.where(size > 0, torch.rand(n, generator=generator) * 0.1, INF)
-    total = torch.where(size > 0, torch.rand(n, generator=generator), 0.0)
+    size = torch.tensor([3, 9, 0, 5, 2, 7, 9, 1, 0, 4, 0, 6])
+    minimum = torch.tensor([0.02, 0.09, INF, 0.01, 0.08, 0.07, 0.005, 0.06, INF, 0.015, INF, 0.01])
+    total = torch.tensor([0.3, 0.95, 0.0, 0.5, 0.2, 0.6, 0.9, 0.06, 0.0, 0.4, 0.0, 0.84])
     whole = RunningSummary(num_patches=patches)
     whole.update(targets, edge, final, confident, size, minimum, total)
     split = RunningSummary(num_patches=patches)
@@ -123,13 +124,14 @@ def test_running_summary_batches_accumulate_like_one_batch():
     assert a.keys() == b.keys()
     for key in a:
         assert a[key] == pytest.approx(b[key]), key
-    sent = ~confident
-    nonempty = sent & (size > 0)
-    assert a["sent_tokens"] == pytest.approx(size[sent].double().mean().item())
-    assert a["avg_min_attention"] == pytest.approx(minimum[nonempty].double().mean().item())
-    assert a["comm_cost"] == pytest.approx(
-        sent.sum().item() / n * size[sent].double().mean().item() / patches
-    )
+    # 8 sent images (0, 2, 3, 6, 7, 9, 10, 11) with sizes 3, 0, 5, 9, 1, 4, 0, 6: 28 patches
+    assert a["confident_images"] == 4 and a["sent_images"] == 8
+    assert a["sent_tokens"] == pytest.approx(3.5)
+    # 6 non-empty sent selections, minima summing to 0.12 and sums to 3.0
+    assert a["avg_min_attention"] == pytest.approx(0.02)
+    assert a["avg_sum_attention"] == pytest.approx(0.5)
+    # (8 / 12) * (3.5 / 9)
+    assert a["comm_cost"] == pytest.approx(7 / 27)
 
 
 def test_nothing_sent_gives_zeros():
@@ -256,12 +258,12 @@ def test_format_summary_from_running_summary():
         "* Sent token number:: 1.6667 / Averaged minimum attention:: 0.125 / "
         "Averaged sum of attention:: 0.7",
         "* Total confident image:: 2",
-        f"* Communication cost:: {_two_batch_summary().summary().comm_cost}",
+        "* Communication cost:: 0.25",
         "Client only accuracy: 40.0 %",
         "Collaborative accuracy: 60.0 %",
     ]
-    # the communication cost is printed unrounded
-    assert float(lines[3].split(":: ")[1]) == _two_batch_summary().summary().comm_cost
+    # the communication cost is printed unrounded: (3 / 5) * ((5 / 3) / 4)
+    assert float(lines[3].split(":: ")[1]) == 0.25
 
 
 def test_format_summary_comm_cost_not_rounded():
