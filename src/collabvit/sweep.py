@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from collabvit import calibration, frontier, passes
-from collabvit.config import EdgeConfig, SweepConfig
+from collabvit.config import EdgeConfig, SweepConfig, validate_masking
 from collabvit.frontier import SweepPoint
 from collabvit.metrics import accuracy
 from collabvit.pair import Pair
@@ -68,11 +68,8 @@ def run(
     server = pair.server()
     num_patches = server.geometry.num_patches
     policies = config.selection_policies()
-    for mode, threshold in policies:
-        EdgeConfig(masking_mode=mode, masking_th=threshold)  # validates before any forward
-        if mode in ("random", "topk") and int(threshold) > num_patches:
-            raise ValueError(f"{mode} asks for k = {int(threshold)} patches but the model has "
-                             f"only {num_patches}")  # fmt: skip
+    for mode, threshold in policies:  # every threshold checked before any forward
+        validate_masking(mode, threshold, num_patches)
     parts = {}
     if config.calibrating or config.temperature_scaling:
         cal, held = calibration.split_calibration(
