@@ -487,6 +487,14 @@ def test_eval_crop_pct_is_256_224_only_for_deit_at_224(name, expected):
     assert eval_crop_pct(model) == expected
 
 
+def test_eval_crop_pct_follows_the_models_own_input_size():
+    import timm
+
+    # An img_size override is not in the pretrained config: DeiT at 288 is not the 256/224 rule.
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=288)
+    assert eval_crop_pct(model) == 0.9
+
+
 # --- the validation split recorded by training runs --------------------------------------
 
 

@@ -29,7 +29,8 @@ from collabvit.config import (
 )
 from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 
-SHIPPED_EDGE, SHIPPED_SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+# ModelSpec defaults to the shipped edge; the server flags default to its partner.
+SHIPPED_SERVER = "collabvit_fmnist_server"
 TRAIN_FLAGS = {"augment": "--no-augment"}
 
 

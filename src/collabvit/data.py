@@ -278,11 +278,11 @@ def eval_crop_pct(model: nn.Module) -> float:
     0.875 for timm's ``deit_*`` architectures (distilled too) at 224 input; timm's
     own crop_pct for everything else, ``deit3_*`` and ``*_384`` included.
     """
-    config = timm.data.resolve_data_config(model=model)
     architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or ""
-    if architecture.startswith("deit_") and tuple(config["input_size"][1:]) == (224, 224):
+    # the model's own input size: an img_size override is not in its pretrained config
+    if architecture.startswith("deit_") and tuple(model.patch_embed.img_size) == (224, 224):
         return DEIT_CROP_PCT
-    return config["crop_pct"]
+    return timm.data.resolve_data_config(model=model)["crop_pct"]
 
 
 IMAGE_FOLDER_LAYOUT = "--data-set imagenet reads ROOT/val/<class>/<image> or ROOT/<class>/<image>"

@@ -120,10 +120,13 @@ def load_pair(
 
 def _check_first_image(pair: Pair, geometry: vit.Geometry) -> None:
     """Images of another size than the models take are a clear error before any work."""
-    first = next(iter(pair.loader(Subset(pair.dataset, range(min(1, len(pair.dataset)))))), None)
-    if first is None:  # the only candidate was unreadable and skipped: the loop will tell
-        return
-    shape = tuple(first[0].shape[1:])
+    try:
+        first = pair.dataset[0][0]
+    except data.DataError:
+        if pair.data_spec.skip_unreadable:  # the loop skips and counts it
+            return
+        raise
+    shape = tuple(first.shape)
     expected = (geometry.in_chans, *geometry.img_size)
     if shape != expected:
         raise data.DataError(
