@@ -54,13 +54,11 @@ class Pair:
     def server(self) -> Server:
         return Server(self.server_model, self.device, self.normalization)
 
-    def loader(self, dataset: Dataset | None = None) -> DataLoader:
-        """Batches (images, targets, dataset indices) of `dataset` (default: the pair's)."""
+    def loader(self) -> DataLoader:
+        """Batches (images, targets, dataset indices) of the pair's dataset."""
         spec = self.data_spec
-        return data.indexed_loader(
-            self.dataset if dataset is None else dataset, spec.batch_size, spec.num_workers,
-            skip_unreadable=spec.skip_unreadable,
-        )  # fmt: skip
+        return data.indexed_loader(self.dataset, spec.batch_size, spec.num_workers,
+                                   skip_unreadable=spec.skip_unreadable)  # fmt: skip
 
     def class_names(self) -> list[str]:
         """A readable name for each of the models' classes."""
