@@ -68,6 +68,14 @@ def test_help_lists_every_flag():
     }
 
 
+@pytest.mark.parametrize("command", ["eval", "sweep", "visualize", "train"])
+def test_every_command_answers_help(run_cli, command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: collabvit {command}")
+    assert result.stderr == ""
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -145,7 +145,9 @@ def add_config_arguments(
         group = meta.pop("exclusive", None)
         target = parser
         if group is not None:  # fields of one group: at most one of their flags
-            target = exclusive.setdefault(group, parser.add_mutually_exclusive_group())
+            if group not in exclusive:
+                exclusive[group] = parser.add_mutually_exclusive_group()
+            target = exclusive[group]
         help_text = meta.pop("help")
         aliases = meta.pop("aliases", ())
         flag = _flag_of(item, names)
