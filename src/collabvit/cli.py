@@ -19,11 +19,15 @@ from pathlib import Path
 
 from collabvit import __version__
 from collabvit.config import (
+    TOKEN_ENV,
+    ClientConfig,
     DataSpec,
     EdgeConfig,
     EvalOutputs,
+    LinkConfig,
     ModelSpec,
     RunConfig,
+    ServeConfig,
     SweepConfig,
     VisualizeConfig,
 )
@@ -74,6 +78,25 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("selection"), EdgeConfig,
                          exclude=("uncer_mode", "uncer_th"))  # fmt: skip
     add_config_arguments(parser.add_argument_group("what to draw"), VisualizeConfig)
+    add_config_arguments(parser.add_argument_group("run"), RunConfig)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
+                         name=SHIPPED_SERVER)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("service"), ServeConfig)
+
+
+def _add_edge_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
+    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
+                         exclude=("weights", "kwargs", "use_ema"),
+                         name=SHIPPED_SERVER)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("data"), DataSpec)
+    add_config_arguments(parser.add_argument_group("collaborative inference"), EdgeConfig)
+    add_config_arguments(parser.add_argument_group("server connection and outputs"),
+                         ClientConfig)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("emulated link"), LinkConfig)
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
 
 
@@ -153,9 +176,15 @@ def _provenance(command: str, **configs) -> dict:
     """How the numbers were made: every resolved config (asdict), the versions and the time."""
     from collabvit import versions
 
+    def public(config) -> dict:  # a bearer token never goes into a file
+        values = asdict(config)
+        if values.get("token"):
+            values["token"] = "<set>"
+        return values
+
     return {
         "command": command,
-        **{name: asdict(config) for name, config in configs.items()},
+        **{name: public(config) for name, config in configs.items()},
         **versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -280,6 +309,137 @@ def run_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(given: str | None) -> str | None:
+    """The bearer token: the flag's, else the environment's (an empty one means none)."""
+    return given if given is not None else (os.environ.get(TOKEN_ENV) or None)
+
+
+def _check_input_file(path: str | None, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"{what} {path} does not exist")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        spec = ModelSpec(**given_values(ModelSpec, args, SERVER_FLAGS))
+        values = given_values(ServeConfig, args)
+        config = ServeConfig(**{**values, "token": _token(values.get("token"))})
+        _check_input_file(config.ssl_certfile, "certificate")
+        _check_input_file(config.ssl_keyfile, "key file")
+        from collabvit.pair import load_model, resolve_device
+        from collabvit.service import ServiceSettings, serve, warm_up
+
+        _check_port_free(config.host, config.port)
+        device = resolve_device(config.device)
+        model = load_model(spec, server=True)  # a user mistake stops here, before listening
+    except (UsageError, ValueError, OSError) as error:
+        return _fail("serve", error)
+    from collabvit.server import Server
+
+    def load_server() -> Server:
+        server = Server(model, device, max_batch=config.max_batch)
+        warm_up(server)
+        return server
+
+    settings = ServiceSettings(model_name=spec.name, max_batch=config.max_batch,
+                               max_delay_ms=config.max_delay_ms,
+                               max_request_bytes=config.max_request_bytes, token=config.token)
+    scheme = "https" if config.ssl_certfile else "http"
+    print(f"collabvit serve: {spec.name} at {scheme}://{config.host}:{config.port}"
+          f"/v2/models/{spec.name} (auth {'on' if config.token else 'off'}, max batch "
+          f"{config.max_batch}, max delay {config.max_delay_ms} ms)", file=sys.stderr, flush=True)
+    serve(settings, load_server, config.host, config.port, config.ssl_certfile,
+          config.ssl_keyfile, config.access_log)  # fmt: skip
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error for a port in use, before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UsageError(f"cannot listen on {host}: {error.strerror}") from error
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        edge_spec = ModelSpec(**given_values(ModelSpec, args, EDGE_FLAGS))
+        server_spec = ModelSpec(**given_values(ModelSpec, args, SERVER_FLAGS))
+        data = DataSpec(**given_values(DataSpec, args))
+        run = RunConfig(**given_values(RunConfig, args))
+        chosen = given_values(EdgeConfig, args)
+        EdgeConfig(**chosen)
+        values = given_values(ClientConfig, args)
+        client = ClientConfig(**{**values, "token": _token(values.get("token"))})
+        link = LinkConfig(**given_values(LinkConfig, args))
+        from collabvit.protocol import Codec
+
+        codec = Codec.parse(client.codec)
+        _check_input_file(client.ca_file, "CA certificate")
+        _check_output_file(client.records)
+        _check_output_file(client.results_file)
+        if client.resume and not Path(client.records).is_file():
+            raise UsageError(f"--resume: {client.records} does not exist yet")
+        from collabvit.pair import load_pair
+
+        pair = load_pair(edge_spec, server_spec, data, run.device, with_server=False)
+        for note in pair.warnings:
+            _warn("edge", note)
+        config = replace(pair.default_config(), **chosen)
+        edge = pair.edge(config)
+        from collabvit import client as edge_client
+        from collabvit.metrics import format_summary
+        from collabvit.progress import progress_bar
+
+        # what decides the answers; batch size, workers and --limit do not
+        same_answers = {k: v for k, v in asdict(data).items()
+                        if k not in ("batch_size", "num_workers", "limit")}  # fmt: skip
+        identity = edge_client.run_identity(edge_model=asdict(edge_spec), data=same_answers,
+                                            server_model=server_spec.name, edge=asdict(config),
+                                            codec=str(codec), seed=run.seed,
+                                            loss=link.loss)  # fmt: skip
+        if client.wait:
+            asyncio.run(edge_client.wait_until_ready(client, server_spec.name))
+        loader = pair.loader()
+        batches = progress_bar(loader, "edge", total=len(loader), unit="batch",
+                               enabled=_progress(run))  # fmt: skip
+        report = asyncio.run(edge_client.run_edge(edge, batches, client, link, server_spec.name,
+                                                  identity, seed=run.seed))  # fmt: skip
+        print(format_summary(report.summary, config.masking_mode, config.masking_th,
+                             config.uncer_mode, config.uncer_th))  # fmt: skip
+        print(edge_client.format_report(report))
+        skipped = len(pair.dataset) - report.summary.images
+        if skipped:
+            _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
+        if client.results_file:
+            provenance = _provenance("edge", edge_model=edge_spec, server_model=server_spec,
+                                     data=data, edge=config, client=client, link=link,
+                                     run=run)  # fmt: skip
+            extra = report.as_dict()
+            extra.pop("summary")
+            from collabvit.evaluate import write_results
+
+            write_results(client.results_file, report.summary, provenance, **extra)
+    except KeyboardInterrupt:
+        print("collabvit edge: interrupted; --resume continues from the records file",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except (UsageError, ValueError, OSError) as error:  # ClientError is a ValueError
+        return _fail("edge", error)
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from collabvit.config import TrainConfig, TrainRun
 
@@ -317,6 +477,23 @@ COMMANDS = {
         "the Pareto-optimal ones marked, plot the frontier, and optionally pick a point for a "
         "budget on a calibration part and check it on the held-out part.",
         _add_sweep_arguments, run_sweep,
+    ),
+    "serve": (
+        "serve the server model over HTTP (Open Inference Protocol v2)",
+        "Serve the server model with the Open Inference Protocol v2 (REST, binary tensor "
+        "extension): health, metadata, infer with dynamic batching, Prometheus /metrics; "
+        "optional bearer token and HTTPS. Without arguments it serves the shipped "
+        "Fashion-MNIST server on 127.0.0.1:8000.",
+        _add_serve_arguments, run_serve,
+    ),
+    "edge": (
+        "the edge half of a deployment: classify, offload uncertain images to a server",
+        "Run the edge model over a dataset; confident images keep its answer, the others send "
+        "their selected patches to `collabvit serve` (retries with back-off; the edge's own "
+        "answer when the server is unreachable, slow or refusing). Prints the summary lines, "
+        "bytes per image and latency percentiles; per-image results go to a JSON Lines file "
+        "that --resume continues.",
+        _add_edge_arguments, run_edge,
     ),
     "visualize": (
         "attention heatmaps, masked images, the attention histogram",

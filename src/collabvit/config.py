@@ -369,3 +369,140 @@ class TrainRun:
         required=True, metavar="DIR"))
     resume: bool = field(default=False, metadata=flag("continue from DIR/last.pt"))
     quiet: bool = field(default=False, metadata=flag("no progress output"))
+
+
+# ------------------------------------------------------------------ the network service
+
+TOKEN_ENV = "COLLABVIT_TOKEN"
+DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `collabvit serve` listens, batches and protects itself."""
+
+    host: str = field(default="127.0.0.1", metadata=flag(
+        "address to listen on; 0.0.0.0 for every interface (default: %(default)s)"))
+    port: int = field(default=8000, metadata=flag(
+        "(default: %(default)s)", type="port", metavar="N"))
+    max_batch: int = field(default=32, metadata=flag(
+        "images per forward at most; 1 turns dynamic batching off (default: %(default)s)",
+        type="positive_int", metavar="N"))
+    max_delay_ms: float = field(default=5.0, metadata=flag(
+        "how long a batch waits for more requests once it has one (default: %(default)s)",
+        type="non_negative", metavar="MS"))
+    max_request_bytes: int = field(default=16 * 2**20, metadata=flag(
+        "larger request bodies are refused with 413 (default: %(default)s)",
+        type="positive_int", metavar="N"))
+    token: str | None = field(default=None, metadata=flag(
+        f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set; the "
+        "environment keeps it out of the process list)", metavar="TOKEN"))
+    ssl_certfile: str | None = field(default=None, metadata=flag(
+        "serve HTTPS with this certificate (PEM)", metavar="FILE"))
+    ssl_keyfile: str | None = field(default=None, metadata=flag(
+        "the certificate's private key (PEM)", metavar="FILE"))
+    device: str = field(default="cpu", metadata=flag(
+        "torch device of the model, e.g. cpu, cuda (default: %(default)s)"))
+    access_log: bool = field(default=False, metadata=flag("log every request"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}"),
+            (self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}"),
+            (_finite(self.max_delay_ms) and self.max_delay_ms >= 0,
+             f"max delay must be >= 0 ms, got {self.max_delay_ms}"),
+            (self.max_request_bytes >= 1, "the request size limit must be >= 1 byte"),
+            ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
+             "HTTPS needs both --ssl-certfile and --ssl-keyfile"),
+            (self.token is None or self.token.strip() != "", "the token must not be empty"),
+        ])  # fmt: skip
+
+    def __repr__(self) -> str:  # the token never reaches a log or a results file
+        fields = {**self.__dict__, "token": "<set>" if self.token else None}
+        return "ServeConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How `collabvit edge` reaches the server and what it writes."""
+
+    server: str = field(default=DEFAULT_SERVER_URL, metadata=flag(
+        "the collabvit server's base URL (default: %(default)s)", metavar="URL"))
+    codec: str = field(default="raw", metadata=flag(
+        "how patch pixels travel: raw, png (both lossless) or jpeg[:QUALITY] (lossy, quality "
+        "1..95, default 75) (default: %(default)s)", metavar="CODEC"))
+    concurrency: int = field(default=8, metadata=flag(
+        "requests in flight at most (default: %(default)s)", type="positive_int", metavar="N"))
+    timeout: float = field(default=10.0, metadata=flag(
+        "seconds one request may take (default: %(default)s)", type="positive", metavar="S"))
+    retries: int = field(default=2, metadata=flag(
+        "retries of a request that failed for a reason that may pass (unreachable, timeout, "
+        "5xx) (default: %(default)s)", type="non_negative_int", metavar="N"))
+    backoff: float = field(default=0.2, metadata=flag(
+        "seconds before the first retry, doubling for each next one (default: %(default)s)",
+        type="non_negative", metavar="S"))
+    cooldown: float = field(default=5.0, metadata=flag(
+        "after an image exhausted its retries on an unreachable or slow server, later images "
+        "answer at the edge without trying for this many seconds (default: %(default)s)",
+        type="non_negative", metavar="S"))
+    token: str | None = field(default=None, metadata=flag(
+        f"bearer token for the server (default: ${TOKEN_ENV} when set)", metavar="TOKEN"))
+    ca_file: str | None = field(default=None, metadata=flag(
+        "trust this CA certificate (PEM) for an https:// server with a private certificate",
+        metavar="FILE"))
+    wait: float = field(default=0.0, metadata=flag(
+        "wait up to this many seconds for the server to be ready before starting "
+        "(default: %(default)s)", type="non_negative", metavar="S"))
+    records: str = field(default="runs/edge/records.jsonl", metadata=flag(
+        "per-image results, one JSON line each, written as answers arrive "
+        "(default: %(default)s)", metavar="FILE"))
+    resume: bool = field(default=False, metadata=flag(
+        "continue the run in --records: images already answered there are not repeated"))
+    results_file: str | None = field(default=None, metadata=flag(
+        "write every figure, bytes and latencies and the resolved configuration as JSON",
+        metavar="FILE"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (self.server.startswith(("http://", "https://")),
+             f"the server URL must start with http:// or https://, got {self.server!r}"),
+            (self.concurrency >= 1, "concurrency must be >= 1"),
+            (_finite(self.timeout) and self.timeout > 0, "timeout must be > 0 seconds"),
+            (self.retries >= 0, "retries must be >= 0"),
+            (_finite(self.backoff) and self.backoff >= 0, "backoff must be >= 0 seconds"),
+            (_finite(self.cooldown) and self.cooldown >= 0, "cooldown must be >= 0 seconds"),
+            (_finite(self.wait) and self.wait >= 0, "wait must be >= 0 seconds"),
+            (self.token is None or self.token.strip() != "", "the token must not be empty"),
+        ])  # fmt: skip
+
+    def __repr__(self) -> str:
+        fields = {**self.__dict__, "token": "<set>" if self.token else None}
+        return "ClientConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """An emulated link between edge and server, for what-if studies."""
+
+    bandwidth: float | None = field(default=None, metadata=flag(
+        "emulate a link of this many bit/s: each request waits its bytes' transmission time",
+        type="positive", metavar="BIT/S"))
+    rtt: float = field(default=0.0, metadata=flag(
+        "emulated round-trip time in milliseconds added to each request (default: %(default)s)",
+        type="non_negative", metavar="MS"))
+    loss: float = field(default=0.0, metadata=flag(
+        "probability that a patch is lost on the way: the server classifies without it "
+        "(drawn per image from --seed) (default: %(default)s)", type="probability",
+        metavar="P"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (self.bandwidth is None or (_finite(self.bandwidth) and self.bandwidth > 0),
+             "bandwidth must be > 0 bit/s"),
+            (_finite(self.rtt) and self.rtt >= 0, "rtt must be >= 0 ms"),
+            (_finite(self.loss) and 0.0 <= self.loss < 1.0, "loss must lie in [0, 1)"),
+        ])  # fmt: skip
+
+    @property
+    def emulated(self) -> bool:
+        return self.bandwidth is not None or self.rtt > 0 or self.loss > 0

@@ -101,6 +101,11 @@ TYPES: dict[str, Callable] = {
     "percent": _checked_number(float, lambda v: 0.0 <= v <= 100.0, "an accuracy in [0, 100]"),
     "open_fraction": _checked_number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "fraction": _checked_number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "probability": _checked_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "positive": _checked_number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "non_negative": _checked_number(float, lambda v: math.isfinite(v) and v >= 0,
+                                    "a number >= 0"),  # fmt: skip
+    "port": _checked_number(int, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 
@@ -33,6 +34,19 @@ class Summary:
         return asdict(self)
 
 
+TOP_K = 5
+
+
+def top_classes(logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """The k best classes per row, best first: logits [B, C] -> [B, min(k, C)] int64."""
+    return logits.topk(min(k, logits.shape[1]), dim=1).indices
+
+
+def exact_sum(values: torch.Tensor) -> Fraction:
+    """The exact sum of float values [n] (independent of their order)."""
+    return sum(map(Fraction, values.double().tolist()), Fraction(0))
+
+
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
     """How many rows have their target among the k largest logits.
 
@@ -59,8 +73,10 @@ class RunningSummary:
     collab_top5: int = 0
     sent_patches: int = 0
     nonempty_sent: int = 0
-    sum_of_min_attention: float = 0.0
-    sum_of_sum_attention: float = 0.0
+    # Exact sums: the figures do not depend on how the images were split into batches,
+    # in what order they arrived, or on which process saw them.
+    sum_of_min_attention: Fraction = Fraction(0)
+    sum_of_sum_attention: Fraction = Fraction(0)
 
     def update(
         self,
@@ -83,19 +99,40 @@ class RunningSummary:
             selection_min: minimum selected score [B].
             selection_sum: sum of selected scores [B].
         """
-        targets = targets.to(edge_logits.device)
-        sent = ~confident
+        self.update_ranked(targets, top_classes(edge_logits), top_classes(final_logits),
+                           confident, selection_size, selection_min, selection_sum)  # fmt: skip
+
+    def update_ranked(
+        self,
+        targets: torch.Tensor,
+        edge_top: torch.Tensor,
+        final_top: torch.Tensor,
+        confident: torch.Tensor,
+        selection_size: torch.Tensor,
+        selection_min: torch.Tensor,
+        selection_sum: torch.Tensor,
+    ) -> None:
+        """Add images whose answers are given as ranked classes (top_classes of the logits).
+
+        Args:
+            targets: labels [B].
+            edge_top, final_top: [B, k] class indices, best first (k = min(5, classes)).
+            confident, selection_size, selection_min, selection_sum: as for `update`.
+        """
+        targets = targets.to(edge_top.device).unsqueeze(1)
+        sent = ~confident.to(edge_top.device)
+        selection_size = selection_size.to(edge_top.device)
         nonempty = sent & (selection_size > 0)
         self.images += int(targets.shape[0])
-        self.confident += int(confident.sum())
-        self.client_top1 += topk_correct(edge_logits, targets, 1)
-        self.client_top5 += topk_correct(edge_logits, targets, 5)
-        self.collab_top1 += topk_correct(final_logits, targets, 1)
-        self.collab_top5 += topk_correct(final_logits, targets, 5)
+        self.confident += int((~sent).sum())
+        self.client_top1 += int((edge_top[:, :1] == targets).any(dim=1).sum())
+        self.client_top5 += int((edge_top == targets).any(dim=1).sum())
+        self.collab_top1 += int((final_top[:, :1] == targets).any(dim=1).sum())
+        self.collab_top5 += int((final_top == targets).any(dim=1).sum())
         self.sent_patches += int(selection_size[sent].sum())
         self.nonempty_sent += int(nonempty.sum())
-        self.sum_of_min_attention += float(selection_min[nonempty].double().sum())
-        self.sum_of_sum_attention += float(selection_sum[nonempty].double().sum())
+        self.sum_of_min_attention += exact_sum(selection_min[nonempty.to(selection_min.device)])
+        self.sum_of_sum_attention += exact_sum(selection_sum[nonempty.to(selection_sum.device)])
 
     def summary(self) -> Summary:
         """The figures read out (accuracies in %, 0 when nothing was seen)."""
@@ -109,10 +146,12 @@ class RunningSummary:
             sent_images=sent,
             sent_tokens=sent_tokens,
             avg_min_attention=(
-                self.sum_of_min_attention / self.nonempty_sent if self.nonempty_sent else 0.0
+                float(self.sum_of_min_attention / self.nonempty_sent) if self.nonempty_sent
+                else 0.0
             ),
             avg_sum_attention=(
-                self.sum_of_sum_attention / self.nonempty_sent if self.nonempty_sent else 0.0
+                float(self.sum_of_sum_attention / self.nonempty_sent) if self.nonempty_sent
+                else 0.0
             ),
             comm_cost=(sent / self.images) * (sent_tokens / self.num_patches)
             if self.images

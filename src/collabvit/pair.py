@@ -39,7 +39,7 @@ class Pair:
     """
 
     edge_model: torch.nn.Module
-    server_model: torch.nn.Module
+    server_model: torch.nn.Module | None
     dataset: Dataset
     device: torch.device
     normalization: vit.Normalization | None
@@ -52,6 +52,8 @@ class Pair:
         return EdgeDevice(self.edge_model, config, self.device, self.normalization)
 
     def server(self) -> Server:
+        if self.server_model is None:
+            raise ValueError("this pair was loaded without its server model")
         return Server(self.server_model, self.device, self.normalization)
 
     def loader(self) -> DataLoader:
@@ -75,9 +77,13 @@ def load_model(spec: ModelSpec, server: bool = False) -> torch.nn.Module:
 
 
 def load_pair(
-    edge: ModelSpec, server: ModelSpec, dataset: DataSpec, device: str = "cpu"
+    edge: ModelSpec, server: ModelSpec, dataset: DataSpec, device: str = "cpu",
+    with_server: bool = True,
 ) -> Pair:
     """Build both models and the dataset, and check that they fit together.
+
+    With `with_server` False the server model is not built (it runs elsewhere, e.g. behind
+    `collabvit serve`); its spec still names the pair's default operating point.
 
     Raises ValueError (ModelError, DataError) with a one-line reason for any user mistake:
     unknown model or device, unreadable weights, edge and server of different geometry,
@@ -85,8 +91,9 @@ def load_pair(
     """
     torch_device = resolve_device(device)
     edge_model = load_model(edge)
-    server_model = load_model(server, server=True)
-    vit.check_compatible(edge_model, server_model)
+    server_model = load_model(server, server=True) if with_server else None
+    if server_model is not None:
+        vit.check_compatible(edge_model, server_model)
     images = data.build_dataset(
         dataset.data_set, dataset.data_path, edge_model, dataset.split, dataset.crop_pct
     )

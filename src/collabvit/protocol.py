@@ -1,14 +1,26 @@
 """What the edge sends the server: the selected patches' pixels and their grid positions.
 
 Pixels travel unnormalised (uint8 stays uint8, losslessly), so edge and server
-may normalise differently.
+may normalise differently. This module holds the in-memory payload, its wire
+format with the `raw`, `png` and `jpeg` codecs, and the Open Inference Protocol
+v2 bodies that carry it; everything decoded from bytes is validated here and
+fails with ProtocolError.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import json
+import struct
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
@@ -80,3 +92,470 @@ class PatchPayload:
                 raise ValueError(f"payload positions must lie in [0, {num_patches})")
             if int(self.positions.unique().numel()) != self.size:
                 raise ValueError("payload positions must be distinct")
+
+
+# ------------------------------------------------------------------ wire format
+#
+# One offloaded image travels as one self-describing byte string:
+#
+#   offset  size  field
+#   0       1     format version (1)
+#   1       1     codec: 0 raw, 1 png, 2 jpeg
+#   2       1     pixel dtype: 0 uint8, 1 float32 (raw only)
+#   3       1     channels C
+#   4       1     patch height P_h
+#   5       1     patch width P_w
+#   6       2     grid rows G_h        (little-endian, as every integer here)
+#   8       2     grid columns G_w
+#   10      2     kept patches k
+#   12      k*w   kept grid indices, row-major; w = 1 byte when G_h*G_w <= 256, else 2
+#   12+k*w  4     data length D
+#   16+k*w  D     data: raw = the k patches' pixels [k, C, P_h, P_w] in index order;
+#                 png / jpeg = the masked image [G_h*P_h, G_w*P_w] with dropped patches 0
+#
+# Indices are sent explicitly for every codec: a lossy codec cannot tell a blank
+# patch from a dropped one.
+
+WIRE_VERSION = 1
+CODECS = ("raw", "png", "jpeg")
+DEFAULT_JPEG_QUALITY = 75
+_DTYPES = (torch.uint8, torch.float32)
+_HEADER = struct.Struct("<BBBBBBHHH")
+_LENGTH = struct.Struct("<I")
+_IMAGE_MODES = {1: "L", 3: "RGB"}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid transmission for this server (a one-line reason)."""
+
+
+@dataclass(frozen=True)
+class WireGeometry:
+    """What the bytes of one image declare and the server checks against its model."""
+
+    channels: int
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.grid_size[0] * self.patch_size[0], self.grid_size[1] * self.patch_size[1])
+
+    @property
+    def index_width(self) -> int:
+        return 1 if self.num_patches <= 256 else 2
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How the pixels are coded: `raw`, `png` (both lossless) or `jpeg` at a quality 1..95."""
+
+    name: str = "raw"
+    quality: int = DEFAULT_JPEG_QUALITY
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"unknown codec {self.name!r}; choose from {', '.join(CODECS)}")
+        if not 1 <= self.quality <= 95:
+            raise ValueError(f"jpeg quality must be in 1..95, not {self.quality}")
+
+    @classmethod
+    def parse(cls, text: str) -> Codec:
+        """'raw', 'png', 'jpeg' or 'jpeg:Q' (quality Q)."""
+        name, _, quality = text.partition(":")
+        if quality and name != "jpeg":
+            raise ValueError(f"only jpeg takes a quality, not {text!r}")
+        try:
+            return cls(name, int(quality) if quality else DEFAULT_JPEG_QUALITY)
+        except ValueError as error:
+            if quality and not quality.isdigit():
+                raise ValueError(f"jpeg quality must be an integer, not {quality!r}") from error
+            raise
+
+    def __str__(self) -> str:
+        return f"jpeg:{self.quality}" if self.name == "jpeg" else self.name
+
+
+def encode_payload(payload: PatchPayload, geometry: WireGeometry, codec: Codec = Codec()) -> bytes:
+    """One image's transmission as bytes (see the layout above).
+
+    Args:
+        payload: positions [k] int64 and patches [k, C, P_h, P_w] uint8 (or float32 in
+            [0, 1] for `raw`).
+        geometry: the grid the positions refer to.
+        codec: how the pixels are coded.
+    """
+    payload.validate(geometry.channels, geometry.patch_size, geometry.num_patches)
+    dtype = payload.patches.dtype
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"pixels of dtype {dtype} cannot be sent; use uint8 or float32")
+    if codec.name != "raw" and dtype != torch.uint8:
+        raise ProtocolError(f"the {codec.name} codec takes uint8 pixels, not {dtype}")
+    if codec.name != "raw" and geometry.channels not in _IMAGE_MODES:
+        raise ProtocolError(f"the {codec.name} codec takes 1 or 3 channels, not "
+                            f"{geometry.channels}")  # fmt: skip
+    patches = payload.patches.detach().cpu().contiguous()
+    positions = payload.positions.cpu()
+    if codec.name == "raw":
+        data = patches.numpy().tobytes()
+    else:
+        data = _encode_image(_masked_image(patches, positions, geometry), codec)
+    index_type = np.uint8 if geometry.index_width == 1 else np.dtype("<u2")
+    header = _HEADER.pack(
+        WIRE_VERSION, CODECS.index(codec.name), _DTYPES.index(dtype), geometry.channels,
+        *geometry.patch_size, *geometry.grid_size, payload.size,
+    )  # fmt: skip
+    indices = positions.numpy().astype(index_type).tobytes()
+    return header + indices + _LENGTH.pack(len(data)) + data
+
+
+def decode_payload(blob: bytes, expected: WireGeometry) -> PatchPayload:
+    """The payload carried by `blob`, checked against the server's geometry.
+
+    Raises ProtocolError for anything malformed: an unknown version, codec or
+    dtype, a grid, patch size or channel count other than `expected`, an index
+    out of range or repeated, a declared length that differs from the data, or
+    image data that does not decode to the declared image.
+    """
+    if len(blob) < _HEADER.size:
+        raise ProtocolError(f"payload of {len(blob)} bytes is shorter than its "
+                            f"{_HEADER.size}-byte header")  # fmt: skip
+    version, codec_id, dtype_id, channels, ph, pw, gh, gw, count = _HEADER.unpack_from(blob)
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"unsupported payload version {version} (this server reads "
+                            f"{WIRE_VERSION})")  # fmt: skip
+    if codec_id >= len(CODECS):
+        raise ProtocolError(f"unknown codec id {codec_id}")
+    if dtype_id >= len(_DTYPES):
+        raise ProtocolError(f"unknown pixel dtype id {dtype_id}")
+    declared = WireGeometry(channels, (ph, pw), (gh, gw))
+    if declared != expected:
+        raise ProtocolError(
+            f"payload declares {_describe(declared)} but the server's model takes "
+            f"{_describe(expected)}"
+        )
+    codec, dtype = CODECS[codec_id], _DTYPES[dtype_id]
+    if count > expected.num_patches:
+        raise ProtocolError(f"payload declares {count} patches but the grid has "
+                            f"{expected.num_patches}")  # fmt: skip
+    start = _HEADER.size
+    index_end = start + count * expected.index_width
+    if len(blob) < index_end + _LENGTH.size:
+        raise ProtocolError(f"payload of {len(blob)} bytes is truncated before its data")
+    index_type = np.uint8 if expected.index_width == 1 else np.dtype("<u2")
+    positions = torch.from_numpy(
+        np.frombuffer(blob, dtype=index_type, count=count, offset=start).astype(np.int64)
+    )
+    if count and int(positions.max()) >= expected.num_patches:
+        raise ProtocolError(f"patch index {int(positions.max())} is outside the grid of "
+                            f"{expected.num_patches} patches")  # fmt: skip
+    if int(positions.unique().numel()) != count:
+        raise ProtocolError("patch indices repeat")
+    (length,) = _LENGTH.unpack_from(blob, index_end)
+    data = blob[index_end + _LENGTH.size :]
+    if len(data) != length:
+        raise ProtocolError(f"payload declares {length} data bytes but carries {len(data)}")
+    if codec == "raw":
+        patches = _raw_patches(data, dtype, count, expected)
+    else:
+        if dtype != torch.uint8:
+            raise ProtocolError(f"the {codec} codec carries uint8 pixels only")
+        image = _decode_image(data, codec, expected)
+        patches = patchify(image.unsqueeze(0), expected.patch_size)[0, positions]
+    return PatchPayload(positions=positions, patches=patches)
+
+
+def _describe(geometry: WireGeometry) -> str:
+    return (f"{geometry.channels} channel(s), {geometry.patch_size[0]}x{geometry.patch_size[1]} "
+            f"patches on a {geometry.grid_size[0]}x{geometry.grid_size[1]} grid")  # fmt: skip
+
+
+def _raw_patches(data: bytes, dtype: torch.dtype, count: int, geometry: WireGeometry):
+    shape = (count, geometry.channels, *geometry.patch_size)
+    itemsize = 1 if dtype == torch.uint8 else 4
+    expected = int(np.prod(shape)) * itemsize
+    if len(data) != expected:
+        raise ProtocolError(f"raw data of {len(data)} bytes does not hold {count} patches of "
+                            f"{_describe(geometry)} ({expected} bytes)")  # fmt: skip
+    array = np.frombuffer(data, dtype=np.uint8 if dtype == torch.uint8 else np.dtype("<f4"))
+    patches = torch.from_numpy(array.reshape(shape).copy())
+    if dtype == torch.float32 and count and not (
+        bool(torch.isfinite(patches).all()) and 0.0 <= float(patches.min())
+        and float(patches.max()) <= 1.0
+    ):  # fmt: skip
+        raise ProtocolError("float32 pixels must be finite and lie in [0, 1]")
+    return patches
+
+
+def _masked_image(patches: torch.Tensor, positions: torch.Tensor, geometry: WireGeometry):
+    """[k, C, P_h, P_w] uint8 at grid positions -> the image [C, H, W] with the rest 0."""
+    (gh, gw), (ph, pw), channels = geometry.grid_size, geometry.patch_size, geometry.channels
+    grid = torch.zeros(gh * gw, channels, ph, pw, dtype=torch.uint8)
+    grid[positions] = patches
+    return grid.reshape(gh, gw, channels, ph, pw).permute(2, 0, 3, 1, 4).reshape(
+        channels, gh * ph, gw * pw
+    )
+
+
+def _encode_image(image: torch.Tensor, codec: Codec) -> bytes:
+    """[C, H, W] uint8 -> PNG or JPEG bytes."""
+    array = image.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array,
+                              mode=_IMAGE_MODES[image.shape[0]])  # fmt: skip
+    buffer = io.BytesIO()
+    if codec.name == "png":
+        picture.save(buffer, format="PNG", optimize=True)
+    else:
+        picture.save(buffer, format="JPEG", quality=codec.quality)
+    return buffer.getvalue()
+
+
+def _decode_image(data: bytes, codec: str, geometry: WireGeometry) -> torch.Tensor:
+    """PNG or JPEG bytes -> [C, H, W] uint8, checked to be the declared image.
+
+    The header is read before any pixel is decoded, so an oversized image is
+    refused without being decompressed.
+    """
+    try:
+        picture = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[codec]])
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ProtocolError(f"{codec} data does not decode: {error}") from error
+    height, width = geometry.image_size
+    mode = _IMAGE_MODES.get(geometry.channels)
+    if picture.size != (width, height) or picture.mode != mode:
+        raise ProtocolError(f"{codec} image is {picture.size[0]}x{picture.size[1]} {picture.mode}"
+                            f", expected {width}x{height} {mode}")  # fmt: skip
+    try:
+        picture.load()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ProtocolError(f"{codec} data does not decode: {error}") from error
+    array = np.asarray(picture, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------------ Open Inference Protocol v2
+#
+# An infer request carries images as the BYTES input `payload`, shape [B], one
+# wire-format byte string per image. With the binary tensor data extension the
+# elements follow the JSON header, each prefixed by its 4-byte little-endian
+# length; in plain JSON they are base64 strings. The answer is the FP32 output
+# `logits`, shape [B, classes], binary when the request asks for it.
+
+INFERENCE_HEADER = "Inference-Header-Content-Length"
+PAYLOAD_INPUT = "payload"
+LOGITS_OUTPUT = "logits"
+_BINARY_CONTENT = "application/octet-stream"
+
+
+class _Tensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    datatype: str | None = None
+    shape: list[int] | None = None
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+    @property
+    def binary_size(self) -> int | None:
+        size = (self.parameters or {}).get("binary_data_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ProtocolError(f"{self.name}: binary_data_size must be a non-negative integer")
+        return size
+
+
+class _InferenceBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    model_name: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[_Tensor] | None = None
+    outputs: list[_Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded infer request: the images' wire bytes and how to answer."""
+
+    blobs: list[bytes]
+    request_id: str | None
+    binary_output: bool
+
+
+def infer_request_body(blobs: list[bytes], binary_output: bool = True,
+                       request_id: str | None = None) -> tuple[bytes, int]:  # fmt: skip
+    """The body of an infer request carrying `blobs` with the binary extension.
+
+    Returns (body, length of its JSON header) for the Inference-Header-Content-Length header.
+    """
+    elements = b"".join(_LENGTH.pack(len(blob)) + blob for blob in blobs)
+    header: dict[str, Any] = {
+        "inputs": [{"name": PAYLOAD_INPUT, "shape": [len(blobs)], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(elements)}}],
+    }  # fmt: skip
+    if request_id is not None:
+        header["id"] = request_id
+    if binary_output:
+        header["parameters"] = {"binary_data_output": True}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return text + elements, len(text)
+
+
+def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """The images of an infer request (JSON, or JSON + binary data). Raises ProtocolError."""
+    header, binary = _split_body(body, header_length)
+    if not header.inputs:
+        raise ProtocolError(f"the request has no inputs; send the BYTES input {PAYLOAD_INPUT!r}")
+    offset = 0
+    blobs = None
+    for tensor in header.inputs:
+        size = tensor.binary_size
+        chunk = None
+        if size is not None:
+            if offset + size > len(binary):
+                raise ProtocolError(f"{tensor.name}: binary_data_size {size} runs past the "
+                                    f"{len(binary)} bytes of binary data")  # fmt: skip
+            chunk = binary[offset : offset + size]
+            offset += size
+        if tensor.name != PAYLOAD_INPUT:
+            raise ProtocolError(f"unknown input {tensor.name!r}; this model takes the BYTES "
+                                f"input {PAYLOAD_INPUT!r}")  # fmt: skip
+        if blobs is not None:
+            raise ProtocolError(f"input {PAYLOAD_INPUT!r} given twice")
+        blobs = _payload_elements(tensor, chunk)
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return InferRequest(blobs=blobs, request_id=header.id,
+                        binary_output=_wants_binary_output(header))  # fmt: skip
+
+
+def infer_response_body(model_name: str, logits: np.ndarray, binary: bool,
+                        request_id: str | None = None,
+                        parameters: dict | None = None) -> tuple[bytes, int | None]:  # fmt: skip
+    """The body answering an infer request: logits [B, classes] float32 (and `parameters`,
+    e.g. the server's timings).
+
+    Returns (body, JSON header length) with binary output, else (JSON body, None).
+    """
+    logits = np.ascontiguousarray(logits, dtype="<f4")
+    output: dict[str, Any] = {"name": LOGITS_OUTPUT, "datatype": "FP32",
+                              "shape": list(logits.shape)}  # fmt: skip
+    header: dict[str, Any] = {"model_name": model_name, "outputs": [output]}
+    if request_id is not None:
+        header["id"] = request_id
+    if parameters:
+        header["parameters"] = parameters
+    if binary:
+        data = logits.tobytes()
+        output["parameters"] = {"binary_data_size": len(data)}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        return text + data, len(text)
+    output["data"] = logits.ravel().tolist()  # float32 -> float64 -> float32 is exact
+    return json.dumps(header, separators=(",", ":")).encode(), None
+
+
+def parse_logits(body: bytes, header_length: int | None) -> tuple[np.ndarray, dict]:
+    """The logits [B, classes] float32 of an infer response and its parameters.
+
+    Raises ProtocolError.
+    """
+    header, binary = _split_body(body, header_length)
+    outputs = [t for t in header.outputs or () if t.name == LOGITS_OUTPUT]
+    if len(outputs) != 1 or outputs[0].datatype != "FP32" or not outputs[0].shape \
+            or len(outputs[0].shape) != 2:  # fmt: skip
+        raise ProtocolError(f"the response has no FP32 output {LOGITS_OUTPUT!r} of shape "
+                            "[B, classes]")  # fmt: skip
+    tensor = outputs[0]
+    count = tensor.shape[0] * tensor.shape[1]
+    if tensor.binary_size is not None:
+        if tensor.binary_size != 4 * count or len(binary) != 4 * count:
+            raise ProtocolError("binary logits do not match their declared shape")
+        values = np.frombuffer(binary, dtype="<f4")
+    else:
+        values = np.asarray(tensor.data or [], dtype=np.float32)
+    if values.size != count:
+        raise ProtocolError("logits do not match their declared shape")
+    return values.reshape(tensor.shape).astype(np.float32), dict(header.parameters or {})
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The Inference-Header-Content-Length header as an int (None when absent)."""
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ProtocolError(f"{INFERENCE_HEADER} must be a non-negative integer, not {value!r}")
+    return int(value)
+
+
+def _split_body(body: bytes, header_length: int | None) -> tuple[_InferenceBody, bytes]:
+    if header_length is None:
+        header_length = len(body)
+    if header_length > len(body):
+        raise ProtocolError(f"{INFERENCE_HEADER} {header_length} exceeds the body's "
+                            f"{len(body)} bytes")  # fmt: skip
+    try:
+        header = _InferenceBody.model_validate_json(body[:header_length])
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+        raise ProtocolError(f"malformed inference JSON at {where}: {first['msg']}") from None
+    return header, body[header_length:]
+
+
+def _payload_elements(tensor: _Tensor, chunk: bytes | None) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise ProtocolError(f"input {PAYLOAD_INPUT!r} must have datatype BYTES, not "
+                            f"{tensor.datatype!r}")  # fmt: skip
+    if tensor.shape is None or len(tensor.shape) != 1 or tensor.shape[0] < 1:
+        raise ProtocolError(f"input {PAYLOAD_INPUT!r} must have shape [B] with B >= 1, not "
+                            f"{tensor.shape}")  # fmt: skip
+    if chunk is not None:
+        if tensor.data is not None:
+            raise ProtocolError(f"input {PAYLOAD_INPUT!r} has both JSON data and binary data")
+        blobs = _split_elements(chunk)
+    else:
+        if tensor.data is None:
+            raise ProtocolError(f"input {PAYLOAD_INPUT!r} carries no data")
+        blobs = []
+        for element in tensor.data:
+            if not isinstance(element, str):
+                raise ProtocolError(f"JSON elements of {PAYLOAD_INPUT!r} must be base64 strings")
+            try:
+                blobs.append(base64.b64decode(element, validate=True))
+            except binascii.Error as error:
+                raise ProtocolError(f"an element of {PAYLOAD_INPUT!r} is not base64: "
+                                    f"{error}") from None  # fmt: skip
+    if len(blobs) != tensor.shape[0]:
+        raise ProtocolError(f"input {PAYLOAD_INPUT!r} declares shape {tensor.shape} but "
+                            f"carries {len(blobs)} elements")  # fmt: skip
+    return blobs
+
+
+def _split_elements(chunk: bytes) -> list[bytes]:
+    """BYTES tensor data: 4-byte little-endian length, then the bytes, repeated."""
+    elements, offset = [], 0
+    while offset < len(chunk):
+        if offset + _LENGTH.size > len(chunk):
+            raise ProtocolError("BYTES data ends inside an element's length")
+        (size,) = _LENGTH.unpack_from(chunk, offset)
+        offset += _LENGTH.size
+        if offset + size > len(chunk):
+            raise ProtocolError("BYTES data ends inside an element")
+        elements.append(bytes(chunk[offset : offset + size]))
+        offset += size
+    return elements
+
+
+def _wants_binary_output(header: _InferenceBody) -> bool:
+    if (header.parameters or {}).get("binary_data_output") is True:
+        return True
+    for output in header.outputs or ():
+        if output.name == LOGITS_OUTPUT and (output.parameters or {}).get("binary_data") is True:
+            return True
+    return False

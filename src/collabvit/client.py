@@ -1,0 +1,597 @@
+"""`collabvit edge`: the edge half of a deployment, talking to `collabvit serve` over HTTP.
+
+The edge model classifies each batch; confident images keep its answer, the
+others send their selected patches (wire format of protocol.py) to the server,
+at most `concurrency` requests at a time. A request that fails for a reason
+that may pass (unreachable, timeout, 5xx) is retried with doubling back-off;
+when it still fails, or the server refuses it, the image keeps the edge's
+answer and the cause is counted: every image gets exactly one answer.
+
+Each answer is appended to a JSON Lines file as soon as it is known, so an
+interrupted run resumes without repeating or losing an image. The summary is
+computed from that file, with the same RunningSummary as `collabvit eval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from collabvit.config import ClientConfig, LinkConfig
+from collabvit.edge import EdgeDevice
+from collabvit.metrics import RunningSummary, Summary, top_classes
+from collabvit.protocol import (
+    INFERENCE_HEADER,
+    Codec,
+    PatchPayload,
+    ProtocolError,
+    WireGeometry,
+    build_payloads,
+    encode_payload,
+    infer_request_body,
+    parse_header_length,
+    parse_logits,
+)
+
+# Why an image kept the edge's answer although it was not confident.
+FALLBACK_CAUSES = ("unreachable", "timeout", "server_error", "refused", "bad_response",
+                   "server_down")  # fmt: skip
+LOSS_STREAM = 0x1055  # separates the loss draws from the `random` policy's draws
+RECORDS_FORMAT = "collabvit-edge-records/1"
+
+
+class ClientError(ValueError):
+    """The run cannot start or continue (a one-line reason): e.g. a server whose model does
+    not fit the edge's, or a records file of another run."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's outcome: a line of the records file.
+
+    Attributes:
+        index: dataset index. label: its class.
+        edge_top, final_top: the edge's and the final answer's best classes, best first.
+        confident: answered at the edge by the gate.
+        route: "edge" (confident), "server", or "fallback" (sent, but the edge answered).
+        cause: for a fallback, one of FALLBACK_CAUSES.
+        selected: patches selected. delivered: patches that reached the server (loss).
+        selection_min, selection_sum: of the selected scores.
+        payload_bytes: the wire-format bytes of the image; request_bytes: the whole HTTP
+            request (request line, headers, body); response_bytes: the whole response.
+        full_bytes: request bytes of sending the full image instead, per codec name.
+        attempts: requests made. edge_ms, transfer_ms, server_ms, total_ms: latencies.
+    """
+
+    index: int
+    label: int
+    edge_top: list[int]
+    final_top: list[int]
+    confident: bool
+    route: str
+    cause: str | None
+    selected: int
+    delivered: int
+    selection_min: float
+    selection_sum: float
+    payload_bytes: int
+    request_bytes: int
+    response_bytes: int
+    full_bytes: dict[str, int]
+    attempts: int
+    edge_ms: float
+    transfer_ms: float | None
+    server_ms: float | None
+    total_ms: float
+
+
+# ------------------------------------------------------------------ bytes on the wire
+
+
+def request_wire_bytes(request: httpx.Request) -> int:
+    """The bytes of an HTTP/1.1 request as it goes on the wire: request line, headers, body.
+
+    httpx hands headers to h11 in their original spelling and order, and h11 writes
+    `name: value\\r\\n` for each, so this is exact for requests with a Content-Length.
+    """
+    target = request.url.raw_path
+    line = len(request.method) + 1 + len(target) + len(b" HTTP/1.1\r\n")
+    headers = sum(len(name) + 2 + len(value) + 2 for name, value in request.headers.raw)
+    return line + headers + 2 + len(request.content)
+
+
+def response_wire_bytes(response: httpx.Response) -> int:
+    """The bytes of an HTTP/1.1 response with a Content-Length: status line, headers, body."""
+    line = len(b"HTTP/1.1 ") + 3 + 1 + len(response.reason_phrase) + 2
+    headers = sum(len(name) + 2 + len(value) + 2 for name, value in response.headers.raw)
+    return line + headers + 2 + len(response.content)
+
+
+def trimmed_client_headers(client: httpx.AsyncClient, token: str | None) -> None:
+    """Drop httpx's default headers the server never reads: each costs bytes per image."""
+    for name in ("user-agent", "accept", "accept-encoding"):
+        client.headers.pop(name, None)
+    if token:
+        client.headers["authorization"] = f"Bearer {token}"
+
+
+# ------------------------------------------------------------------ link emulation
+
+
+def lose_patches(payload: PatchPayload, loss: float, seed: int, index: int) -> PatchPayload:
+    """The payload without the patches an emulated link loses, each with probability `loss`,
+    drawn from (seed, image index) so that reruns lose the same patches."""
+    if loss <= 0 or payload.size == 0:
+        return payload
+    rng = np.random.default_rng([seed, index, LOSS_STREAM])
+    kept = torch.from_numpy(rng.random(payload.size) >= loss)
+    return PatchPayload(positions=payload.positions[kept], patches=payload.patches[kept])
+
+
+def link_delay(link: LinkConfig, request_bytes: int, response_bytes: int) -> float:
+    """Seconds an emulated link adds to one exchange: its round trip plus transmission."""
+    seconds = link.rtt / 1000.0
+    if link.bandwidth is not None:
+        seconds += 8.0 * (request_bytes + response_bytes) / link.bandwidth
+    return seconds
+
+
+# ------------------------------------------------------------------ talking to the server
+
+
+@dataclass(frozen=True)
+class ServerAnswer:
+    """What one offloaded image got back: logits [classes] or a fallback cause."""
+
+    logits: np.ndarray | None
+    cause: str | None
+    attempts: int
+    request_bytes: int
+    response_bytes: int
+    transfer_ms: float | None
+    server_ms: float | None
+
+
+class ServerLink:
+    """The connection to one served model: retries, back-off and a short circuit breaker.
+
+    Owns an httpx.AsyncClient; use as an async context manager.
+    """
+
+    def __init__(self, config: ClientConfig, model_name: str, link: LinkConfig) -> None:
+        self.config = config
+        self.link = link
+        self.model_name = model_name
+        base = config.server.rstrip("/")
+        self.infer_url = f"{base}/v2/models/{model_name}/infer"
+        self.metadata_url = f"{base}/v2/models/{model_name}"
+        verify: bool | ssl.SSLContext = True
+        if config.ca_file:
+            verify = ssl.create_default_context(cafile=config.ca_file)
+        self.client = httpx.AsyncClient(
+            timeout=config.timeout, verify=verify,
+            limits=httpx.Limits(max_connections=config.concurrency,
+                                max_keepalive_connections=config.concurrency),
+        )  # fmt: skip
+        trimmed_client_headers(self.client, config.token)
+        self.down_until = 0.0
+
+    async def __aenter__(self) -> ServerLink:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
+
+    async def metadata(self) -> dict | None:
+        """The served model's metadata, or None when the server cannot be reached now."""
+        try:
+            response = await self.client.get(self.metadata_url)
+        except httpx.HTTPError:
+            return None
+        if response.status_code in (401, 403):
+            raise ClientError(f"the server refused the token ({response.status_code}); "
+                              "pass --token or set COLLABVIT_TOKEN")  # fmt: skip
+        if response.status_code == 404:
+            raise ClientError(f"the server does not serve {self.model_name!r}: "
+                              f"{_error_text(response)}")  # fmt: skip
+        if response.status_code != 200:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def build_request(self, blob: bytes) -> httpx.Request:
+        body, header_length = infer_request_body([blob])
+        return self.client.build_request(
+            "POST", self.infer_url, content=body,
+            headers={INFERENCE_HEADER: str(header_length)},
+        )  # fmt: skip
+
+    async def classify(self, blob: bytes, counted_bytes: int | None = None) -> ServerAnswer:
+        """The server's logits for one image's wire bytes, retrying what may pass.
+
+        Args:
+            blob: the image's wire-format bytes.
+            counted_bytes: the request bytes to report (the pre-loss request under an
+                emulated lossy link); default: this request's own bytes.
+        """
+        request = self.build_request(blob)
+        request_bytes = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
+        attempts = 0
+        cause = "unreachable"
+        if time.monotonic() < self.down_until:
+            return ServerAnswer(None, "server_down", 0, 0, 0, None, None)
+        for attempt in range(self.config.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.config.backoff * 2 ** (attempt - 1))
+            attempts += 1
+            started = time.perf_counter()
+            try:
+                response = await self.client.send(self.build_request(blob))
+            except httpx.TimeoutException:
+                cause = "timeout"
+                continue
+            except (httpx.TransportError, OSError):
+                cause = "unreachable"
+                continue
+            elapsed = time.perf_counter() - started
+            response_bytes = response_wire_bytes(response)
+            if response.status_code >= 500 or response.status_code == 429:
+                cause = "server_error"
+                continue
+            if response.status_code != 200:
+                return ServerAnswer(None, "refused", attempts, request_bytes, response_bytes,
+                                    None, None)  # fmt: skip
+            try:
+                logits, parameters = parse_logits(response.content, parse_header_length(
+                    response.headers.get(INFERENCE_HEADER)))  # fmt: skip
+                if logits.shape[0] != 1:
+                    raise ProtocolError("the answer holds another number of images")
+            except ProtocolError:
+                return ServerAnswer(None, "bad_response", attempts, request_bytes,
+                                    response_bytes, None, None)  # fmt: skip
+            delay = link_delay(self.link, request_bytes, response_bytes)
+            if delay:
+                await asyncio.sleep(delay)
+            server_ms = _number(parameters.get("server_ms"))
+            transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
+            return ServerAnswer(logits[0], None, attempts, request_bytes, response_bytes,
+                                transfer_ms, server_ms)  # fmt: skip
+        if cause in ("unreachable", "timeout") and self.config.cooldown > 0:
+            self.down_until = time.monotonic() + self.config.cooldown
+        return ServerAnswer(None, cause, attempts, request_bytes, 0, None, None)
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None  # fmt: skip
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+def check_server_geometry(metadata: dict, geometry: WireGeometry, num_classes: int) -> None:
+    """ClientError unless the served model takes the edge's patches and classes."""
+    parameters = metadata.get("parameters") or {}
+    served = (parameters.get("channels"), tuple(parameters.get("patch_size") or ()),
+              tuple(parameters.get("grid_size") or ()), parameters.get("num_classes"))  # fmt: skip
+    expected = (geometry.channels, geometry.patch_size, geometry.grid_size, num_classes)
+    if served != expected:
+        raise ClientError(
+            f"the served model {metadata.get('name')!r} takes {served[0]} channel(s), "
+            f"patches {served[1]} on a grid {served[2]}, {served[3]} classes; the edge sends "
+            f"{expected[0]} channel(s), patches {expected[1]} on a grid {expected[2]}, "
+            f"{expected[3]} classes"
+        )
+
+
+# ------------------------------------------------------------------ the records file
+
+
+def run_identity(**parts) -> dict:
+    """What must match for a records file to be continued: models, data, knobs, codec."""
+    return json.loads(json.dumps(parts, default=str))
+
+
+def open_records(path: Path, identity: dict, resume: bool) -> dict[int, ImageRecord]:
+    """Prepare the records file; return the images it already answers (when resuming).
+
+    A resumed file must come from a run with the same identity. A last line cut off by
+    an interruption is dropped (that image is done again).
+    """
+    done: dict[int, ImageRecord] = {}
+    if resume and path.exists():
+        lines = path.read_bytes().split(b"\n")
+        try:
+            head = json.loads(lines[0])
+        except ValueError:
+            head = None
+        if not isinstance(head, dict) or head.get("format") != RECORDS_FORMAT:
+            raise ClientError(f"{path} is not a collabvit edge records file")
+        if head.get("run") != identity:
+            changed = sorted(k for k in set(identity) | set(head.get("run") or {})
+                             if identity.get(k) != (head.get("run") or {}).get(k))  # fmt: skip
+            raise ClientError(f"{path} is from a run with other settings ({', '.join(changed)}); "
+                              "use another --records file or drop --resume")  # fmt: skip
+        kept = [lines[0]]
+        for line in lines[1:]:
+            try:
+                record = ImageRecord(**json.loads(line))
+            except (ValueError, TypeError):
+                continue  # an interrupted write
+            if record.index not in done:
+                done[record.index] = record
+                kept.append(line)
+        path.write_bytes(b"\n".join(kept) + b"\n")
+        return done
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": RECORDS_FORMAT, "run": identity}) + "\n")
+    return done
+
+
+class RecordWriter:
+    """Appends one JSON line per answered image, flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = path.open("a", buffering=1)
+
+    def write(self, record: ImageRecord) -> None:
+        self.handle.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class EdgeReport:
+    """A run's figures: the paper's summary, bytes, fallbacks and latencies."""
+
+    summary: Summary
+    records: list[ImageRecord]
+    fallbacks: dict[str, int]
+    bytes: dict[str, dict[str, float]]
+    latency_ms: dict[str, dict[str, float]]
+    codec: str
+    skipped: int = 0
+
+    def as_dict(self) -> dict:
+        return {"summary": self.summary.as_dict(), "codec": self.codec,
+                "fallbacks": self.fallbacks, "bytes_per_image": self.bytes,
+                "latency_ms": self.latency_ms, "skipped_images": self.skipped}  # fmt: skip
+
+
+def summarize(records: Iterable[ImageRecord], num_patches: int) -> Summary:
+    """The paper's figures of answered images, through the same RunningSummary as eval."""
+    records = sorted(records, key=lambda r: r.index)
+    running = RunningSummary(num_patches=num_patches)
+    if records:
+        sent_size = torch.tensor([r.selected for r in records])
+        running.update_ranked(
+            torch.tensor([r.label for r in records]),
+            torch.tensor([r.edge_top for r in records]),
+            torch.tensor([r.final_top for r in records]),
+            torch.tensor([r.confident for r in records]),
+            sent_size,
+            torch.tensor([r.selection_min for r in records], dtype=torch.float32),
+            torch.tensor([r.selection_sum for r in records], dtype=torch.float32),
+        )
+    return running.summary()
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / mean of `values` in their unit (empty when there are none)."""
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(array.mean())}
+
+
+def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeReport:
+    """Summary, fallbacks by cause, bytes per image and latency percentiles of a run."""
+    sent = [r for r in records if not r.confident]
+    count = max(len(records), 1)
+    full_names = list(dict.fromkeys(name for r in records for name in r.full_bytes))
+    bytes_table = {
+        "collaborative": {"all_images": sum(r.request_bytes for r in records) / count,
+                          "sent_images": (sum(r.request_bytes for r in sent) / len(sent)
+                                          if sent else 0.0),
+                          "payload_all_images": sum(r.payload_bytes for r in records) / count,
+                          "response_all_images": sum(r.response_bytes for r in records) / count},
+        **{f"full_{name}": {"all_images": sum(r.full_bytes[name] for r in records) / count}
+           for name in full_names},
+    }  # fmt: skip
+    causes = Counter(r.cause for r in records if r.route == "fallback")
+    latency = {
+        "edge": percentiles([r.edge_ms for r in records]),
+        "transfer": percentiles([r.transfer_ms for r in sent if r.transfer_ms is not None]),
+        "server": percentiles([r.server_ms for r in sent if r.server_ms is not None]),
+        "end_to_end_sent": percentiles([r.total_ms for r in sent]),
+        "end_to_end_all": percentiles([r.total_ms for r in records]),
+    }
+    return EdgeReport(summarize(records, num_patches), records,
+                      {cause: causes.get(cause, 0) for cause in FALLBACK_CAUSES}, bytes_table,
+                      latency, str(codec))  # fmt: skip
+
+
+def full_image_bytes(link: ServerLink, images: torch.Tensor, geometry: WireGeometry,
+                     codecs: dict[str, Codec]) -> list[dict[str, int]]:  # fmt: skip
+    """Request bytes of sending each whole image instead, per codec: [B] dicts."""
+    everything = torch.ones(images.shape[0], geometry.num_patches, dtype=torch.bool)
+    payloads = build_payloads(images, everything, list(range(images.shape[0])),
+                              geometry.patch_size)  # fmt: skip
+    return [{name: request_wire_bytes(link.build_request(encode_payload(p, geometry, codec)))
+             for name, codec in codecs.items()} for p in payloads]  # fmt: skip
+
+
+async def run_edge(
+    edge: EdgeDevice,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    config: ClientConfig,
+    link_config: LinkConfig,
+    model_name: str,
+    identity: dict,
+    seed: int = 0,
+) -> EdgeReport:
+    """Run the edge over batches, offloading uncertain images to the server.
+
+    Args:
+        edge: the edge device (model, gate, selection).
+        batches: (unnormalised images [B, C, H, W] uint8, targets [B], dataset indices [B]).
+        config: server URL, codec, concurrency, retries, records file.
+        link_config: the emulated link (none by default).
+        model_name: the served model's name.
+        identity: the run's settings, stored with the records (see run_identity).
+        seed: seeds the `random` policy and the emulated loss.
+    """
+    codec = Codec.parse(config.codec)
+    g = edge.geometry
+    geometry = WireGeometry(g.in_chans, g.patch_size, g.grid_size)
+    records_path = Path(config.records)
+    done = open_records(records_path, identity, config.resume)
+    records = list(done.values())
+    writer = RecordWriter(records_path)
+    full_codecs = {"raw": Codec("raw"), "png": Codec("png"),
+                   "jpeg": Codec("jpeg", codec.quality if codec.name == "jpeg" else
+                                 Codec().quality)}  # fmt: skip
+    slots = asyncio.Semaphore(config.concurrency)
+    tasks: set[asyncio.Task] = set()
+
+    def finish(record: ImageRecord) -> None:
+        records.append(record)
+        writer.write(record)
+
+    async def offload(row: dict, payload: PatchPayload, started: float) -> None:
+        try:
+            blob = encode_payload(payload, geometry, codec)
+            row["payload_bytes"] = len(blob)
+            counted = None
+            if link_config.loss > 0:  # the edge sent it all; the server gets what survives
+                counted = request_wire_bytes(link.build_request(blob))
+                delivered = lose_patches(payload, link_config.loss, seed, row["index"])
+                row["delivered"] = delivered.size
+                blob = encode_payload(delivered, geometry, codec)
+            answer = await link.classify(blob, counted)
+        finally:
+            slots.release()
+        if answer.logits is not None:
+            final_top = top_classes(torch.from_numpy(answer.logits)[None])[0].tolist()
+            route = "server"
+        else:
+            final_top, route = row["edge_top"], "fallback"
+        finish(ImageRecord(**{**row, "final_top": final_top, "route": route,
+                              "cause": answer.cause, "request_bytes": answer.request_bytes,
+                              "response_bytes": answer.response_bytes,
+                              "attempts": answer.attempts, "transfer_ms": answer.transfer_ms,
+                              "server_ms": answer.server_ms,
+                              "total_ms": 1000.0 * (time.perf_counter() - started)}))
+
+    async with ServerLink(config, model_name, link_config) as link:
+        metadata = await link.metadata()
+        if metadata is not None:
+            check_server_geometry(metadata, geometry, g.num_classes)
+        try:
+            for images, targets, indices in batches:
+                todo = torch.tensor([int(i) not in done for i in indices.tolist()])
+                if not bool(todo.any()):
+                    continue
+                images, targets, indices = images[todo], targets[todo], indices[todo]
+                started = time.perf_counter()
+                result = await asyncio.to_thread(edge.process, images, indices, seed)
+                edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
+                full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
+                                               full_codecs)  # fmt: skip
+                size, minimum, total = result.selection_statistics()
+                edge_top = top_classes(result.logits).tolist()
+                payloads = iter(result.payloads)
+                for row_index, index in enumerate(indices.tolist()):
+                    confident = bool(result.confident[row_index])
+                    row = {"index": int(index), "label": int(targets[row_index]),
+                           "edge_top": edge_top[row_index], "confident": confident,
+                           "selected": int(size[row_index]), "delivered": int(size[row_index]),
+                           "selection_min": float(minimum[row_index]),
+                           "selection_sum": float(total[row_index]), "payload_bytes": 0,
+                           "full_bytes": full[row_index], "edge_ms": edge_ms}  # fmt: skip
+                    if confident:
+                        finish(ImageRecord(**row, final_top=row["edge_top"], route="edge",
+                                           cause=None, request_bytes=0, response_bytes=0,
+                                           attempts=0, transfer_ms=None, server_ms=None,
+                                           total_ms=edge_ms))  # fmt: skip
+                        continue
+                    await slots.acquire()
+                    task = asyncio.create_task(offload(row, next(payloads), started))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            writer.close()
+    return report(records, g.num_patches, codec)
+
+
+async def wait_until_ready(config: ClientConfig, model_name: str) -> None:
+    """Poll the served model's ready endpoint for up to `config.wait` seconds."""
+    deadline = time.monotonic() + config.wait
+    link = ServerLink(config, model_name, LinkConfig())
+    url = link.metadata_url + "/ready"
+    async with link:
+        while True:
+            try:
+                response = await link.client.get(url)
+                if response.status_code == 200:
+                    return
+                if response.status_code in (401, 403, 404):
+                    raise ClientError(f"{url}: {response.status_code} {_error_text(response)}")
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                raise ClientError(f"the server at {config.server} was not ready within "
+                                  f"{config.wait:g} s")  # fmt: skip
+            await asyncio.sleep(0.2)
+
+
+def format_report(report: EdgeReport) -> str:
+    """Bytes per image, fallbacks and latency percentiles, for people."""
+    b = report.bytes
+    collab = b["collaborative"]
+    lines = [
+        f"Bytes per image (HTTP request incl. headers, codec {report.codec}): "
+        f"{collab['all_images']:.1f} over all images, {collab['sent_images']:.1f} per sent "
+        f"image (wire payload {collab['payload_all_images']:.1f} over all images)",
+        "Sending every full image instead: " + " / ".join(
+            f"{name[5:]} {values['all_images']:.1f}" for name, values in b.items()
+            if name.startswith("full_")),
+    ]  # fmt: skip
+    fallbacks = {cause: n for cause, n in report.fallbacks.items() if n}
+    lines.append("Fallbacks to the edge's answer: " + (
+        ", ".join(f"{cause} {n}" for cause, n in fallbacks.items()) if fallbacks else "none"))
+    names = {"edge": "edge compute", "transfer": "transfer", "server": "server",
+             "end_to_end_sent": "end to end (sent)", "end_to_end_all": "end to end (all)"}
+    lines.append(f"Latency (ms)        {'p50':>9}{'p90':>9}{'p99':>9}")
+    for key, label in names.items():
+        values = report.latency_ms.get(key)
+        if values:
+            lines.append(f"  {label:<18}" + "".join(f"{values[p]:>9.2f}"
+                                                    for p in ("p50", "p90", "p99")))
+    return "\n".join(lines)

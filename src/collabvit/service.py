@@ -1,0 +1,434 @@
+"""`collabvit serve`: the server model behind the Open Inference Protocol v2 (HTTP/REST).
+
+FastAPI and uvicorn serve the protocol's health, metadata and infer endpoints.
+Concurrent infer requests are batched dynamically: a batch collects payloads
+until it holds `max_batch` images or `max_delay_ms` has passed since its first
+one, then `Server.classify` (the same object the in-process evaluation uses)
+runs it in one worker thread. The model loads and warms up after the server
+starts listening, so /v2/health/ready answers 503 until it can classify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from collabvit import __version__
+from collabvit.protocol import (
+    CODECS,
+    INFERENCE_HEADER,
+    LOGITS_OUTPUT,
+    PAYLOAD_INPUT,
+    WIRE_VERSION,
+    PatchPayload,
+    ProtocolError,
+    WireGeometry,
+    decode_payload,
+    infer_response_body,
+    parse_header_length,
+    parse_infer_request,
+)
+from collabvit.server import Server
+
+log = logging.getLogger("collabvit.serve")
+
+ACCEPTED_CONTENT_TYPES = ("application/json", "application/octet-stream")
+ERROR_KINDS = ("bad_request", "unauthorized", "too_large", "not_ready", "not_found",
+               "unsupported_media_type", "internal")  # fmt: skip
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceError(Exception):
+    """A request the service refuses: an HTTP status, a metrics kind and a one-line reason."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+@dataclass
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (no global state)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("collabvit_infer_requests", "Infer requests received",
+                                registry=r)  # fmt: skip
+        self.images = Counter("collabvit_infer_images", "Images classified", registry=r)
+        self.errors = Counter("collabvit_errors", "Refused or failed requests by kind",
+                              ["kind"], registry=r)  # fmt: skip
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        self.bytes_in = Counter("collabvit_request_body_bytes",
+                                "Bytes of infer request bodies received", registry=r)  # fmt: skip
+        self.batch_size = Histogram("collabvit_batch_images", "Images per dynamic batch",
+                                    buckets=_BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.queue_time = Histogram("collabvit_queue_seconds",
+                                    "Time an image waits for its batch to start",
+                                    buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.latency = Histogram("collabvit_infer_latency_seconds",
+                                 "Infer request latency, body read to answer",
+                                 buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+
+
+@dataclass
+class _Pending:
+    payloads: list[PatchPayload]
+    future: asyncio.Future
+    queued_at: float
+
+
+class Batcher:
+    """Dynamic batching of payloads from concurrent requests.
+
+    A batch starts with the oldest waiting request and takes further requests
+    until it holds `max_batch` images or `max_delay` seconds have passed since
+    it started; a single request larger than `max_batch` forms a batch alone.
+    Batches run one at a time in a worker thread, so the event loop keeps
+    accepting requests while the model computes.
+    """
+
+    def __init__(self, classify: Callable[[list[PatchPayload]], torch.Tensor], max_batch: int,
+                 max_delay: float, metrics: Metrics) -> None:  # fmt: skip
+        self.classify = classify
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collabvit-batch")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, payloads: list[PatchPayload]) -> tuple[np.ndarray, float]:
+        """Logits [len(payloads), classes] float32 and the seconds spent queued."""
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(payloads, future, time.perf_counter())
+        await self.queue.put(pending)
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            images = len(batch[0].payloads)
+            deadline = time.perf_counter() + self.max_delay
+            while images < self.max_batch:
+                if self.queue.empty():
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    item = self.queue.get_nowait()
+                if images + len(item.payloads) > self.max_batch:
+                    await self._run_batch(loop, batch, images)
+                    batch, images = [item], len(item.payloads)
+                    deadline = time.perf_counter() + self.max_delay
+                    continue
+                batch.append(item)
+                images += len(item.payloads)
+            await self._run_batch(loop, batch, images)
+
+    async def _run_batch(self, loop, batch: list[_Pending], images: int) -> None:
+        started = time.perf_counter()
+        payloads = [p for item in batch for p in item.payloads]
+        self.metrics.batch_size.observe(images)
+        for item in batch:
+            self.metrics.queue_time.observe(started - item.queued_at)
+        try:
+            logits = await loop.run_in_executor(self.executor, self._classify, payloads)
+        except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        offset = 0
+        for item in batch:
+            count = len(item.payloads)
+            if not item.future.done():  # the client may have gone away
+                item.future.set_result((logits[offset : offset + count],
+                                        started - item.queued_at))  # fmt: skip
+            offset += count
+
+    def _classify(self, payloads: list[PatchPayload]) -> np.ndarray:
+        return self.classify(payloads).cpu().numpy().astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How the service answers (the model comes separately, from a loader)."""
+
+    model_name: str
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_request_bytes: int = 16 * 2**20
+    token: str | None = None
+
+    def __repr__(self) -> str:  # the token never reaches a log
+        token = "<set>" if self.token else None
+        return (f"ServiceSettings(model_name={self.model_name!r}, max_batch={self.max_batch}, "
+                f"max_delay_ms={self.max_delay_ms}, max_request_bytes={self.max_request_bytes}, "
+                f"token={token})")  # fmt: skip
+
+
+class ModelState:
+    """The server model once loaded and warmed; None before."""
+
+    def __init__(self) -> None:
+        self.server: Server | None = None
+        self.geometry: WireGeometry | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def load(self, load_server: Callable[[], Server]) -> None:
+        try:
+            server = load_server()
+            g = server.geometry
+            geometry = WireGeometry(g.in_chans, g.patch_size, g.grid_size)
+            warm_up(server)
+        except Exception as error:  # noqa: BLE001 - reported by /v2/health/ready and the log
+            self.error = f"{type(error).__name__}: {error}"
+            log.error("the model failed to load: %s", self.error)
+            return
+        self.server, self.geometry = server, geometry
+        self.ready.set()
+        log.info("model ready: %s", g.describe())
+
+
+def warm_up(server: Server) -> None:
+    """One forward with every patch and one with none, so the first request is not slow."""
+    g = server.geometry
+    dtype = torch.uint8
+    full = PatchPayload(torch.arange(g.num_patches),
+                        torch.zeros(g.num_patches, g.in_chans, *g.patch_size, dtype=dtype))
+    empty = PatchPayload(torch.zeros(0, dtype=torch.int64),
+                         torch.zeros(0, g.in_chans, *g.patch_size, dtype=dtype))  # fmt: skip
+    server.classify([full, empty])
+
+
+def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> FastAPI:
+    """The Open Inference Protocol v2 application serving one model.
+
+    Args:
+        settings: name, batching, limits and the optional bearer token.
+        load_server: builds the Server (model on its device); called in a thread after
+            start-up, so health checks answer while it loads.
+    """
+    metrics = Metrics()
+    state = ModelState()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=state.load, args=(load_server,), daemon=True,
+                                  name="collabvit-load")  # fmt: skip
+        loader.start()
+        batcher = Batcher(lambda payloads: state.server.classify(payloads), settings.max_batch,
+                          settings.max_delay_ms / 1000.0, metrics)  # fmt: skip
+        batcher.start()
+        app.state.batcher = batcher
+        yield
+        # uvicorn has drained the in-flight requests before it gets here
+        await batcher.stop()
+
+    app = FastAPI(title="collabvit", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)  # fmt: skip
+    app.state.metrics = metrics
+    app.state.model = state
+
+    def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
+        metrics.errors.labels(kind).inc()
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return error_response(error.status, error.kind, error.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if error.status_code in (404, 405) else "bad_request"
+        return error_response(error.status_code, kind, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, "bad_request", "malformed request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(500, "internal", f"internal error: {type(error).__name__}")
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if settings.token and not request.url.path.startswith("/v2/health/"):
+            given = request.headers.get("authorization", "")
+            scheme, _, credentials = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credentials.strip().encode(), settings.token.encode()
+            ):
+                return error_response(401, "unauthorized", "missing or wrong bearer token",
+                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return await call_next(request)
+
+    def check_model(name: str) -> Server:
+        if name != settings.model_name:
+            raise ServiceError(404, "not_found", f"unknown model {name!r}; this server serves "
+                                                 f"{settings.model_name!r}")  # fmt: skip
+        if not state.ready.is_set():
+            reason = f" (it failed to load: {state.error})" if state.error else ""
+            raise ServiceError(503, "not_ready", f"model {name!r} is not ready{reason}")
+        return state.server
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        is_ready = state.ready.is_set()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "collabvit", "version": __version__,
+                "extensions": ["binary_tensor_data"]}  # fmt: skip
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> JSONResponse:
+        if name != settings.model_name:
+            raise ServiceError(404, "not_found", f"unknown model {name!r}")
+        is_ready = state.ready.is_set()
+        return JSONResponse({"name": name, "ready": is_ready},
+                            status_code=200 if is_ready else 503)  # fmt: skip
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict:
+        server = check_model(name)
+        g, norm = server.geometry, server.normalization
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "pytorch_timm",
+            "inputs": [{"name": PAYLOAD_INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": LOGITS_OUTPUT, "datatype": "FP32",
+                         "shape": [-1, g.num_classes]}],
+            "parameters": {
+                "channels": g.in_chans, "image_size": list(g.img_size),
+                "patch_size": list(g.patch_size), "grid_size": list(g.grid_size),
+                "num_classes": g.num_classes,
+                "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
+                "codecs": list(CODECS), "wire_version": WIRE_VERSION,
+                "max_batch": settings.max_batch, "max_delay_ms": settings.max_delay_ms,
+            },
+        }  # fmt: skip
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        started = time.perf_counter()
+        server = check_model(name)
+        metrics.requests.inc()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type not in ACCEPTED_CONTENT_TYPES:
+            raise ServiceError(415, "unsupported_media_type",
+                               f"content type {content_type!r} is not accepted; send "
+                               f"{' or '.join(ACCEPTED_CONTENT_TYPES)}")  # fmt: skip
+        body = await read_limited_body(request, settings.max_request_bytes)
+        metrics.bytes_in.inc(len(body))
+        try:
+            parsed = parse_infer_request(body, parse_header_length(
+                request.headers.get(INFERENCE_HEADER)))  # fmt: skip
+            geometry = state.geometry
+            payloads = [decode_payload(blob, geometry) for blob in parsed.blobs]
+            for payload in payloads:
+                server.validate(payload)
+        except (ProtocolError, ValueError) as error:
+            raise ServiceError(400, "bad_request", str(error)) from None
+        logits, queued = await app.state.batcher.submit(payloads)
+        metrics.images.inc(len(payloads))
+        elapsed = time.perf_counter() - started
+        metrics.latency.observe(elapsed)
+        content, header_length = infer_response_body(
+            name, logits, parsed.binary_output, parsed.request_id,
+            parameters={"queue_ms": round(queued * 1000, 3),
+                        "server_ms": round(elapsed * 1000, 3)},
+        )  # fmt: skip
+        headers = {INFERENCE_HEADER: str(header_length)} if header_length is not None else None
+        media = "application/octet-stream" if header_length is not None else "application/json"
+        return Response(content, media_type=media, headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) one longer than `limit` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServiceError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ServiceError(413, "too_large", f"request body of {declared} bytes exceeds "
+                                                 f"the limit of {limit}")  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "too_large", f"request body exceeds the limit of {limit} "
+                                                 "bytes")  # fmt: skip
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: str = "127.0.0.1",
+          port: int = 8000, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          access_log: bool = False, graceful_timeout: float = 30.0) -> None:  # fmt: skip
+    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(settings, load_server), host=host, port=port, ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile, access_log=access_log, log_level="info",
+        timeout_graceful_shutdown=graceful_timeout, server_header=False,
+    )  # fmt: skip
+    uvicorn.Server(config).run()
