@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,22 @@ def golden() -> Golden:
     return Golden(GOLDEN_DIR)
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """`collabvit ARGS` in this process: (status, stdout, stderr), argparse exits included."""
+    from collabvit.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        try:
+            status = main(list(args))
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else 2
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status, captured.out, captured.err)
+
+    return run
+
+
 def tiny_vit(**overrides) -> torch.nn.Module:
     """A random tiny timm ViT (pretrained=False) in eval mode; overrides go to timm."""
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
@@ -77,3 +94,35 @@ def tiny_vit(**overrides) -> torch.nn.Module:
     name = kwargs.pop("name", "vit_tiny_patch16_224")
     torch.manual_seed(0)
     return vit.create_vit(name, model_kwargs=kwargs, pretrained=False)
+
+
+class LiveServer:
+    """A uvicorn server in a background thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app, **uvicorn_options) -> None:
+        import threading
+
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                **uvicorn_options)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)

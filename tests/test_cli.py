@@ -18,28 +18,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from collabvit.cli import build_parser, main
+from collabvit.cli import build_parser
 
 
 def run_process(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real entry point, as a shell runs it."""
     return subprocess.run([sys.executable, "-m", "collabvit", *args], capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """`collabvit ARGS` in this process: (status, stdout, stderr), argparse exits included."""
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        try:
-            status = main(list(args))
-        except SystemExit as stop:
-            status = stop.code if isinstance(stop.code, int) else 2
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, status, captured.out, captured.err)
-
-    return run
 
 
 EVAL_FLAGS = [

@@ -1,0 +1,365 @@
+"""`collabvit edge` against a real server: exact results, bytes, faults, resume, link emulation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import LiveServer
+
+from collabvit.client import (
+    ImageRecord,
+    ServerLink,
+    link_delay,
+    lose_patches,
+    request_wire_bytes,
+)
+from collabvit.config import ClientConfig, LinkConfig, ModelSpec
+from collabvit.pair import load_model
+from collabvit.protocol import Codec, PatchPayload, WireGeometry, encode_payload, patchify
+from collabvit.server import Server
+from collabvit.service import ServiceSettings, create_app, warm_up
+
+SERVER_NAME = "collabvit_fmnist_server"
+GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
+LIMIT = "300"
+
+
+@pytest.fixture(scope="module")
+def shipped_server() -> Server:
+    return Server(load_model(ModelSpec(name=SERVER_NAME), server=True))
+
+
+def shipped_app(server: Server, **options):
+    def load():
+        warm_up(server)
+        return server
+
+    return create_app(ServiceSettings(model_name=SERVER_NAME, **options), load)
+
+
+@pytest.fixture(scope="module")
+def live(shipped_server):
+    with LiveServer(shipped_app(shipped_server)) as running:
+        wait_ready(running.url)
+        yield running
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.05)
+
+
+def read_records(path: Path) -> list[ImageRecord]:
+    lines = path.read_text().splitlines()[1:]
+    return [ImageRecord(**json.loads(line)) for line in lines]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def edge_args(url: str, tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
+    return ["edge", "--server", url, "--limit", LIMIT, "--quiet",
+            "--records", str(tmp_path / f"{name}.jsonl"),
+            "--results-file", str(tmp_path / f"{name}.json"), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """`collabvit eval` on the same images, for comparison (stdout lines, results JSON)."""
+
+    out = tmp_path_factory.mktemp("eval") / "eval.json"
+    lines = subprocess.run(
+        [sys.executable, "-m", "collabvit", "eval", "--limit", LIMIT, "--quiet",
+         "--results-file", str(out)], capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    return lines, json.loads(out.read_text())["summary"]
+
+
+# ------------------------------------------------------------------ exact results
+
+
+@pytest.mark.parametrize("codec", ["raw", "png"])
+def test_lossless_codecs_give_exactly_the_in_process_results(run_cli, live, tmp_path, eval_run,
+                                                             codec):  # fmt: skip
+    result = run_cli(*edge_args(live.url, tmp_path, "--codec", codec))
+    assert result.returncode == 0, result.stderr
+    eval_lines, eval_summary = eval_run
+    assert result.stdout.splitlines()[:8] == eval_lines
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["summary"] == eval_summary  # every figure, attention averages included
+    assert written["codec"] == codec and written["fallbacks"]["unreachable"] == 0
+    records = read_records(tmp_path / "run.jsonl")
+    assert sorted(r.index for r in records) == list(range(int(LIMIT)))
+    sent = [r for r in records if not r.confident]
+    assert len(sent) == eval_summary["sent_images"] and all(r.route == "server" for r in sent)
+    assert all(r.request_bytes > r.payload_bytes > 0 for r in sent)
+    assert all(r.request_bytes == 0 for r in records if r.confident)
+    assert "Bytes per image" in result.stdout and "Latency (ms)" in result.stdout
+
+
+def test_jpeg_costs_fewer_bytes_and_is_reported(run_cli, live, tmp_path):
+    assert run_cli(*edge_args(live.url, tmp_path, name="raw")).returncode == 0
+    result = run_cli(*edge_args(live.url, tmp_path, "--codec", "jpeg:50", name="jpeg"))
+    assert result.returncode == 0, result.stderr
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    jpeg = json.loads((tmp_path / "jpeg.json").read_text())
+    assert jpeg["codec"] == "jpeg:50"
+    assert jpeg["summary"]["sent_images"] == raw["summary"]["sent_images"]
+    assert jpeg["bytes_per_image"]["collaborative"]["payload_all_images"] < \
+        raw["bytes_per_image"]["collaborative"]["payload_all_images"]  # fmt: skip
+    # the full-image baselines do not depend on the codec of the run, except jpeg's quality
+    assert jpeg["bytes_per_image"]["full_raw"] == raw["bytes_per_image"]["full_raw"]
+
+
+# ------------------------------------------------------------------ bytes on the wire
+
+
+class CountingProxy:
+    """A TCP relay that counts the bytes going each way."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.up = self.down = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"),
+                             daemon=True).start()  # fmt: skip
+
+    def _pump(self, source: socket.socket, target: socket.socket, direction: str) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                for end in (source, target):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            with self.lock:
+                setattr(self, direction, getattr(self, direction) + len(data))
+            target.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_counted_bytes_are_the_bytes_on_the_wire(live, tmp_path):
+    proxy = CountingProxy(live.port)
+    images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    patches = patchify(images, (4, 4))
+    blobs = []
+    for i in range(20):
+        kept = torch.randperm(49, generator=torch.Generator().manual_seed(i))[: i * 2]
+        codec = ("raw", "png")[i % 2]
+        blobs.append(encode_payload(PatchPayload(kept, patches[i, kept]), GEOMETRY,
+                                    Codec(codec)))  # fmt: skip
+    config = ClientConfig(server=f"http://127.0.0.1:{proxy.port}", concurrency=1)
+
+    async def send_all():
+        async with ServerLink(config, SERVER_NAME, LinkConfig()) as link:
+            return [await link.classify(blob) for blob in blobs]
+
+    answers = asyncio.run(send_all())
+    time.sleep(0.2)  # let the relay threads count the last bytes
+    proxy.close()
+    assert all(a.logits is not None for a in answers)
+    assert proxy.up == sum(a.request_bytes for a in answers)
+    assert proxy.down == sum(a.response_bytes for a in answers)
+
+
+def test_request_bytes_count_headers_and_body():
+    client = httpx.Client()
+    request = client.build_request("POST", "http://example.org:81/v2/x/infer", content=b"abc",
+                                   headers={"X-A": "1"})  # fmt: skip
+    expected = (b"POST /v2/x/infer HTTP/1.1\r\n"
+                + b"".join(n + b": " + v + b"\r\n" for n, v in request.headers.raw)
+                + b"\r\nabc")  # fmt: skip
+    assert request_wire_bytes(request) == len(expected)
+    client.close()
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_an_unreachable_server_leaves_every_image_its_edge_answer(run_cli, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_cli(*edge_args(url, tmp_path, "--retries", "1", "--backoff", "0",
+                                "--cooldown", "30"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    client_acc = lines[4].split(": ")[1]
+    assert lines[5] == f"Collaborative accuracy: {client_acc}"
+    written = json.loads((tmp_path / "run.json").read_text())
+    fallbacks = written["fallbacks"]
+    sent = written["summary"]["sent_images"]
+    assert sent > 0 and fallbacks["unreachable"] >= 1
+    assert fallbacks["unreachable"] + fallbacks["server_down"] == sent
+    assert "Fallbacks to the edge's answer: unreachable" in result.stdout
+    assert len(read_records(tmp_path / "run.jsonl")) == int(LIMIT)
+
+
+def test_a_refused_token_is_a_clear_error(run_cli, shipped_server, tmp_path):
+    with LiveServer(shipped_app(shipped_server, token="right")) as running:
+        wait_ready(running.url)
+        result = run_cli(*edge_args(running.url, tmp_path, "--token", "wrong"))
+        assert result.returncode == 2
+        assert "refused the token" in result.stderr
+        os.environ["COLLABVIT_TOKEN"] = "right"
+        try:
+            result = run_cli(*edge_args(running.url, tmp_path))
+        finally:
+            del os.environ["COLLABVIT_TOKEN"]
+        assert result.returncode == 0, result.stderr
+        assert "right" not in (tmp_path / "run.json").read_text()
+
+
+def test_a_server_of_another_model_is_a_clear_error(run_cli, live, tmp_path):
+    result = run_cli(*edge_args(live.url, tmp_path, "--server-model", "other"))
+    assert result.returncode == 2 and "does not serve 'other'" in result.stderr
+
+
+def test_resume_answers_each_image_once(run_cli, live, tmp_path):
+    assert run_cli(*edge_args(live.url, tmp_path, name="whole")).returncode == 0
+    whole = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
+    # an interruption after 120 answers, in the middle of writing the 121st
+    cut = "".join(whole[:121]) + whole[121][: len(whole[121]) // 2]
+    (tmp_path / "run.jsonl").write_text(cut)
+    result = run_cli(*edge_args(live.url, tmp_path, "--resume"))
+    assert result.returncode == 0, result.stderr
+    resumed = (tmp_path / "run.jsonl").read_text().splitlines(keepends=True)
+    assert resumed[:121] == whole[:121]  # what was answered is kept, not redone
+    records = read_records(tmp_path / "run.jsonl")
+    assert sorted(r.index for r in records) == list(range(int(LIMIT)))
+    assert json.loads((tmp_path / "run.json").read_text())["summary"] == \
+        json.loads((tmp_path / "whole.json").read_text())["summary"]  # fmt: skip
+    other = run_cli(*edge_args(live.url, tmp_path, "--resume", "--masking-th", "0.9"))
+    assert other.returncode == 2 and "other settings (edge)" in other.stderr
+
+
+def test_server_killed_and_restarted_mid_run(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "collabvit", "serve", "--port", str(port)]
+    records = tmp_path / "records.jsonl"
+    first = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        wait_ready(url)
+        client = subprocess.Popen(
+            [sys.executable, "-m", "collabvit", "edge", "--server", url, "--limit", "2500",
+             "--quiet", "--records", str(records), "--results-file", str(tmp_path / "r.json"),
+             "--concurrency", "2", "--rtt", "15", "--retries", "1", "--backoff", "0.05",
+             "--cooldown", "0.3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not records.exists() or records.read_text().count('"route":"server"') < 40:
+            assert client.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        killed_at = len(records.read_text().splitlines())
+        second = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
+        out, err = client.communicate(timeout=180)
+        assert client.returncode == 0, err
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    answers = read_records(records)
+    assert sorted(r.index for r in answers) == list(range(2500))  # each image exactly once
+    fallbacks = [r for r in answers if r.route == "fallback"]
+    assert fallbacks and {r.cause for r in fallbacks} <= {"unreachable", "server_down"}
+    after = [r for r in answers[killed_at:] if r.route == "server"]
+    assert after, "no image reached the restarted server"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert sum(written["fallbacks"].values()) == len(fallbacks)
+    assert "Fallbacks to the edge's answer:" in out
+
+
+# ------------------------------------------------------------------ link emulation
+
+
+def test_lost_patches_are_drawn_per_image_and_reproducible():
+    payload = PatchPayload(torch.arange(40), torch.zeros(40, 1, 4, 4, dtype=torch.uint8))
+    first = lose_patches(payload, 0.25, seed=0, index=7)
+    assert torch.equal(first.positions, lose_patches(payload, 0.25, seed=0, index=7).positions)
+    assert not torch.equal(first.positions, lose_patches(payload, 0.25, 0, 8).positions)
+    assert 20 <= first.size <= 38 and set(first.positions.tolist()) <= set(range(40))
+    assert lose_patches(payload, 0.0, 0, 7) is payload
+    kept = sum(lose_patches(payload, 0.3, 0, i).size for i in range(200)) / (200 * 40)
+    assert abs(kept - 0.7) < 0.03
+
+
+def test_link_delay_is_round_trip_plus_transmission():
+    link = LinkConfig(bandwidth=8000.0, rtt=20.0)
+    assert link_delay(link, 600, 400) == pytest.approx(0.020 + 8 * 1000 / 8000)
+    assert link_delay(LinkConfig(), 10**6, 10**6) == 0.0
+
+
+def test_an_emulated_lossy_slow_link(run_cli, live, tmp_path):
+    assert run_cli(*edge_args(live.url, tmp_path, name="clean")).returncode == 0
+    result = run_cli(*edge_args(live.url, tmp_path, "--loss", "0.5", "--rtt", "30",
+                                "--concurrency", "16"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [r for r in read_records(tmp_path / "run.jsonl") if not r.confident]
+    assert sum(r.delivered for r in records) < 0.6 * sum(r.selected for r in records)
+    clean = {r.index: r for r in read_records(tmp_path / "clean.jsonl")}
+    # the edge sent every selected patch: the bytes counted are those of the lossless run
+    assert all(r.request_bytes == clean[r.index].request_bytes for r in records)
+    assert all(r.transfer_ms >= 30 for r in records)
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["config"]["link"]["loss"] == 0.5
+
+
+def test_load_at_concurrency_32_has_no_failures(live):
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))  # fmt: skip
+    patches = patchify(images, (4, 4))
+    blobs = [encode_payload(PatchPayload(torch.arange(49), patches[i]), GEOMETRY)
+             for i in range(32)]  # fmt: skip
+    config = ClientConfig(server=live.url, concurrency=32, retries=0)
+
+    async def load():
+        async with ServerLink(config, SERVER_NAME, LinkConfig()) as link:
+            return await asyncio.gather(*(link.classify(blobs[i % 32]) for i in range(256)))
+
+    answers = asyncio.run(load())
+    assert all(a.logits is not None and a.attempts == 1 for a in answers)

@@ -1,0 +1,344 @@
+"""The Open Inference Protocol v2 service against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as http
+import trustme
+from conftest import LiveServer, tiny_vit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collabvit.protocol import (
+    INFERENCE_HEADER,
+    Codec,
+    WireGeometry,
+    encode_payload,
+    infer_request_body,
+    parse_logits,
+    patchify,
+)
+from collabvit.protocol import PatchPayload as Payload
+from collabvit.server import Server
+from collabvit.service import ServiceSettings, create_app, warm_up
+
+NAME = "tiny"
+GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))
+
+
+@pytest.fixture(scope="module")
+def server():
+    return Server(tiny_vit(depth=2, name="vit_tiny_patch16_224"))
+
+
+def make_app(server, **options):
+    settings_ = ServiceSettings(model_name=NAME, **options)
+    return create_app(settings_, lambda: server)
+
+
+@pytest.fixture(scope="module")
+def live(server):
+    with LiveServer(make_app(server, max_delay_ms=2.0)) as running:
+        wait_ready(running.url)
+        yield running
+
+
+def wait_ready(url: str, timeout: float = 20.0, **client_options) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/v2/health/ready", **client_options).status_code != 200:
+        assert time.monotonic() < deadline, "the model never became ready"
+        time.sleep(0.02)
+
+
+def payloads(count: int, seed: int = 0) -> list[Payload]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    patches = patchify(images, (8, 8))
+    result = []
+    for i in range(count):
+        size = int(torch.randint(0, 17, (1,), generator=generator))
+        positions = torch.randperm(16, generator=generator)[:size]
+        result.append(Payload(positions, patches[i, positions]))
+    return result
+
+
+def infer(url: str, blobs: list[bytes], binary_output: bool = True, **options) -> httpx.Response:
+    body, header_length = infer_request_body(blobs, binary_output=binary_output)
+    headers = {INFERENCE_HEADER: str(header_length), **options.pop("headers", {})}
+    return httpx.post(f"{url}/v2/models/{NAME}/infer", content=body, headers=headers, **options)
+
+
+def logits_of(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return parse_logits(response.content, (int(response.headers[INFERENCE_HEADER])
+                                           if INFERENCE_HEADER in response.headers else None))[0]
+
+
+def assert_error(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert words in response.json()["error"]
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+def test_ready_is_503_until_the_model_is_warm(server):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(20)
+        warm_up(server)
+        return server
+
+    with LiveServer(create_app(ServiceSettings(model_name=NAME), slow_load)) as running:
+        assert httpx.get(f"{running.url}/v2/health/live").json() == {"live": True}
+        assert httpx.get(f"{running.url}/v2/health/ready").status_code == 503
+        assert httpx.get(f"{running.url}/v2/models/{NAME}/ready").status_code == 503
+        blob = encode_payload(payloads(1)[0], GEOMETRY)
+        assert_error(infer(running.url, [blob]), 503, "not ready")
+        release.set()
+        wait_ready(running.url)
+        assert httpx.get(f"{running.url}/v2/models/{NAME}/ready").json()["ready"] is True
+        assert logits_of(infer(running.url, [blob])).shape == (1, 7)
+
+
+def test_a_model_that_fails_to_load_says_why(server):
+    def broken():
+        raise RuntimeError("weights are corrupt")
+
+    with LiveServer(create_app(ServiceSettings(model_name=NAME), broken)) as running:
+        time.sleep(0.2)
+        assert httpx.get(f"{running.url}/v2/health/ready").status_code == 503
+        assert_error(infer(running.url, [b"x"]), 503, "weights are corrupt")
+
+
+def test_server_and_model_metadata(live, server):
+    meta = httpx.get(f"{live.url}/v2").json()
+    assert meta["name"] == "collabvit" and "binary_tensor_data" in meta["extensions"]
+    model = httpx.get(f"{live.url}/v2/models/{NAME}").json()
+    assert model["name"] == NAME
+    assert model["inputs"] == [{"name": "payload", "datatype": "BYTES", "shape": [-1]}]
+    assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 7]}]
+    parameters = model["parameters"]
+    assert parameters["grid_size"] == [4, 4] and parameters["patch_size"] == [8, 8]
+    assert parameters["channels"] == 3 and parameters["codecs"] == ["raw", "png", "jpeg"]
+    assert parameters["normalization"]["mean"] == list(server.normalization.mean)
+    assert_error(httpx.get(f"{live.url}/v2/models/other"), 404, "unknown model")
+
+
+@pytest.mark.parametrize("codec", ["raw", "png"])
+def test_infer_answers_what_the_server_computes_in_process(live, server, codec):
+    batch = payloads(6, seed=1)
+    blobs = [encode_payload(p, GEOMETRY, Codec.parse(codec)) for p in batch]
+    expected = server.classify(batch).numpy()
+    np.testing.assert_array_equal(logits_of(infer(live.url, blobs)), expected)
+    # plain JSON both ways: base64 elements in, float32 values out, the same numbers
+    request = {"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [len(blobs)],
+                           "data": [base64.b64encode(b).decode() for b in blobs]}]}  # fmt: skip
+    response = httpx.post(f"{live.url}/v2/models/{NAME}/infer", json=request)
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["outputs"][0]["shape"] == [6, 7]
+    np.testing.assert_array_equal(
+        np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(6, 7), expected
+    )
+
+
+def test_concurrent_requests_share_batches_and_keep_their_own_answers(server):
+    batch = payloads(24, seed=2)
+    alone = torch.cat([server.classify([p]) for p in batch]).numpy()
+    app = make_app(server, max_batch=8, max_delay_ms=100.0)
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(
+                lambda p: logits_of(infer(running.url, [encode_payload(p, GEOMETRY)])), batch))
+        metrics = httpx.get(f"{running.url}/metrics").text
+    np.testing.assert_allclose(np.concatenate(answers), alone, atol=1e-5, rtol=0)
+    histogram = app.state.metrics.batch_size
+    count = sample_value(histogram, "_count")
+    assert sample_value(histogram, "_sum") == 24
+    assert count < 24, "concurrent requests were never batched together"
+    assert "collabvit_batch_images_bucket" in metrics
+    assert sample_value(app.state.metrics.images, "_total") == 24
+
+
+def sample_value(metric, suffix: str, **labels) -> float:
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith(suffix) and all(sample.labels.get(k) == v
+                                                    for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"no sample {suffix} {labels}")
+
+
+def test_a_request_larger_than_max_batch_is_answered_whole(server):
+    batch = payloads(10, seed=3)
+    with LiveServer(make_app(server, max_batch=4)) as running:
+        wait_ready(running.url)
+        answer = logits_of(infer(running.url, [encode_payload(p, GEOMETRY) for p in batch]))
+    np.testing.assert_allclose(answer, server.classify(batch).numpy(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ refusing, safely
+
+
+def test_bearer_token(server, caplog):
+    token = "s3cret-token-value"
+    blob = encode_payload(payloads(1)[0], GEOMETRY)
+    caplog.set_level(logging.DEBUG)
+    with LiveServer(make_app(server, token=token)) as running:
+        wait_ready(running.url)  # health stays open for probes
+        response = infer(running.url, [blob])
+        assert_error(response, 401, "bearer token")
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert_error(infer(running.url, [blob], headers={"Authorization": "Bearer wrong"}), 401,
+                     "bearer token")  # fmt: skip
+        assert_error(httpx.get(f"{running.url}/v2/models/{NAME}"), 401, "bearer token")
+        good = infer(running.url, [blob], headers={"Authorization": f"Bearer {token}"})
+        assert logits_of(good).shape == (1, 7)
+    assert token not in caplog.text
+    assert token not in repr(ServiceSettings(model_name=NAME, token=token))
+
+
+def test_oversized_requests_get_413_and_the_server_goes_on(server):
+    blob = encode_payload(payloads(1)[0], GEOMETRY)
+    with LiveServer(make_app(server, max_request_bytes=4096)) as running:
+        wait_ready(running.url)
+        assert_error(infer(running.url, [blob] * 10), 413, "exceeds the limit")
+
+        def chunks():  # no Content-Length: the limit applies while reading
+            for _ in range(10):
+                yield b"x" * 1000
+
+        response = httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=chunks())
+        assert_error(response, 413, "exceeds the limit")
+        assert logits_of(infer(running.url, [blob])).shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "words"),
+    [
+        (b"{not json", {}, 400, "malformed inference JSON"),
+        (b'{"inputs": []}', {}, 400, "no inputs"),
+        (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": [1]}]}', {},
+         400, "unknown input"),
+        (b'{"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [1], "data": ["!"]}]}',
+         {}, 400, "not base64"),
+        (b'{"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [1], "data": ["AQ=="]}]}',
+         {}, 400, "shorter than its"),
+        (b"{}", {INFERENCE_HEADER: "99"}, 400, "exceeds the body"),
+        (b"{}", {INFERENCE_HEADER: "two"}, 400, "non-negative integer"),
+        (b"{}", {"content-type": "text/plain"}, 415, "is not accepted"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_get_a_json_4xx(live, content, headers, status, words):
+    response = httpx.post(f"{live.url}/v2/models/{NAME}/infer", content=content, headers=headers)
+    assert_error(response, status, words)
+
+
+def test_a_payload_for_another_geometry_is_refused(live):
+    other = WireGeometry(channels=3, patch_size=(4, 4), grid_size=(8, 8))
+    patches = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    blob = encode_payload(Payload(torch.tensor([0, 5]), patches), other)
+    assert_error(infer(live.url, [blob]), 400, "the server's model takes")
+
+
+def test_errors_are_counted_by_kind(server):
+    app = make_app(server)
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=b"nonsense")
+        httpx.get(f"{running.url}/v2/models/missing")
+        body, header_length = infer_request_body([encode_payload(payloads(1)[0], GEOMETRY)])
+        httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=body,
+                   headers={INFERENCE_HEADER: str(header_length)})  # fmt: skip
+        text = httpx.get(f"{running.url}/metrics").text
+    errors = app.state.metrics.errors
+    assert sample_value(errors, "_total", kind="bad_request") == 1
+    assert sample_value(errors, "_total", kind="not_found") == 1
+    assert sample_value(errors, "_total", kind="unauthorized") == 0
+    assert sample_value(app.state.metrics.bytes_in, "_total") == len(b"nonsense") + len(body)
+    for name in ("collabvit_infer_requests_total", "collabvit_queue_seconds_bucket",
+                 "collabvit_infer_latency_seconds_bucket", 'collabvit_errors_total{kind="'):
+        assert name in text
+
+
+def test_https_with_a_certificate_made_here(server, tmp_path):
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    certificate.cert_chain_pems[0].write_to_path(cert_file)
+    certificate.private_key_pem.write_to_path(key_file)
+    authority.cert_pem.write_to_path(ca_file)
+    blob = encode_payload(payloads(1)[0], GEOMETRY)
+    with LiveServer(make_app(server), ssl_certfile=str(cert_file),
+                    ssl_keyfile=str(key_file)) as running:  # fmt: skip
+        assert running.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(ca_file))
+        wait_ready(running.url, verify=trusted)
+        assert logits_of(infer(running.url, [blob], verify=trusted)).shape == (1, 7)
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA
+            infer(running.url, [blob])
+
+
+def test_tritonclient_calls_the_infer_endpoint(live, server):
+    batch = payloads(3, seed=5)
+    blobs = np.array([encode_payload(p, GEOMETRY) for p in batch], dtype=np.object_)
+    client = http.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(NAME)
+    assert client.get_model_metadata(NAME)["outputs"][0]["name"] == "logits"
+    request = http.InferInput("payload", [3], "BYTES")
+    request.set_data_from_numpy(blobs, binary_data=True)
+    result = client.infer(NAME, [request],
+                          outputs=[http.InferRequestedOutput("logits", binary_data=True)])
+    np.testing.assert_array_equal(result.as_numpy("logits"), server.classify(batch).numpy())
+    client.close()
+
+
+# ------------------------------------------------------------------ fuzz
+
+
+def _mutations(valid: bytes):
+    return st.one_of(
+        st.binary(max_size=600),
+        st.tuples(st.integers(0, len(valid)), st.binary(max_size=8)).map(
+            lambda cut: valid[: cut[0]] + cut[1] + valid[cut[0] + len(cut[1]):]),
+        st.integers(0, len(valid)).map(lambda n: valid[:n]),
+    )
+
+
+VALID_BODY, VALID_HEADER = infer_request_body([encode_payload(payloads(1)[0], GEOMETRY)])
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_mutations(VALID_BODY),
+       header=st.one_of(st.none(), st.integers(0, 400).map(str), st.text(max_size=5)),
+       content_type=st.sampled_from([None, "application/json", "application/octet-stream",
+                                     "text/html", "multipart/form-data"]))  # fmt: skip
+def test_fuzzed_requests_get_a_4xx_json_error_or_an_answer(live, body, header, content_type):
+    headers = {}
+    if header is not None and header.isascii() and header.isprintable():
+        headers[INFERENCE_HEADER] = header
+    if content_type:
+        headers["content-type"] = content_type
+    response = httpx.post(f"{live.url}/v2/models/{NAME}/infer", content=body, headers=headers)
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500
+        assert isinstance(json.loads(response.content)["error"], str)
+    assert httpx.get(f"{live.url}/v2/health/live").status_code == 200
