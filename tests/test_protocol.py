@@ -903,35 +903,41 @@ _json_values = st.recursive(
     max_leaves=12,
 )  # fmt: skip
 
+def _mostly(*plausible):
+    """One of the plausible values most of the time, else any JSON value."""
+    return st.one_of(*(st.just(value) for value in plausible), _json_values) if len(
+        plausible) > 1 else st.one_of(st.just(plausible[0]), st.just(plausible[0]), _json_values)
+
+
 _tensors = st.fixed_dictionaries(
-    {"name": st.sampled_from(["payload", "logits", "x"])},
-    optional={
-        "datatype": st.sampled_from(["BYTES", "FP32"]) | _json_values,
-        "shape": st.lists(st.integers(-2, 4), max_size=3) | _json_values,
-        "parameters": st.fixed_dictionaries(
-            {}, optional={"binary_data_size": st.integers(-1, 64) | _json_values,
-                          "binary_data": _json_values}),
-        "data": st.lists(st.text(max_size=12) | st.sampled_from(["AA==", "AAEC"]) | _json_values,
-                         max_size=3),
-    },
+    {"name": st.sampled_from(["payload", "payload", "payload", "logits", "x"]),
+     "datatype": _mostly("BYTES", "BYTES", "FP32"),
+     "shape": _mostly([1], [2], [1, 1], [0]),
+     "data": st.lists(st.sampled_from(["AA==", "AAEC"]) | st.text(max_size=8) | _json_values,
+                      max_size=3) | _json_values},
+    optional={"parameters": st.fixed_dictionaries(
+        {}, optional={"binary_data_size": st.integers(-1, 64) | _json_values,
+                      "binary_data": _json_values})},
 )  # fmt: skip
 
 
 @FUZZ
 @given(
+    inputs=st.lists(_tensors, min_size=1, max_size=2),
     header=st.fixed_dictionaries(
         {}, optional={"id": st.text(max_size=5) | _json_values,
-                      "inputs": st.lists(_tensors, max_size=2) | _json_values,
                       "outputs": st.lists(_tensors, max_size=2),
                       "parameters": st.dictionaries(st.text(max_size=20), _json_values,
                                                     max_size=2)}),
+    junk_inputs=st.none() | _json_values,
     binary=st.binary(max_size=64),
 )  # fmt: skip
-def test_fuzz_parse_infer_request_structured_json(header, binary):
+def test_fuzz_parse_infer_request_structured_json(inputs, header, junk_inputs, binary):
     # Well-formed JSON with ill-typed fields reaches the checks past the JSON parser.
-    text = json.dumps(header).encode()
-    _parses_or_refuses(text + binary, len(text))
-    _parses_or_refuses(text, None)
+    for value in (inputs, junk_inputs):
+        text = json.dumps({**header, "inputs": value}).encode()
+        _parses_or_refuses(text + binary, len(text))
+        _parses_or_refuses(text, None)
 
 
 @st.composite

@@ -342,3 +342,95 @@ def test_fuzzed_requests_get_a_4xx_json_error_or_an_answer(live, body, header, c
         assert 400 <= response.status_code < 500
         assert isinstance(json.loads(response.content)["error"], str)
     assert httpx.get(f"{live.url}/v2/health/live").status_code == 200
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    """`collabvit serve` with the shipped model: a request waiting in a batch when SIGTERM
+    arrives still gets its answer, and the process exits cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collabvit", "serve", "--port", str(port), "--max-delay-ms",
+         "1500"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        fmnist = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
+        blob = encode_payload(Payload(torch.arange(3), torch.zeros(3, 1, 4, 4,
+                                                                   dtype=torch.uint8)), fmnist)
+        body, header_length = infer_request_body([blob])
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v2/models/collabvit_fmnist_server/infer",
+                                  content=body, headers={INFERENCE_HEADER: str(header_length)},
+                                  timeout=30)  # fmt: skip
+            time.sleep(0.5)  # the request now waits for its batch to fill
+            process.send_signal(signal.SIGTERM)
+            response = pending.result()
+        assert response.status_code == 200
+        assert logits_of(response).shape == (1, 10)
+        # after draining, uvicorn re-raises the signal so the exit status tells how it ended
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "token" not in process.stderr.read().lower().replace("auth off", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--ssl-certfile", "/nonexistent/cert.pem", "--ssl-keyfile", "/nonexistent/k.pem"],
+         "certificate /nonexistent/cert.pem does not exist"),
+        (["--ssl-certfile", "c.pem"], "needs both --ssl-certfile and --ssl-keyfile"),
+        (["--port", "70000"], "a port in 1..65535"),
+        (["--max-batch", "0"], "a whole number >= 1"),
+        (["--server-model", "no_such_model"], "no_such_model"),
+    ],
+)
+def test_serve_user_mistakes_are_one_line_errors(run_cli, args, words):
+    result = run_cli("serve", *args)
+    assert result.returncode == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_port_in_use(run_cli):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port))
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--codec", "gif"], "unknown codec 'gif'"),
+        (["--codec", "jpeg:120"], "jpeg quality must be in 1..95"),
+        (["--server", "localhost:8000"], "must start with http:// or https://"),
+        (["--loss", "1"], "a number in [0, 1)"),
+        (["--resume", "--records", "/nonexistent/r.jsonl"], "does not exist yet"),
+        (["--ca-file", "/nonexistent/ca.pem"], "CA certificate /nonexistent/ca.pem"),
+    ],
+)
+def test_edge_user_mistakes_are_one_line_errors(run_cli, args, words):
+    result = run_cli("edge", *args)
+    assert result.returncode == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
