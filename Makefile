@@ -7,7 +7,8 @@ STAMP := $(VENV)/.collabvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
-.PHONY: setup data test test-all demo demo-golden results findings lint bench bench-sweep clean
+.PHONY: setup data test test-all demo demo-deploy demo-golden results findings deploy-table lint bench \
+	bench-sweep bench-serve clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,11 @@ lint: setup
 demo: setup data
 	$(VENV)/bin/collabvit eval --results-file runs/demo/results.json
 
+# The same job over HTTP: `collabvit serve` in the background, `collabvit edge` against it
+# (DEPLOY_PORT, default 8000); prints the demo's lines plus bytes and latency.
+demo-deploy: setup data
+	$(PY) scripts/demo_deploy.py $(EDGE_FLAGS)
+
 # The reference's tiny golden ViT pair on its 16 golden inputs (checks the arithmetic).
 demo-golden: setup
 	$(VENV)/bin/collabvit eval --data-set tensors --data-path $(GOLDEN)/inputs.safetensors \
@@ -76,6 +82,14 @@ bench: setup
 
 bench-sweep: setup data
 	$(PY) benchmarks/bench_sweep.py
+
+# Served throughput and latency at concurrency 32, load and fuzz (benchmarks/RESULTS.md).
+bench-serve: setup data
+	$(PY) benchmarks/bench_serve.py
+
+# The README's bytes-per-codec table, measured over HTTP (benchmarks/deploy_results.json).
+deploy-table: setup data
+	$(PY) scripts/deploy_table.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -126,3 +126,52 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+SHIPPED_SERVER = "collabvit_fmnist_server"
+
+
+@pytest.fixture(scope="session")
+def shipped_server():
+    """The shipped Fashion-MNIST server model in a Server."""
+    from collabvit.config import ModelSpec
+    from collabvit.pair import load_model
+    from collabvit.server import Server
+
+    return Server(load_model(ModelSpec(name=SHIPPED_SERVER), server=True))
+
+
+def shipped_app(server, **options):
+    """The service app for the shipped server (options: ServiceSettings fields)."""
+    from collabvit.service import ServiceSettings, create_app, warm_up
+
+    def load():
+        warm_up(server)
+        return server
+
+    return create_app(ServiceSettings(model_name=SHIPPED_SERVER, **options), load)
+
+
+def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
+    """Poll /v2/health/ready until it answers 200."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", **client_options).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def shipped_live(shipped_server):
+    """The shipped server behind the service on 127.0.0.1, for the whole session."""
+    with LiveServer(shipped_app(shipped_server)) as running:
+        wait_ready(running.url)
+        yield running

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import LiveServer
+from conftest import SHIPPED_SERVER as SERVER_NAME
+from conftest import LiveServer, shipped_app, wait_ready
 
 from collabvit.client import (
     ImageRecord,
@@ -25,47 +26,16 @@ from collabvit.client import (
     lose_patches,
     request_wire_bytes,
 )
-from collabvit.config import ClientConfig, LinkConfig, ModelSpec
-from collabvit.pair import load_model
+from collabvit.config import ClientConfig, LinkConfig
 from collabvit.protocol import Codec, PatchPayload, WireGeometry, encode_payload, patchify
-from collabvit.server import Server
-from collabvit.service import ServiceSettings, create_app, warm_up
 
-SERVER_NAME = "collabvit_fmnist_server"
 GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
 LIMIT = "300"
 
 
-@pytest.fixture(scope="module")
-def shipped_server() -> Server:
-    return Server(load_model(ModelSpec(name=SERVER_NAME), server=True))
-
-
-def shipped_app(server: Server, **options):
-    def load():
-        warm_up(server)
-        return server
-
-    return create_app(ServiceSettings(model_name=SERVER_NAME, **options), load)
-
-
-@pytest.fixture(scope="module")
-def live(shipped_server):
-    with LiveServer(shipped_app(shipped_server)) as running:
-        wait_ready(running.url)
-        yield running
-
-
-def wait_ready(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.05)
+@pytest.fixture
+def live(shipped_live):
+    return shipped_live
 
 
 def read_records(path: Path) -> list[ImageRecord]:

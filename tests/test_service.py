@@ -16,7 +16,7 @@ import pytest
 import torch
 import tritonclient.http as http
 import trustme
-from conftest import LiveServer, tiny_vit
+from conftest import LiveServer, tiny_vit, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,13 +52,6 @@ def live(server):
     with LiveServer(make_app(server, max_delay_ms=2.0)) as running:
         wait_ready(running.url)
         yield running
-
-
-def wait_ready(url: str, timeout: float = 20.0, **client_options) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{url}/v2/health/ready", **client_options).status_code != 200:
-        assert time.monotonic() < deadline, "the model never became ready"
-        time.sleep(0.02)
 
 
 def payloads(count: int, seed: int = 0) -> list[Payload]:
@@ -434,3 +427,20 @@ def test_edge_user_mistakes_are_one_line_errors(run_cli, args, words):
     result = run_cli("edge", *args)
     assert result.returncode == 2
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_curl_call_works(shipped_live):
+    """The README's curl example, sent as written, gets logits from the shipped server."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    call = re.search(r"curl -s (\S+) \\\n\s+-H '([^']+)' \\\n\s+-d '([^']+)'", readme)
+    assert call, "README has no curl example"
+    url, header, data = call.groups()
+    name, value = header.split(": ")
+    response = httpx.post(url.replace("http://127.0.0.1:8000", shipped_live.url),
+                          content=data.encode(), headers={name: value})  # fmt: skip
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert output["name"] == "logits" and output["shape"] == [1, 10]

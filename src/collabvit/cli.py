@@ -331,6 +331,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
         _check_port_free(config.host, config.port)
         device = resolve_device(config.device)
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         model = load_model(spec, server=True)  # a user mistake stops here, before listening
     except (UsageError, ValueError, OSError) as error:
         return _fail("serve", error)

@@ -403,6 +403,9 @@ class ServeConfig:
         "the certificate's private key (PEM)", metavar="FILE"))
     device: str = field(default="cpu", metadata=flag(
         "torch device of the model, e.g. cpu, cuda (default: %(default)s)"))
+    threads: int | None = field(default=None, metadata=flag(
+        "torch threads of the model (default: torch's choice, about one per core); leave cores "
+        "to other processes on a shared machine", type="positive_int", metavar="N"))
     access_log: bool = field(default=False, metadata=flag("log every request"))
 
     def __post_init__(self) -> None:

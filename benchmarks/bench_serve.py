@@ -1,0 +1,337 @@
+"""Served throughput, latency, reliability under load and fuzz for `collabvit serve`.
+
+Measured in one run on one machine, with the shipped Fashion-MNIST models:
+
+1. Payloads: the shipped edge's selections (attention_sum_threshold at the shipped
+   delta, every image sent) of the first `--requests` Fashion-MNIST test images,
+   encoded raw. Realistic, ragged selection sizes.
+2. In-process baseline: `Server.classify` on the same payloads in batches of
+   `--max-batch` (the server's own size planning), no HTTP.
+3. Served, dynamic batching: `collabvit serve --max-batch 32` in its own process;
+   a client process sends one image per request, `--concurrency` in flight,
+   over keep-alive connections (httpx). Throughput = requests / wall time;
+   latency per request, client side.
+4. Served, batching off: the same with `--max-batch 1`.
+5. Fuzz: `--fuzz-cases` hypothesis cases against the live infer endpoint
+   (mutated, truncated and random bodies, header lengths, content types), then
+   as many against the decoder in-process. Counted: 5xx answers, non-JSON
+   errors, exceptions other than ProtocolError, and whether the server still
+   answers health checks.
+
+The load generator shares the machine's cores with the server, as an edge
+fleet's traffic would not; the ratios are therefore conservative for the served
+variants. Writes its section of benchmarks/RESULTS.md.
+
+Usage:
+    python benchmarks/bench_serve.py [--requests 2000] [--concurrency 32] [--fuzz-cases 10000]
+        [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collabvit.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.pair import load_pair
+from collabvit.protocol import (
+    INFERENCE_HEADER,
+    ProtocolError,
+    WireGeometry,
+    decode_payload,
+    encode_payload,
+    infer_request_body,
+    parse_infer_request,
+)
+
+EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+SECTION_START = "<!-- bench_serve:start (written by benchmarks/bench_serve.py) -->"
+SECTION_END = "<!-- bench_serve:end -->"
+
+
+def payloads_of_test_images(count: int):
+    pair = load_pair(ModelSpec(EDGE), ModelSpec(SERVER), DataSpec(limit=count, batch_size=256))
+    default = pair.default_config()
+    edge = pair.edge(EdgeConfig(masking_mode=default.masking_mode,
+                                masking_th=default.masking_th, uncer_mode="none"))  # fmt: skip
+    payloads = []
+    for images, _, indices in pair.loader():
+        payloads.extend(edge.process(images, indices).payloads)
+    g = edge.geometry
+    return pair, payloads, WireGeometry(g.in_chans, g.patch_size, g.grid_size), default
+
+
+def in_process(pair, payloads, max_batch: int, repeats: int) -> float:
+    """Images per second of Server.classify in batches of max_batch (best of repeats)."""
+    server = pair.server()
+    server.max_batch = max_batch
+    server.classify(payloads[:max_batch])
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for start in range(0, len(payloads), max_batch):
+            server.classify(payloads[start : start + max_batch])
+        best = max(best, len(payloads) / (time.perf_counter() - started))
+    return best
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(port: int, *flags: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
+                                *flags], stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the server did not start")
+        time.sleep(0.1)
+
+
+async def load(url: str, blobs: list[bytes], concurrency: int):
+    """Send every blob as its own request, `concurrency` at a time."""
+    slots = asyncio.Semaphore(concurrency)
+    latencies, failures = [], 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def one(blob: bytes) -> None:
+            nonlocal failures
+            body, header_length = infer_request_body([blob])
+            async with slots:
+                started = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body,
+                                                 headers={INFERENCE_HEADER: str(header_length)})
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                failures += not ok
+
+        await asyncio.gather(*(one(blob) for blob in blobs[: min(len(blobs), concurrency)]))
+        started = time.perf_counter()
+        latencies.clear()
+        await asyncio.gather(*(one(blob) for blob in blobs))
+        elapsed = time.perf_counter() - started
+    return len(blobs) / elapsed, latencies, failures
+
+
+def served(blobs, concurrency: int, *flags: str):
+    port = free_port()
+    process = start_server(port, *flags)
+    try:
+        url = f"http://127.0.0.1:{port}/v2/models/{SERVER}/infer"
+        return asyncio.run(load(url, blobs, concurrency))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def fuzz_http(blob: bytes, cases: int) -> dict:
+    port = free_port()
+    process = start_server(port)
+    url = f"http://127.0.0.1:{port}/v2/models/{SERVER}/infer"
+    valid_body, valid_header = infer_request_body([blob])
+    counts = {"cases": 0, "ok": 0, "4xx": 0, "5xx": 0, "non_json_errors": 0}
+    client = httpx.Client(timeout=30)
+
+    @settings(max_examples=cases, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(body=st.one_of(
+               st.binary(max_size=2000),
+               st.tuples(st.integers(0, len(valid_body)), st.binary(max_size=16)).map(
+                   lambda c: valid_body[: c[0]] + c[1] + valid_body[c[0] + len(c[1]):]),
+               st.integers(0, len(valid_body)).map(lambda n: valid_body[:n]),
+               st.binary(min_size=1, max_size=64).map(lambda b: valid_body + b)),
+           header=st.one_of(st.none(), st.just(str(valid_header)),
+                            st.integers(0, 3000).map(str), st.sampled_from(["-1", "x", ""])),
+           content_type=st.sampled_from([None, "application/json", "application/octet-stream",
+                                         "text/plain", "image/png"]))  # fmt: skip
+    def case(body, header, content_type):
+        headers = {}
+        if header is not None:
+            headers[INFERENCE_HEADER] = header
+        if content_type:
+            headers["content-type"] = content_type
+        response = client.post(url, content=body, headers=headers)
+        counts["cases"] += 1
+        status = response.status_code
+        if status == 200:
+            counts["ok"] += 1
+        elif 400 <= status < 500:
+            counts["4xx"] += 1
+            try:
+                assert isinstance(response.json()["error"], str)
+            except (ValueError, KeyError, AssertionError):
+                counts["non_json_errors"] += 1
+        else:
+            counts["5xx"] += 1
+
+    try:
+        case()
+        counts["alive_after"] = httpx.get(
+            f"http://127.0.0.1:{port}/v2/health/live").status_code == 200
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=60)
+    return counts
+
+
+def fuzz_decoder(blob: bytes, geometry: WireGeometry, cases: int) -> dict:
+    counts = {"cases": 0, "decoded": 0, "protocol_errors": 0, "other_exceptions": 0}
+
+    @settings(max_examples=cases, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(data=st.one_of(
+        st.binary(max_size=1500),
+        st.tuples(st.integers(0, len(blob)), st.binary(max_size=16)).map(
+            lambda c: blob[: c[0]] + c[1] + blob[c[0] + len(c[1]):]),
+        st.integers(0, len(blob)).map(lambda n: blob[:n])))  # fmt: skip
+    def case(data):
+        counts["cases"] += 1
+        try:
+            decode_payload(data, geometry)
+            counts["decoded"] += 1
+        except ProtocolError:
+            counts["protocol_errors"] += 1
+        except Exception:  # noqa: BLE001 - counted: any of these is a bug
+            counts["other_exceptions"] += 1
+        try:
+            parse_infer_request(data, None)
+        except ProtocolError:
+            pass
+        except Exception:  # noqa: BLE001
+            counts["other_exceptions"] += 1
+
+    case()
+    return counts
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return 1000.0 * float(np.percentile(np.asarray(values), q))
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
+    if SECTION_START in old:
+        head, rest = old.split(SECTION_START, 1)
+        new = head + block + rest.split(SECTION_END, 1)[1]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--fuzz-cases", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="300 requests, 500 fuzz cases: a smoke run, not for RESULTS.md")
+    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.fuzz_cases, args.repeats = 300, 500, 1
+    began = time.perf_counter()
+    load_before = os.getloadavg()
+    pair, payloads, geometry, default = payloads_of_test_images(args.requests)
+    blobs = [encode_payload(p, geometry) for p in payloads]
+    sizes = [p.size for p in payloads]
+    print(f"{len(blobs)} payloads, {statistics.mean(sizes):.1f} patches on average", flush=True)
+
+    baseline = in_process(pair, payloads, args.max_batch, args.repeats)
+    print(f"in-process Server.classify: {baseline:.0f} images/s", flush=True)
+    batched = served(blobs, args.concurrency, "--max-batch", str(args.max_batch))
+    print(f"served, dynamic batching: {batched[0]:.0f} requests/s, failures {batched[2]}",
+          flush=True)  # fmt: skip
+    unbatched = served(blobs, args.concurrency, "--max-batch", "1")
+    print(f"served, batching off: {unbatched[0]:.0f} requests/s, failures {unbatched[2]}",
+          flush=True)  # fmt: skip
+    http = fuzz_http(blobs[0], args.fuzz_cases)
+    print(f"HTTP fuzz: {http}", flush=True)
+    decoder = fuzz_decoder(blobs[0], geometry, args.fuzz_cases)
+    print(f"decoder fuzz: {decoder}", flush=True)
+
+    def row(name, result):
+        rate, latencies, failures = result
+        return (f"| {name} | {rate:.0f} | {rate / baseline:.2f} | "
+                f"{percentile_ms(latencies, 50):.1f} | {percentile_ms(latencies, 99):.1f} | "
+                f"{len(latencies)} | {failures} |")  # fmt: skip
+
+    text = f"""
+## Serving: throughput, latency, load and fuzz (`bench_serve.py`)
+
+The shipped Fashion-MNIST server (`{SERVER}`) behind `collabvit serve`, one image per
+request, {args.concurrency} requests in flight from one client process on the same machine
+(keep-alive connections, httpx). Payloads: the shipped edge's selections
+({default.masking_mode} {default.masking_th}) of the first {len(blobs)} Fashion-MNIST test
+images, raw codec, {statistics.mean(sizes):.1f} of 49 patches on average. The in-process
+baseline is `Server.classify` on the same payloads in batches of {args.max_batch}, no HTTP,
+best of {args.repeats}.
+
+| variant | images/s | / in-process | p50 latency (ms) | p99 latency (ms) | requests | failed |
+|---|---:|---:|---:|---:|---:|---:|
+| in-process `Server.classify`, batches of {args.max_batch} | {baseline:.0f} | 1.00 | | | | |
+{row(f"served, dynamic batching (max batch {args.max_batch}, max delay 5 ms)", batched)}
+{row("served, batching off (max batch 1)", unbatched)}
+
+Dynamic batching over batching off: **{batched[0] / unbatched[0]:.2f}x** the throughput.
+
+Fuzz ({http['cases']} HTTP cases against the live infer endpoint, hypothesis): {http['ok']}
+answered, {http['4xx']} refused with 4xx, **{http['5xx']} with 5xx**,
+{http['non_json_errors']} errors without a JSON body; the server
+{'still answered' if http.get('alive_after') else 'did NOT answer'} its health check after.
+Decoder fuzz ({decoder['cases']} cases in-process, `decode_payload` and
+`parse_infer_request`): {decoder['decoded']} decoded, {decoder['protocol_errors']}
+ProtocolError, **{decoder['other_exceptions']} other exceptions**.
+
+Regenerate with:
+
+```
+{shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])}
+```
+
+Machine:
+
+- CPU: {platform.processor() or platform.machine()}; {os.cpu_count()} logical cores
+- torch {torch.__version__}, Python {platform.python_version()}, torch threads
+  {torch.get_num_threads()}
+- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC
+- load average (1, 5, 15 min): {", ".join(f"{v:.2f}" for v in load_before)} at the start
+- total benchmark time: {time.perf_counter() - began:.0f} s
+"""
+    print(text)
+    if not args.quick:
+        write_section(Path(args.output), text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Bytes on the wire per codec: the README's deployment table, measured over HTTP.
+
+    python scripts/deploy_table.py [--limit N] [--readme README.md]
+        [--out benchmarks/deploy_results.json]
+
+Starts `collabvit serve` (the shipped server), then runs `collabvit edge` over the
+Fashion-MNIST test set at the shipped default operating point once per codec (raw,
+png, jpeg at quality 50, 75 and 90), and once more per codec sending every full
+image (`--uncer-mode none --masking-th 1.0`), which gives the accuracy of the
+server on full images through that codec. Bytes are whole HTTP requests (request
+line, headers, body) as `collabvit edge` counts them. Writes the figures with their
+provenance to benchmarks/deploy_results.json and the table between the
+deploy-table markers in README.md; tests/test_readme_numbers.py checks that the
+README shows exactly what the JSON holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- deploy-table:start -->\n", "<!-- deploy-table:end -->"
+CODECS = ("raw", "png", "jpeg:50", "jpeg:75", "jpeg:90")
+FULL_CODECS = ("raw", "jpeg:50", "jpeg:75", "jpeg:90")  # png is lossless: raw's accuracy
+TOLERANCE = 0.2  # accuracy points a lossy codec may lose and still count as free
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_edge(url: str, codec: str, limit: int | None, folder: Path, *extra: str) -> dict:
+    name = codec.replace(":", "") + ("-full" if extra else "")
+    results = folder / f"{name}.json"
+    command = [sys.executable, "-m", "collabvit", "edge", "--server", url, "--codec", codec,
+               "--quiet", "--concurrency", "16", "--records", str(folder / f"{name}.jsonl"),
+               "--results-file", str(results), *extra]  # fmt: skip
+    if limit:
+        command += ["--limit", str(limit)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(f"{name}: done", flush=True)
+    return json.loads(results.read_text())
+
+
+def measure(limit: int | None) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port)],
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("collabvit serve did not start")
+            time.sleep(0.2)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            runs = {codec: run_edge(url, codec, limit, folder) for codec in CODECS}
+            full = {codec: run_edge(url, codec, limit, folder, "--uncer-mode", "none",
+                                    "--masking-th", "1.0") for codec in FULL_CODECS}  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for report in (*runs.values(), *full.values()):
+        fallbacks = sum(report["fallbacks"].values())
+        if fallbacks:
+            raise SystemExit(f"{fallbacks} images fell back to the edge: the figures would mix")
+    first = runs["raw"]
+    rows = [{
+        "codec": codec,
+        "bytes_all": report["bytes_per_image"]["collaborative"]["all_images"],
+        "bytes_sent": report["bytes_per_image"]["collaborative"]["sent_images"],
+        "payload_all": report["bytes_per_image"]["collaborative"]["payload_all_images"],
+        "collab_acc": report["summary"]["collab_acc"],
+        "comm_cost": report["summary"]["comm_cost"],
+    } for codec, report in runs.items()]  # fmt: skip
+    full_rows = [{
+        "codec": codec,
+        "bytes_all": report["bytes_per_image"]["collaborative"]["all_images"],
+        "server_acc": report["summary"]["collab_acc"],
+    } for codec, report in full.items()]  # fmt: skip
+    full_rows.insert(1, {"codec": "png",
+                         "bytes_all": full["raw"]["bytes_per_image"]["full_png"]["all_images"],
+                         "server_acc": full["raw"]["summary"]["collab_acc"]})  # fmt: skip
+    config = first["config"]
+    return {
+        "images": first["summary"]["images"],
+        "client_acc": first["summary"]["client_acc"],
+        "operating_point": config["edge"],
+        "rows": rows,
+        "full_rows": full_rows,
+        "config": {key: config[key] for key in ("edge_model", "server_model", "data", "run",
+                                                "collabvit", "torch", "timm", "created")
+                   if key in config},
+    }  # fmt: skip
+
+
+def free_quality(results: dict) -> str | None:
+    """The lowest jpeg quality that loses less than TOLERANCE points against raw."""
+    raw = next(r for r in results["rows"] if r["codec"] == "raw")["collab_acc"]
+    jpeg = sorted((r for r in results["rows"] if r["codec"].startswith("jpeg")),
+                  key=lambda r: int(r["codec"].split(":")[1]))  # fmt: skip
+    for row in jpeg:
+        if raw - row["collab_acc"] < TOLERANCE:
+            return row["codec"]
+    return None
+
+
+def render(results: dict) -> str:
+    raw = next(r for r in results["rows"] if r["codec"] == "raw")
+    point = results["operating_point"]
+    lines = [
+        f"{results['images']:,} Fashion-MNIST test images, default operating point "
+        f"(δ {point['masking_th']}, η {point['uncer_th']}): the edge alone is right on "
+        f"{results['client_acc']:.2f} %.",
+        "",
+        "| what is sent | codec | bytes per image (all images) | bytes per sent image "
+        "| accuracy | vs. raw |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        delta = row["collab_acc"] - raw["collab_acc"]
+        lines.append(f"| selected patches of uncertain images | {row['codec']} | "
+                     f"{row['bytes_all']:.1f} | {row['bytes_sent']:.1f} | "
+                     f"{row['collab_acc']:.2f} % | {delta:+.2f} pt |")  # fmt: skip
+    for row in results["full_rows"]:
+        lines.append(f"| every full image (server alone) | {row['codec']} | "
+                     f"{row['bytes_all']:.1f} | {row['bytes_all']:.1f} | "
+                     f"{row['server_acc']:.2f} % | |")  # fmt: skip
+    best = free_quality(results)
+    full_raw = next(r for r in results["full_rows"] if r["codec"] == "raw")["bytes_all"]
+    lines += ["", f"Collaboration with raw patches sends {raw['bytes_all'] / full_raw:.1%} of "
+              "the bytes of sending every full image raw. " + (
+                  f"The lowest JPEG quality that loses less than {TOLERANCE} pt against raw is "
+                  f"**{best.split(':')[1]}**." if best else
+                  f"Every JPEG quality tried loses {TOLERANCE} pt or more against raw.")]
+    return "\n".join(lines)
+
+
+def write_table(readme: Path, results: dict) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no deploy-table markers")
+    head, rest = text.split(START, 1)
+    readme.write_text(head + START + render(results) + "\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "deploy_results.json")
+    args = parser.parse_args()
+    results = measure(args.limit)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_table(args.readme, results)
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
