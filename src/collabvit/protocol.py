@@ -472,13 +472,18 @@ def parse_logits(body: bytes, header_length: int | None) -> tuple[np.ndarray, di
         raise ProtocolError(f"the response has no FP32 output {LOGITS_OUTPUT!r} of shape "
                             "[B, classes]")  # fmt: skip
     tensor = outputs[0]
+    if any(size < 0 for size in tensor.shape):
+        raise ProtocolError(f"logits have a negative dimension: {tensor.shape}")
     count = tensor.shape[0] * tensor.shape[1]
     if tensor.binary_size is not None:
         if tensor.binary_size != 4 * count or len(binary) != 4 * count:
             raise ProtocolError("binary logits do not match their declared shape")
         values = np.frombuffer(binary, dtype="<f4")
     else:
-        values = np.asarray(tensor.data or [], dtype=np.float32)
+        data = tensor.data or []
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+            raise ProtocolError("JSON logits must be a flat list of numbers")
+        values = np.asarray(data, dtype=np.float32)
     if values.size != count:
         raise ProtocolError("logits do not match their declared shape")
     return values.reshape(tensor.shape).astype(np.float32), dict(header.parameters or {})
@@ -488,7 +493,7 @@ def parse_header_length(value: str | None) -> int | None:
     """The Inference-Header-Content-Length header as an int (None when absent)."""
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):
         raise ProtocolError(f"{INFERENCE_HEADER} must be a non-negative integer, not {value!r}")
     return int(value)
 
@@ -496,6 +501,8 @@ def parse_header_length(value: str | None) -> int | None:
 def _split_body(body: bytes, header_length: int | None) -> tuple[_InferenceBody, bytes]:
     if header_length is None:
         header_length = len(body)
+    if header_length < 0:
+        raise ProtocolError(f"{INFERENCE_HEADER} must not be negative")
     if header_length > len(body):
         raise ProtocolError(f"{INFERENCE_HEADER} {header_length} exceeds the body's "
                             f"{len(body)} bytes")  # fmt: skip
@@ -528,7 +535,7 @@ def _payload_elements(tensor: _Tensor, chunk: bytes | None) -> list[bytes]:
                 raise ProtocolError(f"JSON elements of {PAYLOAD_INPUT!r} must be base64 strings")
             try:
                 blobs.append(base64.b64decode(element, validate=True))
-            except binascii.Error as error:
+            except (binascii.Error, ValueError) as error:  # ValueError: non-ASCII text
                 raise ProtocolError(f"an element of {PAYLOAD_INPUT!r} is not base64: "
                                     f"{error}") from None  # fmt: skip
     if len(blobs) != tensor.shape[0]:
