@@ -15,6 +15,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -106,10 +107,11 @@ class Batcher:
     """Dynamic batching of payloads from concurrent requests.
 
     A batch starts with the oldest waiting request and takes further requests
-    until it holds `max_batch` images or `max_delay` seconds have passed since
-    it started; a single request larger than `max_batch` forms a batch alone.
-    Batches run one at a time in a worker thread, so the event loop keeps
-    accepting requests while the model computes.
+    until it holds `max_batch` images, or until `max_delay` seconds have passed
+    since it started and the model is free. While one batch computes (in a
+    worker thread, so the event loop keeps serving HTTP), the next one fills
+    up and starts the moment the model is free: request handling overlaps with
+    computing. A single request larger than `max_batch` forms a batch alone.
     """
 
     def __init__(self, classify: Callable[[list[PatchPayload]], torch.Tensor], max_batch: int,
@@ -118,9 +120,11 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.metrics = metrics
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.pending: deque[_Pending] = deque()
+        self.arrived = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collabvit-batch")
         self.task: asyncio.Task | None = None
+        self.running: asyncio.Task | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -132,40 +136,52 @@ class Batcher:
                 await self.task
             except asyncio.CancelledError:
                 pass
+        if self.running is not None:
+            await asyncio.gather(self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def submit(self, payloads: list[PatchPayload]) -> tuple[np.ndarray, float]:
         """Logits [len(payloads), classes] float32 and the seconds spent queued."""
         future = asyncio.get_running_loop().create_future()
-        pending = _Pending(payloads, future, time.perf_counter())
-        await self.queue.put(pending)
+        self.pending.append(_Pending(payloads, future, time.perf_counter()))
+        self.arrived.set()
         return await future
+
+    def _busy(self) -> bool:
+        return self.running is not None and not self.running.done()
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a request arrives, the running batch finishes, or `timeout` passes."""
+        self.arrived.clear()
+        arrival = asyncio.ensure_future(self.arrived.wait())
+        waiters = {arrival, self.running} if self._busy() else {arrival}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            images = len(batch[0].payloads)
+            while not self.pending:
+                await self._wait(None)
+            batch, images = [], 0
             deadline = time.perf_counter() + self.max_delay
-            while images < self.max_batch:
-                if self.queue.empty():
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    item = self.queue.get_nowait()
-                if images + len(item.payloads) > self.max_batch:
-                    await self._run_batch(loop, batch, images)
-                    batch, images = [item], len(item.payloads)
-                    deadline = time.perf_counter() + self.max_delay
-                    continue
-                batch.append(item)
-                images += len(item.payloads)
-            await self._run_batch(loop, batch, images)
+            while True:
+                while self.pending and (not batch or images + len(self.pending[0].payloads)
+                                        <= self.max_batch):  # fmt: skip
+                    item = self.pending.popleft()
+                    batch.append(item)
+                    images += len(item.payloads)
+                if images >= self.max_batch or self.pending:  # full
+                    break
+                remaining = deadline - time.perf_counter()
+                if not self._busy() and remaining <= 0:
+                    break
+                await self._wait(None if self._busy() else remaining)
+            if self._busy():  # full before the model was free
+                await asyncio.wait({self.running})
+            self.running = loop.create_task(self._run_batch(loop, batch, images))
 
     async def _run_batch(self, loop, batch: list[_Pending], images: int) -> None:
         started = time.perf_counter()
@@ -296,17 +312,17 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         log.exception("internal error")
         return error_response(500, "internal", f"internal error: {type(error).__name__}")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if settings.token and not request.url.path.startswith("/v2/health/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, credentials = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credentials.strip().encode(), settings.token.encode()
-            ):
-                return error_response(401, "unauthorized", "missing or wrong bearer token",
-                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return await call_next(request)
+    async def authorize(request: Request) -> None:
+        """A FastAPI dependency of every route but the health checks (probes need no token)."""
+        if not settings.token:
+            return
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode(), settings.token.encode()
+        ):
+            raise ServiceError(401, "unauthorized", "missing or wrong bearer token")
+
+    protected = [Depends(authorize)]
 
     def check_model(name: str) -> Server:
         if name != settings.model_name:
@@ -326,12 +342,12 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         is_ready = state.ready.is_set()
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
-    @app.get("/v2")
+    @app.get("/v2", dependencies=protected)
     async def server_metadata() -> dict:
         return {"name": "collabvit", "version": __version__,
                 "extensions": ["binary_tensor_data"]}  # fmt: skip
 
-    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/ready", dependencies=protected)
     async def model_ready(name: str) -> JSONResponse:
         if name != settings.model_name:
             raise ServiceError(404, "not_found", f"unknown model {name!r}")
@@ -339,7 +355,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         return JSONResponse({"name": name, "ready": is_ready},
                             status_code=200 if is_ready else 503)  # fmt: skip
 
-    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}", dependencies=protected)
     async def model_metadata(name: str) -> dict:
         server = check_model(name)
         g, norm = server.geometry, server.normalization
@@ -360,10 +376,10 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             },
         }  # fmt: skip
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/infer", dependencies=protected)
     async def infer(name: str, request: Request) -> Response:
         started = time.perf_counter()
-        server = check_model(name)
+        check_model(name)
         metrics.requests.inc()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and content_type not in ACCEPTED_CONTENT_TYPES:
@@ -377,8 +393,6 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
                 request.headers.get(INFERENCE_HEADER)))  # fmt: skip
             geometry = state.geometry
             payloads = [decode_payload(blob, geometry) for blob in parsed.blobs]
-            for payload in payloads:
-                server.validate(payload)
         except (ProtocolError, ValueError) as error:
             raise ServiceError(400, "bad_request", str(error)) from None
         logits, queued = await app.state.batcher.submit(payloads)
@@ -394,7 +408,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         media = "application/octet-stream" if header_length is not None else "application/json"
         return Response(content, media_type=media, headers=headers)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=protected)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -405,11 +419,12 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) one longer than `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ServiceError(400, "bad_request", "Content-Length is not a number")
         if int(declared) > limit:
             raise ServiceError(413, "too_large", f"request body of {declared} bytes exceeds "
                                                  f"the limit of {limit}")  # fmt: skip
+        return await request.body()  # the server stops at the declared length
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
