@@ -61,3 +61,25 @@ def test_shipped_operating_point_is_the_validation_pick():
     point = card["operating_point"]
     default = RESULTS["default"]
     assert (point["masking_th"], point["uncer_th"]) == (default["delta"], default["eta"])
+
+
+def test_deploy_table_is_the_regenerated_one():
+    """README's bytes-per-codec table is what scripts/deploy_table.py renders from its JSON."""
+    deploy = script("deploy_table")
+    results = json.loads((REPO / "benchmarks" / "deploy_results.json").read_text())
+    assert between(README, deploy.START, deploy.END).strip() == deploy.render(results)
+    assert {row["codec"] for row in results["rows"]} == set(deploy.CODECS)
+    assert results["images"] == 10_000
+
+
+def test_deploy_demo_prints_the_demo_lines_then_bytes_and_latency():
+    """`make demo-deploy` (raw codec) gives `make demo`'s lines exactly, then the network's."""
+    demo = re.search(r"`make demo` runs.*?```\n(.*?)```", README, re.S).group(1).strip()
+    block = between(README, "<!-- deploy-demo:start -->", "<!-- deploy-demo:end -->")
+    lines = block.strip().strip("`").strip().splitlines()
+    assert "\n".join(lines[:8]) == demo
+    assert lines[8].startswith("Bytes per image (HTTP request incl. headers, codec raw)")
+    assert any(line.startswith("Latency (ms)") for line in lines)
+    raw = next(row for row in json.loads((REPO / "benchmarks" / "deploy_results.json")
+                                         .read_text())["rows"] if row["codec"] == "raw")
+    assert f"{raw['bytes_all']:.1f} over all images" in lines[8]

@@ -416,7 +416,9 @@ def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeRe
                           "sent_images": (sum(r.request_bytes for r in sent) / len(sent)
                                           if sent else 0.0),
                           "payload_all_images": sum(r.payload_bytes for r in records) / count,
-                          "response_all_images": sum(r.response_bytes for r in records) / count},
+                          "response_all_images": sum(r.response_bytes for r in records) / count,
+                          "total_request_bytes": sum(r.request_bytes for r in records),
+                          "total_response_bytes": sum(r.response_bytes for r in records)},
         **{f"full_{name}": {"all_images": sum(r.full_bytes[name] for r in records) / count}
            for name in full_names},
     }  # fmt: skip
@@ -578,7 +580,9 @@ def format_report(report: EdgeReport) -> str:
     lines = [
         f"Bytes per image (HTTP request incl. headers, codec {report.codec}): "
         f"{collab['all_images']:.1f} over all images, {collab['sent_images']:.1f} per sent "
-        f"image (wire payload {collab['payload_all_images']:.1f} over all images)",
+        f"image (wire payload {collab['payload_all_images']:.1f} over all images); in total "
+        f"{collab['total_request_bytes']:,} bytes sent, {collab['total_response_bytes']:,} "
+        "received",
         "Sending every full image instead: " + " / ".join(
             f"{name[5:]} {values['all_images']:.1f}" for name, values in b.items()
             if name.startswith("full_")),
