@@ -392,13 +392,18 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         (["--ssl-certfile", "/nonexistent/cert.pem", "--ssl-keyfile", "/nonexistent/k.pem"],
          "certificate /nonexistent/cert.pem does not exist"),
         (["--ssl-certfile", "c.pem"], "needs both --ssl-certfile and --ssl-keyfile"),
-        (["--port", "70000"], "a port in 1..65535"),
+        (["--port", "70000"], "a port in 1..65535"),  # the last --port wins
         (["--max-batch", "0"], "a whole number >= 1"),
         (["--server-model", "no_such_model"], "no_such_model"),
     ],
 )
 def test_serve_user_mistakes_are_one_line_errors(run_cli, args, words):
-    result = run_cli("serve", *args)
+    import socket
+
+    with socket.socket() as probe:  # the default port may be busy here
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = run_cli("serve", "--port", port, *args)
     assert result.returncode == 2
     assert words in result.stderr and "Traceback" not in result.stderr
 

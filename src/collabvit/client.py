@@ -472,9 +472,8 @@ async def run_edge(
     done = open_records(records_path, identity, config.resume)
     records = list(done.values())
     writer = RecordWriter(records_path)
-    full_codecs = {"raw": Codec("raw"), "png": Codec("png"),
-                   "jpeg": Codec("jpeg", codec.quality if codec.name == "jpeg" else
-                                 Codec().quality)}  # fmt: skip
+    jpeg = Codec("jpeg", codec.quality if codec.name == "jpeg" else Codec().quality)
+    full_codecs = {str(c): c for c in (Codec("raw"), Codec("png"), jpeg)}
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
 
