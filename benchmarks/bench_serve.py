@@ -49,6 +49,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collabvit.client import wait_until_served
 from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.pair import load_pair
 from collabvit.protocol import (
@@ -101,16 +102,8 @@ def free_port() -> int:
 def start_server(port: int, *flags: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
                                 *flags], stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
-        time.sleep(0.1)
+    wait_until_served(f"http://127.0.0.1:{port}", 120, alive=lambda: process.poll() is None)
+    return process
 
 
 async def load(port: int, path: str, blobs: list[bytes], concurrency: int):
@@ -169,6 +162,17 @@ def served(blobs, concurrency: int, *flags: str):
         process.wait(timeout=60)
 
 
+def mutations(valid: bytes):
+    """Random bytes, and `valid` overwritten in places, truncated or with bytes appended."""
+    return st.one_of(
+        st.binary(max_size=2000),
+        st.tuples(st.integers(0, len(valid)), st.binary(max_size=16)).map(
+            lambda c: valid[: c[0]] + c[1] + valid[c[0] + len(c[1]):]),
+        st.integers(0, len(valid)).map(lambda n: valid[:n]),
+        st.binary(min_size=1, max_size=64).map(lambda b: valid + b),
+    )  # fmt: skip
+
+
 def fuzz_http(blob: bytes, cases: int) -> dict:
     port = free_port()
     process = start_server(port)
@@ -179,12 +183,7 @@ def fuzz_http(blob: bytes, cases: int) -> dict:
 
     @settings(max_examples=cases, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(body=st.one_of(
-               st.binary(max_size=2000),
-               st.tuples(st.integers(0, len(valid_body)), st.binary(max_size=16)).map(
-                   lambda c: valid_body[: c[0]] + c[1] + valid_body[c[0] + len(c[1]):]),
-               st.integers(0, len(valid_body)).map(lambda n: valid_body[:n]),
-               st.binary(min_size=1, max_size=64).map(lambda b: valid_body + b)),
+    @given(body=mutations(valid_body),
            header=st.one_of(st.none(), st.just(str(valid_header)),
                             st.integers(0, 3000).map(str), st.sampled_from(["-1", "x", ""])),
            content_type=st.sampled_from([None, "application/json", "application/octet-stream",
@@ -225,11 +224,7 @@ def fuzz_decoder(blob: bytes, geometry: WireGeometry, cases: int) -> dict:
 
     @settings(max_examples=cases, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(data=st.one_of(
-        st.binary(max_size=1500),
-        st.tuples(st.integers(0, len(blob)), st.binary(max_size=16)).map(
-            lambda c: blob[: c[0]] + c[1] + blob[c[0] + len(c[1]):]),
-        st.integers(0, len(blob)).map(lambda n: blob[:n])))  # fmt: skip
+    @given(data=mutations(blob))
     def case(data):
         counts["cases"] += 1
         try:

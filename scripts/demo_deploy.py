@@ -11,10 +11,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from collabvit.client import ClientError, wait_until_served
 
 PORT = os.environ.get("DEPLOY_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"
@@ -27,21 +26,13 @@ def main(extra: list[str]) -> int:
         server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", PORT],
                                   stderr=log, stdout=log)  # fmt: skip
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    print(f"collabvit serve stopped (see {folder / 'server.log'}):\n"
-                          + (folder / "server.log").read_text().strip(), file=sys.stderr)
-                    return 1
-                try:
-                    if httpx.get(f"{URL}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    print("collabvit serve was not ready within 300 s", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
+            try:
+                wait_until_served(URL, 300, alive=lambda: server.poll() is None)
+            except ClientError as error:
+                log.flush()
+                print(f"{error}; its log, {folder / 'server.log'}:\n"
+                      + (folder / "server.log").read_text().strip(), file=sys.stderr)
+                return 1
             return subprocess.run([sys.executable, "-m", "collabvit", "edge", "--server", URL,
                                    "--records", str(folder / "records.jsonl"),
                                    "--results-file", str(folder / "results.json"),

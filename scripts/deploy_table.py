@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,18 +51,9 @@ def measure(limit: int | None) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port)],
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        import httpx
+        from collabvit.client import wait_until_served
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("collabvit serve did not start")
-            time.sleep(0.2)
+        wait_until_served(url, 120, alive=lambda: server.poll() is None)
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             runs = {codec: run_edge(url, codec, limit, folder) for codec in CODECS}

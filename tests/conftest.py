@@ -154,19 +154,9 @@ def shipped_app(server, **options):
 
 def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
     """Poll /v2/health/ready until it answers 200."""
-    import time
+    from collabvit.client import wait_until_served
 
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", **client_options).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.02)
+    wait_until_served(url, timeout, **client_options)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from conftest import LiveServer, tiny_vit, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collabvit.client import wait_until_served
 from collabvit.protocol import (
     INFERENCE_HEADER,
     Codec,
@@ -356,15 +357,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         [sys.executable, "-m", "collabvit", "serve", "--port", str(port), "--max-delay-ms",
          "1500"], stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_served(url, 60, alive=lambda: process.poll() is None)
         fmnist = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
         blob = encode_payload(Payload(torch.arange(3), torch.zeros(3, 1, 4, 4,
                                                                    dtype=torch.uint8)), fmnist)

@@ -19,7 +19,7 @@ import json
 import ssl
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -598,3 +598,24 @@ def format_report(report: EdgeReport) -> str:
             lines.append(f"  {label:<18}" + "".join(f"{values[p]:>9.2f}"
                                                     for p in ("p50", "p90", "p99")))
     return "\n".join(lines)
+
+
+def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None = None,
+                      **httpx_options) -> None:  # fmt: skip
+    """Block until `url`/v2/health/ready answers 200 (for scripts that start a server).
+
+    Raises ClientError after `timeout` seconds, or as soon as `alive()` says the server
+    process has stopped.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", **httpx_options).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if alive is not None and not alive():
+            raise ClientError(f"the server for {url} stopped before it was ready")
+        if time.monotonic() > deadline:
+            raise ClientError(f"{url} was not ready within {timeout:g} s")
+        time.sleep(0.05)
