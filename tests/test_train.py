@@ -16,7 +16,14 @@ from collabvit.cli import main
 from collabvit.config import TrainConfig
 from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
 from collabvit.protocol import patchify
-from collabvit.train import Trainer, augment, drop_tokens, lr_scheduler
+from collabvit.train import (
+    Trainer,
+    augment,
+    distillation_loss,
+    drop_tokens,
+    load_teacher,
+    lr_scheduler,
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
@@ -166,3 +173,85 @@ def test_train_command_writes_a_checkpoint_the_eval_loader_accepts(tmp_path, cap
                    "--server-weights", str(out / "model.safetensors")])  # fmt: skip
     assert status == 0
     assert "Collaborative accuracy" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ teacher and distillation
+
+
+@needs_fmnist
+def test_cnn_teacher_with_weight_averaging_trains_exports_and_loads(tmp_path):
+    config = TrainConfig(model="collabvit_fmnist_cnn", model_kwargs={"width": 4}, epochs=1,
+                         train_limit=256, batch_size=64, ema_decay=0.9)  # fmt: skip
+    trainer = Trainer(config, tmp_path / "teacher", progress=False)
+    trainer.fit()
+    weights = trainer.export()
+    averaged, trained = trainer.ema.module.state_dict(), trainer.model.state_dict()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # EMA is its own
+    teacher = load_teacher(tmp_path / "teacher")
+    x = torch.rand(5, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(teacher(x), trainer.ema.module.eval()(x), atol=1e-6, rtol=0)
+    assert load_teacher(weights).state_dict().keys() == trained.keys()
+    card = json.loads((tmp_path / "teacher" / "model_card.json").read_text())
+    assert card["architecture"] == {"input_size": [1, 28, 28]}
+    assert card["training"]["ema_decay"] == 0.9
+    # a resumed run restores the average too
+    resumed = Trainer(config, tmp_path / "teacher", progress=False)
+    assert resumed.resume()
+    for name, value in averaged.items():
+        assert torch.equal(resumed.ema.module.state_dict()[name], value)
+
+
+@needs_fmnist
+def test_distilled_student_records_its_teacher(tmp_path):
+    teacher_config = TrainConfig(model="collabvit_fmnist_cnn", model_kwargs={"width": 4},
+                                 epochs=1, train_limit=128, batch_size=64)  # fmt: skip
+    teacher = Trainer(teacher_config, tmp_path / "teacher", progress=False)
+    teacher.fit()
+    teacher.export(*_test_set(200))
+    student = Trainer(TrainConfig(model_kwargs={"depth": 1}, epochs=1, train_limit=128,
+                                  batch_size=64, token_drop=0.5, teacher=str(tmp_path / "teacher"),
+                                  distill="soft"), tmp_path / "student", progress=False)
+    assert student.teacher is not None and not student.teacher.training
+    student.fit()
+    student.export()
+    card = json.loads((tmp_path / "student" / "model_card.json").read_text())
+    assert card["teacher"]["model"] == "collabvit_fmnist_cnn"
+    assert card["teacher"]["test_acc"] == json.loads(
+        (tmp_path / "teacher" / "model_card.json").read_text())["test_acc"]
+    assert card["training"]["distill"] == "soft"
+
+
+def _test_set(count: int):
+    test = FashionMNIST(FMNIST, "test")
+    return test.images[:count], test.labels[:count]
+
+
+def test_distillation_loss_blends_the_label_and_the_teacher():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(8, 10, generator=generator)
+    teacher = torch.randn(8, 10, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    plain = torch.nn.functional.cross_entropy(student, labels, label_smoothing=0.1)
+    hard_only = torch.nn.functional.cross_entropy(student, teacher.argmax(1))
+    assert distillation_loss(student, teacher, labels, "hard", 0.0, 3.0, 0.1) == \
+        pytest.approx(float(plain))  # fmt: skip
+    assert distillation_loss(student, teacher, labels, "hard", 1.0, 3.0, 0.1) == \
+        pytest.approx(float(hard_only))  # fmt: skip
+    blended = distillation_loss(student, teacher, labels, "hard", 0.25, 3.0, 0.1)
+    assert float(blended) == pytest.approx(0.75 * float(plain) + 0.25 * float(hard_only))
+    # soft: a student that already matches the teacher pays only the label term
+    assert distillation_loss(teacher, teacher, labels, "soft", 0.5, 3.0, 0.0) == pytest.approx(
+        0.5 * float(torch.nn.functional.cross_entropy(teacher, labels)), abs=1e-6)
+    assert float(distillation_loss(student, teacher, labels, "soft", 1.0, 3.0, 0.0)) > 0
+
+
+def test_teacher_and_token_drop_mistakes_are_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match="token drop needs a ViT"):
+        Trainer(TrainConfig(model="collabvit_fmnist_cnn", token_drop=0.5, train_limit=64),
+                tmp_path, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_teacher(tmp_path / "missing")
+    status = main(["train", "--out-dir", str(tmp_path / "x"), "--teacher",
+                   str(tmp_path / "missing"), "--train-limit", "64", "--quiet"])  # fmt: skip
+    assert status == 2 and "no model.safetensors" in capsys.readouterr().err

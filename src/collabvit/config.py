@@ -18,6 +18,7 @@ COUNT_MODES = ("random", "topk")
 UNCERTAINTY_MODES = ("shannon_entropy", "min_entropy", "margin", "none")
 DATA_SETS = ("fmnist", "imagenet", "tensors")
 FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
+DISTILL_MODES = ("hard", "soft")
 
 # The paper's operating point, for models that do not ship one of their own.
 PAPER_DELTA = 0.97
@@ -316,7 +317,8 @@ class TrainConfig:
 
     model: str = field(default="collabvit_fmnist_edge", metadata=flag(
         "timm ViT name or a named collabvit architecture: collabvit_fmnist_edge, "
-        "collabvit_fmnist_server (default: %(default)s)", metavar="NAME"))
+        "collabvit_fmnist_server, or the CNN teacher collabvit_fmnist_cnn (default: "
+        "%(default)s)", metavar="NAME"))
     model_kwargs: dict = field(default_factory=dict, metadata=flag(
         "architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'", type="json",
         metavar="JSON"))
@@ -341,6 +343,22 @@ class TrainConfig:
     token_drop: float = field(default=0.0, metadata=flag(
         "token-drop training: each batch keeps a random subset of between (1-P) N and N "
         "patches per image (default: %(default)s, off)", type="finite", metavar="P"))
+    ema_decay: float = field(default=0.0, metadata=flag(
+        "keep an exponential moving average of the weights with this decay per step (e.g. "
+        "0.999); validation and the exported weights use it (default: %(default)s, off)",
+        type="finite", metavar="D"))
+    teacher: str | None = field(default=None, metadata=flag(
+        "distil from this trained model: a `collabvit train` output folder or its "
+        "model.safetensors; it sees the whole augmented image, the student its token-dropped "
+        "patches", metavar="RUN"))
+    distill: str = field(default="hard", metadata=flag(
+        "hard: the teacher's top class as a second label; soft: its softened probabilities "
+        "(default: %(default)s)", choices=DISTILL_MODES))
+    distill_weight: float = field(default=0.5, metadata=flag(
+        "weight of the teacher's term; the label's gets 1 - weight (default: %(default)s)",
+        type="finite", metavar="W"))
+    distill_temperature: float = field(default=3.0, metadata=flag(
+        "temperature of soft distillation (default: %(default)s)", type="finite", metavar="T"))
     augment: bool = field(default=True, metadata=flag("no random shift/flip"))
     bf16: bool = field(default=False, metadata=flag(
         "bfloat16 autocast (faster on CPUs with AVX512-BF16)"))
@@ -357,6 +375,10 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
             (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
             (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.distill in DISTILL_MODES, f"distillation is one of {', '.join(DISTILL_MODES)}"),
+            (0 <= self.distill_weight <= 1, "the distillation weight must lie in [0, 1]"),
+            (self.distill_temperature > 0, "the distillation temperature must be > 0"),
         ])  # fmt: skip
 
 

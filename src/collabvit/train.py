@@ -1,4 +1,5 @@
-"""Training small ViTs (the shipped Fashion-MNIST pair) with an optional token-drop regime.
+"""Training small ViTs (the shipped Fashion-MNIST pair) with an optional token-drop regime,
+optionally distilled from a CNN teacher (trained here too), with weight averaging (EMA).
 
 AdamW, per-step cosine schedule with linear warm-up (timm's CosineLRScheduler),
 label smoothing, random translation + horizontal flip, collabvit's one
@@ -18,11 +19,15 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from collabvit import versions, vit
@@ -106,6 +111,57 @@ def drop_tokens(
     return patches[torch.arange(batch)[:, None], positions], positions
 
 
+def create_trainable(name: str, model_kwargs: dict | None = None) -> torch.nn.Module:
+    """A randomly initialised model to train: a supported timm ViT (checked as collabvit
+    checks them), or any other timm model (the CNN teacher)."""
+    if not timm.is_model(name):
+        raise vit.ModelError(f"unknown timm model {name!r}")
+    kwargs = dict(model_kwargs or {})
+    probe = timm.create_model(name, pretrained=False, **kwargs)
+    if isinstance(probe, VisionTransformer):
+        return vit.create_vit(name, model_kwargs=kwargs, pretrained=False)
+    return probe
+
+
+def load_teacher(source: str | Path) -> torch.nn.Module:
+    """A model written by `collabvit train` (its folder or model.safetensors), in eval mode.
+
+    The file's metadata names the model and its training config (architecture overrides).
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"teacher {source}: no model.safetensors there (train one first)")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "model" not in metadata:
+        raise ValueError(f"teacher {path} was not written by collabvit train (no model name "
+                         "in its metadata)")  # fmt: skip
+    recorded = json.loads(metadata.get("config", "{}"))
+    model = create_trainable(metadata["model"], recorded.get("model_kwargs"))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      mode: str, weight: float, temperature: float,
+                      label_smoothing: float) -> torch.Tensor:  # fmt: skip
+    """(1 - weight) * CE(student, labels) + weight * the teacher's term.
+
+    hard: CE(student, the teacher's top class) (DeiT's hard distillation); soft:
+    KL(softmax(teacher / T) || softmax(student / T)) * T^2. Logits [B, classes], labels [B].
+    """
+    base = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    if mode == "hard":
+        guide = F.cross_entropy(student, teacher.argmax(dim=1))
+    else:
+        guide = F.kl_div(F.log_softmax(student / temperature, dim=1),
+                         F.log_softmax(teacher / temperature, dim=1), reduction="batchmean",
+                         log_target=True) * temperature**2  # fmt: skip
+    return (1 - weight) * base + weight * guide
+
+
 @torch.inference_mode()
 def model_accuracy(
     model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
@@ -126,14 +182,21 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress
         torch.manual_seed(config.seed)  # weight initialisation
-        self.model = vit.create_vit(
-            config.model, model_kwargs=config.model_kwargs, pretrained=False
-        )
+        self.model = create_trainable(config.model, config.model_kwargs)
+        self.is_vit = isinstance(self.model, VisionTransformer)
+        if config.token_drop > 0 and not self.is_vit:
+            raise ValueError(f"token drop needs a ViT; {config.model} is not one")
         self.normalization = vit.Normalization.of_model(self.model)
-        self.geometry = vit.geometry(self.model)
+        self.geometry = vit.geometry(self.model) if self.is_vit else None
+        self.teacher = load_teacher(config.teacher) if config.teacher else None
+        self.teacher_normalization = (vit.Normalization.of_model(self.teacher)
+                                      if self.teacher is not None else None)  # fmt: skip
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
         data = FashionMNIST(config.data_path, "train-all")
         images, labels = data.images, data.labels
-        expected = (self.geometry.in_chans, *self.geometry.img_size)
+        g = self.geometry
+        expected = ((g.in_chans, *g.img_size) if self.is_vit
+                    else tuple(self.model.pretrained_cfg["input_size"]))  # fmt: skip
         if tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"training images are {tuple(images.shape[1:])}, the model takes {expected}"
@@ -144,9 +207,8 @@ class Trainer:
             train_index = train_index[: config.train_limit]
         self.train_images, self.train_labels = images[train_index], labels[train_index]
         self.val_images, self.val_labels = images[val_index], labels[val_index]
-        groups = param_groups_weight_decay(
-            self.model, config.weight_decay, self.model.no_weight_decay()
-        )
+        skip_decay = self.model.no_weight_decay() if self.is_vit else ()
+        groups = param_groups_weight_decay(self.model, config.weight_decay, skip_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         self.steps_per_epoch = math.ceil(len(self.train_labels) / config.batch_size)
         self.scheduler = lr_scheduler(
@@ -171,6 +233,8 @@ class Trainer:
             raise ValueError(f"{self.checkpoint_path} was made with another configuration; "
                              "use a new --out-dir or the same flags")  # fmt: skip
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = state["epoch"]
         self.log = json.loads(state["log"])
@@ -186,7 +250,15 @@ class Trainer:
                 logits = vit.forward_selected(self.model, patches, positions)
             else:
                 logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        cfg = self.config
+        if self.teacher is None:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            return loss, logits
+        with torch.no_grad():  # the teacher sees the whole (augmented) image
+            teacher_logits = self.teacher(self.teacher_normalization(images)).float()
+        loss = distillation_loss(logits.float(), teacher_logits, labels, cfg.distill,
+                                 cfg.distill_weight, cfg.distill_temperature,
+                                 cfg.label_smoothing)  # fmt: skip
         return loss, logits
 
     def train_epoch(self, epoch: int) -> dict:
@@ -210,6 +282,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=step)
             loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
@@ -218,10 +292,15 @@ class Trainer:
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "train_acc": 100.0 * correct / seen,
-            "val_acc": model_accuracy(self.model, self.val_images, self.val_labels),
+            "val_acc": model_accuracy(self.final_model, self.val_images, self.val_labels),
             "lr": lr,
             "seconds": round(time.time() - started, 1),
         }
+
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """What is validated and exported: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def save_checkpoint(self, epoch: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +308,7 @@ class Trainer:
             "config": asdict(self.config),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
             "epoch": epoch,
             "log": json.dumps(self.log),
         }
@@ -259,13 +339,14 @@ class Trainer:
     def export(self, test_images=None, test_labels=None, half: bool = False) -> Path:
         """Write model.safetensors (a timm state dict) and model_card.json into out_dir."""
         state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
-                 for k, v in self.model.state_dict().items()}  # fmt: skip
+                 for k, v in self.final_model.state_dict().items()}  # fmt: skip
         weights = self.out_dir / "model.safetensors"
         metadata = {"model": self.config.model, "config": json.dumps(training_record(self.config))}
         save_file(state, str(weights), metadata=metadata)
         card = {
             "model": self.config.model,
-            "architecture": {k: v for k, v in vit.geometry(self.model).__dict__.items()},
+            "architecture": (dict(vit.geometry(self.model).__dict__) if self.is_vit
+                             else {"input_size": list(self.model.pretrained_cfg["input_size"])}),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "storage": "float16" if half else "float32",
             "training": training_record(self.config),
@@ -282,9 +363,22 @@ class Trainer:
             **versions(),
         }
         if test_images is not None:
-            card["test_acc"] = model_accuracy(self.model, test_images, test_labels)
+            card["test_acc"] = model_accuracy(self.final_model, test_images, test_labels)
+        if self.teacher is not None:
+            card["teacher"] = teacher_card(self.config.teacher)
         (self.out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         return weights
+
+
+def teacher_card(source: str | Path) -> dict:
+    """What a student's card says of its teacher: its recipe and accuracies, from the
+    teacher's own model card beside its weights."""
+    folder = Path(source)
+    folder = folder if folder.is_dir() else folder.parent
+    card_path = folder / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return {"source": str(source), **{key: card.get(key) for key in
+            ("model", "parameters", "training", "validation_acc", "test_acc")}}  # fmt: skip
 
 
 def train(config: TrainConfig, run: TrainRun) -> Iterator[str]:

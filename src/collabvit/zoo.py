@@ -13,8 +13,10 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from collabvit.config import EdgeConfig
 
@@ -109,3 +111,61 @@ def collabvit_fmnist_server(pretrained: bool = False, **kwargs) -> VisionTransfo
 def collabvit_fmnist_server_nodrop(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """collabvit_fmnist_server's architecture, trained without token drop (for comparison)."""
     return _create(SERVER_NO_DROP, pretrained, **kwargs)
+
+
+# ------------------------------------------------------------------ the CNN teacher
+#
+# Used only to train the ViTs (distillation); not a collabvit edge or server model, and
+# its weights are not shipped. Convolutions see pixels beyond a patch, which is why it
+# reaches accuracies the small ViTs do not, and why it cannot be a server.
+
+TEACHER = "collabvit_fmnist_cnn"
+
+
+class _ConvBlock(nn.Sequential):
+    """Two 3x3 conv-BN-ReLU layers."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
+        )  # fmt: skip
+
+
+class FashionCNN(nn.Module):
+    """A small VGG-style CNN for 28x28 grayscale images: widths w, 2w, 4w at 28, 14, 7 pixels,
+    global average pooling, dropout, a linear head. images [B, C, H, W] -> logits [B, classes].
+    """
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 64,
+                 drop_rate: float = 0.2, **_) -> None:  # fmt: skip
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = nn.Sequential(
+            _ConvBlock(in_chans, width), nn.MaxPool2d(2),
+            _ConvBlock(width, 2 * width), nn.MaxPool2d(2),
+            _ConvBlock(2 * width, 4 * width),
+        )  # fmt: skip
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(images).mean(dim=(2, 3))
+        return self.head(self.head_drop(pooled))
+
+
+def _teacher_cfg() -> dict:
+    return {**_pretrained_cfg(TEACHER), "first_conv": "features.0.0", "classifier": "head",
+            "description": "collabvit Fashion-MNIST CNN teacher (training only)"}  # fmt: skip
+
+
+default_cfgs.update(generate_default_cfgs({f"{TEACHER}.fmnist": _teacher_cfg()}))
+
+
+@register_model
+def collabvit_fmnist_cnn(pretrained: bool = False, **kwargs) -> FashionCNN:
+    """CNN teacher for Fashion-MNIST: widths 64/128/256, six conv layers (training only)."""
+    return build_model_with_cfg(FashionCNN, TEACHER, pretrained,
+                                **{"in_chans": 1, "num_classes": 10, **kwargs})  # fmt: skip
