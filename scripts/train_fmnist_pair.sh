@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST pair's recipes, one line each: the CNN teacher, then the server and
+# the edge ViTs distilled from it. Every run checkpoints each epoch; rerunning this
+# script continues where it stopped (--resume), so the schedule can be split into parts.
+# Logs: runs/fmnist_pair/<name>/log.jsonl and train.log. bf16 only where
+# benchmarks/bench_train.py measured a gain on this machine (the CNN and the server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/fmnist_pair}
+TRAIN=".venv/bin/collabvit train --resume --quiet"
+mkdir -p "$OUT"
+
+run() {  # name, flags...: skip a finished run, else train (or continue) it
+    local name=$1; shift
+    if [ -f "$OUT/$name/model_card.json" ]; then echo "$name: done"; return; fi
+    mkdir -p "$OUT/$name"
+    $TRAIN --out-dir "$OUT/$name" "$@" 2>&1 | tee -a "$OUT/$name/train.log"
+}
+
+run teacher --model collabvit_fmnist_cnn --epochs 40 --ema-decay 0.999 --bf16
+run server --model collabvit_fmnist_server --epochs 120 --token-drop 0.5 --ema-decay 0.999 \
+    --teacher "$OUT/teacher" --distill hard --bf16
+run edge --model collabvit_fmnist_edge --epochs 100 --ema-decay 0.999 \
+    --teacher "$OUT/teacher" --distill hard
