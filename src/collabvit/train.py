@@ -191,7 +191,9 @@ class Trainer:
         self.teacher = load_teacher(config.teacher) if config.teacher else None
         self.teacher_normalization = (vit.Normalization.of_model(self.teacher)
                                       if self.teacher is not None else None)  # fmt: skip
-        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay else None
+        # warm-up: the average forgets the random initialisation within the first epochs
+        self.ema = (ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
+                    if config.ema_decay else None)  # fmt: skip
         data = FashionMNIST(config.data_path, "train-all")
         images, labels = data.images, data.labels
         g = self.geometry
