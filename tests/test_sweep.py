@@ -53,7 +53,7 @@ def test_every_eta_from_one_pass_matches_full_evaluations(golden, attention):
     base = EdgeConfig(attention, "attention_sum_threshold", 0.9, "min_entropy", 2.2)
     cached = run_edge(EdgeDevice(edge_model, base, normalization=identity), loader, progress=False)
     keep = selections(cached, base)
-    server_out = server_logits(server, cached.images, keep, batch_size=5)
+    server_out = server_logits(server, cached.images, keep, block=5)
     for measure, eta in [
         ("min_entropy", 2.2),
         ("min_entropy", 2.0),
@@ -71,7 +71,7 @@ def test_server_logits_cover_every_image_in_order(golden):
     identity = vit.Normalization.identity()
     server = Server(golden.server_model(), normalization=identity)
     keep = torch.ones(16, 16, dtype=torch.bool)
-    out = server_logits(server, golden.images, keep, batch_size=6)
+    out = server_logits(server, golden.images, keep, block=6)
     expected = torch.tensor(golden.expected["server_full_logits"])
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
@@ -81,7 +81,7 @@ def test_server_logits_of_some_rows_leave_the_rest_nan(golden):
     server = Server(golden.server_model(), normalization=identity)
     keep = torch.ones(16, 16, dtype=torch.bool)
     rows = torch.tensor([1, 4, 5, 15])
-    out = server_logits(server, golden.images, keep, batch_size=3, rows=rows)
+    out = server_logits(server, golden.images, keep, block=3, rows=rows)
     expected = torch.tensor(golden.expected["server_full_logits"])
     torch.testing.assert_close(out[rows], expected[rows], atol=1e-4, rtol=0)
     others = torch.ones(16, dtype=torch.bool)

@@ -163,11 +163,12 @@ def _specs(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec, DataSpec, Ru
     )
 
 
-def _load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec, run: RunConfig):
+def _load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec, run: RunConfig,
+               warn: bool = True):  # fmt: skip
     from collabvit.pair import load_pair
 
     pair = load_pair(edge, server, data, run.device)
-    for note in pair.warnings:
+    for note in pair.warnings if warn else ():
         _warn(command, note)
     return pair
 
@@ -201,32 +202,48 @@ def run_eval(args: argparse.Namespace) -> int:
         outputs = EvalOutputs(**given_values(EvalOutputs, args))
         _check_output_file(outputs.results_file)
         _check_output_file(outputs.per_image)
-        pair = _load_pair("eval", edge_spec, server_spec, data, run)
-        config = replace(pair.default_config(), **chosen)
-        edge, server = pair.edge(config), pair.server()
+        from collabvit.distributed import Processes
 
-        from collabvit.evaluate import evaluate, write_per_image, write_results
-        from collabvit.metrics import format_summary
-
-        loader = pair.loader()
-        result = evaluate(
-            edge, server, loader, seed=run.seed, progress=_progress(run),
-            keep_records=outputs.per_image is not None, total=len(loader),
-            expected_images=len(pair.dataset),
-        )  # fmt: skip
-        print(format_summary(result.summary, config.masking_mode, config.masking_th,
-                             config.uncer_mode, config.uncer_th))  # fmt: skip
-        if result.skipped:
-            _warn("eval", f"skipped {result.skipped} unreadable images")
-        if outputs.results_file:
-            provenance = _provenance("eval", edge_model=edge_spec, server_model=server_spec,
-                                     data=data, edge=config, run=run)  # fmt: skip
-            write_results(outputs.results_file, result.summary, provenance,
-                          skipped_images=result.skipped)  # fmt: skip
-        if outputs.per_image:
-            write_per_image(outputs.per_image, result.records)
+        with Processes(run.device) as processes:
+            run = replace(run, device=processes.device)
+            return _eval(edge_spec, server_spec, data, run, chosen, outputs, processes)
     except (UsageError, ValueError, OSError) as error:  # ModelError, DataError: ValueErrors
         return _fail("eval", error)
+
+
+def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes) -> int:
+    """`collabvit eval` in this process: its shard under torchrun, else every image."""
+    from collabvit.distributed import shard_block
+    from collabvit.evaluate import evaluate, merge_results, write_per_image, write_results
+    from collabvit.metrics import format_summary
+
+    main = processes.is_main
+    pair = _load_pair("eval", edge_spec, server_spec, data, run, warn=main)
+    config = replace(pair.default_config(), **chosen)
+    edge, server = pair.edge(config), pair.server()
+    span = processes.span(len(pair.dataset), shard_block(data.batch_size))
+    loader = pair.loader(span)
+    result = evaluate(
+        edge, server, loader, seed=run.seed, progress=_progress(run) if main else False,
+        keep_records=outputs.per_image is not None, total=len(loader),
+        expected_images=len(span),
+    )  # fmt: skip
+    if processes.distributed:
+        result = merge_results(processes.gather(result))
+    if not main:  # rank 0 prints and writes for all
+        return 0
+    print(format_summary(result.summary, config.masking_mode, config.masking_th,
+                         config.uncer_mode, config.uncer_th))  # fmt: skip
+    if result.skipped:
+        _warn("eval", f"skipped {result.skipped} unreadable images")
+    if outputs.results_file:
+        provenance = _provenance("eval", edge_model=edge_spec, server_model=server_spec,
+                                 data=data, edge=config, run=run)  # fmt: skip
+        provenance["processes"] = processes.world_size
+        write_results(outputs.results_file, result.summary, provenance,
+                      skipped_images=result.skipped)  # fmt: skip
+    if outputs.per_image:
+        write_per_image(outputs.per_image, result.records)
     return 0
 
 
@@ -237,14 +254,24 @@ def run_sweep(args: argparse.Namespace) -> int:
         from collabvit import sweep
 
         out_dir = _check_output_dir(config.out_dir, sweep.OUTPUT_FILES)
-        pair = _load_pair("sweep", edge_spec, server_spec, data, run)
-        report = sweep.run(pair, config, seed=run.seed, progress=_progress(run))
+        from collabvit.distributed import Processes
+
+        with Processes(run.device) as processes:
+            run = replace(run, device=processes.device)
+            main = processes.is_main
+            pair = _load_pair("sweep", edge_spec, server_spec, data, run, warn=main)
+            report = sweep.run(pair, config, seed=run.seed,
+                               progress=_progress(run) if main else False,
+                               processes=processes)  # fmt: skip
+        if not main:  # rank 0 prints and writes for all
+            return 0
         _print_sweep(report, config, out_dir)
         title = f"{report.images} images" + (
             f" of Fashion-MNIST {data.split}" if data.data_set == "fmnist" else ""
         )
         provenance = _provenance("sweep", edge_model=edge_spec, server_model=server_spec,
                                  data=data, sweep=config, run=run)  # fmt: skip
+        provenance["processes"] = processes.world_size
         pick_label = "budget pick" if config.budget is not None else "target pick"
         written = sweep.write_report(report, out_dir, provenance,
                                      None if config.no_plots else title, pick_label)  # fmt: skip

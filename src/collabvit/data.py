@@ -9,6 +9,7 @@ import functools
 import gzip
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -474,11 +475,13 @@ class _IndexedLoader(DataLoader):
 
 
 def indexed_loader(
-    dataset: Dataset, batch_size: int, num_workers: int = 0, skip_unreadable: bool = False
+    dataset: Dataset, batch_size: int, num_workers: int = 0, skip_unreadable: bool = False,
+    positions: Sequence[int] | None = None,
 ) -> DataLoader:
     """The evaluation's batches, in order: (images [B, C, H, W], targets [B], indices [B]).
 
-    indices are int64 positions in `dataset` (per-image seeds downstream).
+    indices are int64 positions in `dataset` (per-image seeds downstream); with
+    `positions` only those images are read, in that order (one process's shard).
     An unreadable image raises DataError naming the file; with `skip_unreadable`
     it is left out instead, so skipped = len(dataset) - images seen (a batch may
     be short, and a batch of only unreadable images is not yielded).
@@ -491,6 +494,7 @@ def indexed_loader(
         _Indexed(dataset),
         batch_size=batch_size,
         num_workers=num_workers,
+        sampler=positions,
         collate_fn=functools.partial(_collate, skip_unreadable=skip_unreadable),
     )
 

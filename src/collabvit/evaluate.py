@@ -37,6 +37,7 @@ class EvalResult:
     summary: Summary
     records: list[ImageRecord] = field(default_factory=list)
     skipped: int = 0
+    running: RunningSummary | None = None  # the exact counts behind `summary`
 
 
 def evaluate(
@@ -95,7 +96,16 @@ def evaluate(
                 ))  # fmt: skip
     summary = running.summary()
     skipped = expected_images - summary.images if expected_images is not None else 0
-    return EvalResult(summary=summary, records=records, skipped=skipped)
+    return EvalResult(summary=summary, records=records, skipped=skipped, running=running)
+
+
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """The result of one run over the images of all `parts` (one per process): exact counts
+    and sums combined, per-image records in dataset order."""
+    running = RunningSummary.merged([part.running for part in parts])
+    records = sorted((r for part in parts for r in part.records), key=lambda r: r.index)
+    return EvalResult(summary=running.summary(), records=records,
+                      skipped=sum(part.skipped for part in parts), running=running)  # fmt: skip
 
 
 def write_results(path: str | Path, summary: Summary, provenance: dict, **extra) -> None:

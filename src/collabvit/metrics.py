@@ -162,6 +162,19 @@ class RunningSummary:
             collab_acc5=self.collab_top5 * percent,
         )
 
+    @classmethod
+    def merged(cls, parts: list[RunningSummary]) -> RunningSummary:
+        """One summary of the images of all `parts` (e.g. one per process): counts and exact
+        sums added, so it equals the summary of one pass over all the images."""
+        total = cls(num_patches=parts[0].num_patches)
+        for part in parts:
+            if part.num_patches != total.num_patches:
+                raise ValueError("summaries of models with different patch counts")
+            for name in asdict(total):
+                if name != "num_patches":
+                    setattr(total, name, getattr(total, name) + getattr(part, name))
+        return total
+
     def state(self) -> dict:
         """Raw counters, for merging or debugging."""
         return asdict(self)

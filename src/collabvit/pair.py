@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,11 +57,13 @@ class Pair:
             raise ValueError("this pair was loaded without its server model")
         return Server(self.server_model, self.device, self.normalization)
 
-    def loader(self) -> DataLoader:
-        """Batches (images, targets, dataset indices) of the pair's dataset."""
+    def loader(self, positions: Sequence[int] | None = None) -> DataLoader:
+        """Batches (images, targets, dataset indices) of the pair's dataset, or of only the
+        images at `positions` (one process's shard)."""
         spec = self.data_spec
         return data.indexed_loader(self.dataset, spec.batch_size, spec.num_workers,
-                                   skip_unreadable=spec.skip_unreadable)  # fmt: skip
+                                   skip_unreadable=spec.skip_unreadable,
+                                   positions=positions)  # fmt: skip
 
     def class_names(self) -> list[str]:
         """A readable name for each of the models' classes."""

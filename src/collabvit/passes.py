@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from collabvit.config import EdgeConfig, canonical_uncertainty_mode
+from collabvit.distributed import BLOCK_IMAGES, Processes
 from collabvit.edge import EdgeDevice, gate, select
 from collabvit.frontier import SweepPoint
 from collabvit.metrics import RunningSummary, Summary
@@ -31,14 +32,15 @@ class EdgePass:
     """The edge's outputs over a dataset, kept for sweeping.
 
     Attributes:
-        images: unnormalised [n, C, H, W].
+        images: unnormalised [n, C, H, W] (None in a pass put together from several
+            processes: each keeps its own images).
         labels: [n].
         image_ids: dataset indices [n] int64 (they seed the ``random`` policy).
         logits: edge logits [n, classes].
         scores: normalised patch scores [n, N] (of the edge's attention mode).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor
     image_ids: torch.Tensor
     logits: torch.Tensor
@@ -46,8 +48,17 @@ class EdgePass:
 
     def subset(self, index: torch.Tensor) -> EdgePass:
         """The pass restricted to images `index` [m] (positions in this pass)."""
-        return EdgePass(self.images[index], self.labels[index], self.image_ids[index],
-                        self.logits[index], self.scores[index])  # fmt: skip
+        images = self.images[index] if self.images is not None else None
+        return EdgePass(images, self.labels[index], self.image_ids[index], self.logits[index],
+                        self.scores[index])  # fmt: skip
+
+    def gathered(self, processes: Processes) -> EdgePass:
+        """The whole dataset's pass from each process's part, in dataset order (without the
+        images, which stay where they are)."""
+        if not processes.distributed:
+            return self
+        return EdgePass(None, processes.concat(self.labels), processes.concat(self.image_ids),
+                        processes.concat(self.logits), processes.concat(self.scores))
 
 
 @torch.inference_mode()
@@ -60,7 +71,10 @@ def run_edge(
 
     batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]).
     """
-    images, labels, ids, logits, scores = [], [], [], [], []
+    g = edge.geometry  # the shapes of a pass over no image (a process with an empty shard)
+    images = [torch.zeros(0, g.in_chans, *g.img_size, dtype=torch.uint8)]
+    labels, ids = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    logits, scores = [torch.zeros(0, g.num_classes)], [torch.zeros(0, g.num_patches)]
     for batch, targets, indices in progress_bar(batches, "edge pass", unit="batch",
                                                 enabled=progress):  # fmt: skip
         batch_logits, batch_scores = edge.scores(batch)
@@ -69,6 +83,8 @@ def run_edge(
         ids.append(indices)
         logits.append(batch_logits.cpu())
         scores.append(batch_scores.cpu())
+    if len(images) > 1:  # keep the batches' own dtype for the images
+        images = images[1:]
     return EdgePass(torch.cat(images), torch.cat(labels), torch.cat(ids), torch.cat(logits),
                     torch.cat(scores))  # fmt: skip
 
@@ -77,26 +93,64 @@ def server_logits(
     server: Server,
     images: torch.Tensor,
     keep: torch.Tensor,
-    batch_size: int = 256,
+    block: int = BLOCK_IMAGES,
     rows: torch.Tensor | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
     """The server's logits for every image (or only `rows`) on its selection alone.
 
+    The images are classified block by block (positions [b·block, (b+1)·block)
+    of the dataset), whatever the number of processes, so a process holding
+    whole blocks computes exactly what a single process would.
+
     Args:
-        images: unnormalised [n, C, H, W].
-        keep: selections [n, N] bool.
-        rows: image indices [m] to classify; the other rows come back NaN.
+        images: unnormalised [m, C, H, W]: the dataset's images first .. first + m - 1.
+        keep: selections [m, N] bool of those images.
+        block: images per block (distributed.shard_block of the batch size).
+        rows: dataset positions to classify, within the span; the others come back NaN.
+        first: the dataset position of images[0].
 
     Returns:
-        [n, classes] float32.
+        [m, classes] float32, row i for dataset position first + i.
     """
-    wanted = torch.arange(len(images)) if rows is None else rows
+    wanted = torch.arange(first, first + len(images)) if rows is None else rows
     out = torch.full((len(images), server.geometry.num_classes), torch.nan)
-    for start in range(0, len(wanted), batch_size):
-        chunk = wanted[start : start + batch_size]
+    for number in torch.unique(torch.div(wanted, block, rounding_mode="floor")).tolist():
+        chunk = wanted[(wanted >= number * block) & (wanted < (number + 1) * block)] - first
         payloads = build_payloads(images, keep, chunk.tolist(), server.geometry.patch_size)
         out[chunk] = server.classify(payloads).cpu()
     return out
+
+
+class ServerPasses:
+    """Server passes over a dataset whose images may be spread over processes.
+
+    Each process classifies the requested images of its own span (its images are
+    `local_images`, dataset positions `span`); the logits of all processes are put
+    together in dataset order, so every process gets the whole pass.
+    """
+
+    def __init__(self, server: Server, local_images: torch.Tensor, span: range, count: int,
+                 block: int, processes: Processes | None = None) -> None:  # fmt: skip
+        self.server = server
+        self.images = local_images
+        self.span = span
+        self.count = count
+        self.block = block
+        self.processes = processes or Processes()
+
+    def __call__(self, keep: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """keep [count, N] bool for every image; rows: dataset positions (default all).
+
+        Returns [count, classes] float32, NaN for the rows not asked for.
+        """
+        start, stop = self.span.start, self.span.stop
+        wanted = torch.arange(self.count) if rows is None else rows
+        local = wanted[(wanted >= start) & (wanted < stop)]
+        out = server_logits(self.server, self.images, keep[start:stop], self.block, local,
+                            first=start)  # fmt: skip
+        classes = self.server.geometry.num_classes
+        return self.processes.fill(local, out[local - start], (self.count, classes), torch.nan)
 
 
 def selections(edge_pass: EdgePass, config: EdgeConfig, seed: int = 0) -> torch.Tensor:
@@ -241,6 +295,7 @@ def sweep_points(
     subsets: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    server_pass: ServerPasses | None = None,
 ) -> list[SweepPoint]:
     """Every operating point of the grid: one server pass per policy, the gates for free.
 
@@ -251,8 +306,13 @@ def sweep_points(
         edge_pass: the edge outputs over n images (of `attention_mode`).
         subsets: name -> image positions [m] in the pass; each point also gets its
             figures on each subset under that name (e.g. calibration and held-out).
+        server_pass: how to run a server pass (default: on the pass's own images, in
+            this process).
     """
     subsets = subsets or {}
+    if server_pass is None:
+        count = len(edge_pass.labels)
+        server_pass = ServerPasses(server, edge_pass.images, range(count), count, BLOCK_IMAGES)
     decisions = gate_decisions(edge_pass.logits, grid.gates)
     rows = needed_rows(decisions.values())
     parts = {name: edge_pass.subset(index) for name, index in subsets.items()}
@@ -261,7 +321,7 @@ def sweep_points(
                                         enabled=progress):  # fmt: skip
         policy = EdgeConfig(attention_mode=attention_mode, masking_mode=mode, masking_th=threshold)
         keep = selections(edge_pass, policy, seed)
-        server_out = server_logits(server, edge_pass.images, keep, rows=rows)
+        server_out = server_pass(keep, rows)
         statistics = selection_statistics(edge_pass.scores, keep)
         for (temperature, measure, eta), confident in decisions.items():
             figures = {

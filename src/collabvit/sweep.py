@@ -17,6 +17,7 @@ import torch
 
 from collabvit import calibration, frontier, passes
 from collabvit.config import EdgeConfig, SweepConfig, validate_masking
+from collabvit.distributed import Processes, shard_block
 from collabvit.frontier import SweepPoint
 from collabvit.metrics import accuracy
 from collabvit.pair import Pair
@@ -62,9 +63,17 @@ class SweepReport:
 
 
 def run(
-    pair: Pair, config: SweepConfig, seed: int = 0, progress: bool | None = None
+    pair: Pair, config: SweepConfig, seed: int = 0, progress: bool | None = None,
+    processes: Processes | None = None,
 ) -> SweepReport:
-    """Sweep `config`'s grid over the pair's dataset."""
+    """Sweep `config`'s grid over the pair's dataset.
+
+    Under torchrun (`processes`), each process runs the forwards of its own span of the
+    dataset; every process then holds the same figures, equal to a single process's.
+    """
+    processes = processes or Processes()
+    block = shard_block(pair.data_spec.batch_size)
+    span = processes.span(len(pair.dataset), block)
     server = pair.server()
     num_patches = server.geometry.num_patches
     policies = config.selection_policies()
@@ -80,8 +89,11 @@ def run(
 
     points, temperatures, edge_pass = [], {}, None
     for mode in config.attention_modes:
-        edge_pass = passes.run_edge(pair.edge(EdgeConfig(attention_mode=mode)), pair.loader(),
-                                    progress)  # fmt: skip
+        local = passes.run_edge(pair.edge(EdgeConfig(attention_mode=mode)), pair.loader(span),
+                                progress)  # fmt: skip
+        edge_pass = local.gathered(processes)
+        server_pass = passes.ServerPasses(server, local.images, span, len(pair.dataset), block,
+                                          processes)  # fmt: skip
         if len(edge_pass.labels) != len(pair.dataset):
             raise ValueError("the sweep needs every image: some could not be read "
                              f"({len(pair.dataset) - len(edge_pass.labels)} skipped)")  # fmt: skip
@@ -95,13 +107,13 @@ def run(
         gates = passes.gate_grid(eta_logits, config.uncer_modes, config.num_etas, config.etas,
                                  scales)  # fmt: skip
         grid = passes.Grid(policies, gates)
-        points += passes.sweep_points(edge_pass, server, grid, mode, subsets, seed, progress)
+        points += passes.sweep_points(edge_pass, server, grid, mode, subsets, seed, progress,
+                                      server_pass)  # fmt: skip
     points = frontier.mark_pareto(points)
     server_acc = None
     if not config.no_server_alone:
         full = torch.ones_like(edge_pass.scores, dtype=torch.bool)
-        server_acc = accuracy(passes.server_logits(server, edge_pass.images, full),
-                              edge_pass.labels)  # fmt: skip
+        server_acc = accuracy(server_pass(full), edge_pass.labels)
     picks = {}
     if config.calibrating:
         for temperature in dict.fromkeys(p.temperature for p in points):
