@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
 .PHONY: setup data test test-all demo demo-deploy demo-golden results findings deploy-table lint bench \
-	bench-sweep bench-serve clean
+	bench-sweep bench-serve bench-train clean
 
 setup: $(STAMP)
 
@@ -86,6 +86,10 @@ bench-sweep: setup data
 # Served throughput and latency at concurrency 32, load and fuzz (benchmarks/RESULTS.md).
 bench-serve: setup data
 	$(PY) benchmarks/bench_serve.py
+
+# Training steps with and without bfloat16 autocast (benchmarks/RESULTS.md).
+bench-train: setup data
+	$(PY) benchmarks/bench_train.py
 
 # The README's bytes-per-codec table, measured over HTTP (benchmarks/deploy_results.json).
 deploy-table: setup data

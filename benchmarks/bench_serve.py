@@ -46,6 +46,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from bench_forward import write_section
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -249,17 +250,6 @@ def percentile_ms(values: list[float], q: float) -> float:
     return 1000.0 * float(np.percentile(np.asarray(values), q))
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
-    if SECTION_START in old:
-        head, rest = old.split(SECTION_START, 1)
-        new = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -351,7 +341,8 @@ Machine:
 """
     print(text)
     if not args.quick:
-        write_section(Path(args.output), text)
+        write_section(Path(args.output), f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n",
+                      SECTION_START, SECTION_END)
 
 
 if __name__ == "__main__":

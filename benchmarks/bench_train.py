@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_forward import write_section
 
 from collabvit.config import TrainConfig
 from collabvit.train import Trainer, augment
@@ -58,17 +59,6 @@ def time_steps(trainer: Trainer, steps: int, batch_size: int) -> float:
         loss.backward()
         trainer.optimizer.step()
     return time.perf_counter() - started
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
-    if SECTION_START in old:
-        head, rest = old.split(SECTION_START, 1)
-        new = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -119,7 +109,8 @@ load average at the start {", ".join(f"{v:.2f}" for v in os.getloadavg())}; tota
 {time.perf_counter() - began:.0f} s.
 """
     print(text)
-    write_section(Path(args.output), text)
+    write_section(Path(args.output), f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n",
+                  SECTION_START, SECTION_END)
 
 
 if __name__ == "__main__":
