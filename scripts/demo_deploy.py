@@ -33,6 +33,7 @@ def main(extra: list[str]) -> int:
                 print(f"{error}; its log, {folder / 'server.log'}:\n"
                       + (folder / "server.log").read_text().strip(), file=sys.stderr)
                 return 1
+            (folder / "records.jsonl").unlink(missing_ok=True)  # a demo starts afresh
             return subprocess.run([sys.executable, "-m", "collabvit", "edge", "--server", URL,
                                    "--records", str(folder / "records.jsonl"),
                                    "--results-file", str(folder / "results.json"),

@@ -333,3 +333,51 @@ def test_load_at_concurrency_32_has_no_failures(live):
 
     answers = asyncio.run(load())
     assert all(a.logits is not None and a.attempts == 1 for a in answers)
+
+
+def test_retried_attempts_count_their_bytes(shipped_server):
+    """A server that answers 503 (not ready): every attempt's request and response count."""
+    never = threading.Event()
+
+    def never_ready():
+        never.wait(30)
+        return shipped_server
+
+    from collabvit.service import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(model_name=SERVER_NAME), never_ready)
+    blob = encode_payload(PatchPayload(torch.arange(3), torch.zeros(3, 1, 4, 4,
+                                                                  dtype=torch.uint8)), GEOMETRY)
+    with LiveServer(app) as running:
+        config = ClientConfig(server=running.url, retries=2, backoff=0.0, cooldown=0.0)
+
+        async def once():
+            async with ServerLink(config, SERVER_NAME, LinkConfig()) as link:
+                return await link.classify(blob), request_wire_bytes(link.build_request(blob))
+
+        answer, one_request = asyncio.run(once())
+        never.set()
+    assert answer.cause == "server_error" and answer.attempts == 3
+    assert answer.request_bytes == 3 * one_request and answer.response_bytes > 3 * 100
+
+
+def test_an_emulated_link_carries_one_transmission_at_a_time():
+    config = ClientConfig(concurrency=4)
+    link = ServerLink(config, SERVER_NAME, LinkConfig(bandwidth=8000.0, rtt=10.0))
+    first = link.emulated_delay(600, 400)  # 1,000 bytes at 1,000 bytes/s: 1 s
+    second = link.emulated_delay(600, 400)  # waits for the first transmission
+    assert first == pytest.approx(1.010, abs=0.01) and second == pytest.approx(2.010, abs=0.01)
+    asyncio.run(link.client.aclose())
+
+
+def test_a_records_file_is_continued_or_refused_never_emptied(run_cli, live, tmp_path):
+    assert run_cli(*edge_args(live.url, tmp_path)).returncode == 0
+    before = (tmp_path / "run.jsonl").read_text()
+    again = run_cli(*edge_args(live.url, tmp_path))
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    assert (tmp_path / "run.jsonl").read_text() == before
+    fewer = run_cli(*[a if a != LIMIT else "100" for a in edge_args(live.url, tmp_path)],
+                    "--resume")  # fmt: skip
+    assert fewer.returncode == 0, fewer.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["summary"]["images"] == 100
+    assert "Traceback" not in fewer.stderr and "have no answer" not in fewer.stderr

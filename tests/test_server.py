@@ -117,3 +117,15 @@ def test_plan_batches_bounds_padding_and_covers_everything():
     # equal sizes pack fully; wildly different ones never share a forward
     assert plan_batches([10] * 9, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
     assert plan_batches([0, 196], 4, 1) == [[0], [1]]
+
+
+def test_uint8_and_float_payloads_in_one_batch_are_both_read_right(server_model):
+    """Pixels of both kinds meet in one padded forward when requests are batched together."""
+    images = uint8_images(2, seed=5)
+    server = Server(server_model, max_batch=64, max_padding=float("inf"))
+    as_uint8 = random_payloads(images, [9, 12], seed=6)
+    mixed = [as_uint8[0], PatchPayload(as_uint8[1].positions, as_uint8[1].patches.float() / 255)]
+    alone = torch.cat([server.classify([p]) for p in as_uint8])
+    for batch in (mixed, mixed[::-1]):
+        expected = alone if batch is mixed else alone.flip(0)
+        torch.testing.assert_close(server.classify(batch), expected, atol=1e-5, rtol=0)

@@ -416,6 +416,7 @@ def test_serve_refuses_a_port_in_use(run_cli):
         (["--codec", "gif"], "unknown codec 'gif'"),
         (["--codec", "jpeg:120"], "jpeg quality must be in 1..95"),
         (["--server", "localhost:8000"], "must start with http:// or https://"),
+        (["--server", "http://127.0.0.1:80000"], "has no valid host and port"),
         (["--loss", "1"], "a number in [0, 1)"),
         (["--resume", "--records", "/nonexistent/r.jsonl"], "does not exist yet"),
         (["--ca-file", "/nonexistent/ca.pem"], "CA certificate /nonexistent/ca.pem"),
@@ -442,3 +443,25 @@ def test_the_readme_curl_call_works(shipped_live):
     assert response.status_code == 200, response.text
     output = response.json()["outputs"][0]
     assert output["name"] == "logits" and output["shape"] == [1, 10]
+
+
+def test_too_many_images_in_one_request_get_413(server):
+    blob = encode_payload(payloads(1)[0], GEOMETRY)
+    with LiveServer(make_app(server, max_request_images=4)) as running:
+        wait_ready(running.url)
+        assert_error(infer(running.url, [blob] * 5), 413, "at most 4")
+        assert logits_of(infer(running.url, [blob] * 4)).shape == (4, 7)
+
+
+def test_serve_refuses_a_certificate_it_cannot_load(run_cli, tmp_path):
+    import socket
+
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not a certificate\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = run_cli("serve", "--port", port, "--ssl-certfile", str(tmp_path / "cert.pem"),
+                     "--ssl-keyfile", str(tmp_path / "key.pem"))  # fmt: skip
+    assert result.returncode == 2 and "collabvit serve: error:" in result.stderr
+    assert "Traceback" not in result.stderr

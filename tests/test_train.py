@@ -255,3 +255,21 @@ def test_teacher_and_token_drop_mistakes_are_clear(tmp_path, capsys):
     status = main(["train", "--out-dir", str(tmp_path / "x"), "--teacher",
                    str(tmp_path / "missing"), "--train-limit", "64", "--quiet"])  # fmt: skip
     assert status == 2 and "no model.safetensors" in capsys.readouterr().err
+
+
+def test_a_vit_starts_from_the_weights_its_seed_gave_before_cnns_were_trainable():
+    from collabvit.train import create_trainable
+
+    torch.manual_seed(7)
+    trained_here = create_trainable("collabvit_fmnist_edge", {"depth": 1})
+    torch.manual_seed(7)
+    direct = vit.create_vit("collabvit_fmnist_edge", model_kwargs={"depth": 1}, pretrained=False)
+    for name, value in direct.state_dict().items():
+        assert torch.equal(trained_here.state_dict()[name], value), name
+
+
+def test_a_teacher_file_that_is_not_safetensors_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        load_teacher(bad)

@@ -353,6 +353,11 @@ def run_serve(args: argparse.Namespace) -> int:
         config = ServeConfig(**{**values, "token": _token(values.get("token"))})
         _check_input_file(config.ssl_certfile, "certificate")
         _check_input_file(config.ssl_keyfile, "key file")
+        if config.ssl_certfile:  # ssl.SSLError is an OSError: one line, before the model loads
+            import ssl
+
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.ssl_certfile, config.ssl_keyfile)
         from collabvit.pair import load_model, resolve_device
         from collabvit.service import ServiceSettings, serve, warm_up
 
@@ -446,7 +451,8 @@ def run_edge(args: argparse.Namespace) -> int:
         batches = progress_bar(loader, "edge", total=len(loader), unit="batch",
                                enabled=_progress(run))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(edge, batches, client, link, server_spec.name,
-                                                  identity, seed=run.seed))  # fmt: skip
+                                                  identity, seed=run.seed,
+                                                  count=len(pair.dataset)))  # fmt: skip
         print(format_summary(report.summary, config.masking_mode, config.masking_th,
                              config.uncer_mode, config.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))

@@ -185,6 +185,7 @@ class ServerLink:
         )  # fmt: skip
         trimmed_client_headers(self.client, config.token)
         self.down_until = 0.0
+        self.link_free_at = 0.0
 
     async def __aenter__(self) -> ServerLink:
         return self
@@ -218,20 +219,35 @@ class ServerLink:
             headers={INFERENCE_HEADER: str(header_length)},
         )  # fmt: skip
 
+    def emulated_delay(self, request_bytes: int, response_bytes: int) -> float:
+        """Seconds one exchange waits on the emulated link: its round trip, plus its bytes'
+        turn on a link that carries one transmission at a time (shared by every request)."""
+        seconds = self.link.rtt / 1000.0
+        if self.link.bandwidth is not None:
+            now = time.monotonic()
+            start = max(now, self.link_free_at)
+            self.link_free_at = start + link_delay(LinkConfig(bandwidth=self.link.bandwidth),
+                                                   request_bytes, response_bytes)  # fmt: skip
+            seconds += self.link_free_at - now
+        return seconds
+
     async def classify(self, blob: bytes, counted_bytes: int | None = None) -> ServerAnswer:
         """The server's logits for one image's wire bytes, retrying what may pass.
 
+        The bytes reported are those of every attempt that reached the server, and of
+        every response, failed ones included.
+
         Args:
             blob: the image's wire-format bytes.
-            counted_bytes: the request bytes to report (the pre-loss request under an
-                emulated lossy link); default: this request's own bytes.
+            counted_bytes: the request bytes to report per attempt (the pre-loss request
+                under an emulated lossy link); default: this request's own bytes.
         """
-        request = self.build_request(blob)
-        request_bytes = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
-        attempts = 0
-        cause = "unreachable"
         if time.monotonic() < self.down_until:
             return ServerAnswer(None, "server_down", 0, 0, 0, None, None)
+        request = self.build_request(blob)
+        one_request = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
+        sent = received = attempts = 0
+        cause = "unreachable"
         for attempt in range(self.config.retries + 1):
             if attempt:
                 await asyncio.sleep(self.config.backoff * 2 ** (attempt - 1))
@@ -239,38 +255,40 @@ class ServerLink:
             started = time.perf_counter()
             try:
                 response = await self.client.send(self.build_request(blob))
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                cause = "unreachable"  # nothing went out
+                continue
             except httpx.TimeoutException:
-                cause = "timeout"
+                cause, sent = "timeout", sent + one_request
                 continue
             except (httpx.TransportError, OSError):
-                cause = "unreachable"
+                cause, sent = "unreachable", sent + one_request  # the connection broke
                 continue
             elapsed = time.perf_counter() - started
-            response_bytes = response_wire_bytes(response)
+            sent += one_request
+            received += response_wire_bytes(response)
             if response.status_code >= 500 or response.status_code == 429:
                 cause = "server_error"
                 continue
             if response.status_code != 200:
-                return ServerAnswer(None, "refused", attempts, request_bytes, response_bytes,
-                                    None, None)  # fmt: skip
+                return ServerAnswer(None, "refused", attempts, sent, received, None, None)
             try:
                 logits, parameters = parse_logits(response.content, parse_header_length(
                     response.headers.get(INFERENCE_HEADER)))  # fmt: skip
                 if logits.shape[0] != 1:
                     raise ProtocolError("the answer holds another number of images")
             except ProtocolError:
-                return ServerAnswer(None, "bad_response", attempts, request_bytes,
-                                    response_bytes, None, None)  # fmt: skip
-            delay = link_delay(self.link, request_bytes, response_bytes)
+                return ServerAnswer(None, "bad_response", attempts, sent, received, None, None)
+            delay = self.emulated_delay(one_request, response_wire_bytes(response))
             if delay:
                 await asyncio.sleep(delay)
             server_ms = _number(parameters.get("server_ms"))
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
-            return ServerAnswer(logits[0], None, attempts, request_bytes, response_bytes,
-                                transfer_ms, server_ms)  # fmt: skip
+            return ServerAnswer(logits[0], None, attempts, sent, received, transfer_ms,
+                                server_ms)  # fmt: skip
         if cause in ("unreachable", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
-        return ServerAnswer(None, cause, attempts, request_bytes, 0, None, None)
+        return ServerAnswer(None, cause, attempts, sent, received, None, None)
 
 
 def _number(value) -> float | None:
@@ -308,13 +326,19 @@ def run_identity(**parts) -> dict:
     return json.loads(json.dumps(parts, default=str))
 
 
-def open_records(path: Path, identity: dict, resume: bool) -> dict[int, ImageRecord]:
+def open_records(path: Path, identity: dict, resume: bool,
+                 count: int | None = None) -> dict[int, ImageRecord]:  # fmt: skip
     """Prepare the records file; return the images it already answers (when resuming).
 
     A resumed file must come from a run with the same identity. A last line cut off by
-    an interruption is dropped (that image is done again).
+    an interruption is dropped (that image is done again), and so are records of images
+    beyond `count` (the dataset of this run, e.g. a smaller --limit). Without `resume` an
+    existing file is refused rather than emptied.
     """
     done: dict[int, ImageRecord] = {}
+    if path.exists() and path.stat().st_size and not resume:
+        raise ClientError(f"{path} holds the records of an earlier run: pass --resume to "
+                          "continue it, or another --records file")  # fmt: skip
     if resume and path.exists():
         lines = path.read_bytes().split(b"\n")
         try:
@@ -334,10 +358,12 @@ def open_records(path: Path, identity: dict, resume: bool) -> dict[int, ImageRec
                 record = ImageRecord(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # an interrupted write
-            if record.index not in done:
+            if record.index not in done and (count is None or record.index < count):
                 done[record.index] = record
                 kept.append(line)
-        path.write_bytes(b"\n".join(kept) + b"\n")
+        temporary = path.with_name(path.name + ".tmp")  # a crash here keeps the old file
+        temporary.write_bytes(b"\n".join(kept) + b"\n")
+        temporary.replace(path)
         return done
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"format": RECORDS_FORMAT, "run": identity}) + "\n")
@@ -435,6 +461,21 @@ def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeRe
                       latency, str(codec))  # fmt: skip
 
 
+def settle(tasks: set[asyncio.Task]) -> None:
+    """Forget the finished tasks, raising the first error among them: an image whose
+    offloading failed must stop the run, not vanish from it."""
+    for task in [t for t in tasks if t.done()]:
+        tasks.discard(task)
+        task.result()
+
+
+def check_codec(codec: Codec, geometry: WireGeometry) -> None:
+    """ClientError when the codec cannot carry this model's images."""
+    if codec.name != "raw" and geometry.channels not in (1, 3):
+        raise ClientError(f"the {codec.name} codec carries 1 or 3 channels; the model has "
+                          f"{geometry.channels}: use --codec raw")  # fmt: skip
+
+
 def full_image_bytes(link: ServerLink, images: torch.Tensor, geometry: WireGeometry,
                      codecs: dict[str, Codec]) -> list[dict[str, int]]:  # fmt: skip
     """Request bytes of sending each whole image instead, per codec: [B] dicts."""
@@ -453,6 +494,7 @@ async def run_edge(
     model_name: str,
     identity: dict,
     seed: int = 0,
+    count: int | None = None,
 ) -> EdgeReport:
     """Run the edge over batches, offloading uncertain images to the server.
 
@@ -464,16 +506,16 @@ async def run_edge(
         model_name: the served model's name.
         identity: the run's settings, stored with the records (see run_identity).
         seed: seeds the `random` policy and the emulated loss.
+        count: the dataset's size (records of other images are not resumed).
     """
     codec = Codec.parse(config.codec)
     g = edge.geometry
     geometry = WireGeometry(g.in_chans, g.patch_size, g.grid_size)
+    check_codec(codec, geometry)
     records_path = Path(config.records)
-    done = open_records(records_path, identity, config.resume)
-    records = list(done.values())
-    writer = RecordWriter(records_path)
     jpeg = Codec("jpeg", codec.quality if codec.name == "jpeg" else Codec().quality)
-    full_codecs = {str(c): c for c in (Codec("raw"), Codec("png"), jpeg)}
+    image_codecs = (Codec("png"), jpeg) if geometry.channels in (1, 3) else ()
+    full_codecs = {str(c): c for c in (Codec("raw"), *image_codecs)}
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
 
@@ -507,9 +549,12 @@ async def run_edge(
                               "total_ms": 1000.0 * (time.perf_counter() - started)}))
 
     async with ServerLink(config, model_name, link_config) as link:
-        metadata = await link.metadata()
+        metadata = await link.metadata()  # a wrong model or token stops the run here
         if metadata is not None:
             check_server_geometry(metadata, geometry, g.num_classes)
+        done = open_records(records_path, identity, config.resume, count)
+        records = list(done.values())
+        writer = RecordWriter(records_path)
         try:
             for images, targets, indices in batches:
                 todo = torch.tensor([int(i) not in done for i in indices.tolist()])
@@ -539,11 +584,9 @@ async def run_edge(
                                            total_ms=edge_ms))  # fmt: skip
                         continue
                     await slots.acquire()
-                    task = asyncio.create_task(offload(row, next(payloads), started))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+                    settle(tasks)
+                    tasks.add(asyncio.create_task(offload(row, next(payloads), started)))
+            await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()

@@ -78,6 +78,18 @@ def _require(checks: list[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
+def _valid_port(url: str) -> bool:
+    """A URL whose host is given and whose port, if any, is in 1..65535."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and (port is None or 1 <= port <= 65535)
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -491,6 +503,8 @@ class ClientConfig:
         _require([
             (self.server.startswith(("http://", "https://")),
              f"the server URL must start with http:// or https://, got {self.server!r}"),
+            (_valid_port(self.server), f"the server URL {self.server!r} has no valid host "
+             "and port"),
             (self.concurrency >= 1, "concurrency must be >= 1"),
             (_finite(self.timeout) and self.timeout > 0, "timeout must be > 0 seconds"),
             (self.retries >= 0, "retries must be >= 0"),

@@ -22,6 +22,10 @@ def pack_payloads(
         (at least 0).
     """
     length = max(p.size for p in payloads)
+    if len({p.patches.dtype for p in payloads}) > 1:  # uint8 and float pixels: floats in [0, 1]
+        payloads = [PatchPayload(p.positions, p.patches.float() / 255.0
+                                 if p.patches.dtype == torch.uint8 else p.patches.float())
+                    for p in payloads]  # fmt: skip
     first = payloads[0].patches
     patches = first.new_zeros((len(payloads), length, *first.shape[1:]))
     positions = torch.zeros(len(payloads), length, dtype=torch.int64)

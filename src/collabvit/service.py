@@ -216,6 +216,7 @@ class ServiceSettings:
     max_batch: int = 32
     max_delay_ms: float = 5.0
     max_request_bytes: int = 16 * 2**20
+    max_request_images: int = 1024
     token: str | None = None
 
     def __repr__(self) -> str:  # the token never reaches a log
@@ -318,7 +319,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             return
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credentials.strip().encode(), settings.token.encode()
+            credentials.strip().encode(), settings.token.strip().encode()
         ):
             raise ServiceError(401, "unauthorized", "missing or wrong bearer token")
 
@@ -392,6 +393,9 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             parsed = parse_infer_request(body, parse_header_length(
                 request.headers.get(INFERENCE_HEADER)))  # fmt: skip
             geometry = state.geometry
+            if len(parsed.blobs) > settings.max_request_images:
+                raise ServiceError(413, "too_large", f"{len(parsed.blobs)} images in one request; "
+                                   f"at most {settings.max_request_images}")  # fmt: skip
             payloads = [decode_payload(blob, geometry) for blob in parsed.blobs]
         except (ProtocolError, ValueError) as error:
             raise ServiceError(400, "bad_request", str(error)) from None

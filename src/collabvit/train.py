@@ -22,7 +22,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
@@ -117,8 +117,11 @@ def create_trainable(name: str, model_kwargs: dict | None = None) -> torch.nn.Mo
     if not timm.is_model(name):
         raise vit.ModelError(f"unknown timm model {name!r}")
     kwargs = dict(model_kwargs or {})
+    generator_state = torch.get_rng_state()
     probe = timm.create_model(name, pretrained=False, **kwargs)
     if isinstance(probe, VisionTransformer):
+        # the same initial weights as building the ViT directly from the caller's seed
+        torch.set_rng_state(generator_state)
         return vit.create_vit(name, model_kwargs=kwargs, pretrained=False)
     return probe
 
@@ -133,14 +136,21 @@ def load_teacher(source: str | Path) -> torch.nn.Module:
         path = path / "model.safetensors"
     if not path.is_file():
         raise ValueError(f"teacher {source}: no model.safetensors there (train one first)")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"teacher {path} is not a safetensors file: {error}") from error
     if "model" not in metadata:
         raise ValueError(f"teacher {path} was not written by collabvit train (no model name "
                          "in its metadata)")  # fmt: skip
     recorded = json.loads(metadata.get("config", "{}"))
     model = create_trainable(metadata["model"], recorded.get("model_kwargs"))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"teacher {path} does not fit {metadata['model']}: {first}") from error
     return model.eval()
 
 
