@@ -77,7 +77,7 @@ def payloads_of_test_images(count: int):
     for images, _, indices in pair.loader():
         payloads.extend(edge.process(images, indices).payloads)
     g = edge.geometry
-    return pair, payloads, WireGeometry(g.in_chans, g.patch_size, g.grid_size), default
+    return pair, payloads, WireGeometry.of(g), default
 
 
 def in_process(pair, payloads, max_batch: int, repeats: int) -> float:

@@ -143,13 +143,9 @@ def shipped_server():
 
 def shipped_app(server, **options):
     """The service app for the shipped server (options: ServiceSettings fields)."""
-    from collabvit.service import ServiceSettings, create_app, warm_up
+    from collabvit.service import ServiceSettings, create_app
 
-    def load():
-        warm_up(server)
-        return server
-
-    return create_app(ServiceSettings(model_name=SHIPPED_SERVER, **options), load)
+    return create_app(ServiceSettings(model_name=SHIPPED_SERVER, **options), lambda: server)
 
 
 def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:

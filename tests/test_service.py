@@ -32,7 +32,7 @@ from collabvit.protocol import (
 )
 from collabvit.protocol import PatchPayload as Payload
 from collabvit.server import Server
-from collabvit.service import ServiceSettings, create_app, warm_up
+from collabvit.service import ServiceSettings, create_app
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))
@@ -93,7 +93,6 @@ def test_ready_is_503_until_the_model_is_warm(server):
 
     def slow_load():
         release.wait(20)
-        warm_up(server)
         return server
 
     with LiveServer(create_app(ServiceSettings(model_name=NAME), slow_load)) as running:
@@ -326,7 +325,9 @@ VALID_BODY, VALID_HEADER = infer_request_body([encode_payload(payloads(1)[0], GE
                                      "text/html", "multipart/form-data"]))  # fmt: skip
 def test_fuzzed_requests_get_a_4xx_json_error_or_an_answer(live, body, header, content_type):
     headers = {}
-    if header is not None and header.isascii() and header.isprintable():
+    # what an HTTP client can send at all: h11 refuses values with surrounding whitespace
+    if header is not None and header.isascii() and header.isprintable() \
+            and header == header.strip():
         headers[INFERENCE_HEADER] = header
     if content_type:
         headers["content-type"] = content_type

@@ -359,7 +359,7 @@ def run_serve(args: argparse.Namespace) -> int:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
                 config.ssl_certfile, config.ssl_keyfile)
         from collabvit.pair import load_model, resolve_device
-        from collabvit.service import ServiceSettings, serve, warm_up
+        from collabvit.service import ServiceSettings, serve
 
         _check_port_free(config.host, config.port)
         device = resolve_device(config.device)
@@ -373,9 +373,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from collabvit.server import Server
 
     def load_server() -> Server:
-        server = Server(model, device, max_batch=config.max_batch)
-        warm_up(server)
-        return server
+        return Server(model, device, max_batch=config.max_batch)
 
     settings = ServiceSettings(model_name=spec.name, max_batch=config.max_batch,
                                max_delay_ms=config.max_delay_ms,
@@ -445,8 +443,9 @@ def run_edge(args: argparse.Namespace) -> int:
                                             server_model=server_spec.name, edge=asdict(config),
                                             codec=str(codec), seed=run.seed,
                                             loss=link.loss)  # fmt: skip
-        if client.wait:
-            asyncio.run(edge_client.wait_until_ready(client, server_spec.name))
+        if client.wait:  # the health checks need no token
+            edge_client.wait_until_served(client.server.rstrip("/"), client.wait,
+                                          verify=edge_client.tls_verification(client.ca_file))
         loader = pair.loader()
         batches = progress_bar(loader, "edge", total=len(loader), unit="batch",
                                enabled=_progress(run))  # fmt: skip
@@ -467,7 +466,8 @@ def run_edge(args: argparse.Namespace) -> int:
             extra.pop("summary")
             from collabvit.evaluate import write_results
 
-            write_results(client.results_file, report.summary, provenance, **extra)
+            write_results(client.results_file, report.summary, provenance,
+                          skipped_images=skipped, **extra)  # fmt: skip
     except KeyboardInterrupt:
         print("collabvit edge: interrupted; --resume continues from the records file",
               file=sys.stderr)  # fmt: skip

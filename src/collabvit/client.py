@@ -117,6 +117,11 @@ def response_wire_bytes(response: httpx.Response) -> int:
     return line + headers + 2 + len(response.content)
 
 
+def tls_verification(ca_file: str | None) -> bool | ssl.SSLContext:
+    """httpx's `verify`: the system's CAs, and also a private CA's certificate when given."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
 def trimmed_client_headers(client: httpx.AsyncClient, token: str | None) -> None:
     """Drop httpx's default headers the server never reads: each costs bytes per image."""
     for name in ("user-agent", "accept", "accept-encoding"):
@@ -138,12 +143,16 @@ def lose_patches(payload: PatchPayload, loss: float, seed: int, index: int) -> P
     return PatchPayload(positions=payload.positions[kept], patches=payload.patches[kept])
 
 
+def transmission_time(link: LinkConfig, request_bytes: int, response_bytes: int) -> float:
+    """Seconds the emulated link takes to carry one exchange's bytes (0 without a bandwidth)."""
+    if link.bandwidth is None:
+        return 0.0
+    return 8.0 * (request_bytes + response_bytes) / link.bandwidth
+
+
 def link_delay(link: LinkConfig, request_bytes: int, response_bytes: int) -> float:
-    """Seconds an emulated link adds to one exchange: its round trip plus transmission."""
-    seconds = link.rtt / 1000.0
-    if link.bandwidth is not None:
-        seconds += 8.0 * (request_bytes + response_bytes) / link.bandwidth
-    return seconds
+    """Seconds an emulated link adds to one exchange alone: its round trip plus transmission."""
+    return link.rtt / 1000.0 + transmission_time(link, request_bytes, response_bytes)
 
 
 # ------------------------------------------------------------------ talking to the server
@@ -175,11 +184,8 @@ class ServerLink:
         base = config.server.rstrip("/")
         self.infer_url = f"{base}/v2/models/{model_name}/infer"
         self.metadata_url = f"{base}/v2/models/{model_name}"
-        verify: bool | ssl.SSLContext = True
-        if config.ca_file:
-            verify = ssl.create_default_context(cafile=config.ca_file)
         self.client = httpx.AsyncClient(
-            timeout=config.timeout, verify=verify,
+            timeout=config.timeout, verify=tls_verification(config.ca_file),
             limits=httpx.Limits(max_connections=config.concurrency,
                                 max_keepalive_connections=config.concurrency),
         )  # fmt: skip
@@ -222,14 +228,10 @@ class ServerLink:
     def emulated_delay(self, request_bytes: int, response_bytes: int) -> float:
         """Seconds one exchange waits on the emulated link: its round trip, plus its bytes'
         turn on a link that carries one transmission at a time (shared by every request)."""
-        seconds = self.link.rtt / 1000.0
-        if self.link.bandwidth is not None:
-            now = time.monotonic()
-            start = max(now, self.link_free_at)
-            self.link_free_at = start + link_delay(LinkConfig(bandwidth=self.link.bandwidth),
-                                                   request_bytes, response_bytes)  # fmt: skip
-            seconds += self.link_free_at - now
-        return seconds
+        now = time.monotonic()
+        self.link_free_at = max(now, self.link_free_at) + transmission_time(
+            self.link, request_bytes, response_bytes)  # fmt: skip
+        return self.link.rtt / 1000.0 + self.link_free_at - now
 
     async def classify(self, blob: bytes, counted_bytes: int | None = None) -> ServerAnswer:
         """The server's logits for one image's wire bytes, retrying what may pass.
@@ -244,7 +246,7 @@ class ServerLink:
         """
         if time.monotonic() < self.down_until:
             return ServerAnswer(None, "server_down", 0, 0, 0, None, None)
-        request = self.build_request(blob)
+        request = self.build_request(blob)  # the same request on every attempt
         one_request = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
         sent = received = attempts = 0
         cause = "unreachable"
@@ -254,7 +256,7 @@ class ServerLink:
             attempts += 1
             started = time.perf_counter()
             try:
-                response = await self.client.send(self.build_request(blob))
+                response = await self.client.send(request)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 cause = "unreachable"  # nothing went out
                 continue
@@ -397,17 +399,16 @@ class EdgeReport:
     bytes: dict[str, dict[str, float]]
     latency_ms: dict[str, dict[str, float]]
     codec: str
-    skipped: int = 0
 
     def as_dict(self) -> dict:
         return {"summary": self.summary.as_dict(), "codec": self.codec,
                 "fallbacks": self.fallbacks, "bytes_per_image": self.bytes,
-                "latency_ms": self.latency_ms, "skipped_images": self.skipped}  # fmt: skip
+                "latency_ms": self.latency_ms}  # fmt: skip
 
 
 def summarize(records: Iterable[ImageRecord], num_patches: int) -> Summary:
     """The paper's figures of answered images, through the same RunningSummary as eval."""
-    records = sorted(records, key=lambda r: r.index)
+    records = list(records)
     running = RunningSummary(num_patches=num_patches)
     if records:
         sent_size = torch.tensor([r.selected for r in records])
@@ -469,13 +470,6 @@ def settle(tasks: set[asyncio.Task]) -> None:
         task.result()
 
 
-def check_codec(codec: Codec, geometry: WireGeometry) -> None:
-    """ClientError when the codec cannot carry this model's images."""
-    if codec.name != "raw" and geometry.channels not in (1, 3):
-        raise ClientError(f"the {codec.name} codec carries 1 or 3 channels; the model has "
-                          f"{geometry.channels}: use --codec raw")  # fmt: skip
-
-
 def full_image_bytes(link: ServerLink, images: torch.Tensor, geometry: WireGeometry,
                      codecs: dict[str, Codec]) -> list[dict[str, int]]:  # fmt: skip
     """Request bytes of sending each whole image instead, per codec: [B] dicts."""
@@ -510,12 +504,12 @@ async def run_edge(
     """
     codec = Codec.parse(config.codec)
     g = edge.geometry
-    geometry = WireGeometry(g.in_chans, g.patch_size, g.grid_size)
-    check_codec(codec, geometry)
+    geometry = WireGeometry.of(g)
+    codec.check(geometry.channels)  # before any image is sent
     records_path = Path(config.records)
     jpeg = Codec("jpeg", codec.quality if codec.name == "jpeg" else Codec().quality)
-    image_codecs = (Codec("png"), jpeg) if geometry.channels in (1, 3) else ()
-    full_codecs = {str(c): c for c in (Codec("raw"), *image_codecs)}
+    full_codecs = {str(c): c for c in (Codec("raw"), Codec("png"), jpeg)
+                   if c.carries(geometry.channels)}  # fmt: skip
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
 
@@ -592,27 +586,6 @@ async def run_edge(
                 task.cancel()
             writer.close()
     return report(records, g.num_patches, codec)
-
-
-async def wait_until_ready(config: ClientConfig, model_name: str) -> None:
-    """Poll the served model's ready endpoint for up to `config.wait` seconds."""
-    deadline = time.monotonic() + config.wait
-    link = ServerLink(config, model_name, LinkConfig())
-    url = link.metadata_url + "/ready"
-    async with link:
-        while True:
-            try:
-                response = await link.client.get(url)
-                if response.status_code == 200:
-                    return
-                if response.status_code in (401, 403, 404):
-                    raise ClientError(f"{url}: {response.status_code} {_error_text(response)}")
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() >= deadline:
-                raise ClientError(f"the server at {config.server} was not ready within "
-                                  f"{config.wait:g} s")  # fmt: skip
-            await asyncio.sleep(0.2)
 
 
 def format_report(report: EdgeReport) -> str:

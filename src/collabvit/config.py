@@ -428,7 +428,7 @@ class ServeConfig:
     max_request_bytes: int = field(default=16 * 2**20, metadata=flag(
         "larger request bodies are refused with 413 (default: %(default)s)",
         type="positive_int", metavar="N"))
-    token: str | None = field(default=None, metadata=flag(
+    token: str | None = field(default=None, repr=False, metadata=flag(
         f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set; the "
         "environment keeps it out of the process list)", metavar="TOKEN"))
     ssl_certfile: str | None = field(default=None, metadata=flag(
@@ -454,9 +454,6 @@ class ServeConfig:
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
         ])  # fmt: skip
 
-    def __repr__(self) -> str:  # the token never reaches a log or a results file
-        fields = {**self.__dict__, "token": "<set>" if self.token else None}
-        return "ServeConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
 @dataclass(frozen=True)
@@ -482,7 +479,7 @@ class ClientConfig:
         "after an image exhausted its retries on an unreachable or slow server, later images "
         "answer at the edge without trying for this many seconds (default: %(default)s)",
         type="non_negative", metavar="S"))
-    token: str | None = field(default=None, metadata=flag(
+    token: str | None = field(default=None, repr=False, metadata=flag(
         f"bearer token for the server (default: ${TOKEN_ENV} when set)", metavar="TOKEN"))
     ca_file: str | None = field(default=None, metadata=flag(
         "trust this CA certificate (PEM) for an https:// server with a private certificate",
@@ -514,9 +511,6 @@ class ClientConfig:
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
         ])  # fmt: skip
 
-    def __repr__(self) -> str:
-        fields = {**self.__dict__, "token": "<set>" if self.token else None}
-        return "ClientConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
 @dataclass(frozen=True)

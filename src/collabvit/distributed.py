@@ -12,7 +12,6 @@ writes. A single process needs no torchrun and creates no process group.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -85,10 +84,9 @@ class Processes:
         dist.all_gather_object(values, value)
         return values
 
-    def concat(self, tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """One tensor per process, concatenated along dim 0 in rank order (= dataset order)."""
-        parts = self.gather(tensors.cpu() if isinstance(tensors, torch.Tensor) else tensors)
-        return torch.cat(parts) if parts else torch.empty(0)
+    def concat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Each process's `tensor`, concatenated along dim 0 in rank order (= dataset order)."""
+        return torch.cat(self.gather(tensor.cpu()))
 
     def fill(self, rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...],
              fill_value: float) -> torch.Tensor:  # fmt: skip

@@ -71,10 +71,7 @@ def run_edge(
 
     batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]).
     """
-    g = edge.geometry  # the shapes of a pass over no image (a process with an empty shard)
-    images = [torch.zeros(0, g.in_chans, *g.img_size, dtype=torch.uint8)]
-    labels, ids = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
-    logits, scores = [torch.zeros(0, g.num_classes)], [torch.zeros(0, g.num_patches)]
+    images, labels, ids, logits, scores = [], [], [], [], []
     for batch, targets, indices in progress_bar(batches, "edge pass", unit="batch",
                                                 enabled=progress):  # fmt: skip
         batch_logits, batch_scores = edge.scores(batch)
@@ -83,8 +80,11 @@ def run_edge(
         ids.append(indices)
         logits.append(batch_logits.cpu())
         scores.append(batch_scores.cpu())
-    if len(images) > 1:  # keep the batches' own dtype for the images
-        images = images[1:]
+    if not images:  # a process whose shard is empty
+        g = edge.geometry
+        no_ids = torch.zeros(0, dtype=torch.int64)
+        return EdgePass(torch.zeros(0, g.in_chans, *g.img_size, dtype=torch.uint8), no_ids,
+                        no_ids, torch.zeros(0, g.num_classes), torch.zeros(0, g.num_patches))
     return EdgePass(torch.cat(images), torch.cat(labels), torch.cat(ids), torch.cat(logits),
                     torch.cat(scores))  # fmt: skip
 

@@ -138,6 +138,11 @@ class WireGeometry:
     patch_size: tuple[int, int]
     grid_size: tuple[int, int]
 
+    @classmethod
+    def of(cls, geometry) -> WireGeometry:
+        """What a model's geometry (vit.Geometry) expects on the wire."""
+        return cls(geometry.in_chans, tuple(geometry.patch_size), tuple(geometry.grid_size))
+
     @property
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
@@ -180,6 +185,16 @@ class Codec:
     def __str__(self) -> str:
         return f"jpeg:{self.quality}" if self.name == "jpeg" else self.name
 
+    def carries(self, channels: int) -> bool:
+        """Whether this codec can carry images of `channels` channels (png/jpeg: 1 or 3)."""
+        return self.name == "raw" or channels in _IMAGE_MODES
+
+    def check(self, channels: int) -> None:
+        """ProtocolError unless this codec can carry images of `channels` channels."""
+        if not self.carries(channels):
+            raise ProtocolError(f"the {self.name} codec takes 1 or 3 channels, not {channels}; "
+                                "use raw")  # fmt: skip
+
 
 def encode_payload(payload: PatchPayload, geometry: WireGeometry, codec: Codec = Codec()) -> bytes:
     """One image's transmission as bytes (see the layout above).
@@ -196,9 +211,7 @@ def encode_payload(payload: PatchPayload, geometry: WireGeometry, codec: Codec =
         raise ProtocolError(f"pixels of dtype {dtype} cannot be sent; use uint8 or float32")
     if codec.name != "raw" and dtype != torch.uint8:
         raise ProtocolError(f"the {codec.name} codec takes uint8 pixels, not {dtype}")
-    if codec.name != "raw" and geometry.channels not in _IMAGE_MODES:
-        raise ProtocolError(f"the {codec.name} codec takes 1 or 3 channels, not "
-                            f"{geometry.channels}")  # fmt: skip
+    codec.check(geometry.channels)
     patches = payload.patches.detach().cpu().contiguous()
     positions = payload.positions.cpu()
     if codec.name == "raw":

@@ -217,13 +217,7 @@ class ServiceSettings:
     max_delay_ms: float = 5.0
     max_request_bytes: int = 16 * 2**20
     max_request_images: int = 1024
-    token: str | None = None
-
-    def __repr__(self) -> str:  # the token never reaches a log
-        token = "<set>" if self.token else None
-        return (f"ServiceSettings(model_name={self.model_name!r}, max_batch={self.max_batch}, "
-                f"max_delay_ms={self.max_delay_ms}, max_request_bytes={self.max_request_bytes}, "
-                f"token={token})")  # fmt: skip
+    token: str | None = field(default=None, repr=False)  # never in a log
 
 
 class ModelState:
@@ -238,8 +232,7 @@ class ModelState:
     def load(self, load_server: Callable[[], Server]) -> None:
         try:
             server = load_server()
-            g = server.geometry
-            geometry = WireGeometry(g.in_chans, g.patch_size, g.grid_size)
+            geometry = WireGeometry.of(server.geometry)
             warm_up(server)
         except Exception as error:  # noqa: BLE001 - reported by /v2/health/ready and the log
             self.error = f"{type(error).__name__}: {error}"
@@ -247,7 +240,7 @@ class ModelState:
             return
         self.server, self.geometry = server, geometry
         self.ready.set()
-        log.info("model ready: %s", g.describe())
+        log.info("model ready: %s", server.geometry.describe())
 
 
 def warm_up(server: Server) -> None:
@@ -267,7 +260,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
     Args:
         settings: name, batching, limits and the optional bearer token.
         load_server: builds the Server (model on its device); called in a thread after
-            start-up, so health checks answer while it loads.
+            start-up, so health checks answer while it loads; the service warms it up.
     """
     metrics = Metrics()
     state = ModelState()

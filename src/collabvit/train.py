@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -114,16 +113,10 @@ def drop_tokens(
 def create_trainable(name: str, model_kwargs: dict | None = None) -> torch.nn.Module:
     """A randomly initialised model to train: a supported timm ViT (checked as collabvit
     checks them), or any other timm model (the CNN teacher)."""
-    if not timm.is_model(name):
-        raise vit.ModelError(f"unknown timm model {name!r}")
-    kwargs = dict(model_kwargs or {})
-    generator_state = torch.get_rng_state()
-    probe = timm.create_model(name, pretrained=False, **kwargs)
-    if isinstance(probe, VisionTransformer):
-        # the same initial weights as building the ViT directly from the caller's seed
-        torch.set_rng_state(generator_state)
-        return vit.create_vit(name, model_kwargs=kwargs, pretrained=False)
-    return probe
+    model = vit.build_model(name, model_kwargs)
+    if isinstance(model, VisionTransformer):
+        vit.check_supported(model)
+    return model.eval()
 
 
 def load_teacher(source: str | Path) -> torch.nn.Module:

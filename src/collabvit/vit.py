@@ -290,6 +290,18 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.
     return _pick_state_dict(checkpoint, use_ema, path)
 
 
+def build_model(name: str, model_kwargs: Mapping | None = None) -> nn.Module:
+    """Any timm model by name, randomly initialised and not yet checked (ModelError with a
+    one-line reason for an unknown name or arguments it does not take)."""
+    kwargs = dict(model_kwargs or {})
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models('*vit*'))")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ModelError(f"cannot create {name} with {kwargs}: {error}") from error
+
+
 def create_vit(
     name: str,
     weights: str | Path | None = None,
@@ -311,12 +323,7 @@ def create_vit(
             of the trained ones (an error when the file has no EMA).
     """
     kwargs = dict(model_kwargs or {})
-    if not timm.is_model(name):
-        raise ModelError(f"unknown timm model {name!r} (see timm.list_models('*vit*'))")
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
-        raise ModelError(f"cannot create {name} with {kwargs}: {error}") from error
+    model = build_model(name, kwargs)
     check_supported(model, server=server)
     if weights is None and pretrained:
         weights = _local_pretrained_file(name)  # shipped models: no second construction
