@@ -255,8 +255,10 @@ def test_server_killed_and_restarted_mid_run(tmp_path):
         client = subprocess.Popen(
             [sys.executable, "-m", "collabvit", "edge", "--server", url, "--limit", "2500",
              "--quiet", "--records", str(records), "--results-file", str(tmp_path / "r.json"),
-             "--concurrency", "2", "--rtt", "15", "--retries", "1", "--backoff", "0.05",
-             "--cooldown", "0.3"],
+             # one image at a time, as a device sees them: the edge alone needs longer than
+             # the restart takes; retries span the new server's warm-up
+             "--batch-size", "1", "--concurrency", "2", "--rtt", "15", "--retries", "2",
+             "--backoff", "0.1", "--cooldown", "0.3"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 120
