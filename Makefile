@@ -7,7 +7,7 @@ STAMP := $(VENV)/.collabvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
-.PHONY: setup data test test-all demo demo-deploy demo-golden results findings deploy-table lint bench \
+.PHONY: setup data test test-all demo demo-deploy demo-golden results findings deploy-table lint bench bench-quick \
 	bench-sweep bench-serve bench-train clean
 
 setup: $(STAMP)
@@ -77,19 +77,23 @@ findings: setup data
 		   docs/findings/$$name/; done
 	$(PY) scripts/findings_table.py
 
-bench: setup
-	$(PY) benchmarks/bench_forward.py
+# The benchmark suite: every benchmark, then the targets, into benchmarks/RESULTS.md.
+bench: setup data
+	$(PY) -m benchmarks
+
+bench-quick: setup data
+	$(PY) -m benchmarks --quick
 
 bench-sweep: setup data
-	$(PY) benchmarks/bench_sweep.py
+	$(PY) -m benchmarks.bench_sweep
 
 # Served throughput and latency at concurrency 32, load and fuzz (benchmarks/RESULTS.md).
 bench-serve: setup data
-	$(PY) benchmarks/bench_serve.py
+	$(PY) -m benchmarks.bench_serve
 
 # Training steps with and without bfloat16 autocast (benchmarks/RESULTS.md).
 bench-train: setup data
-	$(PY) benchmarks/bench_train.py
+	$(PY) -m benchmarks.bench_train
 
 # The README's bytes-per-codec table, measured over HTTP (benchmarks/deploy_results.json).
 deploy-table: setup data

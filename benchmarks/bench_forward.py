@@ -26,7 +26,7 @@ into its own section of ``benchmarks/RESULTS.md`` (other sections of that file
 are kept).
 
 Usage:
-    python benchmarks/bench_forward.py [--repeats 7] [--server-repeats 5]
+    python -m benchmarks.bench_forward [--repeats 7] [--server-repeats 5]
         [--batch-size 32] [--threads N] [--bucket-batch 8] [--warmup 1] [--seed 0]
         [--output benchmarks/RESULTS.md]
 """
@@ -34,20 +34,25 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 
+from benchmarks.harness import (
+    Timings,
+    add_suite_arguments,
+    apply_quick,
+    fmt_ratio,
+    interleaved,
+    load_average,
+    publish,
+    regenerate_and_machine,
+)
 from collabvit.protocol import PatchPayload, patchify
 from collabvit.server import Server, plan_batches
 from collabvit.vit import forward_with_scores
@@ -59,51 +64,6 @@ ATOL = 1e-4
 
 SECTION_START = "<!-- bench_forward:start (written by benchmarks/bench_forward.py) -->"
 SECTION_END = "<!-- bench_forward:end -->"
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds of each variant, one entry per repetition."""
-
-    seconds: dict[str, list[float]]
-
-    def median_ms(self, name: str) -> float:
-        return 1000.0 * statistics.median(self.seconds[name])
-
-    def ratio(self, name: str, baseline: str) -> float:
-        """Ratio of the medians."""
-        return self.median_ms(name) / self.median_ms(baseline)
-
-    def min_ratio(self, name: str, baseline: str) -> float:
-        """Ratio of the fastest repetitions (contention only ever adds time)."""
-        return min(self.seconds[name]) / min(self.seconds[baseline])
-
-    def paired_ratios(self, name: str, baseline: str) -> list[float]:
-        """Per-repetition ratios (the two were timed back to back)."""
-        return [a / b for a, b in zip(self.seconds[name], self.seconds[baseline], strict=True)]
-
-
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
-    """Time each variant `repeats` times, alternating variants within every repetition.
-
-    The order of the variants rotates from one repetition to the next, so no
-    variant always runs first (or always right after the same other one).
-    Warm-up calls run every variant `warmup` times and are not recorded.
-    """
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name]()
-            seconds[name].append(time.perf_counter() - start)
-        done = ", ".join(f"{n} {1000 * seconds[n][-1]:.0f} ms" for n in names)
-        print(f"  rep {rep + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
-    return Timings(seconds)
 
 
 def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> tuple[Timings, Timings]:
@@ -192,55 +152,6 @@ def bench_server(
     return interleaved(variants, repeats, max(warmup - 1, 0)), payloads, max_diff
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "n/a"
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def machine_lines(threads: int, load_at_start: str) -> list[str]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [
-        f"- CPU: {cpu_model()}; {os.cpu_count()} logical cores ({usable} usable by this process)",
-        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-        f"- torch threads: {threads}",
-        f"- date: {now}",
-        f"- load average (1, 5, 15 min): {load_at_start} at the start, {load_average()} at the "
-        "end (this benchmark alone adds about its thread count)",
-    ]
-
-
-def regenerate_and_machine(command: str, threads: int, load_at_start: str) -> list[str]:
-    """The closing lines of a results section: how to rerun it, and on what it ran."""
-    return ["Regenerate with:", "", "```", command, "```", "", "Machine:", "",
-            *machine_lines(threads, load_at_start)]  # fmt: skip
-
-
-def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, ...]:
-    paired = timings.paired_ratios(name, baseline)
-    return (
-        f"{timings.median_ms(name):.1f}",
-        f"{timings.median_ms(baseline):.1f}",
-        f"**{timings.ratio(name, baseline):.3f}**",
-        f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]",
-        f"{timings.min_ratio(name, baseline):.3f}",
-    )
-
-
 def render(
     args: argparse.Namespace,
     edge: tuple[Timings, Timings],
@@ -301,7 +212,7 @@ def render(
         if noisy
         else "Per-repetition ratios stayed within 25 % (max/min) of each other."
     )
-    command = shlex.join(["python", "benchmarks/bench_forward.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.bench_forward", *sys.argv[1:]])
     lines = [
         SECTION_START,
         "## Forward speed: edge scores and ragged server batches (`bench_forward.py`)",
@@ -344,28 +255,6 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(
-    path: Path, section: str, start_marker: str = SECTION_START, end_marker: str = SECTION_END
-) -> None:
-    """Replace one script's section of `path` (or append it, or create the file)."""
-    if path.exists():
-        text = path.read_text()
-        start, end = text.find(start_marker), text.find(end_marker)
-        if start != -1 and end > start:
-            rest = text[end + len(end_marker) :].lstrip("\n")
-            text = text[:start] + section + ("\n" + rest if rest else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = (
-            "# Benchmark results\n\n"
-            "Each benchmark script in `benchmarks/` owns one section below and rewrites "
-            "only that section.\n\n" + section
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions, edge part")
@@ -387,13 +276,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    add_suite_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.server_repeats < 1 or args.batch_size < 1:
         parser.error("repeats and batch size must be >= 1")
     if args.warmup < 0 or args.bucket_batch < 0:
         parser.error("warm-up and bucket batch must be >= 0")
-    return args
+    return apply_quick(args, repeats=1, server_repeats=1, batch_size=2, bucket_batch=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,9 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     elapsed = time.perf_counter() - began
     section = render(args, edge, server, payloads, max_diff, elapsed, load_at_start)
-    print(section)
-    write_section(args.output, section)
-    print(f"wrote {args.output}", file=sys.stderr)
+    publish(args, section, SECTION_START, SECTION_END, {
+        "edge_mean_over_plain": edge[0].ratio("mean", "plain"),
+        "server_ragged_over_loop": server.ratio("ragged", "loop"),
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

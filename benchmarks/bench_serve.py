@@ -24,7 +24,7 @@ fleet's traffic would not; it is kept lean for that reason. Writes its section
 of benchmarks/RESULTS.md.
 
 Usage:
-    python benchmarks/bench_serve.py [--requests 2000] [--concurrency 32] [--fuzz-cases 10000]
+    python -m benchmarks.bench_serve [--requests 2000] [--concurrency 32] [--fuzz-cases 10000]
         [--quick]
 """
 
@@ -41,15 +41,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
-from bench_forward import write_section
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.harness import add_suite_arguments, apply_quick, publish
 from collabvit.client import wait_until_served
 from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.pair import load_pair
@@ -250,19 +249,15 @@ def percentile_ms(values: list[float], q: float) -> float:
     return 1000.0 * float(np.percentile(np.asarray(values), q))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--fuzz-cases", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="300 requests, 500 fuzz cases: a smoke run, not for RESULTS.md")
-    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
-    args = parser.parse_args()
-    if args.quick:
-        args.requests, args.fuzz_cases, args.repeats = 300, 500, 1
+    add_suite_arguments(parser)
+    args = apply_quick(parser.parse_args(argv), requests=100, fuzz_cases=200, repeats=1)
     began = time.perf_counter()
     load_before = os.getloadavg()
     pair, payloads, geometry, default = payloads_of_test_images(args.requests)
@@ -327,7 +322,7 @@ ProtocolError, **{decoder['other_exceptions']} other exceptions**.
 Regenerate with:
 
 ```
-{shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]])}
+{shlex.join(["python", "-m", "benchmarks.bench_serve", *sys.argv[1:]])}
 ```
 
 Machine:
@@ -339,10 +334,9 @@ Machine:
 - load average (1, 5, 15 min): {", ".join(f"{v:.2f}" for v in load_before)} at the start
 - total benchmark time: {time.perf_counter() - began:.0f} s
 """
-    print(text)
-    if not args.quick:
-        write_section(Path(args.output), f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n",
-                      SECTION_START, SECTION_END)
+    publish(args, f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n", SECTION_START,
+            SECTION_END, {"in_process": baseline, "batched": batched[0], "unbatched": unbatched[0],
+                          "http_5xx": http["5xx"], "decoder_other": decoder["other_exceptions"]})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ and the ratio of their medians goes into this script's section of
 ``benchmarks/RESULTS.md``.
 
 Usage:
-    python benchmarks/bench_sweep.py [--repeats 3] [--threads N] [--limit N]
+    python -m benchmarks.bench_sweep [--repeats 3] [--threads N] [--limit N]
         [--output benchmarks/RESULTS.md]
 """
 
@@ -28,15 +28,15 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_forward import (
+from torch.utils.data import Subset
+
+from benchmarks.harness import (
     fmt_ratio,
     interleaved,
     load_average,
     regenerate_and_machine,
     write_section,
 )
-from torch.utils.data import Subset
-
 from collabvit import vit, zoo
 from collabvit.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.data import FashionMNIST, indexed_loader
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)  # fmt: skip
     timings = interleaved({"sweep": sweep, "baseline": baseline}, args.repeats, warmup=0)
     row = fmt_ratio(timings, "sweep", "baseline")
-    command = "python benchmarks/bench_sweep.py" + (
+    command = "python -m benchmarks.bench_sweep" + (
         " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
     )
     lines = [

@@ -7,7 +7,7 @@ repetition after warm-up. Whether bf16 helps depends on the CPU (AVX512-BF16 / A
 `collabvit train --bf16` is used for a recipe only where this shows a gain.
 
 Usage:
-    python benchmarks/bench_train.py [--steps 10] [--repeats 5] [--batch-size 128]
+    python -m benchmarks.bench_train [--steps 10] [--repeats 5] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_forward import write_section
 
+from benchmarks.harness import write_section
 from collabvit.config import TrainConfig
 from collabvit.train import Trainer, augment
 
@@ -100,7 +100,7 @@ ratio below 1 means bf16 is faster.
 |---|---:|---:|---:|
 {chr(10).join(rows)}
 
-Regenerate with `python benchmarks/bench_train.py`.
+Regenerate with `python -m benchmarks.bench_train`.
 
 Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, CPU
 flags: {cpu_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads), Python

@@ -1,0 +1,155 @@
+"""The benchmark suite: every benchmark in turn, each in a fresh process, then the targets.
+
+    python -m benchmarks            # rewrites benchmarks/RESULTS.md (about 15 min on 2 cores)
+    python -m benchmarks --quick    # a smoke run of every harness (CI), into a temporary file
+    python -m benchmarks --only bench_eval bench_codec
+
+Each benchmark rewrites its own section of the results file and hands its headline figures
+back as JSON; this writes the "Targets" section at the top from them. ``make bench-sweep``
+and ``make bench-train`` stay separate (they take long and answer other questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import RESULTS, load_average, machine_lines
+
+SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve")
+SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
+SECTION_END = "<!-- targets:end -->"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def target_rows(figures: dict) -> list[str]:
+    """One row per target: what is measured, the figure, the target, met or not."""
+    rows = []
+    if "bench_eval" in figures:
+        for name, r in figures["bench_eval"].items():
+            speed, share = {"deit": (1.2, 0.90), "fmnist": (2.5, 0.75)}[name]
+            rows.append(f"| eval throughput / reference loop, {name} | {r['speedup']:.2f}x | "
+                        f">= {speed}x | {verdict(r['speedup'] >= speed)} |")  # fmt: skip
+            for batch, runs in r["memory"].items():
+                ours, ref = runs["collabvit"], runs["reference"]
+                whole = ours["peak_mb"] / ref["peak_mb"]
+                work = max(ours["peak_mb"] - ours["loaded_mb"], 0) / max(
+                    ref["peak_mb"] - ref["loaded_mb"], 1e-9)
+                rows.append(f"| peak RSS / reference's, {name}, batch {batch}: whole process "
+                            f"(above loaded models and data) | {whole:.2f} ({work:.2f}) | "
+                            f"<= 0.25 | {verdict(whole <= 0.25)} ({verdict(work <= 0.25)}) |")
+            rows.append(f"| eval wall time inside model forwards, {name} | "
+                        f"{100 * r['forward_fraction']:.1f} % | >= {100 * share:.0f} % | "
+                        f"{verdict(r['forward_fraction'] >= share)} |")  # fmt: skip
+    if "bench_compute" in figures:
+        c = figures["bench_compute"]
+        for name, m in c["models"].items():
+            rate = m["rates"]["server classify (all patches)"]["gflops"] / c["matmul_gflops"]
+            if name.startswith("deit"):
+                rows.append(f"| server forward GFLOP/s / matmul GFLOP/s, {name} | "
+                            f"{100 * rate:.0f} % | >= 80 % | {verdict(rate >= 0.8)} |")
+            for mode in ("batched", "single"):
+                worst = max(m["kept"], key=lambda row: row[f"{mode}_ratio"] / row["bound_fraction"])
+                ok = all(row[f"{mode}_met"] for row in m["kept"])
+                ratio, bound = worst[f"{mode}_ratio"], 1.1 * worst["bound_fraction"]
+                rows.append(f"| server time at k / at N, {mode}, {name}: worst k = "
+                            f"{worst['kept']} | {ratio:.3f} | <= {bound:.3f} | {verdict(ok)} "
+                            "(all k) |")  # fmt: skip
+            latency = m["latency"]["ratio"]
+            rows.append(f"| batch-1 latency / two plain forwards, {name} | {latency:.3f} | "
+                        f"<= 1.1 | {verdict(latency <= 1.1)} |")  # fmt: skip
+    if "bench_serve" in figures:
+        s = figures["bench_serve"]
+        served, batching = s["batched"] / s["in_process"], s["batched"] / s["unbatched"]
+        rows += [f"| served / in-process throughput | {served:.2f} | >= 0.7 | "
+                 f"{verdict(served >= 0.7)} |",
+                 f"| served with batching / without | {batching:.2f}x | >= 2x | "
+                 f"{verdict(batching >= 2)} |"]  # fmt: skip
+    if "bench_forward" in figures:
+        f = figures["bench_forward"]
+        rows.append(f"| edge `mean` step / plain `model(x)` | {f['edge_mean_over_plain']:.3f} | "
+                    f"<= 1.05 | {verdict(f['edge_mean_over_plain'] <= 1.05)} |")  # fmt: skip
+    return rows
+
+
+def render(figures: dict, args: argparse.Namespace, elapsed: float, load_at_start: str) -> str:
+    lines = [
+        SECTION_START,
+        "## Targets (`python -m benchmarks`)",
+        "",
+        "Every figure below comes from the sections that follow, all written by one run of "
+        "the suite" + (" in --quick mode (tiny sizes: these figures say nothing about speed)"
+                       if args.quick else "") + ".",  # fmt: skip
+        "",
+        "| measured | figure | target | |",
+        "|---|---:|---:|---|",
+        *target_rows(figures),
+        "",
+        "Machine:",
+        "",
+        *machine_lines(args.threads, load_at_start),
+        f"- total suite time: {elapsed:.0f} s",
+        SECTION_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_at_top(path: Path, section: str) -> None:
+    """Replace the targets section, or put it right after the file's opening paragraph."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end > start:
+        text = text[:start] + section + "\n" + text[end + len(SECTION_END) :].lstrip("\n")
+    else:
+        first = text.find("<!-- ")
+        first = len(text) if first == -1 else first
+        text = text[:first].rstrip("\n") + "\n\n" + section + "\n" + text[first:]
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, one repetition: checks every harness, not the speed")
+    parser.add_argument("--only", nargs="+", choices=SUITE, default=list(SUITE))
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"results file (default: {RESULTS}; --quick: a temporary file)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the forwards")
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = (Path(tempfile.mkdtemp(prefix="collabvit-bench-")) / "RESULTS.md"
+                       if args.quick else RESULTS)  # fmt: skip
+    threaded = {"bench_forward", "bench_eval", "bench_compute"}
+    began, load_at_start = time.perf_counter(), load_average()
+    figures = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.only:
+            json_path = Path(scratch) / f"{name}.json"
+            command = [sys.executable, "-m", f"benchmarks.{name}", "--output", str(args.output),
+                       "--json", str(json_path)]  # fmt: skip
+            command += ["--quick"] if args.quick else []
+            command += ["--threads", str(args.threads)] if name in threaded else []
+            print(f"== {name}", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            print(f"== {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+            figures[name] = json.loads(json_path.read_text())
+    section = render(figures, args, time.perf_counter() - began, load_at_start)
+    write_at_top(args.output, section)
+    print(section)
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except subprocess.CalledProcessError as error:
+        sys.exit(f"benchmark failed: {' '.join(error.cmd)} (exit status {error.returncode})")

@@ -1,0 +1,191 @@
+"""What every benchmark shares: interleaved timing, the machine's description and the
+results file, in which each benchmark owns one section."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of each variant, one entry per repetition."""
+
+    seconds: dict[str, list[float]]
+
+    def median_ms(self, name: str) -> float:
+        return 1000.0 * statistics.median(self.seconds[name])
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Ratio of the medians."""
+        return self.median_ms(name) / self.median_ms(baseline)
+
+    def min_ratio(self, name: str, baseline: str) -> float:
+        """Ratio of the fastest repetitions (contention only ever adds time)."""
+        return min(self.seconds[name]) / min(self.seconds[baseline])
+
+    def paired_ratios(self, name: str, baseline: str) -> list[float]:
+        """Per-repetition ratios (the two were timed back to back)."""
+        return [a / b for a, b in zip(self.seconds[name], self.seconds[baseline], strict=True)]
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
+    """Time each variant `repeats` times, alternating variants within every repetition.
+
+    The order of the variants rotates from one repetition to the next, so no
+    variant always runs first (or always right after the same other one).
+    Warm-up calls run every variant `warmup` times and are not recorded.
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name]()
+            seconds[name].append(time.perf_counter() - start)
+        done = ", ".join(f"{n} {1000 * seconds[n][-1]:.0f} ms" for n in names)
+        print(f"  rep {rep + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
+    return Timings(seconds)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def machine_lines(threads: int, load_at_start: str) -> list[str]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- CPU: {cpu_model()}; {os.cpu_count()} logical cores ({usable} usable by this process)",
+        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+        f"- torch threads: {threads}",
+        f"- date: {now}",
+        f"- load average (1, 5, 15 min): {load_at_start} at the start, {load_average()} at the "
+        "end (this benchmark alone adds about its thread count)",
+    ]
+
+
+def regenerate_and_machine(command: str, threads: int, load_at_start: str) -> list[str]:
+    """The closing lines of a results section: how to rerun it, and on what it ran."""
+    return ["Regenerate with:", "", "```", command, "```", "", "Machine:", "",
+            *machine_lines(threads, load_at_start)]  # fmt: skip
+
+
+def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, ...]:
+    paired = timings.paired_ratios(name, baseline)
+    return (
+        f"{timings.median_ms(name):.1f}",
+        f"{timings.median_ms(baseline):.1f}",
+        f"**{timings.ratio(name, baseline):.3f}**",
+        f"{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]",
+        f"{timings.min_ratio(name, baseline):.3f}",
+    )
+
+
+def write_section(path: Path, section: str, start_marker: str, end_marker: str) -> None:
+    """Replace one script's section of `path` (or append it, or create the file)."""
+    if path.exists():
+        text = path.read_text()
+        start, end = text.find(start_marker), text.find(end_marker)
+        if start != -1 and end > start:
+            rest = text[end + len(end_marker) :].lstrip("\n")
+            text = text[:start] + section + ("\n" + rest if rest else "")
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = (
+            "# Benchmark results\n\n"
+            "Each benchmark script in `benchmarks/` owns one section below and rewrites "
+            "only that section.\n\n" + section
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MB (Linux)."""
+    return _status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak-RSS record afresh from the current RSS (Linux >= 4.0: clear_refs 5), so
+    that the peak of a measured section is not the peak of loading models before it."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since start or the last reset_peak_rss, in MB."""
+    return _status_kib("VmHWM") / 1024
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark shares with the suite (python -m benchmarks)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, one repetition: checks the harness, not the speed; "
+                             "writes no results file unless --output is given")  # fmt: skip
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"results file whose section this rewrites (default: {RESULTS})")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the headline figures as JSON (the suite reads them)")
+
+
+def apply_quick(args: argparse.Namespace, **small) -> argparse.Namespace:
+    """Under --quick, replace the named settings by small ones; else default the output."""
+    if args.quick:
+        for name, value in small.items():
+            setattr(args, name, value)
+    elif args.output is None:
+        args.output = RESULTS
+    return args
+
+
+def publish(args: argparse.Namespace, section: str, start_marker: str, end_marker: str,
+            figures: dict | None = None) -> None:  # fmt: skip
+    """Print a benchmark's section, write it into the results file, and its figures to JSON."""
+    print(section)
+    if args.output is not None:
+        write_section(args.output, section, start_marker, end_marker)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if args.json is not None and figures is not None:
+        args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
