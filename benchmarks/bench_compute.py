@@ -35,6 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from benchmarks.harness import (
     add_suite_arguments,
     apply_quick,
+    batched_calls,
     interleaved,
     load_average,
     publish,
@@ -50,6 +51,7 @@ from collabvit.server import Server
 SECTION_START = "<!-- bench_compute:start (written by benchmarks/bench_compute.py) -->"
 SECTION_END = "<!-- bench_compute:end -->"
 KEPT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+MIN_SECONDS = 0.3  # per timed repetition: many calls of a forward of a few ms
 
 
 def vit_flops(model: VisionTransformer, tokens: int) -> float:
@@ -126,13 +128,9 @@ def payloads_with(models: Models, images: torch.Tensor, kept: int, seed: int) ->
 
 
 def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of one call of `run` (batched into repetitions of >= MIN_SECONDS)."""
+    runs, calls = batched_calls({"run": run}, MIN_SECONDS)
+    return statistics.median(interleaved(runs, repeats, warmup=0).seconds["run"]) / calls
 
 
 def bench_rates(models: Models, batch: int, repeats: int, seed: int) -> dict:
@@ -160,10 +158,11 @@ def bench_rates(models: Models, batch: int, repeats: int, seed: int) -> dict:
         "server classify (all patches)": (lambda: server.classify(everything), server_flops),
         "server model(x)": (plain(models.server), server_flops),
     }
-    timings = interleaved({name: run for name, (run, _) in variants.items()}, repeats, warmup=1)
-    return {name: {"seconds": statistics.median(timings.seconds[name]),
-                   "gflop_per_image": flops / batch / 1e9,
-                   "gflops": flops / statistics.median(timings.seconds[name]) / 1e9}
+    runs, calls = batched_calls({name: run for name, (run, _) in variants.items()}, MIN_SECONDS)
+    timings = interleaved(runs, repeats, warmup=0)
+    seconds = {name: statistics.median(timings.seconds[name]) / calls for name in variants}
+    return {name: {"seconds": seconds[name], "gflop_per_image": flops / batch / 1e9,
+                   "gflops": flops / seconds[name] / 1e9}
             for name, (_, flops) in variants.items()}  # fmt: skip
 
 
@@ -212,8 +211,10 @@ def bench_latency(models: Models, repeats: int, seed: int) -> dict:
             models.edge(x)
             models.server(x)
 
-    timings = interleaved({"collabvit": collaborative, "plain": plain}, repeats, warmup=2)
-    return {"collabvit_ms": timings.median_ms("collabvit"), "plain_ms": timings.median_ms("plain"),
+    runs, calls = batched_calls({"collabvit": collaborative, "plain": plain}, MIN_SECONDS)
+    timings = interleaved(runs, repeats, warmup=0)
+    return {"collabvit_ms": timings.median_ms("collabvit") / calls, "calls": calls,
+            "plain_ms": timings.median_ms("plain") / calls,
             "ratio": timings.ratio("collabvit", "plain")}  # fmt: skip
 
 
@@ -266,8 +267,8 @@ def render(results: dict, args, elapsed: float, load_at_start: str) -> str:
         "",
         "Batch-1 latency of one image: `EdgeDevice.process` (every patch selected, the image "
         "sent) then `Server.classify` of its payload, against the plain forwards `edge(x)` + "
-        f"`server(x)` on the whole image; interleaved, {args.latency_repeats} repetitions, "
-        "medians.",
+        f"`server(x)` on the whole image; interleaved, {args.latency_repeats} repetitions "
+        f"(each of >= {MIN_SECONDS} s, many calls), medians.",
         "",
         *latency_rows,
         "",
@@ -283,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="images per batched forward")
     parser.add_argument("--singles", type=int, default=8, help="images sent one per call")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--matmul-size", type=int, default=3072)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

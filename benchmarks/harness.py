@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -189,3 +190,26 @@ def publish(args: argparse.Namespace, section: str, start_marker: str, end_marke
         print(f"wrote {args.output}", file=sys.stderr)
     if args.json is not None and figures is not None:
         args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+
+
+def batched_calls(variants: dict[str, Callable[[], object]],
+                  min_seconds: float) -> tuple[dict[str, Callable[[], object]], int]:  # fmt: skip
+    """Variants that each make `calls` calls, so that one timed repetition of the slowest
+    lasts at least `min_seconds` (a few ms per call is below what one timing resolves on a
+    busy machine). Returns the wrapped variants and `calls`; divide their times by it."""
+    slowest = 0.0
+    for variant in variants.values():
+        variant()  # warm-up
+        start = time.perf_counter()
+        variant()
+        slowest = max(slowest, time.perf_counter() - start)
+    calls = max(1, math.ceil(min_seconds / max(slowest, 1e-9)))
+
+    def repeat(variant: Callable[[], object]) -> Callable[[], object]:
+        def run() -> None:
+            for _ in range(calls):
+                variant()
+
+        return run
+
+    return {name: repeat(variant) for name, variant in variants.items()}, calls

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.nn.utils.rnn import pad_sequence
 
 from collabvit import vit
 from collabvit.protocol import PatchPayload
@@ -26,14 +27,15 @@ def pack_payloads(
         payloads = [PatchPayload(p.positions, p.patches.float() / 255.0
                                  if p.patches.dtype == torch.uint8 else p.patches.float())
                     for p in payloads]  # fmt: skip
-    first = payloads[0].patches
-    patches = first.new_zeros((len(payloads), length, *first.shape[1:]))
-    positions = torch.zeros(len(payloads), length, dtype=torch.int64)
-    valid = torch.zeros(len(payloads), length, dtype=torch.bool)
-    for row, payload in enumerate(payloads):
-        patches[row, : payload.size] = payload.patches
-        positions[row, : payload.size] = payload.positions
-        valid[row, : payload.size] = True
+    if length == 0:  # pad_sequence needs one non-empty shape to pad to
+        first = payloads[0].patches
+        patches = first.new_zeros((len(payloads), 0, *first.shape[1:]))
+        positions = torch.zeros(len(payloads), 0, dtype=torch.int64)
+    else:
+        patches = pad_sequence([p.patches for p in payloads], batch_first=True)
+        positions = pad_sequence([p.positions for p in payloads], batch_first=True)
+    sizes = torch.tensor([p.size for p in payloads])
+    valid = torch.arange(length)[None, :] < sizes[:, None]
     return patches.to(device), positions.to(device), valid.to(device)
 
 
