@@ -3,6 +3,7 @@
     python -m benchmarks            # rewrites benchmarks/RESULTS.md (about 15 min on 2 cores)
     python -m benchmarks --quick    # a smoke run of every harness (CI), into a temporary file
     python -m benchmarks --only bench_eval bench_codec
+    python -m benchmarks --only bench_gpu   # on a machine with a GPU: the GPU comparison
 
 Each benchmark rewrites its own section of the results file and hands its headline figures
 back as JSON; this writes the "Targets" section at the top from them. ``make bench-sweep``
@@ -19,9 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.harness import RESULTS, load_average, machine_lines
 
-SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve")
+SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -73,6 +76,9 @@ def target_rows(figures: dict) -> list[str]:
                  f"{verdict(served >= 0.7)} |",
                  f"| served with batching / without | {batching:.2f}x | >= 2x | "
                  f"{verdict(batching >= 2)} |"]  # fmt: skip
+    for dtype, r in figures.get("bench_gpu", {}).items():
+        rows.append(f"| GPU eval throughput / reference loop, deit, batch 256, {dtype} "
+                    f"(informational) | {r['speedup']:.2f}x | | |")
     if "bench_forward" in figures:
         f = figures["bench_forward"]
         rows.append(f"| edge `mean` step / plain `model(x)` | {f['edge_mean_over_plain']:.3f} | "
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one repetition: checks every harness, not the speed")
-    parser.add_argument("--only", nargs="+", choices=SUITE, default=list(SUITE))
+    parser.add_argument("--only", nargs="+", choices=SUITE, default=None,
+                        help="these benchmarks (default: all; bench_gpu only where CUDA is "
+                             "available, or under --quick, where it runs on the CPU)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"results file (default: {RESULTS}; --quick: a temporary file)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the forwards")
@@ -127,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.output is None:
         args.output = (Path(tempfile.mkdtemp(prefix="collabvit-bench-")) / "RESULTS.md"
                        if args.quick else RESULTS)  # fmt: skip
+    if args.only is None:
+        with_gpu = args.quick or torch.cuda.is_available()
+        args.only = [name for name in SUITE if with_gpu or name != "bench_gpu"]
     threaded = {"bench_forward", "bench_eval", "bench_compute"}
     began, load_at_start = time.perf_counter(), load_average()
     figures = {}

@@ -60,7 +60,7 @@ def reference_edge(model: VisionTransformer, images: torch.Tensor,
     """
     prefix = model.num_prefix_tokens
     with full_attention_maps(model) as maps:
-        logits = model(images).float()
+        logits = model(images.to(vit.compute_dtype(model))).float()
     maps = [m.float() for m in maps]
     scores = mean_scores(maps[-1][:, :, 0], prefix) if mode == "mean" \
         else rollout_scores(maps, prefix)  # fmt: skip
@@ -75,7 +75,7 @@ def reference_server(model: VisionTransformer, images: torch.Tensor,
     images: normalised [B, C, H, W]; keep [B, N] bool with the same count in every row.
     """
     prefix = model.num_prefix_tokens
-    tokens = vit._embed(model, images)  # [B, prefix + N, E]
+    tokens = vit._embed(model, images.to(vit.compute_dtype(model)))  # [B, prefix + N, E]
     count = int(keep[0].sum()) if len(keep) else 0
     index = torch.nonzero(keep)[:, 1].reshape(keep.shape[0], count) + prefix
     kept = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
@@ -93,14 +93,17 @@ def reference_evaluate(
 ) -> Summary:
     """The collaborative figures the reference's loop structure computes.
 
-    batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]).
+    batches: (unnormalised images [B, C, H, W], targets [B], dataset indices [B]), moved to
+        the edge model's device.
     normalization: for both models (default: each model's own).
     """
+    device = next(edge_model.parameters()).device
     edge_norm = normalization or vit.Normalization.of_model(edge_model)
     server_norm = normalization or vit.Normalization.of_model(server_model)
     running = RunningSummary(num_patches=vit.geometry(edge_model).num_patches)
     one_size = config.masking_mode in COUNT_MODES
     for images, targets, indices in batches:
+        images, targets = images.to(device), targets.to(device)
         logits, scores = reference_edge(edge_model, edge_norm(images), config.attention_mode)
         confident = gate(logits, config)
         keep = select(scores, config, indices, seed)
