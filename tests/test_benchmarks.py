@@ -50,8 +50,9 @@ def test_a_section_is_replaced_in_place_and_the_targets_go_first(tmp_path):
 def test_the_quick_suite_runs_every_benchmark_and_writes_every_section(tmp_path):
     output = tmp_path / "RESULTS.md"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--output", str(output)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--output", str(output)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     text = output.read_text()
     for name in SUITE:
