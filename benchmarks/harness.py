@@ -149,10 +149,15 @@ def current_rss_mb() -> float:
     return _status_kib("VmRSS") / 1024
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss() -> bool:
     """Start the peak-RSS record afresh from the current RSS (Linux >= 4.0: clear_refs 5), so
-    that the peak of a measured section is not the peak of loading models before it."""
-    Path("/proc/self/clear_refs").write_text("5")
+    that the peak of a measured section is not the peak of loading models before it. False
+    where the kernel does not allow it (the peak then includes the loading)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_mb() -> float:
