@@ -15,9 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 
 import torch
@@ -28,7 +26,7 @@ from benchmarks.harness import (
     apply_quick,
     load_average,
     publish,
-    regenerate_and_machine,
+    section,
 )
 from collabvit.data import FashionMNIST
 from collabvit.protocol import (
@@ -40,8 +38,6 @@ from collabvit.protocol import (
     patchify,
 )
 
-SECTION_START = "<!-- bench_codec:start (written by benchmarks/bench_codec.py) -->"
-SECTION_END = "<!-- bench_codec:end -->"
 CODECS = ("raw", "png", "jpeg:75", "jpeg:95")
 
 
@@ -100,11 +96,7 @@ def render(results: dict, args, elapsed: float, load_at_start: str) -> str:
             rows.append(f"| {name} | {codec} | {r['bytes']:.0f} ({r['pixel_bytes']:.0f}) | "
                         f"**{r['encode_mb_s']:.1f}** | **{r['decode_mb_s']:.1f}** | "
                         f"{r['encode_us']:.0f} | {r['decode_us']:.0f} |")  # fmt: skip
-    command = shlex.join(["python", "-m", "benchmarks.bench_codec", *sys.argv[1:]])
-    lines = [
-        SECTION_START,
-        "## Wire codecs: encode and decode speed (`bench_codec.py`)",
-        "",
+    return section("bench_codec", "Wire codecs: encode and decode speed", [
         f"{args.images} payloads per geometry, each half of an image's patches (the "
         "higher-variance half); MB/s of uncompressed kept pixels, medians of "
         f"{args.repeats} passes over all payloads, one thread of Python each (`encode_payload`, "
@@ -113,12 +105,7 @@ def render(results: dict, args, elapsed: float, load_at_start: str) -> str:
         "positions (and, lossless codecs, its pixels) before timing.",
         "",
         *rows,
-        "",
-        *regenerate_and_machine(command, torch.get_num_threads(), load_at_start),
-        f"- total benchmark time: {elapsed:.0f} s",
-        SECTION_END,
-    ]
-    return "\n".join(lines) + "\n"
+    ], load_at_start, elapsed)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: {codec: bench(geometry, payloads, Codec.parse(codec), args.repeats)
                       for codec in CODECS}
                for name, (geometry, payloads) in geometries(args.images).items()}  # fmt: skip
-    section = render(results, args, time.perf_counter() - began, load_at_start)
-    publish(args, section, SECTION_START, SECTION_END, results)
+    text = render(results, args, time.perf_counter() - began, load_at_start)
+    publish(args, "bench_codec", text, results)
 
 
 if __name__ == "__main__":

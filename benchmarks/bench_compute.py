@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from benchmarks.harness import (
     interleaved,
     load_average,
     publish,
-    regenerate_and_machine,
+    section,
 )
 from collabvit import vit
 from collabvit.config import EdgeConfig, ModelSpec
@@ -48,8 +47,6 @@ from collabvit.pair import load_model
 from collabvit.protocol import PatchPayload, patchify
 from collabvit.server import Server
 
-SECTION_START = "<!-- bench_compute:start (written by benchmarks/bench_compute.py) -->"
-SECTION_END = "<!-- bench_compute:end -->"
 KEPT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 MIN_SECONDS = 0.3  # per timed repetition: many calls of a forward of a few ms
 
@@ -244,12 +241,8 @@ def render(results: dict, args, elapsed: float, load_at_start: str) -> str:
         latency_rows.append(f"| {name} | {lat['collabvit_ms']:.2f} | {lat['plain_ms']:.2f} | "
                             f"**{lat['ratio']:.3f}** | <= 1.1 "
                             f"{'met' if lat['ratio'] <= 1.1 else 'NOT met'} |")  # fmt: skip
-    command = shlex.join(["python", "-m", "benchmarks.bench_compute", *sys.argv[1:]])
-    lines = [
-        SECTION_START,
-        "## Compute: the machine's limit, server time against kept tokens, batch-1 latency "
-        "(`bench_compute.py`)",
-        "",
+    return section("bench_compute", "Compute: the machine's limit, server time against kept "
+                   "tokens, batch-1 latency", [
         f"Large-matmul limit: `torch.mm` of two {args.matmul_size} x {args.matmul_size} float32 "
         f"matrices, **{limit:.1f} GFLOP/s** (median of {args.repeats + 2}).",
         "",
@@ -271,12 +264,7 @@ def render(results: dict, args, elapsed: float, load_at_start: str) -> str:
         f"(each of >= {MIN_SECONDS} s, many calls), medians.",
         "",
         *latency_rows,
-        "",
-        *regenerate_and_machine(command, torch.get_num_threads(), load_at_start),
-        f"- total benchmark time: {elapsed:.0f} s",
-        SECTION_END,
-    ]
-    return "\n".join(lines) + "\n"
+    ], load_at_start, elapsed)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -310,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             "kept": bench_kept(models, args.batch, args.singles, args.repeats, args.seed),
             "latency": bench_latency(models, args.latency_repeats, args.seed),
         }
-    section = render(results, args, time.perf_counter() - began, load_at_start)
-    publish(args, section, SECTION_START, SECTION_END, results)
+    text = render(results, args, time.perf_counter() - began, load_at_start)
+    publish(args, "bench_compute", text, results)
 
 
 if __name__ == "__main__":

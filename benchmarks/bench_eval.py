@@ -47,8 +47,8 @@ from benchmarks.harness import (
     load_average,
     peak_rss_mb,
     publish,
-    regenerate_and_machine,
     reset_peak_rss,
+    section,
 )
 from benchmarks.reference_loop import reference_evaluate
 from collabvit import vit
@@ -59,8 +59,6 @@ from collabvit.metrics import Summary, format_summary
 from collabvit.pair import load_pair
 from collabvit.server import Server
 
-SECTION_START = "<!-- bench_eval:start (written by benchmarks/bench_eval.py) -->"
-SECTION_END = "<!-- bench_eval:end -->"
 DEIT_EDGE, DEIT_SERVER = "deit_tiny_patch16_224", "deit_base_patch16_224"
 DEIT_CONFIG = EdgeConfig(attention_mode="mean", masking_mode="attention_sum_threshold",
                          masking_th=0.9, uncer_mode="min_entropy", uncer_th=0.5)  # fmt: skip
@@ -265,11 +263,7 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
         notes.append(f"- `{name}`: {r['description']}. Memory runs: the first "
                      f"{r['memory_images']} images. Both loops give these figures: "
                      + "; ".join(r["figures"].splitlines()[:3]) + ".")  # fmt: skip
-    command = shlex.join(["python", "-m", "benchmarks.bench_eval", *sys.argv[1:]])
-    lines = [
-        SECTION_START,
-        "## Whole evaluation against the reference loop (`bench_eval.py`)",
-        "",
+    return section("bench_eval", "Whole evaluation against the reference loop", [
         "`collabvit eval`'s loop (`collabvit.evaluate.evaluate`: fused attention with only the "
         "last block's class-token row, embedding only the kept patches, every sent image of a "
         "batch in size-planned ragged forwards) against a re-creation of the paper's loop "
@@ -291,12 +285,7 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
         "needs).",
         "",
         *memory_rows,
-        "",
-        *regenerate_and_machine(command, torch.get_num_threads(), load_at_start),
-        f"- total benchmark time: {elapsed:.0f} s",
-        SECTION_END,
-    ]
-    return "\n".join(lines) + "\n"
+    ], load_at_start, elapsed)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -329,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     began, load_at_start = time.perf_counter(), load_average()
     results = {name: bench_workload(name, args) for name in args.workloads}
-    section = render(results, args, time.perf_counter() - began, load_at_start)
-    publish(args, section, SECTION_START, SECTION_END,
+    text = render(results, args, time.perf_counter() - began, load_at_start)
+    publish(args, "bench_eval", text,
             {name: {k: r[k] for k in ("speedup", "forward_fraction", "memory")}
              for name, r in results.items()})  # fmt: skip
 

@@ -34,7 +34,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from benchmarks.harness import (
     interleaved,
     load_average,
     publish,
-    regenerate_and_machine,
+    section,
 )
 from collabvit.protocol import PatchPayload, patchify
 from collabvit.server import Server, plan_batches
@@ -62,8 +61,6 @@ SERVER_MODEL = "deit_base_patch16_224"
 MIN_PATCHES, MAX_PATCHES = 100, 196  # selection sizes, both inclusive
 ATOL = 1e-4
 
-SECTION_START = "<!-- bench_forward:start (written by benchmarks/bench_forward.py) -->"
-SECTION_END = "<!-- bench_forward:end -->"
 
 
 def bench_edge(batch_size: int, repeats: int, warmup: int, seed: int) -> tuple[Timings, Timings]:
@@ -212,11 +209,7 @@ def render(
         if noisy
         else "Per-repetition ratios stayed within 25 % (max/min) of each other."
     )
-    command = shlex.join(["python", "-m", "benchmarks.bench_forward", *sys.argv[1:]])
-    lines = [
-        SECTION_START,
-        "## Forward speed: edge scores and ragged server batches (`bench_forward.py`)",
-        "",
+    return section("bench_forward", "Forward speed: edge scores and ragged server batches", [
         "Ratios of median wall-clock times measured in one process run, the compared "
         "variants interleaved repetition by repetition (order rotating) after warm-up; "
         "a ratio below 1 means the variant is faster than its baseline. The ratio of "
@@ -243,16 +236,11 @@ def render(
         "",
         noise_note,
         "",
-        *regenerate_and_machine(command, torch.get_num_threads(), load_at_start),
-        f"- total benchmark time: {elapsed:.0f} s",
-        "",
         "Other processes (e.g. test runs) may share the machine during a run; interleaving "
         "exposes the compared variants to the same conditions, so ratios hold up better "
         "than absolute times, but contention is not neutral: the loop of many small "
         "single-image forwards suffers more from oversubscribed cores than one large forward.",
-        SECTION_END,
-    ]
-    return "\n".join(lines) + "\n"
+    ], load_at_start, elapsed)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -296,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_size, args.server_repeats, args.warmup, args.seed, args.bucket_batch
     )
     elapsed = time.perf_counter() - began
-    section = render(args, edge, server, payloads, max_diff, elapsed, load_at_start)
-    publish(args, section, SECTION_START, SECTION_END, {
+    text = render(args, edge, server, payloads, max_diff, elapsed, load_at_start)
+    publish(args, "bench_forward", text, {
         "edge_mean_over_plain": edge[0].ratio("mean", "plain"),
         "server_ragged_over_loop": server.ratio("ragged", "loop"),
     })  # fmt: skip

@@ -15,7 +15,6 @@ Usage (one command runs it all on a machine with a GPU):
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 
@@ -27,8 +26,8 @@ from benchmarks.harness import (
     apply_quick,
     interleaved,
     load_average,
-    machine_lines,
     publish,
+    section,
 )
 from benchmarks.reference_loop import reference_evaluate
 from collabvit.edge import EdgeDevice
@@ -37,8 +36,6 @@ from collabvit.metrics import format_summary
 from collabvit.pair import resolve_device
 from collabvit.server import Server
 
-SECTION_START = "<!-- bench_gpu:start (written by benchmarks/bench_gpu.py) -->"
-SECTION_END = "<!-- bench_gpu:end -->"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -102,23 +99,13 @@ def render(results: dict, args, device: torch.device, elapsed: float, load_at_st
         rows.append(f"| {dtype} | {r['collabvit']:.1f} | {r['reference']:.1f} | "
                     f"**{r['speedup']:.2f}x** | {mb(r['collabvit_mb'])} | "
                     f"{mb(r['reference_mb'])} | {'yes' if r['figures_agree'] else 'no'} |")
-    command = shlex.join(["python", "-m", "benchmarks.bench_gpu", *sys.argv[1:]])
-    lines = [
-        SECTION_START,
-        "## GPU: whole evaluation against the reference loop (`bench_gpu.py`)",
-        "",
+    return section("bench_gpu", "GPU: whole evaluation against the reference loop", [
         f"Device: **{name}**. deit_tiny edge, deit_base server (random weights), {args.images} "
         f"random images in batches of {args.batch_size}, attention_sum_threshold 0.9, every "
         f"image sent; interleaved, {args.repeats} repetitions, medians.",
         "",
         *rows,
-        "",
-        "Regenerate with:", "", "```", command, "```", "", "Machine:", "",
-        *machine_lines(torch.get_num_threads(), load_at_start),
-        f"- total benchmark time: {elapsed:.0f} s",
-        SECTION_END,
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    ], load_at_start, elapsed)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench_gpu: {error}")
     began, load_at_start = time.perf_counter(), load_average()
     results = {dtype: bench_dtype(dtype, args, device) for dtype in args.dtypes}
-    section = render(results, args, device, time.perf_counter() - began, load_at_start)
-    publish(args, section, SECTION_START, SECTION_END, results)
+    text = render(results, args, device, time.perf_counter() - began, load_at_start)
+    publish(args, "bench_gpu", text, results)
 
 
 if __name__ == "__main__":

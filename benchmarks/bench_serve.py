@@ -32,10 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import os
-import platform
-import shlex
 import socket
 import statistics
 import subprocess
@@ -44,11 +40,10 @@ import time
 
 import httpx
 import numpy as np
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.harness import add_suite_arguments, apply_quick, publish
+from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.client import wait_until_served
 from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.pair import load_pair
@@ -63,8 +58,6 @@ from collabvit.protocol import (
 )
 
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
-SECTION_START = "<!-- bench_serve:start (written by benchmarks/bench_serve.py) -->"
-SECTION_END = "<!-- bench_serve:end -->"
 
 
 def payloads_of_test_images(count: int):
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     add_suite_arguments(parser)
     args = apply_quick(parser.parse_args(argv), requests=100, fuzz_cases=200, repeats=1)
     began = time.perf_counter()
-    load_before = os.getloadavg()
+    load_at_start = load_average()
     pair, payloads, geometry, default = payloads_of_test_images(args.requests)
     blobs = [encode_payload(p, geometry) for p in payloads]
     sizes = [p.size for p in payloads]
@@ -284,10 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{percentile_ms(latencies, 50):.1f} | {percentile_ms(latencies, 99):.1f} | "
                 f"{len(latencies)} | {failures} |")  # fmt: skip
 
-    text = f"""
-## Serving: throughput, latency, load and fuzz (`bench_serve.py`)
-
-The shipped Fashion-MNIST server (`{SERVER}`) behind `collabvit serve`, one image per
+    body = f"""The shipped Fashion-MNIST server (`{SERVER}`) behind `collabvit serve`, one image per
 request, {args.concurrency} requests in flight from one client process on the same machine
 (keep-alive connections; a minimal HTTP/1.1 client on asyncio streams, about 0.05 ms of CPU
 per request, so that the load generator takes little from the server). Payloads: the shipped
@@ -317,26 +307,13 @@ answered, {http['4xx']} refused with 4xx, **{http['5xx']} with 5xx**,
 {'still answered' if http.get('alive_after') else 'did NOT answer'} its health check after.
 Decoder fuzz ({decoder['cases']} cases in-process, `decode_payload` and
 `parse_infer_request`): {decoder['decoded']} decoded, {decoder['protocol_errors']}
-ProtocolError, **{decoder['other_exceptions']} other exceptions**.
-
-Regenerate with:
-
-```
-{shlex.join(["python", "-m", "benchmarks.bench_serve", *sys.argv[1:]])}
-```
-
-Machine:
-
-- CPU: {platform.processor() or platform.machine()}; {os.cpu_count()} logical cores
-- torch {torch.__version__}, Python {platform.python_version()}, torch threads
-  {torch.get_num_threads()}
-- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC
-- load average (1, 5, 15 min): {", ".join(f"{v:.2f}" for v in load_before)} at the start
-- total benchmark time: {time.perf_counter() - began:.0f} s
-"""
-    publish(args, f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n", SECTION_START,
-            SECTION_END, {"in_process": baseline, "batched": batched[0], "unbatched": unbatched[0],
-                          "http_5xx": http["5xx"], "decoder_other": decoder["other_exceptions"]})
+ProtocolError, **{decoder['other_exceptions']} other exceptions**."""
+    text = section("bench_serve", "Serving: throughput, latency, load and fuzz",
+                   body.splitlines(), load_at_start, time.perf_counter() - began)
+    publish(args, "bench_serve", text, {
+        "in_process": baseline, "batched": batched[0], "unbatched": unbatched[0],
+        "http_5xx": http["5xx"], "decoder_other": decoder["other_exceptions"],
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,19 +23,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
 
 from benchmarks.harness import (
+    add_suite_arguments,
+    apply_quick,
     fmt_ratio,
     interleaved,
     load_average,
-    regenerate_and_machine,
-    write_section,
+    publish,
+    section,
 )
 from collabvit import vit, zoo
 from collabvit.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
@@ -44,17 +44,14 @@ from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.passes import Grid, gate_grid, run_edge, selections, server_logits, sweep_points
 from collabvit.server import Server
 
-SECTION_START = "<!-- bench_sweep:start (written by benchmarks/bench_sweep.py) -->"
-SECTION_END = "<!-- bench_sweep:end -->"
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--limit", type=int, help="only the first N test images")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
-    args = parser.parse_args(argv)
+    add_suite_arguments(parser)
+    args = apply_quick(parser.parse_args(argv), repeats=1, limit=200)
     torch.set_num_threads(args.threads)
     load_at_start = load_average()
 
@@ -83,31 +80,21 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)  # fmt: skip
     timings = interleaved({"sweep": sweep, "baseline": baseline}, args.repeats, warmup=0)
     row = fmt_ratio(timings, "sweep", "baseline")
-    command = "python -m benchmarks.bench_sweep" + (
-        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
-    )
-    lines = [
-        SECTION_START,
-        "## Sweep cost: 10 δ x 20 η against one edge pass + ten server passes (`bench_sweep.py`)",
-        "",
+    text = section("bench_sweep", "Sweep cost: 10 δ x 20 η against one edge pass + ten server "
+                   "passes", [
         f"The shipped pair ({zoo.EDGE}, {zoo.SERVER}) on {len(data)} Fashion-MNIST test images. "
         f"Sweep = `run_edge` + η grid + `sweep_points` over {len(policies)} δ of "
         f"attention_sum_threshold x {SWEEP_NUM_ETAS} η of min_entropy ({len(points)} points); "
         "baseline = `run_edge` + `server_logits` of every image on each of the "
         f"{len(policies)} selections. Variants interleaved, {args.repeats} repetitions each; "
-        "a ratio at or below 1.3 meets issue 4's target.",
+        "the sweep's target is a ratio at or below 1.3.",
         "",
         "| comparison | sweep median (ms) | baseline median (ms) | ratio of medians | "
         "per-repetition ratio: median [min, max] | ratio of minimums |",
         "|---|---:|---:|---:|---:|---:|",
         "| sweep / (one edge pass + ten server passes) | " + " | ".join(row) + " |",
-        "",
-        *regenerate_and_machine(command, args.threads, load_at_start),
-        SECTION_END,
-    ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    write_section(args.output, section, SECTION_START, SECTION_END)
+    ], load_at_start)  # fmt: skip
+    publish(args, "bench_sweep", text, {"sweep_over_baseline": timings.ratio("sweep", "baseline")})
 
 
 if __name__ == "__main__":

@@ -13,37 +13,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.harness import write_section
+from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.config import TrainConfig
 from collabvit.train import Trainer, augment
 
-SECTION_START = "<!-- bench_train:start (written by benchmarks/bench_train.py) -->"
-SECTION_END = "<!-- bench_train:end -->"
 MODELS = (
     ("collabvit_fmnist_cnn", {}),
     ("collabvit_fmnist_edge", {}),
     ("collabvit_fmnist_server", {"token_drop": 0.5}),
 )
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set(text.split("flags", 1)[1].split("\n", 1)[0].split()) if "flags" in text else set()
-    found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return ", ".join(found) or "none of avx512f / avx512_bf16 / amx"
 
 
 def time_steps(trainer: Trainer, steps: int, batch_size: int) -> float:
@@ -61,14 +44,14 @@ def time_steps(trainer: Trainer, steps: int, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
-    args = parser.parse_args()
-    began = time.perf_counter()
+    add_suite_arguments(parser)
+    args = apply_quick(parser.parse_args(argv), steps=2, repeats=1, batch_size=16)
+    began, load_at_start = time.perf_counter(), load_average()
     limit = args.steps * args.batch_size
     rows = []
     for name, extra in MODELS:
@@ -88,30 +71,18 @@ def main() -> None:
         rows.append(f"| {name}{' (token drop 0.5)' if extra else ''} | {fp32 * per_step:.0f} | "
                     f"{bf16 * per_step:.0f} | **{bf16 / fp32:.2f}** |")  # fmt: skip
         print(rows[-1], flush=True)
-    text = f"""
-## Training: bfloat16 autocast against float32 (`bench_train.py`)
-
-One `collabvit train` step (shift/flip augmentation, forward, loss, backward, AdamW) at
-batch {args.batch_size}, with and without `--bf16` (bfloat16 autocast), the same batches,
+    body = f"""One `collabvit train` step (shift/flip augmentation, forward, loss, backward,
+AdamW) at batch {args.batch_size}, with and without `--bf16` (bfloat16 autocast), the same batches,
 interleaved, median of {args.repeats} repetitions of {args.steps} steps after warm-up. A
 ratio below 1 means bf16 is faster.
 
 | model | float32 ms/step | bfloat16 ms/step | bf16 / fp32 |
 |---|---:|---:|---:|
-{chr(10).join(rows)}
-
-Regenerate with `python -m benchmarks.bench_train`.
-
-Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, CPU
-flags: {cpu_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads), Python
-{platform.python_version()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC;
-load average at the start {", ".join(f"{v:.2f}" for v in os.getloadavg())}; total
-{time.perf_counter() - began:.0f} s.
-"""
-    print(text)
-    write_section(Path(args.output), f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n",
-                  SECTION_START, SECTION_END)
+{chr(10).join(rows)}"""
+    text = section("bench_train", "Training: bfloat16 autocast against float32",
+                   body.splitlines(), load_at_start, time.perf_counter() - began)
+    publish(args, "bench_train", text)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -68,13 +69,20 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
 
 
 def cpu_model() -> str:
+    """The CPU's name and the vector extensions that decide float32 and bfloat16 speed."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no avx2/avx512/amx'})"
 
 
 def load_average() -> str:
@@ -99,10 +107,23 @@ def machine_lines(threads: int, load_at_start: str) -> list[str]:
     ]
 
 
-def regenerate_and_machine(command: str, threads: int, load_at_start: str) -> list[str]:
-    """The closing lines of a results section: how to rerun it, and on what it ran."""
-    return ["Regenerate with:", "", "```", command, "```", "", "Machine:", "",
-            *machine_lines(threads, load_at_start)]  # fmt: skip
+def markers(name: str) -> tuple[str, str]:
+    """The comments that open and close benchmark `name`'s section of the results file."""
+    return f"<!-- {name}:start (written by benchmarks/{name}.py) -->", f"<!-- {name}:end -->"
+
+
+def section(name: str, title: str, body: list[str], load_at_start: str,
+            elapsed: float | None = None) -> str:  # fmt: skip
+    """Benchmark `name`'s results section: its title and body, then how to rerun it (this
+    process's own arguments) and the machine it ran on."""
+    start, end = markers(name)
+    command = shlex.join(["python", "-m", f"benchmarks.{name}", *sys.argv[1:]])
+    lines = [start, f"## {title} (`{name}.py`)", "", *body, "", "Regenerate with:", "", "```",
+             command, "```", "", "Machine:", "",
+             *machine_lines(torch.get_num_threads(), load_at_start)]  # fmt: skip
+    if elapsed is not None:
+        lines.append(f"- total benchmark time: {elapsed:.0f} s")
+    return "\n".join([*lines, end]) + "\n"
 
 
 def fmt_ratio(timings: Timings, name: str, baseline: str) -> tuple[str, ...]:
@@ -186,12 +207,11 @@ def apply_quick(args: argparse.Namespace, **small) -> argparse.Namespace:
     return args
 
 
-def publish(args: argparse.Namespace, section: str, start_marker: str, end_marker: str,
-            figures: dict | None = None) -> None:  # fmt: skip
-    """Print a benchmark's section, write it into the results file, and its figures to JSON."""
-    print(section)
+def publish(args: argparse.Namespace, name: str, text: str, figures: dict | None = None) -> None:
+    """Print benchmark `name`'s section, write it into the results file, its figures to JSON."""
+    print(text)
     if args.output is not None:
-        write_section(args.output, section, start_marker, end_marker)
+        write_section(args.output, text, *markers(name))
         print(f"wrote {args.output}", file=sys.stderr)
     if args.json is not None and figures is not None:
         args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
