@@ -26,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import subprocess
@@ -63,6 +64,8 @@ DEIT_EDGE, DEIT_SERVER = "deit_tiny_patch16_224", "deit_base_patch16_224"
 DEIT_CONFIG = EdgeConfig(attention_mode="mean", masking_mode="attention_sum_threshold",
                          masking_th=0.9, uncer_mode="min_entropy", uncer_th=0.5)  # fmt: skip
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# the batch limit of the Server that `evaluate` is given here (its default)
+SERVER_MAX_BATCH = inspect.signature(Server).parameters["max_batch"].default
 
 
 @dataclass
@@ -87,10 +90,22 @@ class Workload:
         return reference_evaluate(self.edge_model, self.server_model, batches, self.config,
                                   normalization=self.normalization)  # fmt: skip
 
-    def loop(self, variant: str) -> Callable[[list[Batch]], Summary]:
-        return self.ours if variant == "collabvit" else self.reference
+    def plain(self, batches: list[Batch]) -> None:
+        """The forwards no loop at this batch size avoids: plain `model(x)` of the edge on
+        each batch and of the server on up to its batch limit of the batch's whole images."""
+        normalize = self.normalization or vit.Normalization.of_model(self.edge_model)
+        with torch.inference_mode():
+            for images, _, _ in batches:
+                x = normalize(images)
+                self.edge_model(x)
+                self.server_model(x[:SERVER_MAX_BATCH])
 
-    def figures(self, summary: Summary) -> str:
+    def loop(self, variant: str) -> Callable[[list[Batch]], Summary | None]:
+        return {"collabvit": self.ours, "reference": self.reference, "plain": self.plain}[variant]
+
+    def figures(self, summary: Summary | None) -> str | None:
+        if summary is None:
+            return None
         c = self.config
         return format_summary(summary, c.masking_mode, c.masking_th, c.uncer_mode, c.uncer_th)
 
@@ -213,7 +228,7 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict:
     fraction = forward_fraction(workload, batches)
     memory_images = args.memory_images or max(args.batch_sizes)  # one batch at the largest
     memory = {str(b): {variant: measure_memory(name, variant, b, memory_images, args)
-                       for variant in ("collabvit", "reference")}
+                       for variant in MEMORY_VARIANTS}
               for b in args.batch_sizes}  # fmt: skip
     for runs in memory.values():
         if runs["collabvit"]["figures"] != runs["reference"]["figures"]:
@@ -225,6 +240,7 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict:
             "memory": memory}  # fmt: skip
 
 
+MEMORY_VARIANTS = ("collabvit", "reference", "plain")
 FULL_IMAGES = {"deit": 64, "fmnist": 10_000}
 QUICK_IMAGES = {"deit": 4, "fmnist": 256}
 TARGETS = {"deit": (1.2, 0.90), "fmnist": (2.5, 0.75)}  # (speed-up, share in forwards)
@@ -236,8 +252,8 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     memory_rows = ["| workload | batch | collabvit peak RSS (MB) | reference peak RSS (MB) "
                    "| ratio | collabvit above loaded (MB) | reference above loaded (MB) | ratio "
-                   "| collabvit (img/s) | reference (img/s) |",
-                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                   "| plain forwards above loaded (MB) | collabvit (img/s) | reference (img/s) |",
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     notes = []
     for name, r in results.items():
         timings = Timings(r["timings"])
@@ -250,12 +266,12 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
                     f"**{100 * r['forward_fraction']:.1f} %** | >= {100 * share_target:.0f} % "
                     f"{'met' if r['forward_fraction'] >= share_target else 'NOT met'} |")
         for batch, runs in r["memory"].items():
-            ours, ref = runs["collabvit"], runs["reference"]
-            above = [max(run["peak_mb"] - run["loaded_mb"], 0.0) for run in (ours, ref)]
+            ours, ref, plain = runs["collabvit"], runs["reference"], runs["plain"]
+            above = [max(run["peak_mb"] - run["loaded_mb"], 0.0) for run in (ours, ref, plain)]
             memory_rows.append(
                 f"| {name} | {batch} | {ours['peak_mb']:.0f} | {ref['peak_mb']:.0f} | "
                 f"**{ours['peak_mb'] / ref['peak_mb']:.2f}** | {above[0]:.0f} | {above[1]:.0f} | "
-                f"**{above[0] / max(above[1], 1e-9):.2f}** | "
+                f"**{above[0] / max(above[1], 1e-9):.2f}** | {above[2]:.0f} | "
                 f"{ours['images'] / ours['seconds']:.2f} | {ref['images'] / ref['seconds']:.2f} |")
         if not all(run["peak_reset"] for runs in r["memory"].values() for run in runs.values()):
             notes.append("- This kernel did not let the peak-memory record be reset: the peaks "
@@ -282,7 +298,9 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
         "Peak memory, each loop alone in a fresh process per batch size: the peak resident "
         "memory of the whole process (Python, torch, both models and the images included), "
         "and the peak above the resident memory once those are loaded (what the loop itself "
-        "needs).",
+        "needs). Plain forwards: the edge's `model(x)` on each batch and the server's on "
+        f"{SERVER_MAX_BATCH} of its whole images (the server's batch limit in `evaluate`), "
+        "nothing else: the working memory no loop at that batch size can go below.",
         "",
         *memory_rows,
     ], load_at_start, elapsed)  # fmt: skip
@@ -302,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     add_suite_arguments(parser)
-    parser.add_argument("--worker", choices=["collabvit", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and args.batch_sizes == [64, 256]:
         args.batch_sizes = [2, 4]

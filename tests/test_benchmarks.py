@@ -12,7 +12,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.__main__ import SECTION_END, SECTION_START, SUITE, write_at_top
+from benchmarks.__main__ import SECTION_END, SECTION_START, SUITE, fixed_share, write_at_top
 from benchmarks.bench_compute import vit_flops
 from benchmarks.harness import write_section
 
@@ -61,3 +61,8 @@ def test_the_quick_suite_runs_every_benchmark_and_writes_every_section(tmp_path)
     for measured in ("eval throughput / reference loop, deit", "batch-1 latency",
                      "server forward GFLOP/s", "served / in-process"):  # fmt: skip
         assert measured in targets
+
+
+def test_the_fixed_share_of_server_time_is_the_intercept_over_the_token_share():
+    rows = [{"bound_fraction": x, "batched_ratio": 0.1 + 0.9 * x} for x in (0.26, 0.5, 0.76, 1)]
+    assert fixed_share(rows, "batched") == pytest.approx(0.1)
