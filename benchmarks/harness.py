@@ -20,6 +20,8 @@ from pathlib import Path
 import timm
 import torch
 
+from collabvit import cpu_model
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -66,23 +68,6 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
         done = ", ".join(f"{n} {1000 * seconds[n][-1]:.0f} ms" for n in names)
         print(f"  rep {rep + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
     return Timings(seconds)
-
-
-def cpu_model() -> str:
-    """The CPU's name and the vector extensions that decide float32 and bfloat16 speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name, flags = platform.machine(), set()
-    for line in info.splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no avx2/avx512/amx'})"
 
 
 def load_average() -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from collabvit import vit
+from collabvit import cpu_model, vit
 from collabvit.cli import main
 from collabvit.config import TrainConfig
 from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
@@ -23,6 +23,7 @@ from collabvit.train import (
     drop_tokens,
     load_teacher,
     lr_scheduler,
+    training_time,
 )
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -139,6 +140,8 @@ def test_short_run_resume_and_export_loadable(tmp_path):
     weights = straight.export()
     card = json.loads((tmp_path / "straight" / "model_card.json").read_text())
     assert card["training"]["seed"] == 5 and card["collabvit"] and card["parameters"] > 0
+    assert card["training_seconds"] == round(sum(record["seconds"] for record in straight.log))
+    assert card["hardware"] == [f"{cpu_model()}, {torch.get_num_threads()} threads: 2 epochs"]
     split = {"size": 5000, "seed": 0}
     assert card["training"]["validation_split"] == split
     assert card["data"]["validation_split"] == split and card["data"]["validation_images"] == 5000
@@ -220,6 +223,15 @@ def test_distilled_student_records_its_teacher(tmp_path):
     assert card["teacher"]["test_acc"] == json.loads(
         (tmp_path / "teacher" / "model_card.json").read_text())["test_acc"]
     assert card["training"]["distill"] == "soft"
+    assert card["teacher"]["hardware"] == [f"{cpu_model()}, {torch.get_num_threads()} threads: "
+                                           "1 epoch"]  # fmt: skip
+
+
+def test_training_time_counts_the_epochs_of_each_machine_and_the_unrecorded_ones():
+    log = [{"seconds": 10.4, "hardware": "A"}, {"seconds": 20.0}, {"seconds": 5.0, "hardware": "A"},
+           {"seconds": 1.0, "hardware": "B"}]  # fmt: skip
+    assert training_time(log) == {"training_seconds": 36, "hardware": [
+        "A: 2 epochs", "not recorded: 1 epoch", "B: 1 epoch"]}  # fmt: skip
 
 
 def _test_set(count: int):

@@ -30,7 +30,28 @@ _EXPORTS = {
     "load_pair": "pair",
 }
 
-__all__ = ["__version__", "versions", *_EXPORTS]
+__all__ = ["__version__", "versions", "cpu_model", *_EXPORTS]
+
+
+def cpu_model() -> str:
+    """The CPU's name and the vector extensions that decide float32 and bfloat16 speed,
+    e.g. "AMD EPYC (avx2, avx512f, avx512_bf16)"."""
+    import platform
+    from pathlib import Path
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no avx2/avx512/amx'})"
 
 
 def versions() -> dict[str, str]:

@@ -29,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from collabvit import versions, vit
+from collabvit import cpu_model, versions, vit
 from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
@@ -300,6 +300,8 @@ class Trainer:
             "val_acc": model_accuracy(self.final_model, self.val_images, self.val_labels),
             "lr": lr,
             "seconds": round(time.time() - started, 1),
+            # a resumed run may continue on another machine
+            "hardware": f"{cpu_model()}, {torch.get_num_threads()} threads",
         }
 
     @property
@@ -364,6 +366,7 @@ class Trainer:
                 f"seed {VALIDATION_SPLIT['seed']} (Fashion-MNIST --split val)",
             },
             "validation_acc": self.log[-1]["val_acc"] if self.log else None,
+            **training_time(self.log),
             "log": self.log,
             **versions(),
         }
@@ -375,6 +378,19 @@ class Trainer:
         return weights
 
 
+def training_time(log: list[dict]) -> dict:
+    """Seconds spent training (epochs summed, validation included) and the machines that
+    ran the epochs, from a run's log; epochs logged before machines were recorded count as
+    "not recorded"."""
+    epochs_on: dict[str, int] = {}
+    for record in log:
+        machine = record.get("hardware", "not recorded")
+        epochs_on[machine] = epochs_on.get(machine, 0) + 1
+    return {"training_seconds": round(sum(record["seconds"] for record in log)),
+            "hardware": [f"{machine}: {count} epoch{'s' * (count != 1)}"
+                         for machine, count in epochs_on.items()]}
+
+
 def teacher_card(source: str | Path) -> dict:
     """What a student's card says of its teacher: its recipe and accuracies, from the
     teacher's own model card beside its weights."""
@@ -383,7 +399,8 @@ def teacher_card(source: str | Path) -> dict:
     card_path = folder / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return {"source": str(source), **{key: card.get(key) for key in
-            ("model", "parameters", "training", "validation_acc", "test_acc")}}  # fmt: skip
+            ("model", "parameters", "training", "validation_acc", "test_acc")},
+            **training_time(card.get("log", []))}  # fmt: skip
 
 
 def train(config: TrainConfig, run: TrainRun) -> Iterator[str]:
