@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from collabvit import cpu_model, vit
 from collabvit.cli import main
@@ -262,11 +263,36 @@ def test_teacher_and_token_drop_mistakes_are_clear(tmp_path, capsys):
     with pytest.raises(ValueError, match="token drop needs a ViT"):
         Trainer(TrainConfig(model="collabvit_fmnist_cnn", token_drop=0.5, train_limit=64),
                 tmp_path, progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="neither a timm model name nor a folder"):
         load_teacher(tmp_path / "missing")
     status = main(["train", "--out-dir", str(tmp_path / "x"), "--teacher",
                    str(tmp_path / "missing"), "--train-limit", "64", "--quiet"])  # fmt: skip
-    assert status == 2 and "no model.safetensors" in capsys.readouterr().err
+    assert status == 2 and "neither a timm model name" in capsys.readouterr().err
+
+
+def test_a_teacher_by_name_is_the_shipped_model(monkeypatch):
+    monkeypatch.setattr(vit, "_hub_reachable", lambda: False)  # shipped: no hub needed
+    teacher = load_teacher("collabvit_fmnist_edge")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(teacher(x), vit.create_vit("collabvit_fmnist_edge")(x),
+                                   atol=0, rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="hub is unreachable"):
+        load_teacher("resnet18")  # a timm name without local weights, offline
+
+
+@needs_fmnist
+def test_a_teacher_that_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
+    from collabvit.train import create_trainable
+
+    kwargs = {"width": 4, "num_classes": 5}
+    state = create_trainable("collabvit_fmnist_cnn", kwargs).state_dict()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={
+        "model": "collabvit_fmnist_cnn", "config": json.dumps({"model_kwargs": kwargs})})
+    status = main(["train", "--out-dir", str(tmp_path / "x"), "--teacher", str(tmp_path),
+                   "--train-limit", "64", "--quiet"])  # fmt: skip
+    assert status == 2 and "answers with 5 classes, the student with 10" in (
+        capsys.readouterr().err)
 
 
 def test_a_vit_starts_from_the_weights_its_seed_gave_before_cnns_were_trainable():

@@ -361,8 +361,9 @@ class TrainConfig:
         type="finite", metavar="D"))
     teacher: str | None = field(default=None, metadata=flag(
         "distil from this trained model: a `collabvit train` output folder or its "
-        "model.safetensors; it sees the whole augmented image, the student its token-dropped "
-        "patches", metavar="RUN"))
+        "model.safetensors, or a timm model name with weights (shipped, or from the hub); it "
+        "sees the whole augmented image, the student its token-dropped patches",
+        metavar="RUN_OR_NAME"))
     distill: str = field(default="hard", metadata=flag(
         "hard: the teacher's top class as a second label; soft: its softened probabilities "
         "(default: %(default)s)", choices=DISTILL_MODES))

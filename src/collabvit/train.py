@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -120,15 +121,17 @@ def create_trainable(name: str, model_kwargs: dict | None = None) -> torch.nn.Mo
 
 
 def load_teacher(source: str | Path) -> torch.nn.Module:
-    """A model written by `collabvit train` (its folder or model.safetensors), in eval mode.
-
-    The file's metadata names the model and its training config (architecture overrides).
-    """
+    """The teacher, in eval mode: a model written by `collabvit train` (its folder or
+    model.safetensors, whose metadata names the model and its architecture overrides), or
+    a timm model name with weights (shipped with collabvit, or from timm's hub)."""
     path = Path(source)
+    if not path.exists() and timm.is_model(str(source)):
+        return vit.create_model(str(source)).eval()
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise ValueError(f"teacher {source}: no model.safetensors there (train one first)")
+        raise ValueError(f"teacher {source}: neither a timm model name nor a folder or file "
+                         "with model.safetensors (train one first)")  # fmt: skip
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -145,6 +148,22 @@ def load_teacher(source: str | Path) -> torch.nn.Module:
         first = str(error).strip().splitlines()[0]
         raise ValueError(f"teacher {path} does not fit {metadata['model']}: {first}") from error
     return model.eval()
+
+
+def check_teacher_fits(teacher: torch.nn.Module, probe: torch.Tensor, classes: int,
+                       source: str) -> None:  # fmt: skip
+    """ValueError unless the teacher takes the training images (probe [1, C, H, W],
+    normalised for it) and answers with the student's `classes` logits."""
+    try:
+        with torch.inference_mode():
+            logits = teacher(probe)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"teacher {source} cannot take the training images "
+                         f"{tuple(probe.shape[1:])}: {first}") from error  # fmt: skip
+    if tuple(logits.shape) != (1, classes):
+        raise ValueError(f"teacher {source} answers with {logits.shape[-1]} classes, the "
+                         f"student with {classes}")  # fmt: skip
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -206,6 +225,9 @@ class Trainer:
             raise ValueError(
                 f"training images are {tuple(images.shape[1:])}, the model takes {expected}"
             )
+        if self.teacher is not None:
+            check_teacher_fits(self.teacher, self.teacher_normalization(images[:1]),
+                               self.model.num_classes, config.teacher)  # fmt: skip
         # not the training seed: every run holds out the images of `--split val`
         train_index, val_index = validation_split(len(labels))
         if config.train_limit is not None:

@@ -17,7 +17,7 @@ import os
 import pickle
 import socket
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -327,9 +327,25 @@ def create_vit(
         use_ema: from a checkpoint holding both, load the EMA weights instead
             of the trained ones (an error when the file has no EMA).
     """
+    return create_model(name, weights, model_kwargs, pretrained, use_ema,
+                        check=lambda model: check_supported(model, server=server))  # fmt: skip
+
+
+def create_model(
+    name: str,
+    weights: str | Path | None = None,
+    model_kwargs: Mapping | None = None,
+    pretrained: bool = True,
+    use_ema: bool = False,
+    check: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Any timm model in eval mode (a ViT: `create_vit`), with weights from a file, from the
+    package (shipped models) or from timm's hub; `check` vets the architecture before any
+    weights are read. Arguments as for `create_vit`."""
     kwargs = dict(model_kwargs or {})
     model = build_model(name, kwargs)
-    check_supported(model, server=server)
+    if check is not None:
+        check(model)
     if weights is None and pretrained:
         weights = _local_pretrained_file(name)  # shipped models: no second construction
     if weights is not None:
