@@ -87,7 +87,6 @@ class Models:
     name: str
     edge: VisionTransformer
     server: VisionTransformer
-    normalization: vit.Normalization | None = None
 
     @property
     def geometry(self) -> vit.Geometry:
@@ -133,10 +132,10 @@ def median_seconds(run, repeats: int) -> float:
 def bench_rates(models: Models, batch: int, repeats: int, seed: int) -> dict:
     """GFLOP/s of the edge and server forwards on whole images, with plain model(x)."""
     images = random_images(models, batch, seed)
-    norm = models.normalization or vit.Normalization.of_model(models.edge)
+    norm = vit.Normalization.of_model(models.edge)
     x = norm(images)
-    edge = EdgeDevice(models.edge, EdgeConfig(), normalization=models.normalization)
-    server = Server(models.server, normalization=models.normalization, max_batch=batch)
+    edge = EdgeDevice(models.edge, EdgeConfig())
+    server = Server(models.server, max_batch=batch)
     everything = payloads_with(models, images, models.geometry.num_patches, seed)
     tokens = models.geometry.num_patches + models.server.num_prefix_tokens
     edge_flops = batch * vit_flops(models.edge, tokens)
@@ -166,7 +165,7 @@ def bench_rates(models: Models, batch: int, repeats: int, seed: int) -> dict:
 def bench_kept(models: Models, batch: int, singles: int, repeats: int, seed: int) -> list:
     """Server seconds per image at each kept fraction, batched and one image per call."""
     images = random_images(models, batch, seed)
-    server = Server(models.server, normalization=models.normalization, max_batch=batch)
+    server = Server(models.server, max_batch=batch)
     n, prefix = models.geometry.num_patches, models.server.num_prefix_tokens
     rows = []
     for fraction in KEPT_FRACTIONS:
@@ -196,9 +195,9 @@ def bench_latency(models: Models, repeats: int, seed: int) -> dict:
     image = random_images(models, 1, seed)
     n = models.geometry.num_patches
     send_all = EdgeConfig(masking_mode="topk", masking_th=n, uncer_mode="none")
-    edge = EdgeDevice(models.edge, send_all, normalization=models.normalization)
-    server = Server(models.server, normalization=models.normalization)
-    x = (models.normalization or vit.Normalization.of_model(models.edge))(image)
+    edge = EdgeDevice(models.edge, send_all)
+    server = Server(models.server)
+    x = vit.Normalization.of_model(models.edge)(image)
 
     def collaborative():
         server.classify(edge.process(image).payloads)
