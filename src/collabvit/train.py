@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -126,7 +126,7 @@ def load_teacher(source: str | Path) -> torch.nn.Module:
     a timm model name with weights (shipped with collabvit, or from timm's hub)."""
     path = Path(source)
     if not path.exists() and timm.is_model(str(source)):
-        return vit.create_model(str(source)).eval()
+        return vit.create_model(str(source))
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
@@ -141,13 +141,7 @@ def load_teacher(source: str | Path) -> torch.nn.Module:
         raise ValueError(f"teacher {path} was not written by collabvit train (no model name "
                          "in its metadata)")  # fmt: skip
     recorded = json.loads(metadata.get("config", "{}"))
-    model = create_trainable(metadata["model"], recorded.get("model_kwargs"))
-    try:
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise ValueError(f"teacher {path} does not fit {metadata['model']}: {first}") from error
-    return model.eval()
+    return vit.create_model(metadata["model"], path, recorded.get("model_kwargs"))
 
 
 def check_teacher_fits(teacher: torch.nn.Module, probe: torch.Tensor, classes: int,

@@ -365,7 +365,8 @@ def create_model(
             raise ModelError(
                 f"no weights for {name}: timm's hub is unreachable (offline?). Pass a local "
                 "file with --model-weights / --server-weights (.safetensors, or .pth such as "
-                "the official DeiT release), or set HF_HUB_OFFLINE=1 to use your hub cache"
+                "the official DeiT release) or a `collabvit train` folder as --teacher, or "
+                "set HF_HUB_OFFLINE=1 to use your hub cache"
             )
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
