@@ -18,7 +18,12 @@ run() {  # name, flags...: skip a finished run, else train (or continue) it
 }
 
 run teacher --model collabvit_fmnist_cnn --epochs 40 --ema-decay 0.999 --bf16
-run server --model collabvit_fmnist_server --epochs 120 --token-drop 0.5 --ema-decay 0.999 \
+run server --model collabvit_fmnist_server --epochs 80 --token-drop 0.5 --ema-decay 0.999 \
     --teacher "$OUT/teacher" --distill hard --bf16
-run edge --model collabvit_fmnist_edge --epochs 100 --ema-decay 0.999 \
+# The edge meets the same (image, augmentation) pairs as the server: it starts from the
+# teacher outputs the server's run kept (reused only if teacher and data are the same).
+mkdir -p "$OUT/edge"
+[ -f "$OUT/edge/teacher_outputs.safetensors" ] ||
+    cp "$OUT/server/teacher_outputs.safetensors" "$OUT/edge/"
+run edge --model collabvit_fmnist_edge --epochs 60 --ema-decay 0.999 \
     --teacher "$OUT/teacher" --distill hard

@@ -18,8 +18,12 @@ from collabvit.config import TrainConfig
 from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
 from collabvit.protocol import patchify
 from collabvit.train import (
+    TeacherOutputs,
     Trainer,
+    apply_augmentations,
     augment,
+    augmentation_count,
+    draw_augmentations,
     distillation_loss,
     drop_tokens,
     load_teacher,
@@ -80,6 +84,28 @@ def test_augment_shifts_and_flips_without_changing_pixels():
     positions = {tuple(torch.nonzero(o[0])[0].tolist()) for o in out}
     assert len(positions) > 5  # really random
     assert all(abs(r - 3) <= 2 and (abs(c - 2) <= 2 or abs(c - 5) <= 2) for r, c in positions)
+
+
+def test_each_augmentation_index_is_one_shift_and_flip():
+    image = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    image[0, 0, 3, 1] = 200
+    count = augmentation_count(shift=2)
+    assert count == 50
+    out = apply_augmentations(image.repeat(count, 1, 1, 1), torch.arange(count), shift=2)
+    places = [tuple(torch.nonzero(o[0])[0].tolist()) if o.any() else None for o in out]
+    for index, place in enumerate(places):
+        flip, dy, dx = index // 25, index // 5 % 5, index % 5
+        column = 1 + (2 - dx)  # the image moves right by shift - dx pixels (zero fill)
+        expected = (3 + (2 - dy), 7 - column if flip else column)
+        assert place == (expected if 0 <= column < 8 else None), index
+    # the 10 shifts by 2 to the left push the pixel out; the other 40 places are distinct
+    assert places.count(None) == 10 and len(set(places) - {None}) == 40
+    # augment is one draw of indices, then applying them
+    images = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
+    drawn = draw_augmentations(16, torch.Generator().manual_seed(4))
+    assert drawn.min() >= 0 and drawn.max() < count and len(set(drawn.tolist())) > 5
+    assert torch.equal(augment(images, torch.Generator().manual_seed(4)),
+                       apply_augmentations(images, drawn))
 
 
 def test_drop_tokens_keeps_a_random_subset_within_bounds():
@@ -238,6 +264,74 @@ def test_training_time_counts_the_epochs_of_each_machine_and_the_unrecorded_ones
 def _test_set(count: int):
     test = FashionMNIST(FMNIST, "test")
     return test.images[:count], test.labels[:count]
+
+
+class _CountingTeacher(torch.nn.Module):
+    """A fixed random linear teacher that counts the images it has classified."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 3)
+        torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(seed))
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return self.linear(x.flatten(1))
+
+
+def test_the_teacher_table_returns_the_teachers_logits_and_runs_it_once_per_pair(tmp_path):
+    teacher = _CountingTeacher()
+    images = torch.rand(6, 1, 4, 4)
+    table = TeacherOutputs(teacher, lambda x: x - 0.5, {"teacher": "a"}, 6, augmentation_count(1), 3)
+    generator = torch.Generator().manual_seed(0)
+    pairs, lookups = set(), 0
+    for _ in range(12):
+        index = torch.randperm(6, generator=generator)[:4]
+        drawn = draw_augmentations(4, generator, shift=1)
+        augmented = apply_augmentations(images[index], drawn, shift=1)
+        logits = table(augmented, index, drawn)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, teacher.linear((augmented - 0.5).flatten(1)))
+        pairs |= set(zip(index.tolist(), drawn.tolist()))
+        lookups += 4
+        assert teacher.seen == len(pairs)
+    assert len(pairs) < lookups  # some pairs came back and were looked up, not recomputed
+    assert table.filled == pytest.approx(len(pairs) / (6 * 18))
+    # saved and reloaded under the same key only
+    table.save(tmp_path / "table.safetensors")
+    again = TeacherOutputs(teacher, lambda x: x, {"teacher": "a"}, 6, 18, 3)
+    assert again.load(tmp_path / "table.safetensors")
+    assert torch.equal(again.logits, table.logits) and torch.equal(again.known, table.known)
+    for key, shape in (({"teacher": "b"}, (6, 18, 3)), ({"teacher": "a"}, (7, 18, 3))):
+        other = TeacherOutputs(teacher, lambda x: x, key, *shape)
+        assert not other.load(tmp_path / "table.safetensors") and other.filled == 0
+    assert not again.load(tmp_path / "missing.safetensors")
+
+
+@needs_fmnist
+def test_a_distilled_run_keeps_its_teacher_table_across_a_resume(tmp_path):
+    teacher = Trainer(TrainConfig(model="collabvit_fmnist_cnn", model_kwargs={"width": 4},
+                                  epochs=1, train_limit=64, batch_size=64), tmp_path / "teacher",
+                      progress=False)  # fmt: skip
+    teacher.fit()
+    teacher.export()
+    config = TrainConfig(model_kwargs={"depth": 1}, epochs=2, train_limit=64, batch_size=32,
+                         teacher=str(tmp_path / "teacher"))  # fmt: skip
+    first = Trainer(config, tmp_path / "student", progress=False)
+    record = next(first.epochs())
+    # 64 images, one augmentation each so far
+    assert record["teacher_outputs_known"] == round(64 / (64 * augmentation_count()), 4)
+    resumed = Trainer(config, tmp_path / "student", progress=False)
+    assert resumed.resume() and torch.equal(resumed.teacher_outputs.known,
+                                            first.teacher_outputs.known)  # fmt: skip
+    # another teacher's table is not taken
+    retrained = Trainer(TrainConfig(model="collabvit_fmnist_cnn", model_kwargs={"width": 4},
+                                    epochs=1, train_limit=64, batch_size=64, seed=1),
+                        tmp_path / "teacher", progress=False)  # fmt: skip
+    retrained.fit()
+    retrained.export()
+    assert Trainer(config, tmp_path / "student", progress=False).teacher_outputs.filled == 0
 
 
 def test_distillation_loss_blends_the_label_and_the_teacher():

@@ -7,11 +7,13 @@ validation split of the training set (data.validation_split, the images of
 ``--split val``; the test set is only reported, never used for choices), a JSON-lines log,
 resumable at epoch boundaries and deterministic given the seed (every epoch's
 randomness is derived from (seed, epoch), so a resumed run repeats an
-uninterrupted one).
+uninterrupted one). A distilled run keeps its teacher's outputs per training image and
+augmentation (TeacherOutputs), so the frozen teacher runs once per pair, not every epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -71,22 +73,114 @@ def lr_scheduler(
     )
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Random translation by up to `shift` pixels (zero fill) and horizontal flip.
+def augmentation_count(shift: int = 2) -> int:
+    """How many distinct augmentations `augment` can apply: flip or not, times each shift."""
+    return 2 * (2 * shift + 1) ** 2
 
-    images [B, C, H, W] -> same shape and dtype.
+
+def draw_augmentations(batch: int, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Each image's random augmentation, as an index in [0, augmentation_count(shift)):
+    (flip * side + dy) * side + dx with side = 2 shift + 1. Returns [batch] int64."""
+    side = 2 * shift + 1
+    dy = torch.randint(0, side, (batch,), generator=generator)
+    dx = torch.randint(0, side, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return (flip.long() * side + dy) * side + dx
+
+
+def apply_augmentations(images: torch.Tensor, augmentations: torch.Tensor,
+                        shift: int = 2) -> torch.Tensor:  # fmt: skip
+    """Translate each image by its (dy - shift, dx - shift) pixels (zero fill), then flip
+    it horizontally where its flip bit is set (draw_augmentations' indices).
+
+    images [B, C, H, W], augmentations [B] -> [B, C, H, W], same dtype.
     """
     batch, _, height, width = images.shape
+    side = 2 * shift + 1
+    dx, dy, flip = augmentations % side, augmentations // side % side, augmentations >= side**2
     padded = F.pad(images, (shift, shift, shift, shift))
-    dy = torch.randint(0, 2 * shift + 1, (batch,), generator=generator)
-    dx = torch.randint(0, 2 * shift + 1, (batch,), generator=generator)
     rows = (dy[:, None] + torch.arange(height)[None])[:, None, :, None]  # [B, 1, H, 1]
     cols = (dx[:, None] + torch.arange(width)[None])[:, None, None, :]  # [B, 1, 1, W]
     batch_index = torch.arange(batch)[:, None, None, None]
     channel_index = torch.arange(images.shape[1])[None, :, None, None]
     shifted = padded[batch_index, channel_index, rows, cols]
-    flip = torch.rand(batch, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random translation by up to `shift` pixels (zero fill) and horizontal flip.
+
+    images [B, C, H, W] -> same shape and dtype.
+    """
+    return apply_augmentations(images, draw_augmentations(len(images), generator, shift), shift)
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of named tensors (weights, data)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().reshape(-1)  # 0-d (BatchNorm's counter) too
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherOutputs:
+    """The frozen teacher's logits for each (training image, augmentation) pair, computed
+    the first time training meets the pair and looked up after that.
+
+    There are only augmentation_count() augmentations, so over a long schedule most of
+    the teacher's forwards would repeat; the table makes distillation cost about one
+    teacher forward per pair instead of one per image and epoch. A looked-up row is what
+    the teacher returned for that very augmented image, so training is unchanged.
+    The table is saved beside the checkpoint and reloaded only for the same teacher
+    weights, training images and augmentations (its key).
+    """
+
+    FILE = "teacher_outputs.safetensors"
+
+    def __init__(self, teacher: torch.nn.Module, normalization, key: dict[str, str],
+                 images: int, augmentations: int, classes: int) -> None:  # fmt: skip
+        self.teacher, self.normalization, self.key = teacher, normalization, key
+        self.logits = torch.zeros(images, augmentations, classes)
+        self.known = torch.zeros(images, augmentations, dtype=torch.bool)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor,
+                 augmentations: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Logits [B, classes] for augmented images [B, C, H, W], which are training
+        images `index` [B] under `augmentations` [B]; only unseen pairs run the teacher."""
+        missing = ~self.known[index, augmentations]
+        if missing.any():
+            with torch.no_grad():
+                computed = self.teacher(self.normalization(images[missing])).float()
+            self.logits[index[missing], augmentations[missing]] = computed
+            self.known[index[missing], augmentations[missing]] = True
+        return self.logits[index, augmentations]
+
+    @property
+    def filled(self) -> float:
+        """Share of the pairs whose logits are known."""
+        return float(self.known.float().mean())
+
+    def save(self, path: Path) -> None:
+        temporary = path.with_suffix(".tmp")
+        save_file({"logits": self.logits, "known": self.known}, str(temporary),
+                  metadata=self.key)  # fmt: skip
+        temporary.replace(path)
+
+    def load(self, path: Path) -> bool:
+        """Take the table in `path` if it has this table's key and shape; True if taken."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}) != self.key:
+                    return False
+                logits, known = handle.get_tensor("logits"), handle.get_tensor("known")
+        except (SafetensorError, OSError, KeyError):
+            return False
+        if logits.shape != self.logits.shape or known.shape != self.known.shape:
+            return False
+        self.logits, self.known = logits, known
+        return True
 
 
 def drop_tokens(
@@ -228,6 +322,16 @@ class Trainer:
             train_index = train_index[: config.train_limit]
         self.train_images, self.train_labels = images[train_index], labels[train_index]
         self.val_images, self.val_labels = images[val_index], labels[val_index]
+        self.teacher_outputs = None
+        if self.teacher is not None:
+            key = {"teacher": fingerprint(self.teacher.state_dict()),
+                   "train_data": fingerprint({"images": self.train_images,
+                                              "labels": self.train_labels}),
+                   "augmentations": str(augmentation_count() if config.augment else 1)}
+            self.teacher_outputs = TeacherOutputs(
+                self.teacher, self.teacher_normalization, key, len(self.train_labels),
+                int(key["augmentations"]), self.model.num_classes)
+            self.teacher_outputs.load(self.teacher_outputs_path)
         skip_decay = self.model.no_weight_decay() if self.is_vit else ()
         groups = param_groups_weight_decay(self.model, config.weight_decay, skip_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
@@ -245,6 +349,10 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
 
+    @property
+    def teacher_outputs_path(self) -> Path:
+        return self.out_dir / TeacherOutputs.FILE
+
     def resume(self) -> bool:
         """Continue from the last checkpoint in out_dir, if any (its config must match)."""
         if not self.checkpoint_path.is_file():
@@ -261,7 +369,11 @@ class Trainer:
         self.log = json.loads(state["log"])
         return True
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+              rows: tuple[torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
+        """Loss and logits of a training batch: images [B, C, H, W] (augmented), labels [B];
+        rows = (training image index [B], augmentation [B]) of the images, which a
+        distilled run needs to look up its teacher's outputs."""
         x = self.normalization(images)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
             if self.config.token_drop > 0:
@@ -275,8 +387,8 @@ class Trainer:
         if self.teacher is None:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             return loss, logits
-        with torch.no_grad():  # the teacher sees the whole (augmented) image
-            teacher_logits = self.teacher(self.teacher_normalization(images)).float()
+        # the teacher sees the whole (augmented) image
+        teacher_logits = self.teacher_outputs(images, *rows)
         loss = distillation_loss(logits.float(), teacher_logits, labels, cfg.distill,
                                  cfg.distill_weight, cfg.distill_temperature,
                                  cfg.label_smoothing)  # fmt: skip
@@ -294,12 +406,14 @@ class Trainer:
         for step_in_epoch in bar:
             index = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
             images, labels = self.train_images[index], self.train_labels[index]
+            augmentations = torch.zeros(len(index), dtype=torch.long)
             if cfg.augment:
-                images = augment(images, generator)
+                augmentations = draw_augmentations(len(index), generator)
+                images = apply_augmentations(images, augmentations)
             step = epoch * self.steps_per_epoch + step_in_epoch
             self.scheduler.step_update(step)
             lr = self.optimizer.param_groups[0]["lr"]
-            loss, logits = self._loss(images, labels, generator)
+            loss, logits = self._loss(images, labels, generator, (index, augmentations))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -318,6 +432,8 @@ class Trainer:
             "seconds": round(time.time() - started, 1),
             # a resumed run may continue on another machine
             "hardware": f"{cpu_model()}, {torch.get_num_threads()} threads",
+            **({"teacher_outputs_known": round(self.teacher_outputs.filled, 4)}
+               if self.teacher_outputs is not None else {}),
         }
 
     @property
@@ -335,6 +451,8 @@ class Trainer:
             "epoch": epoch,
             "log": json.dumps(self.log),
         }
+        if self.teacher_outputs is not None:
+            self.teacher_outputs.save(self.teacher_outputs_path)
         temporary = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, temporary)
         temporary.replace(self.checkpoint_path)  # never leave a half-written checkpoint
