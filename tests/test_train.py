@@ -23,8 +23,8 @@ from collabvit.train import (
     apply_augmentations,
     augment,
     augmentation_count,
-    draw_augmentations,
     distillation_loss,
+    draw_augmentations,
     drop_tokens,
     load_teacher,
     lr_scheduler,
@@ -283,7 +283,8 @@ class _CountingTeacher(torch.nn.Module):
 def test_the_teacher_table_returns_the_teachers_logits_and_runs_it_once_per_pair(tmp_path):
     teacher = _CountingTeacher()
     images = torch.rand(6, 1, 4, 4)
-    table = TeacherOutputs(teacher, lambda x: x - 0.5, {"teacher": "a"}, 6, augmentation_count(1), 3)
+    table = TeacherOutputs(teacher, lambda x: x - 0.5, {"teacher": "a"}, 6,
+                           augmentation_count(shift=1), 3)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     pairs, lookups = set(), 0
     for _ in range(12):
@@ -293,7 +294,7 @@ def test_the_teacher_table_returns_the_teachers_logits_and_runs_it_once_per_pair
         logits = table(augmented, index, drawn)
         with torch.no_grad():
             torch.testing.assert_close(logits, teacher.linear((augmented - 0.5).flatten(1)))
-        pairs |= set(zip(index.tolist(), drawn.tolist()))
+        pairs |= set(zip(index.tolist(), drawn.tolist(), strict=True))
         lookups += 4
         assert teacher.seen == len(pairs)
     assert len(pairs) < lookups  # some pairs came back and were looked up, not recomputed
