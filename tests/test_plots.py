@@ -14,10 +14,12 @@ from collabvit.plots import (
     DROPPED_COLOUR,
     display_image,
     frontier_figure,
+    learning_curves_figure,
     masked_image,
     patch_view_figures,
     plot_frontier,
     plot_histogram,
+    plot_learning_curves,
     save_patch_views,
     sent_pixels,
 )
@@ -194,4 +196,26 @@ def test_display_image_stretches_normalised_inputs():
 
 def test_histogram_plot(tmp_path):
     paths = plot_histogram([5, 0, 12], [0.0, 0.1, 0.2, 0.3], tmp_path / "h")
+    _check_image_files(paths, [".png", ".svg"])
+
+
+def _log(val_accs):
+    return [{"epoch": e + 1, "val_acc": v, "train_acc": v - 3} for e, v in enumerate(val_accs)]
+
+
+def test_learning_curves_draw_each_run_its_validation_training_and_test():
+    logs = {"server": _log([60.0, 80.0, 90.0]), "edge": _log([55.0, 75.0])}
+    figure = learning_curves_figure(logs, {"server": 91.5})
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert list(lines["server: validation"].get_ydata()) == [60.0, 80.0, 90.0]
+    assert list(lines["server: training"].get_xdata()) == [1, 2, 3]
+    assert list(lines["edge: training"].get_ydata()) == [52.0, 72.0]
+    assert list(lines["server: test 91.50 %"].get_xydata()[0]) == [3, 91.5]
+    assert "edge: test" not in " ".join(lines)  # no test accuracy given for it
+    assert to_rgb(lines["server: validation"].get_color()) != to_rgb(
+        lines["edge: validation"].get_color())
+
+
+def test_learning_curves_plot(tmp_path):
+    paths = plot_learning_curves({"edge": _log([55.0, 75.0])}, tmp_path / "curves")
     _check_image_files(paths, [".png", ".svg"])

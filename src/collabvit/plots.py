@@ -1,4 +1,5 @@
-"""Figures: the accuracy/communication-cost trade-off, attention views, histograms.
+"""Figures: the accuracy/communication-cost trade-off, attention views, histograms,
+learning curves.
 
 Every figure is a matplotlib `Figure` drawn off-screen (no pyplot state) and
 saved as PNG and SVG next to each other.
@@ -7,7 +8,7 @@ saved as PNG and SVG next to each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -366,3 +367,41 @@ def plot_histogram(
     axes.set_title(title or "Attention over patches")
     axes.grid(alpha=0.3)
     return save(figure, stem)
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def learning_curves_figure(
+    logs: Mapping[str, Sequence[Mapping]], test_acc: Mapping[str, float] | None = None
+) -> Figure:
+    """Accuracy per epoch of each named run: validation (solid) and training (dotted,
+    on augmented, token-dropped batches), and the test accuracy as a dot after the last
+    epoch. `logs`: name -> the epoch records of its model card ("epoch", "val_acc",
+    "train_acc")."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for index, (name, log) in enumerate(logs.items()):
+        style = series_style(index)
+        epochs = [record["epoch"] for record in log]
+        axes.plot(epochs, [record["val_acc"] for record in log], color=style["color"],
+                  label=f"{name}: validation")  # fmt: skip
+        axes.plot(epochs, [record["train_acc"] for record in log], color=style["color"],
+                  linestyle=":", label=f"{name}: training")  # fmt: skip
+        if test_acc and name in test_acc:
+            axes.plot([epochs[-1]], [test_acc[name]], "o", color=style["color"],
+                      label=f"{name}: test {test_acc[name]:.2f} %")  # fmt: skip
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Learning curves")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+def plot_learning_curves(
+    logs: Mapping[str, Sequence[Mapping]], stem: str | Path,
+    test_acc: Mapping[str, float] | None = None,
+) -> list[Path]:  # fmt: skip
+    """learning_curves_figure, saved as stem.png and stem.svg."""
+    return save(learning_curves_figure(logs, test_acc), stem)
