@@ -213,7 +213,8 @@ def test_learning_curves_draw_each_run_its_validation_training_and_test():
     assert list(lines["server: test 91.50 %"].get_xydata()[0]) == [3, 91.5]
     assert "edge: test" not in " ".join(lines)  # no test accuracy given for it
     assert to_rgb(lines["server: validation"].get_color()) != to_rgb(
-        lines["edge: validation"].get_color())
+        lines["edge: validation"].get_color()
+    )
 
 
 def test_learning_curves_plot(tmp_path):
