@@ -30,8 +30,10 @@ def main() -> None:
 
     logs, test_acc = {}, {}
     for name in (zoo.TEACHER, zoo.SERVER, zoo.EDGE):
-        card = (json.loads(TEACHER_CARD.read_text()) if name == zoo.TEACHER
-                else zoo.model_card(name))  # fmt: skip
+        if name == zoo.TEACHER:
+            card = json.loads(TEACHER_CARD.read_text()) if TEACHER_CARD.is_file() else {}
+        else:
+            card = zoo.model_card(name)
         log = card.get("run_card", card).get("log")
         if not log:
             print(f"{name}: no model card with a training log, left out")
