@@ -205,6 +205,37 @@ def test_train_command_writes_a_checkpoint_the_eval_loader_accepts(tmp_path, cap
     assert "Collaborative accuracy" in capsys.readouterr().out
 
 
+@needs_fmnist
+def test_stop_after_ends_a_schedule_early_and_resume_finishes_it(tmp_path, capsys):
+    """--stop-after N trains the first N epochs of the whole schedule (not an N-epoch one)."""
+    base = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
+            "--epochs", "2", "--warmup-epochs", "0", "--train-limit", "256", "--batch-size",
+            "64", "--seed", "5", "--quiet"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main([*base, "--out-dir", str(straight)]) == 0
+    assert main([*base, "--out-dir", str(stopped), "--stop-after", "1"]) == 0
+    full = json.loads((straight / "model_card.json").read_text())
+    early = json.loads((stopped / "model_card.json").read_text())
+    assert (full["epochs_trained"], early["epochs_trained"]) == (2, 1)
+    assert early["training"]["epochs"] == 2
+    same = ("lr", "train_loss", "val_acc")
+    assert {k: early["log"][0][k] for k in same} == {k: full["log"][0][k] for k in same}
+    assert early["log"][0]["lr"] > 2 * full["log"][1]["lr"]  # the cosine is halfway, not done
+    assert early["validation_acc"] == early["log"][0]["val_acc"]
+
+    capsys.readouterr()
+    assert main([*base, "--out-dir", str(stopped), "--resume", "--stop-after", "3"]) == 2
+    assert "beyond the schedule's 2 epochs" in capsys.readouterr().err
+    assert main([*base, "--out-dir", str(stopped), "--resume"]) == 0  # on to the end
+    assert json.loads((stopped / "model_card.json").read_text())["epochs_trained"] == 2
+    with safe_open(str(straight / "model.safetensors"), framework="pt") as a, \
+            safe_open(str(stopped / "model.safetensors"), framework="pt") as b:  # fmt: skip
+        for name in a.keys():
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+    assert main([*base, "--out-dir", str(stopped), "--resume", "--stop-after", "1"]) == 2
+    assert "past --stop-after 1" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ teacher and distillation
 
 

@@ -403,6 +403,10 @@ class TrainRun:
         "checkpoint (last.pt), log.jsonl, config.json, model.safetensors, model_card.json",
         required=True, metavar="DIR"))
     resume: bool = field(default=False, metadata=flag("continue from DIR/last.pt"))
+    stop_after: int | None = field(default=None, metadata=flag(
+        "end after epoch N of the --epochs schedule and export that model (the learning rate "
+        "follows the whole schedule; --resume without it continues to the end)",
+        type="positive_int", metavar="N"))
     quiet: bool = field(default=False, metadata=flag("no progress output"))
 
 

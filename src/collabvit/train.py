@@ -457,12 +457,13 @@ class Trainer:
         torch.save(state, temporary)
         temporary.replace(self.checkpoint_path)  # never leave a half-written checkpoint
 
-    def epochs(self) -> Iterator[dict]:
-        """Train the remaining epochs, yielding each one's log record after checkpointing it."""
+    def epochs(self, stop_after: int | None = None) -> Iterator[dict]:
+        """Train the remaining epochs (up to epoch `stop_after` of the schedule, if given),
+        yielding each one's log record after checkpointing it."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         config = json.dumps(training_record(self.config), indent=2)
         (self.out_dir / "config.json").write_text(config + "\n")
-        for epoch in range(self.start_epoch, self.config.epochs):
+        for epoch in range(self.start_epoch, stop_after or self.config.epochs):
             record = self.train_epoch(epoch)
             self.log.append(record)
             with (self.out_dir / "log.jsonl").open("a") as handle:
@@ -500,6 +501,8 @@ class Trainer:
                 f"seed {VALIDATION_SPLIT['seed']} (Fashion-MNIST --split val)",
             },
             "validation_acc": self.log[-1]["val_acc"] if self.log else None,
+            # fewer than the schedule's epochs when the run was stopped early (--stop-after)
+            "epochs_trained": len(self.log),
             **training_time(self.log),
             "log": self.log,
             **versions(),
@@ -540,18 +543,25 @@ def teacher_card(source: str | Path) -> dict:
 def train(config: TrainConfig, run: TrainRun) -> Iterator[str]:
     """A whole `collabvit train` run, yielding the lines it reports.
 
-    `run` names out_dir, resume and quiet (config.TrainRun). Raises ValueError
-    (before training) when out_dir holds a checkpoint and resume is not asked for.
+    `run` names out_dir, resume, stop_after and quiet (config.TrainRun). Raises
+    ValueError (before training) when out_dir holds a checkpoint and resume is not
+    asked for, or when stop_after lies beyond the schedule or before the checkpoint.
     Ends by exporting the weights and model card, with the test accuracy.
     """
+    if run.stop_after is not None and run.stop_after > config.epochs:
+        raise ValueError(f"--stop-after {run.stop_after} lies beyond the schedule's "
+                         f"{config.epochs} epochs")  # fmt: skip
     trainer = Trainer(config, run.out_dir, progress=False if run.quiet else None)
     if run.resume:
         if trainer.resume():
             yield f"resuming after epoch {trainer.start_epoch}"
     elif trainer.checkpoint_path.is_file():
         raise ValueError(f"{trainer.checkpoint_path} exists: pass --resume or another --out-dir")
+    if run.stop_after is not None and run.stop_after < trainer.start_epoch:
+        raise ValueError(f"{trainer.checkpoint_path} is after epoch {trainer.start_epoch}, "
+                         f"past --stop-after {run.stop_after}")  # fmt: skip
     test = FashionMNIST(config.data_path, "test")  # read first: a missing file fails early
-    for r in trainer.epochs():
+    for r in trainer.epochs(run.stop_after):
         yield (
             f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} % | "
             f"val acc {r['val_acc']:.2f} % | {r['seconds']} s"
