@@ -11,7 +11,6 @@ Writes OUT.png and OUT.svg.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from collabvit import zoo
@@ -30,10 +29,7 @@ def main() -> None:
 
     logs, test_acc = {}, {}
     for name in (zoo.TEACHER, zoo.SERVER, zoo.EDGE):
-        if name == zoo.TEACHER:
-            card = json.loads(TEACHER_CARD.read_text()) if TEACHER_CARD.is_file() else {}
-        else:
-            card = zoo.model_card(name)
+        card = zoo.read_card(TEACHER_CARD) if name == zoo.TEACHER else zoo.model_card(name)
         log = card.get("run_card", card).get("log")
         if not log:
             print(f"{name}: no model card with a training log, left out")

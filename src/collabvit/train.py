@@ -32,7 +32,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from collabvit import cpu_model, versions, vit
+from collabvit import cpu_model, versions, vit, zoo
 from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
@@ -533,8 +533,7 @@ def teacher_card(source: str | Path) -> dict:
     teacher's own model card beside its weights."""
     folder = Path(source)
     folder = folder if folder.is_dir() else folder.parent
-    card_path = folder / "model_card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = zoo.read_card(folder / "model_card.json")
     return {"source": str(source), **{key: card.get(key) for key in
             ("model", "parameters", "training", "validation_acc", "test_acc")},
             **training_time(card.get("log", []))}  # fmt: skip

@@ -44,10 +44,14 @@ def weights_file(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
+def read_card(path: Path) -> dict:
+    """A model card JSON file (shipped, or a run's model_card.json); {} if absent."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def model_card(name: str) -> dict:
     """The shipped model card (config, recipe, data, accuracies, version); {} if absent."""
-    path = WEIGHTS_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_card(WEIGHTS_DIR / f"{name}.json")
 
 
 def default_operating_point(edge: str, server: str) -> EdgeConfig:
