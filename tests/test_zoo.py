@@ -42,8 +42,6 @@ def test_shipped_sizes_and_files():
     }
     assert 0.4e6 <= params[zoo.EDGE] <= 0.6e6
     assert 2.5e6 <= params[zoo.SERVER] <= 3.0e6
-    assert params[zoo.SERVER] == sum(p.numel() for p in timm.create_model(zoo.SERVER_NO_DROP)
-                                     .parameters())  # fmt: skip
     total = sum(zoo.weights_file(n).stat().st_size for n in SHIPPED)
     assert total <= 12 * 1024 * 1024
 

@@ -3,8 +3,7 @@
 After ``import collabvit.zoo``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
 loads the shipped Fashion-MNIST edge ViT offline from the package (timm's
 ``file`` pretrained source), and likewise ``collabvit_fmnist_server`` (trained
-with token drop) and ``collabvit_fmnist_server_nodrop`` (the same without).
-With ``pretrained=False`` they are the architectures to train.
+with token drop). With ``pretrained=False`` they are the architectures to train.
 """
 
 from __future__ import annotations
@@ -29,13 +28,9 @@ FMNIST_STD = (0.3530,)
 
 _FMNIST_INPUT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
-SERVER_NO_DROP = "collabvit_fmnist_server_nodrop"
-_SERVER_ARCHITECTURE = dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3)
 ARCHITECTURES = {
     EDGE: dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
-    SERVER: _SERVER_ARCHITECTURE,
-    # The server's architecture and recipe without token drop: the README's comparison.
-    SERVER_NO_DROP: _SERVER_ARCHITECTURE,
+    SERVER: dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
 }
 
 
@@ -109,12 +104,6 @@ def collabvit_fmnist_edge(pretrained: bool = False, **kwargs) -> VisionTransform
 def collabvit_fmnist_server(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Server ViT for Fashion-MNIST: 28x28x1, 4x4 patches (49), width 192, depth 6, 3 heads."""
     return _create(SERVER, pretrained, **kwargs)
-
-
-@register_model
-def collabvit_fmnist_server_nodrop(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """collabvit_fmnist_server's architecture, trained without token drop (for comparison)."""
-    return _create(SERVER_NO_DROP, pretrained, **kwargs)
 
 
 # ------------------------------------------------------------------ the CNN teacher
