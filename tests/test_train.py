@@ -256,6 +256,11 @@ def test_cnn_teacher_with_weight_averaging_trains_exports_and_loads(tmp_path):
     card = json.loads((tmp_path / "teacher" / "model_card.json").read_text())
     assert card["architecture"] == {"input_size": [1, 28, 28]}
     assert card["training"]["ema_decay"] == 0.9
+    # the run's checkpoint gives the average to --use-ema, the trained weights otherwise
+    checkpoint = tmp_path / "teacher" / "last.pt"
+    for use_ema, expected in ((True, averaged), (False, trained)):
+        read = vit.read_state_dict(checkpoint, use_ema=use_ema)
+        assert all(torch.equal(read[name], value) for name, value in expected.items())
     # a resumed run restores the average too
     resumed = Trainer(config, tmp_path / "teacher", progress=False)
     assert resumed.resume()

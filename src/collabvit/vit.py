@@ -202,7 +202,7 @@ def _local_pretrained_file(name: str) -> Path | None:
 
 _NOT_WEIGHTS = "expected .safetensors or a PyTorch .pth checkpoint"
 _MODEL_KEYS = ("state_dict", "model")
-_EMA_KEYS = ("state_dict_ema", "model_ema")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # the last is `collabvit train`'s last.pt
 
 
 def _weights_format(path: Path) -> str | None:
@@ -240,8 +240,9 @@ def _pick_state_dict(checkpoint: object, use_ema: bool, path: Path) -> dict[str,
     """The state dict to load from a checkpoint's content.
 
     A training checkpoint nests the weights under ``state_dict`` or ``model``
-    and, with an EMA, the averaged weights under ``state_dict_ema`` or
-    ``model_ema``; a plain one is the state dict itself.
+    and, with an EMA, the averaged weights under ``state_dict_ema``,
+    ``model_ema`` (timm) or ``ema`` (``collabvit train``); a plain one is the
+    state dict itself.
     """
     if not isinstance(checkpoint, Mapping):
         raise ModelError(f"{path} holds no model weights (a {type(checkpoint).__name__})")
@@ -251,8 +252,8 @@ def _pick_state_dict(checkpoint: object, use_ema: bool, path: Path) -> dict[str,
         state = nested[0]
     elif use_ema:
         raise ModelError(
-            f"{path} holds no EMA weights (no 'model_ema' or 'state_dict_ema'); load it "
-            "without use_ema to get its model weights"
+            f"{path} holds no EMA weights (no 'model_ema', 'state_dict_ema' or 'ema'); load "
+            "it without use_ema to get its model weights"
         )
     else:
         state = checkpoint
