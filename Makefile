@@ -68,9 +68,9 @@ SWEEP := $(VENV)/bin/collabvit sweep --quiet
 findings: setup data
 	$(SWEEP) --out-dir runs/findings/attention --attention-modes mean rollout
 	$(SWEEP) --out-dir runs/findings/policies \
-		--policy attention_sum_threshold=0.9,0.95,0.97,0.98,0.99,0.995,1.0 \
-		--policy attention_threshold=0.001,0.002,0.003,0.004,0.006,0.008,0.012 \
-		--policy topk=25,30,35,38,41,44,49 --policy random=25,30,35,38,41,44,49
+		--policy attention_sum_threshold=0.9,0.95,0.97,0.98,0.99,0.995,0.998,0.999,0.9995,1.0 \
+		--policy attention_threshold=0.0005,0.001,0.002,0.003,0.004,0.006,0.008,0.012 \
+		--policy topk=25,30,35,38,41,44,46,47,49 --policy random=25,30,35,38,41,44,46,47,49
 	$(SWEEP) --out-dir runs/findings/measures --uncer-modes min_entropy shannon_entropy margin \
 		--budget 0.25 --temperature-scaling
 	for name in attention policies measures; do mkdir -p docs/findings/$$name && \

@@ -5,11 +5,11 @@ pass per selection setting: the gate threshold eta only decides which images
 use the server's answer, so no eta needs a forward of its own. This measures
 it on the shipped Fashion-MNIST pair and the 10,000 test images:
 
-- sweep: ``run_edge`` + the eta grid + ``sweep_points`` for 10 deltas of
-  ``attention_sum_threshold`` x 20 etas of ``min_entropy`` (200 points), i.e.
+- sweep: ``run_edge`` + the eta grid + ``sweep_points`` for the default deltas
+  of ``attention_sum_threshold`` x 20 etas of ``min_entropy``, i.e.
   everything ``collabvit sweep`` computes besides writing files;
-- baseline: ``run_edge`` + ``server_logits`` of every image on each of the 10
-  selections (one edge pass plus ten server passes), nothing else.
+- baseline: ``run_edge`` + ``server_logits`` of every image on each of those
+  selections (one edge pass plus one server pass per delta), nothing else.
 
 The two alternate repetition by repetition (bench_forward's ``interleaved``),
 and the ratio of their medians goes into this script's section of
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
           file=sys.stderr)  # fmt: skip
     timings = interleaved({"sweep": sweep, "baseline": baseline}, args.repeats, warmup=0)
     row = fmt_ratio(timings, "sweep", "baseline")
-    text = section("bench_sweep", "Sweep cost: 10 δ x 20 η against one edge pass + ten server "
-                   "passes", [
+    deltas = len(policies)
+    text = section("bench_sweep", f"Sweep cost: {deltas} δ x {SWEEP_NUM_ETAS} η against one "
+                   f"edge pass + {deltas} server passes", [
         f"The shipped pair ({zoo.EDGE}, {zoo.SERVER}) on {len(data)} Fashion-MNIST test images. "
         f"Sweep = `run_edge` + η grid + `sweep_points` over {len(policies)} δ of "
         f"attention_sum_threshold x {SWEEP_NUM_ETAS} η of min_entropy ({len(points)} points); "
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "| comparison | sweep median (ms) | baseline median (ms) | ratio of medians | "
         "per-repetition ratio: median [min, max] | ratio of minimums |",
         "|---|---:|---:|---:|---:|---:|",
-        "| sweep / (one edge pass + ten server passes) | " + " | ".join(row) + " |",
+        f"| sweep / (one edge pass + {deltas} server passes) | " + " | ".join(row) + " |",
     ], load_at_start)  # fmt: skip
     publish(args, "bench_sweep", text, {"sweep_over_baseline": timings.ratio("sweep", "baseline")})
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from collabvit import versions, vit, zoo
+from collabvit.config import SWEEP_DELTAS
 from collabvit.data import FashionMNIST, indexed_loader
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.frontier import pick_point
@@ -44,7 +45,6 @@ from collabvit.selection import selection_statistics
 from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
-DELTAS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
 MEASURES = ("min_entropy", "shannon_entropy", "margin")
 
 
@@ -57,7 +57,7 @@ def edge_pass(edge_model, split: str) -> EdgePass:
 def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     """Most accurate (delta, eta) on validation with cost <= budget (collabvit sweep's pick)."""
     etas = tuple(dict.fromkeys(round(eta, 3) for eta in eta_grid(val.logits, "min_entropy", 41)))
-    grid = Grid(tuple(("attention_sum_threshold", delta) for delta in DELTAS),
+    grid = Grid(tuple(("attention_sum_threshold", delta) for delta in SWEEP_DELTAS),
                 {(1.0, "min_entropy"): etas})  # fmt: skip
     best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
     if best is None:
