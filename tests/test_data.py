@@ -519,7 +519,7 @@ def test_val_overlap_counts_val_images_a_run_trained_on(record, overlap):
 def test_recorded_training_config_of_shipped_models():
     for name in ("collabvit_fmnist_edge", "collabvit_fmnist_server.fmnist"):
         record = recorded_training_config(name, None)
-        assert record["seed"] == 0 and record["val_size"] == 5000
+        assert record["seed"] == 0 and record["validation_split"] == {"size": 5000, "seed": 0}
         assert val_overlap(record) == 0
     from collabvit.zoo import weights_file
 
