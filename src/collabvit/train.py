@@ -363,7 +363,7 @@ class Trainer:
                              "use a new --out-dir or the same flags")  # fmt: skip
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
+            self.ema.module.load_state_dict(state[vit.TRAIN_EMA_KEY])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = state["epoch"]
         self.log = json.loads(state["log"])
@@ -447,7 +447,7 @@ class Trainer:
             "config": asdict(self.config),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
+            **({vit.TRAIN_EMA_KEY: self.ema.module.state_dict()} if self.ema is not None else {}),
             "epoch": epoch,
             "log": json.dumps(self.log),
         }

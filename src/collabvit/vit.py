@@ -202,7 +202,8 @@ def _local_pretrained_file(name: str) -> Path | None:
 
 _NOT_WEIGHTS = "expected .safetensors or a PyTorch .pth checkpoint"
 _MODEL_KEYS = ("state_dict", "model")
-_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # the last is `collabvit train`'s last.pt
+TRAIN_EMA_KEY = "ema"  # where `collabvit train` keeps the weight average in its last.pt
+_EMA_KEYS = ("state_dict_ema", "model_ema", TRAIN_EMA_KEY)
 
 
 def _weights_format(path: Path) -> str | None:
