@@ -35,7 +35,7 @@ def time_steps(trainer: Trainer, steps: int, batch_size: int) -> float:
     trainer.model.train()
     started = time.perf_counter()
     for step in range(steps):
-        images = trainer.train_images[step * batch_size : (step + 1) * batch_size]
+        images = trainer.data.images[step * batch_size : (step + 1) * batch_size]
         labels = trainer.train_labels[step * batch_size : (step + 1) * batch_size]
         loss, _ = trainer._loss(augment(images, generator), labels, generator)
         trainer.optimizer.zero_grad(set_to_none=True)

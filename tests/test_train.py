@@ -141,7 +141,7 @@ def test_training_holds_out_the_val_split_whatever_the_seed(tmp_path):
     val, train = FashionMNIST(FMNIST, "val"), FashionMNIST(FMNIST, "train")
     assert torch.equal(trainer.val_images, val.images)
     assert torch.equal(trainer.val_labels, val.labels)
-    assert torch.equal(trainer.train_images, train.images[:300])
+    assert torch.equal(trainer.data.images, train.images[:300])
     assert torch.equal(trainer.train_labels, train.labels[:300])
 
 
@@ -442,3 +442,46 @@ def test_a_teacher_file_that_is_not_safetensors_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="is not a safetensors file"):
         load_teacher(bad)
+
+
+@needs_fmnist
+def test_cluttered_training_draws_new_canvases_and_distils_from_a_canvas_teacher(tmp_path, capsys):
+    """A tiny run on fmnist-cluttered: the teacher and a distilled student train, export and
+    record the data set; augmentation a is canvas draw a // 2, flipped when a is odd."""
+    from collabvit.data import ClutteredFashionMNIST
+    from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
+
+    data = ClutteredTraining(FMNIST, augmented=True, limit=64)
+    assert data.augmentations == 2 * CLUTTERED_DRAWS and len(data.labels) == 64
+    published = ClutteredFashionMNIST(FMNIST, "train")
+    index = torch.tensor([0, 5, 5, 63])
+    images = data.batch(index, torch.tensor([0, 0, 1, 6]))
+    assert images.shape == (4, 1, 56, 56) and images.dtype == torch.uint8
+    assert torch.equal(images[0], published.images[0])  # draw 0 is the published canvas
+    assert torch.equal(images[2], images[1].flip(-1))  # odd: the same draw, flipped
+    assert not torch.equal(images[3], published.images[63])  # draw 3: another canvas
+    assert torch.equal(images[3], published.canvases([63], 3)[0])
+    val = ClutteredFashionMNIST(FMNIST, "val")
+    assert torch.equal(data.val_images, val.images)
+
+    teacher = ["--model", "collabvit_cluttered_cnn", "--model-kwargs", '{"width": 4}']
+    common = ["--data-set", "fmnist-cluttered", "--epochs", "1", "--train-limit", "64",
+              "--batch-size", "32", "--quiet"]  # fmt: skip
+    assert main(["train", *teacher, *common, "--out-dir", str(tmp_path / "teacher")]) == 0
+    student = ["--model", "collabvit_cluttered_edge", "--model-kwargs", '{"depth": 1}',
+               "--teacher", str(tmp_path / "teacher"), "--token-drop", "0.5"]  # fmt: skip
+    assert main(["train", *student, *common, "--out-dir", str(tmp_path / "student")]) == 0
+    assert "test" in capsys.readouterr().out
+    card = json.loads((tmp_path / "student" / "model_card.json").read_text())
+    assert card["data"]["data_set"] == "fmnist-cluttered"
+    assert card["data"]["clutter"] == {"canvas": 56, "fragments": 6, "fragment": 10, "patch": 8,
+                                       "seed": 0}  # fmt: skip
+    assert card["architecture"]["img_size"] == [56, 56] and card["teacher"]["test_acc"] >= 0
+    table = TeacherOutputs.FILE
+    with safe_open(str(tmp_path / "student" / table), framework="pt") as handle:
+        assert handle.get_tensor("logits").shape == (64, 2 * CLUTTERED_DRAWS, 10)
+    # a Fashion-MNIST model cannot train on canvases: a one-line error
+    status = main(["train", "--model", "collabvit_fmnist_edge", *common,
+                   "--out-dir", str(tmp_path / "wrong")])  # fmt: skip
+    assert status == 2
+    assert "fmnist-cluttered training images are (1, 56, 56)" in capsys.readouterr().err

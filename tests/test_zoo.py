@@ -30,20 +30,40 @@ def test_shipped_model_loads_by_name_offline(name, monkeypatch):
     assert card["recipe"].startswith("collabvit train") and "seed" in card["run_card"]["training"]
     assert vit.geometry(model).num_patches == 49
     same = vit.create_vit(name)  # the CLI's path
-    x = torch.rand(2, 1, 28, 28)
+    x = torch.rand(2, 1, *vit.geometry(model).img_size)
     with torch.inference_mode():
         torch.testing.assert_close(same(x), model.eval()(x), atol=0, rtol=0)
 
 
 def test_shipped_sizes_and_files():
-    assert SHIPPED == list(zoo.ARCHITECTURES)  # every registered model has its weights
+    assert {zoo.EDGE, zoo.SERVER} <= set(SHIPPED)
     params = {
         n: sum(p.numel() for p in timm.create_model(n).parameters()) for n in (zoo.EDGE, zoo.SERVER)
     }
     assert 0.4e6 <= params[zoo.EDGE] <= 0.6e6
     assert 2.5e6 <= params[zoo.SERVER] <= 3.0e6
     total = sum(zoo.weights_file(n).stat().st_size for n in SHIPPED)
-    assert total <= 12 * 1024 * 1024
+    assert total <= 24 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ARCHITECTURES))
+def test_every_registered_vit_is_a_49_patch_model_of_its_data_set(name):
+    model = timm.create_model(name)  # the architecture, to train
+    family = zoo.FAMILIES[name]
+    geometry = vit.geometry(model)
+    assert geometry.num_patches == 49 and geometry.in_chans == 1
+    assert geometry.img_size == (family.input["img_size"],) * 2
+    assert model.pretrained_cfg["mean"] == family.mean
+    assert name in zoo.SHIPPED_PAIRS[family.data_set]
+
+
+def test_cluttered_teacher_takes_canvases_at_the_cost_of_the_fashion_mnist_one():
+    canvases = torch.rand(2, 1, 56, 56)
+    teacher = timm.create_model(zoo.CLUTTERED_TEACHER)
+    assert teacher.eval()(canvases).shape == (2, 10)
+    small = timm.create_model(zoo.TEACHER)
+    # the stride-2 stem: the same feature maps (28, 14, 7) from twice the side
+    assert teacher.features(canvases).shape == small.features(torch.rand(2, 1, 28, 28)).shape
 
 
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")

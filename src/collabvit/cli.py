@@ -30,11 +30,12 @@ from collabvit.config import (
     ServeConfig,
     SweepConfig,
     VisualizeConfig,
+    shipped_pair,
 )
 from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 
-# ModelSpec defaults to the shipped edge; the server flags default to its partner.
-SHIPPED_SERVER = "collabvit_fmnist_server"
+# `collabvit serve` names no data set: it serves the Fashion-MNIST server unless told.
+SHIPPED_SERVER = shipped_pair("fmnist")[1]
 TRAIN_FLAGS = {"augment": "--no-augment"}
 
 
@@ -55,8 +56,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models, which images: the flags of every command that runs the pair."""
     add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
-    add_config_arguments(parser.add_argument_group("server model"), ModelSpec, SERVER_FLAGS,
-                         name=SHIPPED_SERVER)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("server model"), ModelSpec, SERVER_FLAGS)
     add_config_arguments(parser.add_argument_group("data"), DataSpec)
 
 
@@ -82,16 +82,14 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
-                         name=SHIPPED_SERVER)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS)
     add_config_arguments(parser.add_argument_group("service"), ServeConfig)
 
 
 def _add_edge_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
     add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
-                         exclude=("weights", "kwargs", "use_ema"),
-                         name=SHIPPED_SERVER)  # fmt: skip
+                         exclude=("weights", "kwargs", "use_ema"))  # fmt: skip
     add_config_arguments(parser.add_argument_group("data"), DataSpec)
     add_config_arguments(parser.add_argument_group("collaborative inference"), EdgeConfig)
     add_config_arguments(parser.add_argument_group("server connection and outputs"),
@@ -154,13 +152,17 @@ def _check_output_dir(path: str, files: Sequence[str] = ()) -> Path:
     return folder
 
 
+def _model_specs(args: argparse.Namespace, data: DataSpec) -> tuple[ModelSpec, ModelSpec]:
+    """The edge's and the server's specs; a model not named is the data set's shipped one."""
+    edge_name, server_name = shipped_pair(data.data_set)
+    edge = {"name": edge_name, **given_values(ModelSpec, args, EDGE_FLAGS)}
+    server = {"name": server_name, **given_values(ModelSpec, args, SERVER_FLAGS)}
+    return ModelSpec(**edge), ModelSpec(**server)
+
+
 def _specs(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec, DataSpec, RunConfig]:
-    return (
-        ModelSpec(**given_values(ModelSpec, args, EDGE_FLAGS)),
-        ModelSpec(**given_values(ModelSpec, args, SERVER_FLAGS)),
-        DataSpec(**given_values(DataSpec, args)),
-        RunConfig(**given_values(RunConfig, args)),
-    )
+    data = DataSpec(**given_values(DataSpec, args))
+    return (*_model_specs(args, data), data, RunConfig(**given_values(RunConfig, args)))
 
 
 def _load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec, run: RunConfig,
@@ -266,8 +268,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         if not main:  # rank 0 prints and writes for all
             return 0
         _print_sweep(report, config, out_dir)
+        named = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered Fashion-MNIST"}
         title = f"{report.images} images" + (
-            f" of Fashion-MNIST {data.split}" if data.data_set == "fmnist" else ""
+            f" of {named[data.data_set]} {data.split}" if data.data_set in named else ""
         )
         provenance = _provenance("sweep", edge_model=edge_spec, server_model=server_spec,
                                  data=data, sweep=config, run=run)  # fmt: skip
@@ -348,7 +351,7 @@ def _check_input_file(path: str | None, what: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        spec = ModelSpec(**given_values(ModelSpec, args, SERVER_FLAGS))
+        spec = ModelSpec(**{"name": SHIPPED_SERVER, **given_values(ModelSpec, args, SERVER_FLAGS)})
         values = given_values(ServeConfig, args)
         config = ServeConfig(**{**values, "token": _token(values.get("token"))})
         _check_input_file(config.ssl_certfile, "certificate")
@@ -408,10 +411,7 @@ def run_edge(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        edge_spec = ModelSpec(**given_values(ModelSpec, args, EDGE_FLAGS))
-        server_spec = ModelSpec(**given_values(ModelSpec, args, SERVER_FLAGS))
-        data = DataSpec(**given_values(DataSpec, args))
-        run = RunConfig(**given_values(RunConfig, args))
+        edge_spec, server_spec, data, run = _specs(args)
         chosen = given_values(EdgeConfig, args)
         EdgeConfig(**chosen)
         values = given_values(ClientConfig, args)
@@ -500,10 +500,11 @@ COMMANDS = {
         _add_eval_arguments, run_eval,
     ),
     "train": (
-        "train a small ViT on Fashion-MNIST (optionally with token drop)",
-        "Train a timm ViT on Fashion-MNIST: AdamW, cosine schedule with warm-up, label "
-        "smoothing, augmentation, the fixed validation split; resumable; deterministic given "
-        "--seed.",
+        "train a small ViT on Fashion-MNIST or its cluttered canvases (optionally with token "
+        "drop and a teacher)",
+        "Train a timm ViT (or the CNN teacher) on Fashion-MNIST or cluttered Fashion-MNIST: "
+        "AdamW, cosine schedule with warm-up, label smoothing, augmentation, the fixed "
+        "validation split; resumable; deterministic given --seed.",
         _add_train_arguments, run_train,
     ),
     "sweep": (

@@ -16,9 +16,24 @@ ATTENTION_MODES = ("mean", "rollout")
 MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
 COUNT_MODES = ("random", "topk")
 UNCERTAINTY_MODES = ("shannon_entropy", "min_entropy", "margin", "none")
-DATA_SETS = ("fmnist", "imagenet", "tensors")
+DATA_SETS = ("fmnist", "fmnist-cluttered", "imagenet", "tensors")
+# The data sets collabvit trains on (both built from the Fashion-MNIST IDX files).
+TRAIN_DATA_SETS = ("fmnist", "fmnist-cluttered")
 FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
 DISTILL_MODES = ("hard", "soft")
+
+# The shipped (edge, server) pair that runs on each data set when no model is named; other
+# data sets get the Fashion-MNIST pair's names.
+SHIPPED_PAIRS = {
+    "fmnist": ("collabvit_fmnist_edge", "collabvit_fmnist_server"),
+    "fmnist-cluttered": ("collabvit_cluttered_edge", "collabvit_cluttered_server"),
+}
+
+
+def shipped_pair(data_set: str) -> tuple[str, str]:
+    """The names of the shipped (edge, server) pair for `data_set` (SHIPPED_PAIRS)."""
+    return SHIPPED_PAIRS.get(data_set, SHIPPED_PAIRS["fmnist"])
+
 
 # The paper's operating point, for models that do not ship one of their own.
 PAPER_DELTA = 0.97
@@ -100,7 +115,9 @@ class ModelSpec:
     the server's --server-model, --server-weights, ... (flags.EDGE_FLAGS, SERVER_FLAGS)."""
 
     name: str = field(default="collabvit_fmnist_edge", metadata=flag(
-        "a timm ViT name, e.g. deit_tiny_patch16_224 (default: %(default)s)", metavar="NAME"))
+        "a timm ViT name, e.g. deit_tiny_patch16_224 (default: the shipped collabvit_fmnist_* "
+        "model; collabvit_cluttered_* where --data-set fmnist-cluttered is given)",
+        metavar="NAME"))
     weights: str | None = field(default=None, metadata=flag(
         ".safetensors or .pth (the DeiT release's nested 'model' is fine); without it a shipped "
         "collabvit model loads from the package and any other asks timm's hub", metavar="FILE"))
@@ -117,13 +134,16 @@ class DataSpec:
 
     data_set: str = field(default="fmnist", metadata=flag(
         "imagenet: ImageNet-style folder (synset folders get their ImageNet indices) with the "
-        "edge model's eval transform; fmnist: Fashion-MNIST IDX files; tensors: a safetensors "
-        "file with images and targets (default: %(default)s)", choices=DATA_SETS))
+        "edge model's eval transform; fmnist: Fashion-MNIST IDX files; fmnist-cluttered: 56x56 "
+        "canvases, a Fashion-MNIST item at a random position among clutter (made from the "
+        "same IDX files); tensors: a safetensors file with images and targets (default: "
+        "%(default)s)", choices=DATA_SETS))
     data_path: str | None = field(default=None, metadata=flag(
         "ROOT with ROOT/val/<class>/<image> or ROOT/<class>/<image>; the Fashion-MNIST folder "
         "(default /usr/share/datasets/fashion-mnist); or the tensor file", metavar="PATH"))
     split: str = field(default="test", metadata=flag(
-        "Fashion-MNIST split: test (10,000); val: the 5,000 training images collabvit's "
+        "Fashion-MNIST split (cluttered canvases too): test (10,000); val: the 5,000 "
+        "training images collabvit's "
         "training holds out; train: the other 55,000; train-all: all 60,000 training images "
         "(default: %(default)s)", choices=FASHION_MNIST_SPLITS))
     crop_pct: float | None = field(default=None, metadata=flag(
@@ -336,6 +356,10 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict, metadata=flag(
         "architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'", type="json",
         metavar="JSON"))
+    data_set: str = field(default="fmnist", metadata=flag(
+        "fmnist: Fashion-MNIST; fmnist-cluttered: its cluttered 56x56 canvases, each epoch "
+        "drawing new canvases of the same items (default: %(default)s)",
+        choices=TRAIN_DATA_SETS))
     data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
         "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))
     epochs: int = field(default=30, metadata=flag(
@@ -374,7 +398,9 @@ class TrainConfig:
         type="finite", metavar="W"))
     distill_temperature: float = field(default=3.0, metadata=flag(
         "temperature of soft distillation (default: %(default)s)", type="finite", metavar="T"))
-    augment: bool = field(default=True, metadata=flag("no random shift/flip"))
+    augment: bool = field(default=True, metadata=flag(
+        "no augmentation (Fashion-MNIST: random shift and flip; cluttered: a new canvas of "
+        "the item, and flip)"))
     bf16: bool = field(default=False, metadata=flag(
         "bfloat16 autocast (faster on CPUs with AVX512-BF16)"))
     seed: int = field(default=0, metadata=flag(
@@ -382,6 +408,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require([
+            (self.data_set in TRAIN_DATA_SETS, f"unknown training data set {self.data_set!r}; "
+             f"choose one of {', '.join(TRAIN_DATA_SETS)}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),

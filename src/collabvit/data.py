@@ -25,6 +25,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
+from collabvit.cluttered import ClutterSpec, compose
 from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -236,6 +237,84 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
+
+
+class ClutteredFashionMNIST(Dataset):
+    """Cluttered Fashion-MNIST: uint8 [1, 56, 56] canvases, each one Fashion-MNIST item at a
+    random position among fragments of other items of its split (collabvit.cluttered).
+
+    Canvas i of a split shows item i of the same Fashion-MNIST split (test, val, train,
+    train-all) and has its label; its clutter comes from that split's items only. `masks`
+    [n, G * G] bool marks the patches (row-major, spec.patch pixels) holding the item's
+    pixels. `draw` 0 is the published data set; other draws are other canvases of the same
+    items (training's augmentation, via `canvases`).
+    """
+
+    classes = FASHION_MNIST_CLASSES
+    CHUNK = 4096  # canvases composed at a time: bounds the index arrays' memory
+
+    def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test",
+                 spec: ClutterSpec = ClutterSpec(), draw: int = 0) -> None:  # fmt: skip
+        fashion = FashionMNIST(root, split)
+        try:
+            spec.check(fashion.images.shape[-1])
+        except ValueError as error:
+            raise DataError(f"cluttered canvases: {error}") from error
+        self.spec, self.split, self.draw = spec, split, draw
+        self.items = fashion.images[:, 0].numpy()
+        self.labels = fashion.labels
+
+    @functools.cached_property
+    def _composed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # made on first use: training only ever asks for other draws of a few canvases
+        return self.canvases(np.arange(len(self.labels)), self.draw, with_masks=True)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All canvases of the split (this draw): uint8 [n, 1, S, S]."""
+        return self._composed[0]
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """The item masks of all canvases: bool [n, G * G], patches row-major."""
+        return self._composed[1]
+
+    def canvases(self, index, draw=0, with_masks: bool = False):
+        """Canvases `index` [B] under `draw` (one int, or one per canvas [B]): uint8
+        [B, 1, S, S], and with `with_masks` their item masks [B, G * G] bool too."""
+        index = np.asarray(index, dtype=np.int64)
+        draw = np.broadcast_to(np.asarray(draw, dtype=np.int64), index.shape)
+        parts = [compose(self.items, index[start : start + self.CHUNK], self.spec, self.split,
+                         draw[start : start + self.CHUNK])
+                 for start in range(0, len(index), self.CHUNK)]  # fmt: skip
+        side, grid = self.spec.canvas, self.spec.canvas // self.spec.patch
+        images = torch.from_numpy(np.concatenate([part[0] for part in parts]) if parts
+                                  else np.zeros((0, side, side), np.uint8)).unsqueeze(1)
+        if not with_masks:
+            return images
+        masks = (np.concatenate([part[1] for part in parts]) if parts
+                 else np.zeros((0, grid, grid), bool))  # fmt: skip
+        return images, torch.from_numpy(masks.reshape(len(index), grid * grid))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def item_masks(dataset: Dataset) -> torch.Tensor | None:
+    """The item masks [n, N] bool of a cluttered data set (under any --limit Subset), in
+    the dataset's order; None for data sets without them."""
+    positions = None
+    while isinstance(dataset, Subset):
+        inner = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        positions = inner if positions is None else inner[positions]
+        dataset = dataset.dataset
+    masks = getattr(dataset, "masks", None)
+    if masks is None:
+        return None
+    return masks if positions is None else masks[positions]
 
 
 class TensorFile(Dataset):
@@ -512,11 +591,13 @@ def build_dataset(
         name: one of DATA_SETS.
         path: its location (Fashion-MNIST defaults to the Debian package's folder).
         model: the edge model (its eval transform for ImageNet-style data).
-        split: Fashion-MNIST split.
+        split: Fashion-MNIST split (of the cluttered canvases too).
         crop_pct: centre-crop fraction for ImageNet-style data (default: the reference's).
     """
     if name == "fmnist":
         return FashionMNIST(path or FASHION_MNIST_ROOT, split)
+    if name == "fmnist-cluttered":
+        return ClutteredFashionMNIST(path or FASHION_MNIST_ROOT, split)
     if name == "imagenet":
         if path is None:
             raise DataError("--data-set imagenet needs --data-path ROOT (ROOT/val/<class>/<image>)")

@@ -109,7 +109,7 @@ def load_pair(
     problem = data.label_fit_problem(images, geometry.num_classes)
     if problem:
         notes.append(problem)
-    if dataset.data_set == "fmnist" and dataset.split == "val":
+    if dataset.data_set in ("fmnist", "fmnist-cluttered") and dataset.split == "val":
         for role, spec in (("edge", edge), ("server", server)):
             recorded = data.recorded_training_config(spec.name, spec.weights)
             overlap = data.val_overlap(recorded) if recorded else 0

@@ -36,6 +36,7 @@ from collabvit import cpu_model, versions, vit, zoo
 from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
+    ClutteredFashionMNIST,
     FashionMNIST,
     validation_split,
 )
@@ -123,6 +124,86 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class ShiftedFashionMNIST:
+    """Fashion-MNIST training images (the training split of validation_split, optionally the
+    first `limit`), augmented by random shift and flip (augmentation_count() of them)."""
+
+    dataset = "Fashion-MNIST (Debian dataset-fashion-mnist)"
+    description = "Fashion-MNIST --split val"
+
+    def __init__(self, root: str | Path, augmented: bool, limit: int | None = None) -> None:
+        data = FashionMNIST(root, "train-all")
+        train_index, val_index = validation_split(len(data.labels))
+        if limit is not None:
+            train_index = train_index[:limit]
+        self.images, self.labels = data.images[train_index], data.labels[train_index]
+        self.val_images, self.val_labels = data.images[val_index], data.labels[val_index]
+        self.augmentations = augmentation_count() if augmented else 1
+
+    def key(self) -> str:
+        """A fingerprint of the training images (what a teacher-output table is valid for)."""
+        return fingerprint({"images": self.images, "labels": self.labels})
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Each training image's augmentation index: [batch] int64."""
+        if self.augmentations == 1:
+            return torch.zeros(batch, dtype=torch.long)
+        return draw_augmentations(batch, generator)
+
+    def batch(self, index: torch.Tensor, augmentations: torch.Tensor) -> torch.Tensor:
+        """Training images `index` [B] under `augmentations` [B]: uint8 [B, C, H, W]."""
+        images = self.images[index]
+        return images if self.augmentations == 1 else apply_augmentations(images, augmentations)
+
+    def test(self, root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        test = FashionMNIST(root, "test")
+        return test.images, test.labels
+
+
+# Training sees this many canvases of each item (then each may be flipped); the teacher's
+# output table holds 2 x this many columns.
+CLUTTERED_DRAWS = 32
+
+
+class ClutteredTraining:
+    """Cluttered canvases of the Fashion-MNIST training split: augmentation a shows draw
+    a // 2 of the item's canvas (a new position and new clutter; draw 0 is the published
+    canvas), flipped horizontally when a is odd. Validation: the val split's draw 0."""
+
+    dataset = "cluttered Fashion-MNIST (collabvit.cluttered, default ClutterSpec)"
+    description = "fmnist-cluttered --split val"
+
+    def __init__(self, root: str | Path, augmented: bool, limit: int | None = None) -> None:
+        self.train = ClutteredFashionMNIST(root, "train")
+        # with a limit, the first canvases; their clutter still comes from the whole split
+        self.labels = self.train.labels[:limit]
+        val = ClutteredFashionMNIST(root, "val")
+        self.val_images, self.val_labels = val.images, val.labels
+        self.augmentations = 2 * CLUTTERED_DRAWS if augmented else 1
+
+    def key(self) -> str:
+        return fingerprint({"items": torch.from_numpy(self.train.items), "labels": self.labels,
+                            "spec": torch.tensor(list(asdict(self.train.spec).values()))})
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.augmentations, (batch,), generator=generator)
+
+    def batch(self, index: torch.Tensor, augmentations: torch.Tensor) -> torch.Tensor:
+        images = self.train.canvases(index.numpy(), (augmentations // 2).numpy())
+        flip = (augmentations % 2 == 1)[:, None, None, None]
+        return torch.where(flip, images.flip(-1), images)
+
+    def test(self, root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        test = ClutteredFashionMNIST(root, "test")
+        return test.images, test.labels
+
+
+def training_data(config: TrainConfig):
+    """The training set a config names (ShiftedFashionMNIST or ClutteredTraining)."""
+    kind = ClutteredTraining if config.data_set == "fmnist-cluttered" else ShiftedFashionMNIST
+    return kind(config.data_path, config.augment, config.train_limit)
 
 
 class TeacherOutputs:
@@ -304,33 +385,27 @@ class Trainer:
         # warm-up: the average forgets the random initialisation within the first epochs
         self.ema = (ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
                     if config.ema_decay else None)  # fmt: skip
-        data = FashionMNIST(config.data_path, "train-all")
-        images, labels = data.images, data.labels
+        self.data = training_data(config)
         g = self.geometry
         expected = ((g.in_chans, *g.img_size) if self.is_vit
                     else tuple(self.model.pretrained_cfg["input_size"]))  # fmt: skip
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"training images are {tuple(images.shape[1:])}, the model takes {expected}"
-            )
+        if tuple(self.data.val_images.shape[1:]) != expected:
+            raise ValueError(f"{config.data_set} training images are "
+                             f"{tuple(self.data.val_images.shape[1:])}, the model takes "
+                             f"{expected}")  # fmt: skip
         if self.teacher is not None:
-            check_teacher_fits(self.teacher, self.teacher_normalization(images[:1]),
+            check_teacher_fits(self.teacher, self.teacher_normalization(self.data.val_images[:1]),
                                self.model.num_classes, config.teacher)  # fmt: skip
-        # not the training seed: every run holds out the images of `--split val`
-        train_index, val_index = validation_split(len(labels))
-        if config.train_limit is not None:
-            train_index = train_index[: config.train_limit]
-        self.train_images, self.train_labels = images[train_index], labels[train_index]
-        self.val_images, self.val_labels = images[val_index], labels[val_index]
+        self.train_labels = self.data.labels
+        self.val_images, self.val_labels = self.data.val_images, self.data.val_labels
         self.teacher_outputs = None
         if self.teacher is not None:
             key = {"teacher": fingerprint(self.teacher.state_dict()),
-                   "train_data": fingerprint({"images": self.train_images,
-                                              "labels": self.train_labels}),
-                   "augmentations": str(augmentation_count() if config.augment else 1)}
+                   "train_data": self.data.key(),
+                   "augmentations": str(self.data.augmentations)}
             self.teacher_outputs = TeacherOutputs(
                 self.teacher, self.teacher_normalization, key, len(self.train_labels),
-                int(key["augmentations"]), self.model.num_classes)
+                self.data.augmentations, self.model.num_classes)
             self.teacher_outputs.load(self.teacher_outputs_path)
         skip_decay = self.model.no_weight_decay() if self.is_vit else ()
         groups = param_groups_weight_decay(self.model, config.weight_decay, skip_decay)
@@ -405,11 +480,8 @@ class Trainer:
                    disable=quiet, unit="step", leave=False)  # fmt: skip
         for step_in_epoch in bar:
             index = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
-            images, labels = self.train_images[index], self.train_labels[index]
-            augmentations = torch.zeros(len(index), dtype=torch.long)
-            if cfg.augment:
-                augmentations = draw_augmentations(len(index), generator)
-                images = apply_augmentations(images, augmentations)
+            augmentations = self.data.draw(len(index), generator)
+            images, labels = self.data.batch(index, augmentations), self.train_labels[index]
             step = epoch * self.steps_per_epoch + step_in_epoch
             self.scheduler.step_update(step)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -493,12 +565,16 @@ class Trainer:
             "storage": "float16" if half else "float32",
             "training": training_record(self.config),
             "data": {
-                "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)",
+                "dataset": self.data.dataset,
+                "data_set": self.config.data_set,
+                **({"clutter": asdict(self.data.train.spec),
+                    "draws_per_item": self.data.augmentations // 2}
+                   if isinstance(self.data, ClutteredTraining) else {}),
                 "train_images": len(self.train_labels),
                 "validation_images": len(self.val_labels),
                 "validation_split": dict(VALIDATION_SPLIT),
                 "validation": f"{VALIDATION_SPLIT['size']} images of the training set, split with "
-                f"seed {VALIDATION_SPLIT['seed']} (Fashion-MNIST --split val)",
+                f"seed {VALIDATION_SPLIT['seed']} ({self.data.description})",
             },
             "validation_acc": self.log[-1]["val_acc"] if self.log else None,
             # fewer than the schedule's epochs when the run was stopped early (--stop-after)
@@ -559,13 +635,13 @@ def train(config: TrainConfig, run: TrainRun) -> Iterator[str]:
     if run.stop_after is not None and run.stop_after < trainer.start_epoch:
         raise ValueError(f"{trainer.checkpoint_path} is after epoch {trainer.start_epoch}, "
                          f"past --stop-after {run.stop_after}")  # fmt: skip
-    test = FashionMNIST(config.data_path, "test")  # read first: a missing file fails early
+    test_images, test_labels = trainer.data.test(config.data_path)  # a missing file fails early
     for r in trainer.epochs(run.stop_after):
         yield (
             f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} % | "
             f"val acc {r['val_acc']:.2f} % | {r['seconds']} s"
         )
-    weights = trainer.export(test.images, test.labels)
+    weights = trainer.export(test_images, test_labels)
     card = json.loads((trainer.out_dir / "model_card.json").read_text())
     validation, test_acc = card["validation_acc"], card["test_acc"]
     yield f"wrote {weights}: validation {validation:.2f} %, test {test_acc:.2f} %"

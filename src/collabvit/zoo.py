@@ -9,7 +9,7 @@ with token drop). With ``pretrained=False`` they are the architectures to train.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,21 +17,44 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from collabvit.config import EdgeConfig
+from collabvit.config import SHIPPED_PAIRS, EdgeConfig  # noqa: F401 - the pairs, by data set
 
 EDGE_CONFIG_FIELDS = tuple(item.name for item in fields(EdgeConfig))
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-# Fashion-MNIST training-set pixel statistics (on [0, 1]).
+# Training-set pixel statistics (on [0, 1]) of each data set the shipped models know.
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
+CLUTTERED_MEAN = (0.1365,)  # ClutteredFashionMNIST "train", draw 0
+CLUTTERED_STD = (0.2860,)
 
-_FMNIST_INPUT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
+
+@dataclass(frozen=True)
+class Family:
+    """What the models of one data set share: their input, statistics and timm tag."""
+
+    data_set: str
+    tag: str
+    input: dict
+    mean: tuple
+    std: tuple
+
+
+FMNIST = Family("fmnist", "fmnist", dict(img_size=28, patch_size=4, in_chans=1, num_classes=10),
+                FMNIST_MEAN, FMNIST_STD)  # fmt: skip
+CLUTTERED = Family("fmnist-cluttered", "fmnist_cluttered",
+                   dict(img_size=56, patch_size=8, in_chans=1, num_classes=10),
+                   CLUTTERED_MEAN, CLUTTERED_STD)  # fmt: skip
+
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+CLUTTERED_EDGE, CLUTTERED_SERVER = "collabvit_cluttered_edge", "collabvit_cluttered_server"
 ARCHITECTURES = {
-    EDGE: dict(**_FMNIST_INPUT, embed_dim=96, depth=4, num_heads=3),
-    SERVER: dict(**_FMNIST_INPUT, embed_dim=192, depth=6, num_heads=3),
+    EDGE: dict(**FMNIST.input, embed_dim=96, depth=4, num_heads=3),
+    SERVER: dict(**FMNIST.input, embed_dim=192, depth=6, num_heads=3),
+    CLUTTERED_EDGE: dict(**CLUTTERED.input, embed_dim=96, depth=4, num_heads=3),
+    CLUTTERED_SERVER: dict(**CLUTTERED.input, embed_dim=192, depth=6, num_heads=3),
 }
+FAMILIES = {EDGE: FMNIST, SERVER: FMNIST, CLUTTERED_EDGE: CLUTTERED, CLUTTERED_SERVER: CLUTTERED}
 
 
 def weights_file(name: str) -> Path:
@@ -52,9 +75,9 @@ def model_card(name: str) -> dict:
 def default_operating_point(edge: str, server: str) -> EdgeConfig:
     """The operating point shipped with an edge model for its server, else the paper's.
 
-    The shipped Fashion-MNIST pair's point was chosen on the validation split
-    (the edge's model card says how); any other pair gets the paper's
-    delta 0.97 / eta 1.0 with mean attention and min-entropy.
+    The shipped pairs' points were chosen on the validation split (the edge's
+    model card says how); any other pair gets the paper's delta 0.97 / eta 1.0
+    with mean attention and min-entropy.
     """
     point = model_card(edge.split(".")[0]).get("operating_point")
     if not point or point.get("server") != server.split(".")[0]:
@@ -67,25 +90,27 @@ def is_shipped(name: str) -> bool:
     return name.split(".")[0] in ARCHITECTURES and weights_file(name.split(".")[0]).is_file()
 
 
-def _pretrained_cfg(name: str) -> dict:
+def _pretrained_cfg(name: str, family: Family) -> dict:
     return {
         "file": str(weights_file(name)),
         "num_classes": 10,
-        "input_size": (1, 28, 28),
-        "mean": FMNIST_MEAN,
-        "std": FMNIST_STD,
+        "input_size": (1, family.input["img_size"], family.input["img_size"]),
+        "mean": family.mean,
+        "std": family.std,
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "first_conv": "patch_embed.proj",
         "classifier": "head",
         "license": "apache-2.0",
-        "description": "collabvit Fashion-MNIST ViT (see its model card JSON beside the weights)",
+        "description": f"collabvit {family.data_set} ViT (see its model card JSON beside the "
+        "weights)",
     }
 
 
 # timm's register_model reads this module-level name.
 default_cfgs = generate_default_cfgs(
-    {f"{name}.fmnist": _pretrained_cfg(name) for name in ARCHITECTURES}
+    {f"{name}.{FAMILIES[name].tag}": _pretrained_cfg(name, FAMILIES[name])
+     for name in ARCHITECTURES}  # fmt: skip
 )
 
 
@@ -106,6 +131,20 @@ def collabvit_fmnist_server(pretrained: bool = False, **kwargs) -> VisionTransfo
     return _create(SERVER, pretrained, **kwargs)
 
 
+@register_model
+def collabvit_cluttered_edge(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Edge ViT for cluttered Fashion-MNIST: 56x56x1, 8x8 patches (49), width 96, depth 4,
+    3 heads."""
+    return _create(CLUTTERED_EDGE, pretrained, **kwargs)
+
+
+@register_model
+def collabvit_cluttered_server(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Server ViT for cluttered Fashion-MNIST: 56x56x1, 8x8 patches (49), width 192, depth 6,
+    3 heads."""
+    return _create(CLUTTERED_SERVER, pretrained, **kwargs)
+
+
 # ------------------------------------------------------------------ the CNN teacher
 #
 # Used only to train the ViTs (distillation); not a collabvit edge or server model, and
@@ -116,11 +155,11 @@ TEACHER = "collabvit_fmnist_cnn"
 
 
 class _ConvBlock(nn.Sequential):
-    """Two 3x3 conv-BN-ReLU layers."""
+    """Two 3x3 conv-BN-ReLU layers; the first may stride."""
 
-    def __init__(self, channels_in: int, channels_out: int) -> None:
+    def __init__(self, channels_in: int, channels_out: int, stride: int = 1) -> None:
         super().__init__(
-            nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
             nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True),
@@ -128,16 +167,18 @@ class _ConvBlock(nn.Sequential):
 
 
 class FashionCNN(nn.Module):
-    """A small VGG-style CNN for 28x28 grayscale images: widths w, 2w, 4w at 28, 14, 7 pixels,
-    global average pooling, dropout, a linear head. images [B, C, H, W] -> logits [B, classes].
+    """A small VGG-style CNN for grayscale images: widths w, 2w, 4w at full, 1/2 and 1/4 of
+    the input's side divided by `stem_stride` (28, 14, 7 pixels for 28x28 Fashion-MNIST; a
+    stride-2 stem keeps 56x56 canvases as cheap), global average pooling, dropout, a linear
+    head. images [B, C, H, W] -> logits [B, classes].
     """
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 64,
-                 drop_rate: float = 0.2, **_) -> None:  # fmt: skip
+                 drop_rate: float = 0.2, stem_stride: int = 1, **_) -> None:  # fmt: skip
         super().__init__()
         self.num_classes = num_classes
         self.features = nn.Sequential(
-            _ConvBlock(in_chans, width), nn.MaxPool2d(2),
+            _ConvBlock(in_chans, width, stem_stride), nn.MaxPool2d(2),
             _ConvBlock(width, 2 * width), nn.MaxPool2d(2),
             _ConvBlock(2 * width, 4 * width),
         )  # fmt: skip
@@ -149,12 +190,19 @@ class FashionCNN(nn.Module):
         return self.head(self.head_drop(pooled))
 
 
-def _teacher_cfg() -> dict:
-    return {**_pretrained_cfg(TEACHER), "first_conv": "features.0.0", "classifier": "head",
-            "description": "collabvit Fashion-MNIST CNN teacher (training only)"}  # fmt: skip
+CLUTTERED_TEACHER = "collabvit_cluttered_cnn"
+TEACHER_FAMILIES = {TEACHER: FMNIST, CLUTTERED_TEACHER: CLUTTERED}
 
 
-default_cfgs.update(generate_default_cfgs({f"{TEACHER}.fmnist": _teacher_cfg()}))
+def _teacher_cfg(name: str) -> dict:
+    family = TEACHER_FAMILIES[name]
+    return {**_pretrained_cfg(name, family), "first_conv": "features.0.0", "classifier": "head",
+            "description": f"collabvit {family.data_set} CNN teacher (training only)"}  # fmt: skip
+
+
+default_cfgs.update(generate_default_cfgs(
+    {f"{name}.{family.tag}": _teacher_cfg(name) for name, family in TEACHER_FAMILIES.items()}
+))  # fmt: skip
 
 
 @register_model
@@ -162,3 +210,12 @@ def collabvit_fmnist_cnn(pretrained: bool = False, **kwargs) -> FashionCNN:
     """CNN teacher for Fashion-MNIST: widths 64/128/256, six conv layers (training only)."""
     return build_model_with_cfg(FashionCNN, TEACHER, pretrained,
                                 **{"in_chans": 1, "num_classes": 10, **kwargs})  # fmt: skip
+
+
+@register_model
+def collabvit_cluttered_cnn(pretrained: bool = False, **kwargs) -> FashionCNN:
+    """CNN teacher for cluttered Fashion-MNIST: a stride-2 stem, then widths 64/128/256 at
+    28, 14, 7 pixels (training only)."""
+    return build_model_with_cfg(FashionCNN, CLUTTERED_TEACHER, pretrained,
+                                **{"in_chans": 1, "num_classes": 10, "stem_stride": 2,
+                                   **kwargs})  # fmt: skip

@@ -1,0 +1,158 @@
+"""Tests for collabvit.cluttered and the fmnist-cluttered data set."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from collabvit.cluttered import ClutterSpec, compose, layout, random_words
+from collabvit.data import (
+    FASHION_MNIST_ROOT,
+    ClutteredFashionMNIST,
+    DataError,
+    FashionMNIST,
+    build_dataset,
+    item_masks,
+)
+
+needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(),
+                                  reason=f"{FASHION_MNIST_ROOT} not installed")  # fmt: skip
+
+
+def _items(count: int = 40, side: int = 28, seed: int = 0) -> np.ndarray:
+    """Random 'items' with a blank border, as Fashion-MNIST items have."""
+    rng = np.random.default_rng(seed)
+    items = np.zeros((count, side, side), np.uint8)
+    items[:, 4:-4, 6:-6] = rng.integers(1, 256, (count, side - 8, side - 12), dtype=np.uint8)
+    return items
+
+
+def test_a_canvas_depends_only_on_its_key():
+    items, spec = _items(), ClutterSpec()
+    everything, masks = compose(items, np.arange(40), spec, "test")
+    chosen = np.array([39, 3, 17, 3])
+    some, some_masks = compose(items, chosen, spec, "test")
+    assert np.array_equal(some, everything[chosen]) and np.array_equal(some_masks, masks[chosen])
+    again, _ = compose(items, np.arange(40), spec, "test")
+    assert np.array_equal(again, everything)
+    for other in ({"split": "train"}, {"draw": 1}, {"spec": ClutterSpec(seed=1)}):
+        arguments = {"split": "test", "draw": 0, "spec": spec, **other}
+        changed, _ = compose(items, np.arange(40), arguments["spec"], arguments["split"],
+                             arguments["draw"])  # fmt: skip
+        assert (changed != everything).any(axis=(1, 2)).mean() > 0.9, other
+
+
+def test_random_words_are_pinned():
+    """The hash is the data set's definition: these words must never change."""
+    words = random_words(0, "test", np.array([0, 1, 9999]), 0, 3)
+    digest = hashlib.sha256(words.tobytes()).hexdigest()
+    assert words.dtype == np.uint64 and words.shape == (3, 3)
+    assert digest == PINNED_WORDS
+
+
+PINNED_WORDS = "f637866ac33f522df95a42e61f8541901b8664ad927facbe68955fa7551c65d0"
+
+
+def test_layout_stays_inside_canvas_and_items():
+    spec = ClutterSpec()
+    plan = layout(spec, "train", np.arange(5000), np.arange(5000) % 7, items=123, item_size=28)
+    assert plan.item_yx.min() >= 0 and plan.item_yx.max() <= 56 - 28
+    assert plan.source.min() >= 0 and plan.source.max() < 123
+    assert plan.source_yx.min() >= 0 and plan.source_yx.max() <= 28 - 10
+    assert plan.fragment_yx.min() >= 0 and plan.fragment_yx.max() <= 56 - 10
+    # uniform positions: every corner row is used, about equally
+    counts = np.bincount(plan.item_yx[:, 0], minlength=29)
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
+
+
+def test_canvas_holds_the_item_and_the_mask_marks_its_patches():
+    items, spec = _items(), ClutterSpec()
+    index = np.arange(40)
+    canvases, masks = compose(items, index, spec, "val")
+    plan = layout(spec, "val", index, 0, len(items), 28)
+    assert canvases.shape == (40, 56, 56) and masks.shape == (40, 7, 7)
+    for i in index:
+        y, x = plan.item_yx[i]
+        window = canvases[i, y : y + 28, x : x + 28]
+        assert (window >= items[i]).all()  # pixel-wise maximum, the item on top
+        expected = np.zeros((56, 56), bool)
+        expected[y : y + 28, x : x + 28] = items[i] > 0
+        patches = expected.reshape(7, 8, 7, 8).any(axis=(1, 3))
+        assert np.array_equal(masks[i], patches)
+    # without clutter the canvas is exactly the item on black
+    bare, _ = compose(items, index[:3], ClutterSpec(fragments=0), "val")
+    for i in range(3):
+        y, x = layout(ClutterSpec(fragments=0), "val", index, 0, 40, 28).item_yx[i]
+        assert bare[i].sum() == items[i].astype(int).sum()
+        assert np.array_equal(bare[i, y : y + 28, x : x + 28], items[i])
+
+
+def test_clutter_comes_from_fragments_of_the_splits_items():
+    items = np.zeros((30, 28, 28), np.uint8)
+    items[7] = 200  # the one item that shows clutter
+    spec = ClutterSpec(fragments=6)
+    canvases, _ = compose(items, np.arange(30), spec, "test")
+    plan = layout(spec, "test", np.arange(30), 0, 30, 28)
+    for i in range(30):
+        pieces = (plan.source[i] == 7).sum()
+        lit = (canvases[i] > 0).sum()
+        if i == 7:
+            assert lit >= 28 * 28
+        elif pieces == 0:
+            assert lit == 0
+        else:
+            assert 100 <= lit <= 100 * pieces
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"canvas": 20}, "must hold an item"), ({"fragments": -1}, "fragments must be >= 0"),
+    ({"fragment": 30}, "their side must lie in"), ({"patch": 5}, "must divide the canvas"),
+    ({"seed": -2}, "seed must be >= 0"),
+])  # fmt: skip
+def test_bad_parameters_are_one_line_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        compose(_items(), np.arange(2), ClutterSpec(**changes), "test")
+
+
+def test_indices_outside_the_split_are_refused():
+    with pytest.raises(IndexError, match=r"\[0, 40\)"):
+        compose(_items(), np.array([40]), ClutterSpec(), "test")
+
+
+@needs_fmnist
+def test_real_cluttered_split():
+    data = ClutteredFashionMNIST(FASHION_MNIST_ROOT, "test")
+    items = FashionMNIST(FASHION_MNIST_ROOT, "test")
+    assert len(data) == 10000 and torch.equal(data.labels, items.labels)
+    image, label = data[123]
+    assert image.shape == (1, 56, 56) and image.dtype == torch.uint8
+    assert label == int(items.labels[123])
+    assert data.masks.shape == (10000, 49) and data.masks.dtype == torch.bool
+    covered = data.masks.sum(1).float()
+    assert 11 <= covered.mean() <= 15  # the item covers about a quarter of the patches
+    # the published test canvases, pinned: any change to the data set fails here
+    assert hashlib.sha256(data.images[:500].numpy().tobytes()).hexdigest() == PINNED_TEST
+    # any canvas can be made alone, equal to the one in the whole split
+    alone, mask = data.canvases([9999, 5], with_masks=True)
+    assert torch.equal(alone, data.images[[9999, 5]]) and torch.equal(mask, data.masks[[9999, 5]])
+
+
+PINNED_TEST = "c2bd4e9d9a1fdfb63c2a62ba971d3aee876fc25a46774bdaf58226102bf43206"
+
+
+@needs_fmnist
+def test_build_dataset_and_masks_under_a_limit():
+    data = build_dataset("fmnist-cluttered", None, model=None, split="val")
+    assert isinstance(data, ClutteredFashionMNIST) and len(data) == 5000
+    limited = Subset(data, range(300))
+    assert torch.equal(item_masks(limited), data.masks[:300])
+    assert item_masks(FashionMNIST(FASHION_MNIST_ROOT, "test")) is None
+
+
+def test_a_missing_folder_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        ClutteredFashionMNIST(tmp_path / "absent", "test")
