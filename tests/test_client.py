@@ -243,6 +243,7 @@ def test_resume_answers_each_image_once(run_cli, live, tmp_path):
     assert other.returncode == 2 and "other settings (edge)" in other.stderr
 
 
+@pytest.mark.slow  # two server start-ups and 2,500 images one by one; CI runs it (make test-all)
 def test_server_killed_and_restarted_mid_run(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

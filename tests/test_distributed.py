@@ -88,6 +88,7 @@ def _collabvit(*args: str, processes: int = 1, cwd=None) -> subprocess.Completed
     return result
 
 
+@pytest.mark.slow  # two torchrun launches: about a minute; CI runs it (make test-all)
 def test_two_processes_give_exactly_the_one_process_eval_and_sweep(tmp_path):
     """torchrun with 2 CPU processes (gloo) over 1,001 test images (not a multiple of 2 or of
     the batch size): the same summary, per-image rows, points and picks as one process."""

@@ -10,11 +10,13 @@ import torch
 
 from collabvit.selection import (
     MASKING_MODES,
+    object_recall,
     select_attention_sum_threshold,
     select_attention_threshold,
     select_patches,
     select_random,
     select_topk,
+    selection_composition,
     selection_statistics,
     validate_masking,
 )
@@ -322,3 +324,25 @@ def test_selection_statistics_consistent_with_policy():
         assert counts[row] == keep[row].sum()
         if counts[row]:
             assert minimum[row] == scores[row][keep[row]].min()
+
+
+def test_object_recall_counts_the_kept_share_of_each_objects_patches():
+    target = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    keep = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert object_recall(keep, target).tolist() == [0.5, 1.0, 1.0]
+    assert object_recall(torch.zeros_like(keep), target).tolist() == [0.0, 0.0, 1.0]
+    # random selections of k patches recall k / N of the object on average
+    scores = torch.rand(4000, 49)
+    many = torch.rand(4000, 49) < 0.3
+    kept = select_random(scores, 16, torch.arange(4000), seed=0)
+    assert object_recall(kept, many).mean().item() == pytest.approx(16 / 49, abs=0.01)
+
+
+def test_selection_composition_splits_the_kept_patches_three_ways():
+    target = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    occupied = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    keep = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 1, 0]], dtype=torch.bool)
+    shares = selection_composition(keep, target, occupied)
+    assert shares == pytest.approx({"object": 2 / 6, "clutter": 2 / 6, "blank": 2 / 6})
+    empty = selection_composition(torch.zeros_like(keep), target, occupied)
+    assert empty == {"object": 0.0, "clutter": 0.0, "blank": 0.0}

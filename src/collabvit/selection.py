@@ -156,3 +156,33 @@ def selection_statistics(
     minimum = torch.where(keep, scores, torch.inf).amin(dim=1)
     total = torch.where(keep, scores, 0.0).sum(dim=1)
     return counts, minimum, total
+
+
+def object_recall(keep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of each image's object patches that the selection keeps.
+
+    keep [B, N] bool, target [B, N] bool (the object's patches) -> [B] float32; an image
+    without object patches counts as fully recalled (there was nothing to miss).
+    """
+    found = (keep & target).sum(dim=1).float()
+    wanted = target.sum(dim=1).float()
+    return torch.where(wanted > 0, found / wanted.clamp(min=1), torch.ones_like(found))
+
+
+def selection_composition(keep: torch.Tensor, target: torch.Tensor,
+                          occupied: torch.Tensor) -> dict[str, float]:  # fmt: skip
+    """What the kept patches of a batch are, as shares of all kept patches.
+
+    keep, target, occupied [B, N] bool: the selection, the object's patches, and the
+    patches holding any non-zero pixel. Returns {"object", "clutter", "blank"} summing to 1
+    (all 0 when nothing is kept): object patches, other non-blank patches, blank ones.
+    """
+    kept = keep.sum()
+    if kept == 0:
+        return {"object": 0.0, "clutter": 0.0, "blank": 0.0}
+    shares = {
+        "object": (keep & target).sum(),
+        "clutter": (keep & ~target & occupied).sum(),
+        "blank": (keep & ~target & ~occupied).sum(),
+    }
+    return {name: float(count) / float(kept) for name, count in shares.items()}
