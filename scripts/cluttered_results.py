@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from collabvit import plots, versions, vit, zoo
 from collabvit.config import SWEEP_DELTAS, EdgeConfig
@@ -253,9 +254,8 @@ def measure(edge_model, server_model, val_data, test_data, budget: float,
 
 def selection_figure(results: dict):
     """Server accuracy against patches sent, every canvas sent, one line per selection."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.subplots()
     series = dict.fromkeys(r["series"] for r in results["selection_curve"])
     for index, name in enumerate(series):
         members = sorted((r["patches"], r["server_acc"]) for r in results["selection_curve"]
@@ -274,9 +274,8 @@ def selection_figure(results: dict):
 
 def recall_figure(results: dict):
     """Recall of the item's patches in the k most attended patches, against k."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.subplots()
     for index, (name, values) in enumerate(results["recall"].items()):
         label = {"mean": "mean attention, top-k", "rollout": "rollout, top-k",
                  "random": "k random patches"}[name]  # fmt: skip

@@ -12,6 +12,8 @@ from PIL import Image
 from collabvit import frontier, metrics
 from collabvit.plots import (
     DROPPED_COLOUR,
+    OBJECT_COLOUR,
+    canvas_examples_figure,
     display_image,
     frontier_figure,
     learning_curves_figure,
@@ -220,3 +222,36 @@ def test_learning_curves_draw_each_run_its_validation_training_and_test():
 def test_learning_curves_plot(tmp_path):
     paths = plot_learning_curves({"edge": _log([55.0, 75.0])}, tmp_path / "curves")
     _check_image_files(paths, [".png", ".svg"])
+
+
+def _has_colour(figure, colour: str) -> bool:
+    """Whether any pixel of the rendered figure is (nearly) `colour`."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    target = (np.array(to_rgb(colour)) * 255).astype(int)
+    return bool((np.abs(pixels - target).max(axis=-1) <= 8).any())
+
+
+def test_object_patches_are_outlined_and_counted_in_every_view():
+    image = torch.zeros(1, 56, 56, dtype=torch.uint8)
+    keep, item = torch.arange(49) < 20, torch.zeros(49, dtype=torch.bool)
+    item[[15, 16, 22, 23, 30]] = True  # 2 of the 5 among the first 20
+    figures = patch_view_figures(image, torch.rand(49), keep, (8, 8), label="Coat",
+                                 object_patches=item)  # fmt: skip
+    for figure in figures.values():
+        assert "item (outlined): 2 of its 5 patches sent" in figure.axes[0].get_title()
+        assert _has_colour(figure, OBJECT_COLOUR)
+    plain = patch_view_figures(image, torch.rand(49), keep, (8, 8), label="Coat")
+    assert not _has_colour(plain["original"], OBJECT_COLOUR)
+
+
+def test_canvas_examples_are_titled_and_outlined():
+    images = torch.randint(0, 256, (5, 1, 56, 56), dtype=torch.uint8)
+    masks = torch.zeros(5, 49, dtype=torch.bool)
+    masks[:, :6] = True
+    figure = canvas_examples_figure(images, masks, [f"canvas {i}" for i in range(5)], (8, 8),
+                                    columns=3)  # fmt: skip
+    titled = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert titled == [f"canvas {i}" for i in range(5)] and len(figure.axes) == 6
+    assert _has_colour(figure, OBJECT_COLOUR)

@@ -33,6 +33,8 @@ SERIES_LINESTYLES = ("-", "--", "-.", ":")
 # Dropped patches in the masked view: a saturated colour, so it can never be mistaken
 # for a grey (or black) pixel of the image itself.
 DROPPED_COLOUR = "#3b7dd8"
+# The outline of an object's patches (cluttered canvases): visible on black and on white.
+OBJECT_COLOUR = "#ff9f1c"
 
 
 def save(figure: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
@@ -251,6 +253,39 @@ def draw_sent(
                     frameon=False, fontsize=7, handlelength=1.2, borderaxespad=0.3)  # fmt: skip
 
 
+def draw_patch_outline(axes, keep: torch.Tensor, image_size: tuple[int, int], patch_size,
+                       colour: str = OBJECT_COLOUR) -> None:  # fmt: skip
+    """Outline the patches `keep` [N] bool (row-major) on an image drawn on `axes`."""
+    height, width = image_size
+    # a blank border closes the outline where the patches touch the image's edge
+    mask = torch.nn.functional.pad(patch_mask(keep, image_size, patch_size).float(), (1, 1, 1, 1))
+    if keep.any():
+        limits = axes.get_xlim(), axes.get_ylim()
+        axes.contour(torch.arange(-1, width + 1).numpy(), torch.arange(-1, height + 1).numpy(),
+                     mask.numpy(), levels=[0.5], colors=[colour], linewidths=1.0)  # fmt: skip
+        axes.set_xlim(*limits[0])
+        axes.set_ylim(*limits[1])
+
+
+def canvas_examples_figure(images: torch.Tensor, masks: torch.Tensor | None,
+                           titles: Sequence[str], patch_size, columns: int = 8) -> Figure:
+    """A grid of images [n, C, H, W], each titled, with its object's patches (masks [n, N]
+    bool, row-major) outlined when given."""
+    rows = math.ceil(len(images) / columns)
+    figure = Figure(figsize=(1.45 * columns, 1.6 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for position, axes in enumerate(grid.flat):
+        if position >= len(images):
+            axes.set_axis_off()
+            continue
+        image = images[position]
+        draw_image(axes, display_image(image))
+        if masks is not None:
+            draw_patch_outline(axes, masks[position], tuple(image.shape[1:]), patch_size)
+        axes.set_title(titles[position], fontsize=7)
+    return figure
+
+
 def verdict(answer: str, label: str | None) -> str:
     """An answer with a tick or a cross when the label is known."""
     if label is None:
@@ -295,6 +330,7 @@ def patch_view_figures(
     label: str | None = None,
     edge_answer: str | None = None,
     server_answer: str | None = None,
+    object_patches: torch.Tensor | None = None,
 ) -> dict[str, Figure]:
     """The reference's three views of one image: original, heatmap, masked.
 
@@ -305,8 +341,13 @@ def patch_view_figures(
         scores: normalised patch scores [N].
         keep: selection [N] bool.
         label, edge_answer, server_answer: class names, or None to leave them out.
+        object_patches: [N] bool, the object's patches (a cluttered canvas's item): outlined
+            in every view, and the caption says how many of them are sent.
     """
     caption = view_caption(label, edge_answer, server_answer, int(keep.sum()), keep.numel())
+    if object_patches is not None:
+        sent = int((keep & object_patches).sum())
+        caption += f"\nitem (outlined): {sent} of its {int(object_patches.sum())} patches sent"
     views: dict[str, tuple[str, Callable]] = {
         "original": ("original", lambda ax: draw_image(ax, display_image(image))),
         "heatmap": ("patch attention", lambda ax: draw_heatmap(ax, image, scores, patch_size)),
@@ -317,6 +358,8 @@ def patch_view_figures(
         figure = Figure(figsize=(3.6 if view == "heatmap" else 3, 3))
         axes = figure.add_subplot()
         draw(axes)
+        if object_patches is not None:
+            draw_patch_outline(axes, object_patches, tuple(image.shape[1:]), patch_size)
         axes.set_title(f"{heading}\n{caption}" if caption else heading, fontsize=8)
         figures[view] = figure
     return figures
@@ -333,6 +376,7 @@ def save_patch_views(
     label: str | None = None,
     edge_answer: str | None = None,
     server_answer: str | None = None,
+    object_patches: torch.Tensor | None = None,
 ) -> list[Path]:
     """`patch_view_figures` as name_original.png, name_heatmap.png and name_masked.png.
 
@@ -341,9 +385,11 @@ def save_patch_views(
         scores: normalised patch scores [N].
         keep: selection [N] bool.
         label, edge_answer, server_answer: class names for the titles (None: left out).
+        object_patches: [N] bool, the object's patches to outline (None: none).
     """
     figures = patch_view_figures(image, scores, keep, patch_size, label=label,
-                                 edge_answer=edge_answer, server_answer=server_answer)  # fmt: skip
+                                 edge_answer=edge_answer, server_answer=server_answer,
+                                 object_patches=object_patches)  # fmt: skip
     paths = []
     for view, figure in figures.items():
         paths += save(figure, Path(out_dir) / f"{name}_{view}", ("png",))

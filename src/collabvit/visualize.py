@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from collabvit import passes, plots
+from collabvit import data, passes, plots
 from collabvit.config import EdgeConfig, VisualizeConfig
 from collabvit.pair import Pair
 
@@ -19,6 +19,7 @@ def draw_images(
     edge, server = pair.edge(config), pair.server()
     names = pair.class_names()
     total = edge.geometry.num_patches
+    objects = data.item_masks(pair.dataset)  # cluttered canvases know their item's patches
     for index in views.indices:
         image, label = pair.dataset[index]
         result = edge.process(image[None], torch.tensor([index]), seed)
@@ -29,6 +30,7 @@ def draw_images(
             image, result.scores[0], result.keep[0], edge.geometry.patch_size, out_dir,
             f"{index:05d}", label=names[int(label)], edge_answer=names[edge_answer],
             server_answer=names[server_answer],
+            object_patches=objects[index] if objects is not None else None,
         )  # fmt: skip
         yield (f"image {index}: label {names[int(label)]}; edge says {names[edge_answer]}, "
                f"server on {kept}/{total} patches says {names[server_answer]} -> "
