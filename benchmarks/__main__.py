@@ -25,7 +25,8 @@ import torch
 
 from benchmarks.harness import RESULTS, load_average, machine_lines
 
-SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_gpu")
+SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
+         "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -102,6 +103,10 @@ def target_rows(figures: dict) -> list[str]:
         f = figures["bench_forward"]
         rows.append(f"| edge `mean` step / plain `model(x)` | {f['edge_mean_over_plain']:.3f} | "
                     f"<= 1.05 | {verdict(f['edge_mean_over_plain'] <= 1.05)} | |")  # fmt: skip
+    if "bench_data" in figures:
+        worst = max(figures["bench_data"]["shares"].items(), key=lambda item: item[1])
+        rows.append(f"| composing cluttered canvases / a training step, {worst[0]} | "
+                    f"{100 * worst[1]:.1f} % | <= 5 % | {verdict(worst[1] <= 0.05)} | |")
     return rows
 
 

@@ -59,7 +59,8 @@ def test_the_quick_suite_runs_every_benchmark_and_writes_every_section(tmp_path)
         assert f"<!-- {name}:start" in text and f"<!-- {name}:end -->" in text, name
     targets = text[text.index("## Targets"):text.index("<!-- targets:end -->")]
     for measured in ("eval throughput / reference loop, deit", "batch-1 latency",
-                     "server forward GFLOP/s", "served / in-process"):  # fmt: skip
+                     "server forward GFLOP/s", "served / in-process",
+                     "composing cluttered canvases"):  # fmt: skip
         assert measured in targets
 
 
