@@ -62,6 +62,7 @@ demo-golden: setup
 results: setup data
 	$(PY) scripts/fmnist_results.py
 	$(PY) scripts/learning_curves.py
+	$(PY) scripts/cluttered_examples.py
 
 # The paper's comparisons at our scale, each at equal communication cost (README, Findings).
 SWEEP := $(VENV)/bin/collabvit sweep --quiet
