@@ -7,7 +7,8 @@ STAMP := $(VENV)/.collabvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
-.PHONY: setup data test test-all demo demo-deploy demo-golden results findings deploy-table lint bench bench-quick \
+.PHONY: setup data test test-all demo demo-deploy demo-golden results results-cluttered findings \
+	findings-cluttered deploy-table lint bench bench-quick \
 	bench-sweep bench-serve bench-train clean
 
 setup: $(STAMP)
@@ -64,6 +65,13 @@ results: setup data
 	$(PY) scripts/learning_curves.py
 	$(PY) scripts/cluttered_examples.py
 
+# The cluttered pair: default point, selection curve, item recall, collaboration; then the
+# bytes per codec at that point, and the bytes target (README, docs/findings/cluttered).
+results-cluttered: setup data
+	$(PY) scripts/cluttered_results.py
+	$(PY) scripts/deploy_table.py --data-set fmnist-cluttered
+	$(PY) scripts/cluttered_results.py --bytes-only
+
 # The paper's comparisons at our scale, each at equal communication cost (README, Findings).
 SWEEP := $(VENV)/bin/collabvit sweep --quiet
 findings: setup data
@@ -78,6 +86,19 @@ findings: setup data
 		cp runs/findings/$$name/sweep.json runs/findings/$$name/frontier.png \
 		   docs/findings/$$name/; done
 	$(PY) scripts/findings_table.py
+
+# The frontier on cluttered canvases: every policy, both attention modes, the three measures,
+# compared at equal cost (README, cluttered findings).
+CLUTTERED_SWEEP := $(SWEEP) --data-set fmnist-cluttered --compare-at 0.05 0.1 0.2
+findings-cluttered: setup data
+	$(CLUTTERED_SWEEP) --out-dir runs/findings/cluttered_frontier --attention-modes mean rollout \
+		--uncer-modes min_entropy shannon_entropy margin \
+		--policy attention_sum_threshold=0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.999 \
+		--policy attention_threshold=0.005,0.01,0.015,0.02,0.03 \
+		--policy topk=8,12,16,20,24,32,49 --policy random=8,12,16,20,24,32,49
+	mkdir -p docs/findings/cluttered_frontier
+	cp runs/findings/cluttered_frontier/sweep.json runs/findings/cluttered_frontier/frontier.png \
+		docs/findings/cluttered_frontier/
 
 # The benchmark suite: every benchmark, then the targets, into benchmarks/RESULTS.md.
 bench: setup data

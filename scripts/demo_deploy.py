@@ -1,12 +1,14 @@
 """`make demo-deploy`: the shipped server in the background, the edge client over the test set.
 
-Starts `collabvit serve` (its log goes to runs/deploy/server.log), waits until it is
-ready, runs `collabvit edge` against it with the given extra flags, and stops the
+Starts `collabvit serve` (its log goes to runs/deploy/server.log) with the server the
+edge's flags name (`EDGE_FLAGS="--data-set fmnist-cluttered"`: the cluttered pair's),
+waits until it is ready, runs `collabvit edge` against it with the given extra flags, and stops the
 server (SIGTERM: in-flight requests finish first), whatever happens.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -14,16 +16,28 @@ import sys
 from pathlib import Path
 
 from collabvit.client import ClientError, wait_until_served
+from collabvit.config import shipped_pair
 
 PORT = os.environ.get("DEPLOY_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"
+
+
+def served_model(extra: list[str]) -> str:
+    """The server model the edge's flags ask for: --server-model, else the shipped pair's
+    server of --data-set (fmnist-cluttered's pair for the cluttered canvases)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-set", "--data_set", default="fmnist")
+    parser.add_argument("--server-model", "--server_model", default=None)
+    known, _ = parser.parse_known_args(extra)
+    return known.server_model or shipped_pair(known.data_set)[1]
 
 
 def main(extra: list[str]) -> int:
     folder = Path("runs/deploy")
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "server.log").open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", PORT],
+        server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", PORT,
+                                   "--server-model", served_model(extra)],
                                   stderr=log, stdout=log)  # fmt: skip
         try:
             try:

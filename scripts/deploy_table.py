@@ -1,16 +1,17 @@
 """Bytes on the wire per codec: the README's deployment table, measured over HTTP.
 
-    python scripts/deploy_table.py [--limit N] [--readme README.md]
-        [--out benchmarks/deploy_results.json]
+    python scripts/deploy_table.py [--data-set fmnist|fmnist-cluttered] [--limit N]
+        [--readme README.md] [--out benchmarks/deploy_results.json]
 
-Starts `collabvit serve` (the shipped server), then runs `collabvit edge` over the
-Fashion-MNIST test set at the shipped default operating point once per codec (raw,
+Starts `collabvit serve` (the data set's shipped server), then runs `collabvit edge` over
+the test set at the shipped default operating point once per codec (raw,
 png, jpeg at quality 50, 75, 90 and 95), and once more per codec sending every full
 image (`--uncer-mode none --masking-th 1.0`), which gives the accuracy of the
 server on full images through that codec. Bytes are whole HTTP requests (request
 line, headers, body) as `collabvit edge` counts them. Writes the figures with their
 provenance to benchmarks/deploy_results.json and the table between the
-deploy-table markers in README.md; tests/test_readme_numbers.py checks that the
+deploy-table markers in README.md (for fmnist-cluttered: deploy_results_cluttered.json and
+the deploy-table-cluttered markers); tests/test_readme_numbers.py checks that the
 README shows exactly what the JSON holds.
 """
 
@@ -24,17 +25,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+from collabvit.config import shipped_pair
+
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- deploy-table:start -->\n", "<!-- deploy-table:end -->"
+# data set -> (results file, README marker name, what its images are called)
+OUTPUTS = {
+    "fmnist": ("deploy_results.json", "deploy-table", "Fashion-MNIST test images"),
+    "fmnist-cluttered": ("deploy_results_cluttered.json", "deploy-table-cluttered",
+                         "cluttered Fashion-MNIST test canvases"),
+}
+
+
+def markers(data_set: str) -> tuple[str, str]:
+    name = OUTPUTS[data_set][1]
+    return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+
+
+START, END = markers("fmnist")
 CODECS = ("raw", "png", "jpeg:50", "jpeg:75", "jpeg:90", "jpeg:95")
 FULL_CODECS = ("raw", "jpeg:50", "jpeg:75", "jpeg:90", "jpeg:95")  # png is lossless: raw's accuracy
 TOLERANCE = 0.2  # accuracy points a lossy codec may lose and still count as free
 
 
-def run_edge(url: str, codec: str, limit: int | None, folder: Path, *extra: str) -> dict:
+def run_edge(url: str, codec: str, limit: int | None, folder: Path, data_set: str,
+             *extra: str) -> dict:  # fmt: skip
     name = codec.replace(":", "") + ("-full" if extra else "")
     results = folder / f"{name}.json"
     command = [sys.executable, "-m", "collabvit", "edge", "--server", url, "--codec", codec,
+               "--data-set", data_set,
                "--quiet", "--concurrency", "16", "--records", str(folder / f"{name}.jsonl"),
                "--results-file", str(results), *extra]  # fmt: skip
     if limit:
@@ -44,11 +62,12 @@ def run_edge(url: str, codec: str, limit: int | None, folder: Path, *extra: str)
     return json.loads(results.read_text())
 
 
-def measure(limit: int | None) -> dict:
+def measure(limit: int | None, data_set: str = "fmnist") -> dict:
     # the port is part of every request's Host header, so the same as `make demo-deploy`'s
     port = int(os.environ.get("DEPLOY_PORT", "8000"))
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
+                               "--server-model", shipped_pair(data_set)[1]],
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         from collabvit.client import wait_until_served
@@ -56,8 +75,8 @@ def measure(limit: int | None) -> dict:
         wait_until_served(url, 120, alive=lambda: server.poll() is None)
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
-            runs = {codec: run_edge(url, codec, limit, folder) for codec in CODECS}
-            full = {codec: run_edge(url, codec, limit, folder, "--uncer-mode", "none",
+            runs = {codec: run_edge(url, codec, limit, folder, data_set) for codec in CODECS}
+            full = {codec: run_edge(url, codec, limit, folder, data_set, "--uncer-mode", "none",
                                     "--masking-th", "1.0") for codec in FULL_CODECS}  # fmt: skip
     finally:
         server.terminate()
@@ -85,6 +104,7 @@ def measure(limit: int | None) -> dict:
                          "server_acc": full["raw"]["summary"]["collab_acc"]})  # fmt: skip
     config = first["config"]
     return {
+        "data_set": data_set,
         "images": first["summary"]["images"],
         "client_acc": first["summary"]["client_acc"],
         "operating_point": config["edge"],
@@ -110,8 +130,9 @@ def free_quality(results: dict) -> str | None:
 def render(results: dict) -> str:
     raw = next(r for r in results["rows"] if r["codec"] == "raw")
     point = results["operating_point"]
+    images = OUTPUTS[results.get("data_set", "fmnist")][2]
     lines = [
-        f"{results['images']:,} Fashion-MNIST test images, default operating point "
+        f"{results['images']:,} {images}, default operating point "
         f"(δ {point['masking_th']}, η {point['uncer_th']}): the edge alone is right on "
         f"{results['client_acc']:.2f} %.",
         "",
@@ -138,21 +159,32 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def png_share(results: dict) -> float:
+    """Bytes per image of collaboration with png patches over sending every image as png."""
+    collaborative = next(r for r in results["rows"] if r["codec"] == "png")["bytes_all"]
+    whole = next(r for r in results["full_rows"] if r["codec"] == "png")["bytes_all"]
+    return collaborative / whole
+
+
 def write_table(readme: Path, results: dict) -> None:
+    start, end = markers(results.get("data_set", "fmnist"))
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no deploy-table markers")
-    head, rest = text.split(START, 1)
-    readme.write_text(head + START + render(results) + "\n" + END + rest.split(END, 1)[1])
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start.strip()} markers")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + render(results) + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-set", choices=sorted(OUTPUTS), default="fmnist")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "deploy_results.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default: benchmarks/deploy_results[_cluttered].json)")
     args = parser.parse_args()
-    results = measure(args.limit)
+    args.out = args.out or REPO / "benchmarks" / OUTPUTS[args.data_set][0]
+    results = measure(args.limit, args.data_set)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     write_table(args.readme, results)
     print(render(results))
