@@ -33,27 +33,33 @@ import torch
 from matplotlib.figure import Figure
 
 from collabvit import plots, versions, vit, zoo
-from collabvit.config import SWEEP_DELTAS, EdgeConfig
+from collabvit.config import EdgeConfig
 from collabvit.data import ClutteredFashionMNIST, indexed_loader
 from collabvit.edge import EdgeDevice
-from collabvit.frontier import pick_point
 from collabvit.metrics import accuracy
 from collabvit.passes import (
     EdgePass,
-    Grid,
-    eta_grid,
-    etas_for_sent_fractions,
     run_edge,
     selections,
     server_logits,
-    sweep_points,
 )
 from collabvit.protocol import patchify
 from collabvit.selection import object_recall, select_random, select_topk, selection_composition
 from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURES = ("min_entropy", "shannon_entropy", "margin")
+
+
+def script(name: str):
+    """Another script of this folder, as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The Fashion-MNIST results' default-point choice and calibrated rows, shared.
+FMNIST_RESULTS = script("fmnist_results")
 # Sum thresholds of the selection curve: from a handful of patches to nearly all of them.
 CURVE_DELTAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 CURVE_COUNTS = (4, 8, 12, 16, 20, 24, 32, 40, 49)
@@ -71,33 +77,6 @@ def edge_passes(edge_model, data, batch_size: int = 500) -> dict[str, EdgePass]:
 def occupied_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     """Patches holding any non-zero pixel: images [n, C, H, W] -> [n, N] bool."""
     return patchify(images, (patch, patch)).flatten(2).amax(dim=2) > 0
-
-
-def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
-    """Most accurate (delta, eta) on validation with cost <= budget (collabvit sweep's pick)."""
-    etas = tuple(dict.fromkeys(round(eta, 4) for eta in eta_grid(val.logits, "min_entropy", 41)))
-    grid = Grid(tuple(("attention_sum_threshold", delta) for delta in SWEEP_DELTAS),
-                {(1.0, "min_entropy"): etas})  # fmt: skip
-    best = pick_point(sweep_points(val, server, grid, progress=False), budget=budget)
-    if best is None:
-        raise SystemExit(f"no operating point has a validation cost <= {budget}")
-    return {"delta": best.threshold, "eta": best.eta, **best.figures.as_dict()}
-
-
-def ship_operating_point(default: dict, budget: float) -> None:
-    """Record the chosen point in the cluttered edge's model card."""
-    path = zoo.WEIGHTS_DIR / f"{zoo.CLUTTERED_EDGE}.json"
-    card = json.loads(path.read_text())
-    card["operating_point"] = {
-        "server": zoo.CLUTTERED_SERVER, "attention_mode": "mean",
-        "masking_mode": "attention_sum_threshold", "masking_th": default["delta"],
-        "uncer_mode": "min_entropy", "uncer_th": default["eta"],
-        "chosen": "scripts/cluttered_results.py: the most accurate (delta, eta) of "
-        "attention_sum_threshold + min_entropy on the validation canvases with a validation "
-        f"cost of at most {budget} (ties go to the cheaper point)",
-        "validation": {"collab_acc": default["collab_acc"], "comm_cost": default["comm_cost"]},
-    }  # fmt: skip
-    path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 def selection_curve(passes: dict[str, EdgePass], server: Server, seed: int = 0) -> list[dict]:
@@ -150,38 +129,6 @@ def compositions(passes: dict[str, EdgePass], masks: torch.Tensor, occupied: tor
             for name, keep in chosen.items()}  # fmt: skip
 
 
-def matched_threshold(val: EdgePass, target_count: float) -> float:
-    """The attention_threshold whose mean selection size on validation is nearest the target."""
-    candidates = torch.quantile(val.scores.flatten(), torch.linspace(0, 1, 2001)).unique()
-    sizes = torch.stack([(val.scores >= c).sum(1).float().mean() for c in candidates])
-    return round(float(candidates[(sizes - target_count).abs().argmin()]), 5)
-
-
-def collaboration(val: EdgePass, test: EdgePass, server: Server, default: dict) -> list[dict]:
-    """Test rows at the default point: every policy (min-entropy) and every measure (sum
-    threshold), calibrated on validation to the default's sent share and patch count."""
-    mean_count = default["sent_tokens"]
-    policies = {
-        "attention_sum_threshold": default["delta"],
-        "topk": max(1, round(mean_count)),
-        "attention_threshold": matched_threshold(val, mean_count),
-        "random": max(1, round(mean_count)),
-    }
-    fraction = torch.tensor([default["sent_images"] / default["images"]])
-    etas = {m: round(etas_for_sent_fractions(val.logits, m, fraction)[0], 4) for m in MEASURES}
-    etas["min_entropy"] = default["eta"]
-    gates = {(1.0, measure): (eta,) for measure, eta in etas.items()}
-    wanted = {("attention_sum_threshold", m) for m in MEASURES}
-    wanted |= {(policy, "min_entropy") for policy in policies}
-    rows = []
-    for point in sweep_points(test, server, Grid(tuple(policies.items()), gates), progress=False):
-        if (point.policy, point.measure) in wanted:
-            row = point.as_dict()
-            row.pop("temperature")
-            rows.append(row)
-    return rows
-
-
 def targets(results: dict) -> list[dict]:
     """The paper's idea, as four measurable predictions on this data set."""
     server_acc = results["server_alone"]
@@ -230,13 +177,14 @@ def measure(edge_model, server_model, val_data, test_data, budget: float,
     """Every figure of the results, from the pair and the validation and test canvases."""
     server = Server(server_model)
     val, test = edge_passes(edge_model, val_data), edge_passes(edge_model, test_data)
-    default = choose_default(val["mean"], server, budget)
+    default = FMNIST_RESULTS.choose_default(val["mean"], server, budget)
     masks = test_data.masks
     patch = vit.geometry(edge_model).patch_size[0]
     occupied = occupied_patches(test["mean"].images, patch)
     full = torch.ones_like(test["mean"].scores, dtype=torch.bool)
     server_alone = accuracy(server_logits(server, test["mean"].images, full), test["mean"].labels)
-    rows = collaboration(val["mean"], test["mean"], server, default)
+    policies, etas = FMNIST_RESULTS.calibrated_settings(val["mean"], default)
+    rows = FMNIST_RESULTS.calibrated_rows(test["mean"], server, policies, etas)
     default_test = next(r for r in rows if r["policy"] == "attention_sum_threshold"
                         and r["measure"] == "min_entropy")  # fmt: skip
     return {
@@ -334,14 +282,6 @@ def write_block(readme: Path, block: str) -> None:
     readme.write_text(head + START + block + "\n" + END + rest.split(END, 1)[1])
 
 
-def script(name: str):
-    """Another script of this folder, as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,7 +308,9 @@ def main() -> None:
         val_data = ClutteredFashionMNIST(split="val")
         test_data = ClutteredFashionMNIST(split="test")
         results = measure(edge_model, server_model, val_data, test_data, args.budget)
-        ship_operating_point(results["default"], args.budget)
+        FMNIST_RESULTS.ship_operating_point(
+            results["default"], args.budget, zoo.CLUTTERED_EDGE, zoo.CLUTTERED_SERVER,
+            "scripts/cluttered_results.py", "the validation canvases")
         results["provenance"] = {
             "script": "scripts/cluttered_results.py", "edge": zoo.CLUTTERED_EDGE,
             "server": zoo.CLUTTERED_SERVER, "seed": 0,

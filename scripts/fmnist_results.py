@@ -65,15 +65,17 @@ def choose_default(val: EdgePass, server: Server, budget: float) -> dict:
     return {"delta": best.threshold, "eta": best.eta, **best.figures.as_dict()}
 
 
-def ship_operating_point(default: dict, budget: float) -> None:
+def ship_operating_point(default: dict, budget: float, edge: str = zoo.EDGE,
+                         server: str = zoo.SERVER, script: str = "scripts/fmnist_results.py",
+                         data: str = "the validation split") -> None:  # fmt: skip
     """Record the chosen point in the edge's model card, where `collabvit eval` finds it."""
-    path = zoo.WEIGHTS_DIR / f"{zoo.EDGE}.json"
+    path = zoo.WEIGHTS_DIR / f"{edge}.json"
     card = json.loads(path.read_text())
     card["operating_point"] = {
-        "server": zoo.SERVER, "attention_mode": "mean", "masking_mode": "attention_sum_threshold",
+        "server": server, "attention_mode": "mean", "masking_mode": "attention_sum_threshold",
         "masking_th": default["delta"], "uncer_mode": "min_entropy", "uncer_th": default["eta"],
-        "chosen": "scripts/fmnist_results.py: the most accurate (delta, eta) of "
-        "attention_sum_threshold + min_entropy on the validation split with a validation cost "
+        "chosen": f"{script}: the most accurate (delta, eta) of "
+        f"attention_sum_threshold + min_entropy on {data} with a validation cost "
         f"of at most {budget} (ties go to the cheaper point)",
         "validation": {"collab_acc": default["collab_acc"], "comm_cost": default["comm_cost"]},
     }  # fmt: skip
@@ -85,6 +87,38 @@ def matched_threshold(val: EdgePass, target_count: float) -> float:
     candidates = torch.quantile(val.scores.flatten(), torch.linspace(0, 1, 2001)).unique()
     sizes = torch.stack([(val.scores >= c).sum(1).float().mean() for c in candidates])
     return round(float(candidates[(sizes - target_count).abs().argmin()]), 5)
+
+
+def calibrated_settings(val: EdgePass, default: dict) -> tuple[dict, dict]:
+    """The other policies and measures, calibrated on validation to the default point:
+    (policy -> threshold keeping the default's mean patch count, measure -> eta sending the
+    default's share of images)."""
+    mean_count = default["sent_tokens"]  # the patch count the other policies are matched to
+    policies = {
+        "attention_sum_threshold": default["delta"],
+        "topk": max(1, round(mean_count)),
+        "attention_threshold": matched_threshold(val, mean_count),
+        "random": max(1, round(mean_count)),
+    }
+    fraction = torch.tensor([default["sent_images"] / default["images"]])
+    etas = {m: round(etas_for_sent_fractions(val.logits, m, fraction)[0], 4) for m in MEASURES}
+    etas["min_entropy"] = default["eta"]
+    return policies, etas
+
+
+def calibrated_rows(test: EdgePass, server: Server, policies: dict, etas: dict) -> list[dict]:
+    """The calibrated points on test: every measure with the paper's policy, the other
+    policies with min-entropy; one server pass per policy, only on images a gate sends."""
+    gates = {(1.0, measure): (eta,) for measure, eta in etas.items()}
+    wanted = {("attention_sum_threshold", m) for m in MEASURES}
+    wanted |= {(policy, "min_entropy") for policy in policies}
+    rows = []
+    for point in sweep_points(test, server, Grid(tuple(policies.items()), gates), progress=False):
+        if (point.policy, point.measure) in wanted:
+            row = point.as_dict()
+            row.pop("temperature")
+            rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -113,23 +147,7 @@ def main() -> None:
     print(f"default on validation: {default}")
     ship_operating_point(default, args.budget)
 
-    mean_count = default["sent_tokens"]  # the patch count the other policies are matched to
-    sent_fraction = default["sent_images"] / default["images"]
-    policies = {
-        "attention_sum_threshold": default["delta"],
-        "topk": max(1, round(mean_count)),
-        "attention_threshold": matched_threshold(val, mean_count),
-        "random": max(1, round(mean_count)),
-    }
-    fraction = torch.tensor([sent_fraction])
-    etas = {m: round(etas_for_sent_fractions(val.logits, m, fraction)[0], 4) for m in MEASURES}
-    etas["min_entropy"] = default["eta"]
-
-    # The calibrated points on test: every measure with the paper's policy, the other
-    # policies with min-entropy; one server pass per policy, only on images a gate sends.
-    gates = {(1.0, measure): (eta,) for measure, eta in etas.items()}
-    wanted = {("attention_sum_threshold", m) for m in MEASURES}
-    wanted |= {(policy, "min_entropy") for policy in policies}
+    policies, etas = calibrated_settings(val, default)
     rows = []
     edge_alone = accuracy(test.logits, test.labels)
     for server_name, model in servers.items():
@@ -141,12 +159,8 @@ def main() -> None:
         rows.append({"server": server_name, "policy": "all patches",
                      "measure": "none (server alone)", "threshold": "", "eta": "",
                      "collab_acc": alone.collab_acc, "comm_cost": 1.0})  # fmt: skip
-        grid = Grid(tuple(policies.items()), gates)
-        for point in sweep_points(test, server, grid, progress=False):
-            if (point.policy, point.measure) in wanted:
-                row = {"server": server_name, **point.as_dict()}
-                row.pop("temperature")
-                rows.append(row)
+        rows += [{"server": server_name, **row}
+                 for row in calibrated_rows(test, server, policies, etas)]  # fmt: skip
     results = {
         "default": default,
         "policies": policies,

@@ -14,6 +14,7 @@ from collabvit.data import FASHION_MNIST_ROOT
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # a Jupyter kernel and the whole walkthrough; CI runs it (make test-all)
 def test_walkthrough_notebook_executes():
     if not FASHION_MNIST_ROOT.is_dir() and not os.environ.get("CI"):
         pytest.skip("Fashion-MNIST is not installed here (make data)")

@@ -317,6 +317,7 @@ def _mutations(valid: bytes):
 VALID_BODY, VALID_HEADER = infer_request_body([encode_payload(payloads(1)[0], GEOMETRY)])
 
 
+@pytest.mark.slow  # 150 requests against a live server; CI runs it (make test-all)
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=_mutations(VALID_BODY),
