@@ -55,18 +55,17 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    """The software that made a result, recorded beside it."""
+    """The software that made a result, recorded beside it: collabvit, Python, and those of
+    torch, timm and onnxruntime that this process has loaded (the ones that computed)."""
     import platform
+    import sys
 
-    import timm
-    import torch
-
-    return {
-        "collabvit": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
+    found = {"collabvit": __version__}
+    for name in ("torch", "timm", "onnxruntime"):
+        module = sys.modules.get(name)
+        if module is not None:
+            found[name] = module.__version__
+    return {**found, "python": platform.python_version()}
 
 
 def __getattr__(name: str):

@@ -23,7 +23,9 @@ from collabvit.config import (
     ClientConfig,
     DataSpec,
     EdgeConfig,
+    EdgeRuntime,
     EvalOutputs,
+    ExportConfig,
     LinkConfig,
     ModelSpec,
     RunConfig,
@@ -95,7 +97,20 @@ def _add_edge_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("server connection and outputs"),
                          ClientConfig)  # fmt: skip
     add_config_arguments(parser.add_argument_group("emulated link"), LinkConfig)
+    add_config_arguments(parser.add_argument_group("edge runtime"), EdgeRuntime)
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
+    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
+                         exclude=("weights", "kwargs", "use_ema"))  # fmt: skip
+    add_config_arguments(parser.add_argument_group("data (class names)"), DataSpec,
+                         exclude=("crop_pct", "limit", "batch_size", "num_workers",
+                                  "skip_unreadable"))  # fmt: skip
+    add_config_arguments(parser.add_argument_group("policy and default operating point"),
+                         EdgeConfig)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("output"), ExportConfig)
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -411,12 +426,14 @@ def run_edge(args: argparse.Namespace) -> int:
     import asyncio
 
     try:
-        edge_spec, server_spec, data, run = _specs(args)
+        data = DataSpec(**given_values(DataSpec, args))
+        run = RunConfig(**given_values(RunConfig, args))
         chosen = given_values(EdgeConfig, args)
         EdgeConfig(**chosen)
         values = given_values(ClientConfig, args)
         client = ClientConfig(**{**values, "token": _token(values.get("token"))})
         link = LinkConfig(**given_values(LinkConfig, args))
+        runtime = EdgeRuntime(**given_values(EdgeRuntime, args))
         from collabvit.protocol import Codec
 
         codec = Codec.parse(client.codec)
@@ -425,47 +442,44 @@ def run_edge(args: argparse.Namespace) -> int:
         _check_output_file(client.results_file)
         if client.resume and not Path(client.records).is_file():
             raise UsageError(f"--resume: {client.records} does not exist yet")
-        from collabvit.pair import load_pair
-
-        pair = load_pair(edge_spec, server_spec, data, run.device, with_server=False)
-        for note in pair.warnings:
-            _warn("edge", note)
-        config = replace(pair.default_config(), **chosen)
-        edge = pair.edge(config)
+        if runtime.onnx:
+            edge, batches, count, names = _onnx_edge(args, data, chosen, runtime)
+        else:
+            if runtime.threads is not None:
+                raise UsageError("--threads sets ONNX Runtime's threads: it goes with --onnx")
+            edge, batches, count, names = _torch_edge(args, data, run, chosen)
+        config = edge.config
         from collabvit import client as edge_client
-        from collabvit.metrics import format_summary
         from collabvit.progress import progress_bar
+        from collabvit.summary import format_summary, write_results
 
         # what decides the answers; batch size, workers and --limit do not
         same_answers = {k: v for k, v in asdict(data).items()
                         if k not in ("batch_size", "num_workers", "limit")}  # fmt: skip
-        identity = edge_client.run_identity(edge_model=asdict(edge_spec), data=same_answers,
-                                            server_model=server_spec.name, edge=asdict(config),
-                                            codec=str(codec), seed=run.seed,
+        identity = edge_client.run_identity(edge_model=names["edge_model"], data=same_answers,
+                                            server_model=names["server_model"],
+                                            edge=asdict(config), codec=str(codec), seed=run.seed,
                                             loss=link.loss)  # fmt: skip
         if client.wait:  # the health checks need no token
             edge_client.wait_until_served(client.server.rstrip("/"), client.wait,
                                           verify=edge_client.tls_verification(client.ca_file))
-        loader = pair.loader()
-        batches = progress_bar(loader, "edge", total=len(loader), unit="batch",
+        batches = progress_bar(batches, "edge", total=len(batches), unit="batch",
                                enabled=_progress(run))  # fmt: skip
-        report = asyncio.run(edge_client.run_edge(edge, batches, client, link, server_spec.name,
-                                                  identity, seed=run.seed,
-                                                  count=len(pair.dataset)))  # fmt: skip
+        report = asyncio.run(edge_client.run_edge(edge, batches, client, link,
+                                                  names["server_model"], identity,
+                                                  seed=run.seed, count=count))  # fmt: skip
         print(format_summary(report.summary, config.masking_mode, config.masking_th,
                              config.uncer_mode, config.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))
-        skipped = len(pair.dataset) - report.summary.images
+        skipped = count - report.summary.images
         if skipped:
             _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
         if client.results_file:
-            provenance = _provenance("edge", edge_model=edge_spec, server_model=server_spec,
-                                     data=data, edge=config, client=client, link=link,
-                                     run=run)  # fmt: skip
+            provenance = _provenance("edge", data=data, edge=config, client=client, link=link,
+                                     run=run, runtime=runtime)  # fmt: skip
+            provenance.update(edge_model=names["edge_model"], server_model=names["server_model"])
             extra = report.as_dict()
             extra.pop("summary")
-            from collabvit.evaluate import write_results
-
             write_results(client.results_file, report.summary, provenance,
                           skipped_images=skipped, **extra)  # fmt: skip
     except KeyboardInterrupt:
@@ -474,6 +488,106 @@ def run_edge(args: argparse.Namespace) -> int:
         return 130
     except (UsageError, ValueError, OSError) as error:  # ClientError is a ValueError
         return _fail("edge", error)
+    return 0
+
+
+def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen: dict):
+    """The torch edge of `collabvit edge`: (EdgeDevice, batches, image count, names)."""
+    edge_spec, server_spec = _model_specs(args, data)
+    from collabvit.pair import load_pair
+
+    pair = load_pair(edge_spec, server_spec, data, run.device, with_server=False)
+    for note in pair.warnings:
+        _warn("edge", note)
+    edge = pair.edge(replace(pair.default_config(), **chosen))
+    names = {"edge_model": asdict(edge_spec), "server_model": server_spec.name}
+    return edge, pair.loader(), len(pair.dataset), names
+
+
+class _ArrayBatches:
+    """(images, labels, indices) numpy batches of in-memory arrays, with a length."""
+
+    def __init__(self, images, labels, batch_size: int) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        import numpy as np
+
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = min(start + self.batch_size, len(self.labels))
+            yield self.images[start:stop], self.labels[start:stop], np.arange(start, stop)
+
+
+def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: EdgeRuntime):
+    """The ONNX Runtime edge of `collabvit edge` (no torch): (OnnxEdge, batches, count,
+    names)."""
+    model_flags = given_values(ModelSpec, args, EDGE_FLAGS)
+    if model_flags:
+        flags = ", ".join(f"--{EDGE_FLAGS.get(name, name).lstrip('-')}" for name in model_flags)
+        raise UsageError(f"--onnx runs an exported edge: {flags} do not apply")
+    from collabvit.fashion import read_split_images
+    from collabvit.onnx_edge import OnnxEdge
+
+    edge = OnnxEdge(runtime.onnx, chosen.get("masking_th"), chosen.get("uncer_th"),
+                    runtime.threads)  # fmt: skip
+    fixed = {name: value for name, value in chosen.items()
+             if name not in ("masking_th", "uncer_th") and value != getattr(edge.config, name)}
+    if fixed:
+        name, value = next(iter(fixed.items()))
+        raise UsageError(f"the export in {runtime.onnx} fixes {name} = "
+                         f"{getattr(edge.config, name)}; export again for {name} {value}")
+    if data.inputs_normalized:
+        raise UsageError("the exported edge takes uint8 images: --inputs-normalized does not "
+                         "apply")  # fmt: skip
+    images, labels = read_split_images(data.data_set, data.data_path, data.split, data.limit)
+    if tuple(images.shape[1:]) != (edge.geometry.in_chans, *edge.geometry.img_size):
+        raise UsageError(f"{data.data_set} images are {'x'.join(map(str, images.shape[1:]))} "
+                         f"but the exported edge takes "
+                         f"{edge.geometry.in_chans}x{edge.geometry.img_size[0]}x"
+                         f"{edge.geometry.img_size[1]}")  # fmt: skip
+    server = given_values(ModelSpec, args, SERVER_FLAGS).get("name") or edge.card.get(
+        "server_model") or shipped_pair(data.data_set)[1]  # fmt: skip
+    names = {"edge_model": {"onnx": runtime.onnx, "model": edge.card.get("model"),
+                            "graph_sha256": edge.card["graph_sha256"]},
+             "server_model": server}  # fmt: skip
+    return edge, _ArrayBatches(images, labels, data.batch_size), len(labels), names
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        data = DataSpec(**given_values(DataSpec, args))
+        edge_spec, server_spec = _model_specs(args, data)
+        chosen = given_values(EdgeConfig, args)
+        EdgeConfig(**chosen)
+        export = ExportConfig(**given_values(ExportConfig, args))
+        if data.inputs_normalized:
+            raise UsageError("the exported edge takes uint8 images and normalises them itself: "
+                             "--inputs-normalized does not apply")  # fmt: skip
+        from collabvit.onnx_edge import CARD_FILE, GRAPH_FILE
+
+        out_dir = _check_output_dir(export.out_dir, (GRAPH_FILE, CARD_FILE))
+        from collabvit.pair import load_pair
+
+        pair = load_pair(edge_spec, server_spec, data, with_server=False)
+        config = replace(pair.default_config(), **chosen)
+        from collabvit.export import export_edge
+
+        provenance = _provenance("export", edge_model=edge_spec, server_model=server_spec,
+                                 data=data, edge=config)  # fmt: skip
+        exported = export_edge(pair.edge_model, config, out_dir,
+                               class_names=pair.class_names(), name=edge_spec.name,
+                               server_model=server_spec.name, provenance=provenance)
+    except (UsageError, ValueError, OSError) as error:
+        return _fail("export", error)
+    size = exported.graph.stat().st_size / 1e6
+    print(f"wrote {exported.graph} ({size:.1f} MB, opset {exported.contents['opset']}) and "
+          f"{exported.card}")
+    print(f"policy {config.masking_mode} ({config.attention_mode} attention), gate "
+          f"{config.uncer_mode}; default point masking_th {config.masking_th}, uncer_th "
+          f"{config.uncer_th} (graph inputs: change them at run time)")
     return 0
 
 
@@ -532,6 +646,14 @@ COMMANDS = {
         "bytes per image and latency percentiles; per-image results go to a JSON Lines file "
         "that --resume continues.",
         _add_edge_arguments, run_edge,
+    ),
+    "export": (
+        "write the edge (and its operating point) as one ONNX file for devices without torch",
+        "Export the edge's whole decision as one ONNX graph: uint8 images in; logits, patch "
+        "scores, uncertainty, the gate and the kept patches out, with the thresholds as graph "
+        "inputs. Beside it edge.json holds the geometry, normalisation, class names, policy "
+        "and operating point. `collabvit edge --onnx DIR` runs it with ONNX Runtime alone.",
+        _add_export_arguments, run_export,
     ),
     "visualize": (
         "attention heatmaps, masked images, the attention histogram",

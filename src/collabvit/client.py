@@ -22,14 +22,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
-import torch
 
 from collabvit.config import ClientConfig, LinkConfig
-from collabvit.edge import EdgeDevice
-from collabvit.metrics import RunningSummary, Summary, top_classes
 from collabvit.protocol import (
     INFERENCE_HEADER,
     Codec,
@@ -42,6 +40,22 @@ from collabvit.protocol import (
     parse_header_length,
     parse_logits,
 )
+from collabvit.summary import RunningSummary, Summary, ranked_classes
+
+
+class EdgeRunner(Protocol):
+    """What `run_edge` needs of an edge: `EdgeDevice` (torch) and `OnnxEdge` (ONNX Runtime).
+
+    `geometry` has in_chans, patch_size, grid_size, num_patches and num_classes;
+    `process(images [B, C, H, W], image_ids [B], seed)` returns a result with `logits`
+    [B, classes], `confident` [B], `payloads` (one per image not confident, in order) and
+    `selection_statistics()` -> (size, minimum, sum) [B] each.
+    """
+
+    geometry: Any
+
+    def process(self, images: Any, image_ids: Any, seed: int = 0) -> Any: ...
+
 
 # Why an image kept the edge's answer although it was not confident.
 FALLBACK_CAUSES = ("unreachable", "timeout", "server_error", "refused", "bad_response",
@@ -139,7 +153,7 @@ def lose_patches(payload: PatchPayload, loss: float, seed: int, index: int) -> P
     if loss <= 0 or payload.size == 0:
         return payload
     rng = np.random.default_rng([seed, index, LOSS_STREAM])
-    kept = torch.from_numpy(rng.random(payload.size) >= loss)
+    kept = rng.random(payload.size) >= loss
     return PatchPayload(positions=payload.positions[kept], patches=payload.patches[kept])
 
 
@@ -411,15 +425,14 @@ def summarize(records: Iterable[ImageRecord], num_patches: int) -> Summary:
     records = list(records)
     running = RunningSummary(num_patches=num_patches)
     if records:
-        sent_size = torch.tensor([r.selected for r in records])
         running.update_ranked(
-            torch.tensor([r.label for r in records]),
-            torch.tensor([r.edge_top for r in records]),
-            torch.tensor([r.final_top for r in records]),
-            torch.tensor([r.confident for r in records]),
-            sent_size,
-            torch.tensor([r.selection_min for r in records], dtype=torch.float32),
-            torch.tensor([r.selection_sum for r in records], dtype=torch.float32),
+            np.array([r.label for r in records]),
+            np.array([r.edge_top for r in records]),
+            np.array([r.final_top for r in records]),
+            np.array([r.confident for r in records]),
+            np.array([r.selected for r in records]),
+            np.array([r.selection_min for r in records], dtype=np.float32),
+            np.array([r.selection_sum for r in records], dtype=np.float32),
         )
     return running.summary()
 
@@ -470,10 +483,10 @@ def settle(tasks: set[asyncio.Task]) -> None:
         task.result()
 
 
-def full_image_bytes(link: ServerLink, images: torch.Tensor, geometry: WireGeometry,
+def full_image_bytes(link: ServerLink, images: Any, geometry: WireGeometry,
                      codecs: dict[str, Codec]) -> list[dict[str, int]]:  # fmt: skip
     """Request bytes of sending each whole image instead, per codec: [B] dicts."""
-    everything = torch.ones(images.shape[0], geometry.num_patches, dtype=torch.bool)
+    everything = np.ones((images.shape[0], geometry.num_patches), dtype=bool)
     payloads = build_payloads(images, everything, list(range(images.shape[0])),
                               geometry.patch_size)  # fmt: skip
     return [{name: request_wire_bytes(link.build_request(encode_payload(p, geometry, codec)))
@@ -481,8 +494,8 @@ def full_image_bytes(link: ServerLink, images: torch.Tensor, geometry: WireGeome
 
 
 async def run_edge(
-    edge: EdgeDevice,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    edge: EdgeRunner,
+    batches: Iterable[tuple[Any, Any, Any]],
     config: ClientConfig,
     link_config: LinkConfig,
     model_name: str,
@@ -493,8 +506,9 @@ async def run_edge(
     """Run the edge over batches, offloading uncertain images to the server.
 
     Args:
-        edge: the edge device (model, gate, selection).
-        batches: (unnormalised images [B, C, H, W] uint8, targets [B], dataset indices [B]).
+        edge: the edge (model, gate, selection): an EdgeDevice or an OnnxEdge.
+        batches: (unnormalised images [B, C, H, W] uint8, targets [B], dataset indices [B]),
+            torch tensors or numpy arrays as the edge takes them.
         config: server URL, codec, concurrency, retries, records file.
         link_config: the emulated link (none by default).
         model_name: the served model's name.
@@ -531,7 +545,7 @@ async def run_edge(
         finally:
             slots.release()
         if answer.logits is not None:
-            final_top = top_classes(torch.from_numpy(answer.logits)[None])[0].tolist()
+            final_top = ranked_classes(answer.logits[None])[0].tolist()
             route = "server"
         else:
             final_top, route = row["edge_top"], "fallback"
@@ -551,17 +565,18 @@ async def run_edge(
         writer = RecordWriter(records_path)
         try:
             for images, targets, indices in batches:
-                todo = torch.tensor([int(i) not in done for i in indices.tolist()])
-                if not bool(todo.any()):
+                todo = [row for row, i in enumerate(indices.tolist()) if int(i) not in done]
+                if not todo:
                     continue
-                images, targets, indices = images[todo], targets[todo], indices[todo]
+                if len(todo) < len(indices):
+                    images, targets, indices = images[todo], targets[todo], indices[todo]
                 started = time.perf_counter()
                 result = await asyncio.to_thread(edge.process, images, indices, seed)
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
                 size, minimum, total = result.selection_statistics()
-                edge_top = top_classes(result.logits).tolist()
+                edge_top = ranked_classes(result.logits).tolist()
                 payloads = iter(result.payloads)
                 for row_index, index in enumerate(indices.tolist()):
                     confident = bool(result.confident[row_index])

@@ -110,6 +110,30 @@ def _finite(value) -> bool:
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """What edge and server must agree on, and the sizes the algorithms need (of a torch model:
+    vit.geometry; of an exported edge: its card)."""
+
+    in_chans: int
+    img_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    num_classes: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def describe(self) -> str:
+        return (
+            f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} input, "
+            f"{self.patch_size[0]}x{self.patch_size[1]} patches "
+            f"({self.grid_size[0]}x{self.grid_size[1]} grid)"
+        )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Which model, with which weights. The edge's flags are --model, --model-weights, ...;
     the server's --server-model, --server-weights, ... (flags.EDGE_FLAGS, SERVER_FLAGS)."""
@@ -574,3 +598,27 @@ class LinkConfig:
     @property
     def emulated(self) -> bool:
         return self.bandwidth is not None or self.rtt > 0 or self.loss > 0
+
+
+@dataclass(frozen=True)
+class EdgeRuntime:
+    """Which runtime computes the edge's decision in `collabvit edge`."""
+
+    onnx: str | None = field(default=None, metadata=flag(
+        "run the edge exported by `collabvit export` in DIR with ONNX Runtime, without torch "
+        "(the edge model flags do not apply; the export fixes the policy, attention mode and "
+        "measure, while --masking-th and --uncer-th still move the operating point)",
+        metavar="DIR"))
+    threads: int | None = field(default=None, metadata=flag(
+        "ONNX Runtime threads (default: its own choice)", type="positive_int", metavar="N"))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What `collabvit export` writes."""
+
+    out_dir: str = field(default="", metadata=flag(
+        "folder for edge.onnx and edge.json", required=True, metavar="DIR"))
+
+    def __post_init__(self) -> None:
+        _require([(bool(self.out_dir), "export needs an output folder (--out-dir)")])

@@ -6,9 +6,7 @@ Each model normalises with its own mean/std (see vit.Normalization).
 from __future__ import annotations
 
 import functools
-import gzip
 import json
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +25,14 @@ from torchvision.datasets.folder import pil_loader
 from collabvit import zoo
 from collabvit.cluttered import ClutterSpec, compose
 from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
-
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_HINT = (
-    "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-    "or point --data-path at a folder holding the four *-idx?-ubyte(.gz) files"
+from collabvit.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_HINT,
+    FASHION_MNIST_ROOT,
+    DataError,
+    read_fashion_mnist,
+    read_idx,
 )
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-
-
-class DataError(ValueError):
-    """A dataset cannot be found or read (a user-facing, one-line reason)."""
 
 
 class InputError(DataError):
@@ -96,35 +88,6 @@ def check_labels(targets: torch.Tensor, num_classes: int) -> None:
             f"label {int(targets[position])} (batch position {position}) is outside "
             f"0..{num_classes - 1}: the model has {num_classes} classes"
         )
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) as a uint8 array of its declared shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as error:  # BadGzipFile is an OSError; a cut stream is EOFError
-        raise DataError(f"cannot read {path}: {error}") from error
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path} is truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise DataError(
-            f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}"
-        )
-    return body.reshape(shape)
-
-
-def _find_idx(root: Path, stem: str) -> Path:
-    for candidate in (root / f"{stem}.gz", root / stem):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}: {FASHION_MNIST_HINT}")
 
 
 # collabvit's training runs hold out these training images for every choice
@@ -204,24 +167,13 @@ class FashionMNIST(Dataset):
     classes = FASHION_MNIST_CLASSES
 
     def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test") -> None:
-        root = Path(root)
-        if root.is_file():
-            raise DataError(
-                f"{root} is a file, not a folder: point --data-path at the folder holding "
-                "the four Fashion-MNIST *-idx?-ubyte(.gz) files"
-            )
-        if not root.is_dir():
-            raise DataError(f"Fashion-MNIST folder {root} does not exist: {FASHION_MNIST_HINT}")
         if split not in FASHION_MNIST_SPLITS:
             choices = ", ".join(FASHION_MNIST_SPLITS)
             raise DataError(f"Fashion-MNIST split must be one of {choices}, got {split!r}")
-        prefix = "t10k" if split == "test" else "train"
-        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
-        if len(images) != len(labels):
-            raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
+        images, labels = read_fashion_mnist(root, "test" if split == "test" else "train")
+        root = Path(root)
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
-        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.labels = torch.from_numpy(labels)
         if split in ("train", "val"):
             if len(labels) <= FASHION_MNIST_VAL_SIZE:
                 raise DataError(

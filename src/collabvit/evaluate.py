@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +12,9 @@ import torch
 from collabvit import vit
 from collabvit.data import check_labels
 from collabvit.edge import EdgeDevice
-from collabvit.metrics import RunningSummary, Summary
 from collabvit.progress import progress_bar
 from collabvit.server import Server
+from collabvit.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -106,14 +105,6 @@ def merge_results(parts: list[EvalResult]) -> EvalResult:
     records = sorted((r for part in parts for r in part.records), key=lambda r: r.index)
     return EvalResult(summary=running.summary(), records=records,
                       skipped=sum(part.skipped for part in parts), running=running)  # fmt: skip
-
-
-def write_results(path: str | Path, summary: Summary, provenance: dict, **extra) -> None:
-    """Every figure plus how they were made (resolved config, data, versions) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"summary": summary.as_dict(), **extra, "config": provenance}
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_per_image(path: str | Path, records: list[ImageRecord]) -> None:

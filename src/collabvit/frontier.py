@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from collabvit.metrics import Summary
+from collabvit.summary import Summary
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from collabvit.config import EdgeConfig, canonical_uncertainty_mode
 from collabvit.distributed import BLOCK_IMAGES, Processes
 from collabvit.edge import EdgeDevice, gate, select
 from collabvit.frontier import SweepPoint
-from collabvit.metrics import RunningSummary, Summary
 from collabvit.progress import progress_bar
 from collabvit.protocol import build_payloads
 from collabvit.selection import selection_statistics
 from collabvit.server import Server
+from collabvit.summary import RunningSummary, Summary
 from collabvit.uncertainty import uncertainty
 
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from collabvit.arrays import Array, as_array
 
-def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
-    """Cut images into row-major patches.
+
+def patchify(images: Array, patch_size: tuple[int, int]) -> Array:
+    """Cut images into row-major patches (a numpy array or a torch tensor, kept as it is).
 
     Args:
         images: [B, C, H, W] with H, W multiples of the patch size.
@@ -38,41 +39,46 @@ def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
     if height % ph or width % pw:
         raise ValueError(f"image {height}x{width} is not a whole number of {ph}x{pw} patches")
     grid = images.reshape(batch, channels, height // ph, ph, width // pw, pw)
-    return grid.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels, ph, pw)
+    axes = (0, 2, 4, 1, 3, 5)
+    grid = grid.permute(*axes) if hasattr(grid, "permute") else grid.transpose(axes)
+    return grid.reshape(batch, -1, channels, ph, pw)
 
 
-def build_payloads(
-    images: torch.Tensor, keep: torch.Tensor, rows: list[int], patch_size: tuple[int, int]
-) -> list[PatchPayload]:
+def build_payloads(images: Array, keep: Array, rows: list[int],
+                   patch_size: tuple[int, int]) -> list[PatchPayload]:  # fmt: skip
     """The payloads of the chosen images: their kept patches' pixels and grid positions.
 
     Args:
-        images: unnormalised [B, C, H, W].
+        images: unnormalised [B, C, H, W] (uint8, or float32 in [0, 1]).
         keep: selections [B, N] bool.
         rows: which images to build payloads for, in order.
         patch_size: (P_h, P_w).
     """
     if not rows:
         return []
-    patches = patchify(images[rows], patch_size)
-    keep = keep[rows].cpu()
+    patches = patchify(as_array(images[rows]), patch_size)
+    keep = as_array(keep[rows])
     return [
         PatchPayload(positions=positions, patches=patches[i, positions])
-        for i, positions in enumerate(torch.nonzero(row).flatten() for row in keep)
+        for i, positions in enumerate(np.flatnonzero(row) for row in keep)
     ]
 
 
 @dataclass(frozen=True)
 class PatchPayload:
-    """One image's transmission.
+    """One image's transmission, as numpy arrays (torch tensors given are read as arrays).
 
     Attributes:
         positions: row-major grid indices of the kept patches [k] int64, distinct.
-        patches: their pixels [k, C, P_h, P_w], uint8 or float.
+        patches: their pixels [k, C, P_h, P_w], uint8 or float32.
     """
 
-    positions: torch.Tensor
-    patches: torch.Tensor
+    positions: np.ndarray
+    patches: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", as_array(self.positions))
+        object.__setattr__(self, "patches", np.ascontiguousarray(as_array(self.patches)))
 
     @property
     def size(self) -> int:
@@ -80,15 +86,15 @@ class PatchPayload:
 
     def validate(self, channels: int, patch_size: tuple[int, int], num_patches: int) -> None:
         """Raise ValueError unless the payload fits a model with this geometry."""
-        if self.positions.dim() != 1 or self.positions.dtype != torch.int64:
-            raise ValueError("payload positions must be a 1-D int64 tensor")
+        if self.positions.ndim != 1 or self.positions.dtype != np.int64:
+            raise ValueError("payload positions must be a 1-D int64 array")
         expected = (self.size, channels, *patch_size)
         if tuple(self.patches.shape) != expected:
             raise ValueError(
                 f"payload patches have shape {tuple(self.patches.shape)}, expected {expected}"
             )
         # At most a few hundred indices: as Python ints these checks cost microseconds,
-        # a fraction of what tensor reductions cost per call (they run once per image).
+        # a fraction of what array reductions cost per call (they run once per image).
         indices = self.positions.tolist()
         if indices and (min(indices) < 0 or max(indices) >= num_patches):
             raise ValueError(f"payload positions must lie in [0, {num_patches})")
@@ -121,7 +127,7 @@ class PatchPayload:
 WIRE_VERSION = 1
 CODECS = ("raw", "png", "jpeg")
 DEFAULT_JPEG_QUALITY = 75
-_DTYPES = (torch.uint8, torch.float32)
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 _HEADER = struct.Struct("<BBBBBBHHH")
 _LENGTH = struct.Struct("<I")
 _IMAGE_MODES = {1: "L", 3: "RGB"}
@@ -211,13 +217,12 @@ def encode_payload(payload: PatchPayload, geometry: WireGeometry, codec: Codec =
     dtype = payload.patches.dtype
     if dtype not in _DTYPES:
         raise ProtocolError(f"pixels of dtype {dtype} cannot be sent; use uint8 or float32")
-    if codec.name != "raw" and dtype != torch.uint8:
+    if codec.name != "raw" and dtype != np.uint8:
         raise ProtocolError(f"the {codec.name} codec takes uint8 pixels, not {dtype}")
     codec.check(geometry.channels)
-    patches = payload.patches.detach().cpu().contiguous()
-    positions = payload.positions.cpu()
+    patches, positions = payload.patches, payload.positions
     if codec.name == "raw":
-        data = patches.numpy().tobytes()
+        data = patches.astype(patches.dtype.newbyteorder("<"), copy=False).tobytes()
     else:
         data = _encode_image(_masked_image(patches, positions, geometry), codec)
     index_type = np.uint8 if geometry.index_width == 1 else np.dtype("<u2")
@@ -225,7 +230,7 @@ def encode_payload(payload: PatchPayload, geometry: WireGeometry, codec: Codec =
         WIRE_VERSION, CODECS.index(codec.name), _DTYPES.index(dtype), geometry.channels,
         *geometry.patch_size, *geometry.grid_size, payload.size,
     )  # fmt: skip
-    indices = positions.numpy().astype(index_type).tobytes()
+    indices = positions.astype(index_type).tobytes()
     return header + indices + _LENGTH.pack(len(data)) + data
 
 
@@ -263,13 +268,11 @@ def decode_payload(blob: bytes, expected: WireGeometry) -> PatchPayload:
     if len(blob) < index_end + _LENGTH.size:
         raise ProtocolError(f"payload of {len(blob)} bytes is truncated before its data")
     index_type = np.uint8 if expected.index_width == 1 else np.dtype("<u2")
-    positions = torch.from_numpy(
-        np.frombuffer(blob, dtype=index_type, count=count, offset=start).astype(np.int64)
-    )
+    positions = np.frombuffer(blob, dtype=index_type, count=count, offset=start).astype(np.int64)
     if count and int(positions.max()) >= expected.num_patches:
         raise ProtocolError(f"patch index {int(positions.max())} is outside the grid of "
                             f"{expected.num_patches} patches")  # fmt: skip
-    if int(positions.unique().numel()) != count:
+    if len(np.unique(positions)) != count:
         raise ProtocolError("patch indices repeat")
     (length,) = _LENGTH.unpack_from(blob, index_end)
     data = blob[index_end + _LENGTH.size :]
@@ -278,10 +281,10 @@ def decode_payload(blob: bytes, expected: WireGeometry) -> PatchPayload:
     if codec == "raw":
         patches = _raw_patches(data, dtype, count, expected)
     else:
-        if dtype != torch.uint8:
+        if dtype != np.uint8:
             raise ProtocolError(f"the {codec} codec carries uint8 pixels only")
         image = _decode_image(data, codec, expected)
-        patches = patchify(image.unsqueeze(0), expected.patch_size)[0, positions]
+        patches = patchify(image[None], expected.patch_size)[0, positions]
     return PatchPayload(positions=positions, patches=patches)
 
 
@@ -290,36 +293,36 @@ def _describe(geometry: WireGeometry) -> str:
             f"patches on a {geometry.grid_size[0]}x{geometry.grid_size[1]} grid")  # fmt: skip
 
 
-def _raw_patches(data: bytes, dtype: torch.dtype, count: int, geometry: WireGeometry):
+def _raw_patches(data: bytes, dtype: np.dtype, count: int, geometry: WireGeometry):
     shape = (count, geometry.channels, *geometry.patch_size)
-    itemsize = 1 if dtype == torch.uint8 else 4
+    itemsize = dtype.itemsize
     expected = int(np.prod(shape)) * itemsize
     if len(data) != expected:
         raise ProtocolError(f"raw data of {len(data)} bytes does not hold {count} patches of "
                             f"{_describe(geometry)} ({expected} bytes)")  # fmt: skip
-    array = np.frombuffer(data, dtype=np.uint8 if dtype == torch.uint8 else np.dtype("<f4"))
-    patches = torch.from_numpy(array.reshape(shape).copy())
-    if dtype == torch.float32 and count and not (
-        bool(torch.isfinite(patches).all()) and 0.0 <= float(patches.min())
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    patches = array.reshape(shape).astype(dtype)  # a native-order, writable copy
+    if dtype == np.float32 and count and not (
+        bool(np.isfinite(patches).all()) and 0.0 <= float(patches.min())
         and float(patches.max()) <= 1.0
     ):  # fmt: skip
         raise ProtocolError("float32 pixels must be finite and lie in [0, 1]")
     return patches
 
 
-def _masked_image(patches: torch.Tensor, positions: torch.Tensor, geometry: WireGeometry):
+def _masked_image(patches: np.ndarray, positions: np.ndarray, geometry: WireGeometry):
     """[k, C, P_h, P_w] uint8 at grid positions -> the image [C, H, W] with the rest 0."""
     (gh, gw), (ph, pw), channels = geometry.grid_size, geometry.patch_size, geometry.channels
-    grid = torch.zeros(gh * gw, channels, ph, pw, dtype=torch.uint8)
+    grid = np.zeros((gh * gw, channels, ph, pw), dtype=np.uint8)
     grid[positions] = patches
-    return grid.reshape(gh, gw, channels, ph, pw).permute(2, 0, 3, 1, 4).reshape(
+    return grid.reshape(gh, gw, channels, ph, pw).transpose(2, 0, 3, 1, 4).reshape(
         channels, gh * ph, gw * pw
     )
 
 
-def _encode_image(image: torch.Tensor, codec: Codec) -> bytes:
+def _encode_image(image: np.ndarray, codec: Codec) -> bytes:
     """[C, H, W] uint8 -> PNG or JPEG bytes."""
-    array = image.permute(1, 2, 0).numpy()
+    array = np.ascontiguousarray(image.transpose(1, 2, 0))
     picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array,
                               mode=_IMAGE_MODES[image.shape[0]])  # fmt: skip
     buffer = io.BytesIO()
@@ -330,7 +333,7 @@ def _encode_image(image: torch.Tensor, codec: Codec) -> bytes:
     return buffer.getvalue()
 
 
-def _decode_image(data: bytes, codec: str, geometry: WireGeometry) -> torch.Tensor:
+def _decode_image(data: bytes, codec: str, geometry: WireGeometry) -> np.ndarray:
     """PNG or JPEG bytes -> [C, H, W] uint8, checked to be the declared image.
 
     The header is read before any pixel is decoded, so an oversized image is
@@ -352,7 +355,7 @@ def _decode_image(data: bytes, codec: str, geometry: WireGeometry) -> torch.Tens
     array = np.asarray(picture, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
 # ------------------------------------------------------------------ Open Inference Protocol v2

@@ -12,24 +12,35 @@ import torch
 from collabvit.config import MASKING_MODES, validate_masking  # noqa: F401 - re-exported
 
 
-def _mask_from_ranking(order: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:
-    """Scatter a keep decision made in ranked order back to patch order.
+def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each patch's place in its image's stable descending order of scores.
+
+    Rank 0 is the largest score; ties keep patch order (the lower index ranks first), as a
+    stable sort would. Counted by pairwise comparison rather than sorted, because ONNX has
+    no stable sort and the exported edge graph runs this same function: the count is exact
+    on every runtime. O(N^2) per image, a few million comparisons for a batch at N = 196.
 
     Args:
-        order: patch indices in ranked order [B, N].
-        keep_sorted: keep decision per rank [B, N] bool.
+        scores: [B, N], finite.
 
     Returns:
-        keep mask in patch order [B, N] bool.
+        ranks [B, N] int64, a permutation of 0..N-1 in each row.
     """
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    count = scores.shape[1]
+    index = torch.arange(count, device=scores.device)
+    # ahead[b, i, j]: patch j comes before patch i
+    ahead = (scores[:, None, :] > scores[:, :, None]) | (
+        (scores[:, None, :] == scores[:, :, None]) & (index[None, :] < index[:, None])
+    )
+    return ahead.sum(dim=2)
 
 
-def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k patches with the largest score. scores [B, N] -> keep [B, N]."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return _mask_from_ranking(order, ranks < k)
+def select_topk(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """The k patches with the largest score (ties: the lower patch index first).
+
+    scores [B, N], k an int or a 0-d tensor -> keep [B, N].
+    """
+    return descending_ranks(scores) < k
 
 
 def _check_image_ids(image_ids: torch.Tensor, batch: int) -> None:
@@ -79,12 +90,14 @@ def select_random(scores: torch.Tensor, k: int, image_ids: torch.Tensor, seed: i
     return torch.from_numpy(keep).to(scores.device)
 
 
-def select_attention_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Every patch with score >= threshold. scores [B, N] -> keep [B, N]."""
+def select_attention_threshold(scores: torch.Tensor,
+                               threshold: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Every patch with score >= threshold (a float or 0-d tensor). scores [B, N] -> keep [B, N]."""
     return scores >= threshold
 
 
-def select_attention_sum_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_attention_sum_threshold(scores: torch.Tensor,
+                                   threshold: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Most attended patches whose cumulative score stays <= threshold.
 
     Patches are ranked by score, descending (stable: ties keep patch order),
@@ -100,15 +113,18 @@ def select_attention_sum_threshold(scores: torch.Tensor, threshold: float) -> to
 
     Args:
         scores: normalised patch scores [B, N].
-        threshold: δ, the share of attention to keep.
+        threshold: δ, the share of attention to keep (a float or a 0-d tensor).
 
     Returns:
         keep [B, N] bool.
     """
-    if threshold >= 1.0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    ranked, order = scores.sort(dim=1, descending=True, stable=True)
-    return _mask_from_ranking(order, ranked.cumsum(dim=1) <= threshold)
+    ranks = descending_ranks(scores)
+    patches = torch.arange(scores.shape[1], device=scores.device).expand_as(ranks)
+    order = torch.zeros_like(ranks).scatter(1, ranks, patches)  # order[r]: the patch ranked r
+    running = scores.gather(1, order).cumsum(dim=1)
+    # one expression for a float and a 0-d tensor δ, so the exported graph runs this very rule
+    keep_ranked = (running <= threshold) | (threshold >= 1.0)
+    return keep_ranked.gather(1, ranks)
 
 
 def select_patches(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from torch.nn.utils.rnn import pad_sequence
 
 from collabvit import vit
 from collabvit.protocol import PatchPayload
@@ -18,25 +18,27 @@ def pack_payloads(
     """Pad payloads of different sizes into one batch.
 
     Returns:
-        patches [B, L, C, P, P] (zeros where padded, dtype of the payloads),
+        patches [B, L, C, P, P] (zeros where padded; the payloads' dtype, float32 for a mix),
         positions [B, L] int64 (0 where padded), valid [B, L] bool; L = largest size
         (at least 0).
     """
     length = max(p.size for p in payloads)
-    if len({p.patches.dtype for p in payloads}) > 1:  # uint8 and float pixels: floats in [0, 1]
-        payloads = [PatchPayload(p.positions, p.patches.float() / 255.0
-                                 if p.patches.dtype == torch.uint8 else p.patches.float())
-                    for p in payloads]  # fmt: skip
-    if length == 0:  # pad_sequence needs one non-empty shape to pad to
-        first = payloads[0].patches
-        patches = first.new_zeros((len(payloads), 0, *first.shape[1:]))
-        positions = torch.zeros(len(payloads), 0, dtype=torch.int64)
-    else:
-        patches = pad_sequence([p.patches for p in payloads], batch_first=True)
-        positions = pad_sequence([p.positions for p in payloads], batch_first=True)
+    dtypes = {p.patches.dtype for p in payloads}
+    # uint8 and float pixels in one batch: all as floats in [0, 1]
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+    shape = payloads[0].patches.shape[1:]
+    patches = np.zeros((len(payloads), length, *shape), dtype=dtype)
+    positions = np.zeros((len(payloads), length), dtype=np.int64)
+    for row, payload in enumerate(payloads):
+        pixels = payload.patches
+        if pixels.dtype != dtype:
+            pixels = pixels / 255.0 if pixels.dtype == np.uint8 else pixels
+        patches[row, : payload.size] = pixels
+        positions[row, : payload.size] = payload.positions
     sizes = torch.tensor([p.size for p in payloads])
     valid = torch.arange(length)[None, :] < sizes[:, None]
-    return patches.to(device), positions.to(device), valid.to(device)
+    return (torch.from_numpy(patches).to(device), torch.from_numpy(positions).to(device),
+            valid.to(device))
 
 
 def plan_batches(

@@ -246,11 +246,10 @@ class ModelState:
 def warm_up(server: Server) -> None:
     """One forward with every patch and one with none, so the first request is not slow."""
     g = server.geometry
-    dtype = torch.uint8
-    full = PatchPayload(torch.arange(g.num_patches),
-                        torch.zeros(g.num_patches, g.in_chans, *g.patch_size, dtype=dtype))
-    empty = PatchPayload(torch.zeros(0, dtype=torch.int64),
-                         torch.zeros(0, g.in_chans, *g.patch_size, dtype=dtype))  # fmt: skip
+    full = PatchPayload(np.arange(g.num_patches),
+                        np.zeros((g.num_patches, g.in_chans, *g.patch_size), dtype=np.uint8))
+    empty = PatchPayload(np.zeros(0, dtype=np.int64),
+                         np.zeros((0, g.in_chans, *g.patch_size), dtype=np.uint8))  # fmt: skip
     server.classify([full, empty])
 
 

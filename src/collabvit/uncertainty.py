@@ -51,5 +51,11 @@ def is_confident(logits: torch.Tensor, mode: str, eta: float) -> torch.Tensor:
     mode = canonical_uncertainty_mode(mode)
     if mode == "none":
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    value = _MEASURES[mode](logits)
+    return confident_by(_MEASURES[mode](logits), mode, eta)
+
+
+def confident_by(value: torch.Tensor, mode: str, eta: float | torch.Tensor) -> torch.Tensor:
+    """The gate on an already computed measure: value [B] of `mode` (not 'none'), eta a
+    float or 0-d tensor -> confident [B] bool. Entropies are confident below eta, the
+    margin above it."""
     return value > eta if mode == "margin" else value < eta

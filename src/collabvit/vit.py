@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from collabvit import zoo  # noqa: F401 - registers the shipped models with timm
+from collabvit.config import Geometry
 from collabvit.scoring import ATTENTION_MODES, attention_probabilities, mean_scores, rollout_scores
 
 SUPPORTED = (
@@ -42,29 +43,6 @@ SUPPORTED = (
 
 class ModelError(ValueError):
     """A model cannot be created, loaded or used by collabvit (a user-facing, one-line reason)."""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What edge and server must agree on, and the sizes the algorithms need."""
-
-    in_chans: int
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    grid_size: tuple[int, int]
-    num_prefix_tokens: int
-    num_classes: int
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    def describe(self) -> str:
-        return (
-            f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} input, "
-            f"{self.patch_size[0]}x{self.patch_size[1]} patches "
-            f"({self.grid_size[0]}x{self.grid_size[1]} grid)"
-        )
 
 
 def geometry(model: VisionTransformer) -> Geometry:

@@ -1,0 +1,158 @@
+"""The edge as one ONNX graph, for devices without torch (`collabvit export`).
+
+The graph takes uint8 images and computes the whole edge decision: normalisation, the
+edge ViT's logits, its patch scores, the uncertainty, the gate and the kept-patch mask.
+The thresholds δ (or k) and η are graph inputs, so an operating point changes at run time
+without exporting again. The graph is traced from the very functions `EdgeDevice` runs
+(vit.forward_with_scores, uncertainty, selection), so there is no second implementation
+of the gate or of the selection rules to keep equal. `random` stays torch-only: it is a
+baseline, not a deployment policy.
+
+Beside the graph, `edge.json` says what a device needs: geometry, normalisation, class
+names, the policy, the operating point and how the file was made (onnx_edge.OnnxEdge runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collabvit import vit
+from collabvit.config import EdgeConfig, canonical_uncertainty_mode
+from collabvit.onnx_edge import (
+    CARD_FILE,
+    EXPORT_FORMAT,
+    GRAPH_FILE,
+    GRAPH_INPUTS,
+    GRAPH_OUTPUTS,
+    GRAPH_POLICIES,
+)
+from collabvit.selection import (
+    select_attention_sum_threshold,
+    select_attention_threshold,
+    select_topk,
+    selection_statistics,
+)
+from collabvit.uncertainty import confident_by, uncertainty
+
+# Pinned: an export reads the same on every onnxruntime that implements this opset.
+OPSET = 18
+
+
+class EdgeDecision(torch.nn.Module):
+    """The edge's whole decision for a batch, as one module with tensor thresholds.
+
+    forward(images uint8 [B, C, H, W], masking_th float32 [], uncer_th float32 []) ->
+    logits [B, classes] float32, scores [B, N] float32, uncertainty [B] float32 (0 for
+    'none'), confident [B] bool, keep [B, N] bool, and the selection's size [B] int64,
+    smallest score [B] (+inf when empty) and score sum [B]. For `topk`, k = floor(masking_th).
+    """
+
+    def __init__(self, model: torch.nn.Module, normalization: vit.Normalization,
+                 config: EdgeConfig) -> None:  # fmt: skip
+        super().__init__()
+        if config.masking_mode not in GRAPH_POLICIES:
+            raise ValueError(f"the {config.masking_mode} policy stays in torch (a baseline); "
+                             f"export one of {', '.join(GRAPH_POLICIES)}")  # fmt: skip
+        vit.check_supported(model)
+        self.model = model.eval()
+        self.normalization = normalization
+        self.attention_mode = config.attention_mode
+        self.uncer_mode = canonical_uncertainty_mode(config.uncer_mode)
+        self.masking_mode = config.masking_mode
+
+    def forward(self, images: torch.Tensor, masking_th: torch.Tensor,
+                uncer_th: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        logits, scores = vit.forward_with_scores(self.model, self.normalization(images),
+                                                 self.attention_mode)  # fmt: skip
+        if self.uncer_mode == "none":
+            measure = torch.zeros_like(logits[:, 0])
+            confident = measure != measure  # all False, shaped by the batch
+        else:
+            measure = uncertainty(logits, self.uncer_mode)
+            confident = confident_by(measure, self.uncer_mode, uncer_th)
+        if self.masking_mode == "topk":
+            keep = select_topk(scores, masking_th.floor())
+        elif self.masking_mode == "attention_threshold":
+            keep = select_attention_threshold(scores, masking_th)
+        else:
+            keep = select_attention_sum_threshold(scores, masking_th)
+        return (logits, scores, measure, confident, keep, *selection_statistics(scores, keep))
+
+
+@dataclass(frozen=True)
+class ExportedEdge:
+    """Where an export went: the graph, its card, and the card's contents."""
+
+    graph: Path
+    card: Path
+    contents: dict
+
+
+def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path, *,
+                normalization: vit.Normalization | None = None,
+                class_names: list[str] | None = None, name: str = "", server_model: str = "",
+                provenance: dict | None = None) -> ExportedEdge:  # fmt: skip
+    """Write `model`'s edge decision as out_dir/edge.onnx and its card out_dir/edge.json.
+
+    Args:
+        model: a supported timm ViT (float32 after export; half models are cast).
+        config: policy, attention mode, measure and the operating point stored as default.
+        normalization: the edge's own (default: the model's timm data config).
+        class_names: one name per class (default: the class indices).
+        name: the model's name, for the card.
+        server_model: the name of the server model it sends to (the edge's default).
+        provenance: how the model and the export were made (configs, versions).
+
+    Raises ValueError for a policy that cannot go into the graph.
+    """
+    import onnx
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    normalization = normalization or vit.Normalization.of_model(model)
+    decision = EdgeDecision(model, normalization, config).eval()
+    geometry = vit.geometry(model)
+    example = (torch.zeros(2, geometry.in_chans, *geometry.img_size, dtype=torch.uint8),
+               torch.tensor(float(config.masking_th)), torch.tensor(float(config.uncer_th)))
+    batch = torch.export.Dim("batch")
+    graph = out / GRAPH_FILE
+    torch.onnx.export(decision, example, str(graph), dynamo=True, opset_version=OPSET,
+                      input_names=list(GRAPH_INPUTS), output_names=list(GRAPH_OUTPUTS),
+                      dynamic_shapes=({0: batch}, {}, {}), external_data=False,
+                      verbose=False)  # fmt: skip
+    onnx.checker.check_model(str(graph), full_check=True)
+    names = class_names or [str(i) for i in range(geometry.num_classes)]
+    contents = {
+        "format": EXPORT_FORMAT,
+        "graph": GRAPH_FILE,
+        "graph_sha256": hashlib.sha256(graph.read_bytes()).hexdigest(),
+        "opset": OPSET,
+        "model": name,
+        "server_model": server_model,
+        "inputs": list(GRAPH_INPUTS),
+        "outputs": list(GRAPH_OUTPUTS),
+        "geometry": {
+            "in_chans": geometry.in_chans,
+            "img_size": list(geometry.img_size),
+            "patch_size": list(geometry.patch_size),
+            "grid": list(geometry.grid_size),
+            "num_prefix_tokens": geometry.num_prefix_tokens,
+            "num_classes": geometry.num_classes,
+        },
+        "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
+        "class_names": names,
+        "policy": {"masking_mode": config.masking_mode, "attention_mode": config.attention_mode,
+                   "uncer_mode": decision.uncer_mode},
+        "operating_point": {"masking_th": float(config.masking_th),
+                            "uncer_th": float(config.uncer_th)},
+        "provenance": provenance or {},
+    }  # fmt: skip
+    card = out / CARD_FILE
+    card.write_text(json.dumps(contents, indent=2) + "\n")
+    return ExportedEdge(graph, card, contents)
