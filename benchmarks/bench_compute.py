@@ -119,7 +119,8 @@ def payloads_with(models: Models, images: torch.Tensor, kept: int, seed: int) ->
     payloads = []
     for row in range(len(images)):
         positions = torch.randperm(patches.shape[1], generator=gen)[:kept]
-        payloads.append(PatchPayload(positions=positions, patches=patches[row, positions]))
+        payloads.append(PatchPayload(positions=positions.numpy(),
+                                     patches=patches[row, positions].cpu().numpy()))
     return payloads
 
 

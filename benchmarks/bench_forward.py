@@ -101,7 +101,8 @@ def make_payloads(batch_size: int, seed: int) -> list[PatchPayload]:
     for row in range(batch_size):
         k = int(torch.randint(MIN_PATCHES, MAX_PATCHES + 1, (1,), generator=gen))
         positions = torch.randperm(num_patches, generator=gen)[:k]
-        payloads.append(PatchPayload(positions=positions, patches=patches[row, positions].clone()))
+        payloads.append(PatchPayload(positions=positions.numpy(),
+                                     patches=patches[row, positions].numpy()))
     return payloads
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_SERVER as SERVER_NAME
@@ -291,11 +292,18 @@ def test_server_killed_and_restarted_mid_run(tmp_path):
 
 
 def test_lost_patches_are_drawn_per_image_and_reproducible():
-    payload = PatchPayload(torch.arange(40), torch.zeros(40, 1, 4, 4, dtype=torch.uint8))
+    # each patch's pixels hold its position, so the kept pixels must follow the kept positions
+    pixels = np.arange(40, dtype=np.uint8)[:, None, None, None]
+    payload = PatchPayload(np.arange(40), np.broadcast_to(pixels, (40, 1, 4, 4)))
     first = lose_patches(payload, 0.25, seed=0, index=7)
-    assert torch.equal(first.positions, lose_patches(payload, 0.25, seed=0, index=7).positions)
-    assert not torch.equal(first.positions, lose_patches(payload, 0.25, 0, 8).positions)
+    assert isinstance(first.positions, np.ndarray) and first.positions.dtype == np.int64
+    assert isinstance(first.patches, np.ndarray) and first.patches.dtype == np.uint8
+    assert np.array_equal(first.positions,
+                          lose_patches(payload, 0.25, seed=0, index=7).positions)  # fmt: skip
+    assert not np.array_equal(first.positions, lose_patches(payload, 0.25, 0, 8).positions)
     assert 20 <= first.size <= 38 and set(first.positions.tolist()) <= set(range(40))
+    assert np.array_equal(first.patches, payload.patches[first.positions])
+    first.validate(1, (4, 4), 49)
     assert lose_patches(payload, 0.0, 0, 7) is payload
     kept = sum(lose_patches(payload, 0.3, 0, i).size for i in range(200)) / (200 * 40)
     assert abs(kept - 0.7) < 0.03

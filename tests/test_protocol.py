@@ -73,14 +73,27 @@ def test_patchify_first_patch_is_top_left_and_second_is_to_its_right():
 def test_patchify_non_multiple_sizes_raise(height, width):
     with pytest.raises(ValueError):
         patchify(torch.zeros(1, 3, height, width), (4, 4))
+    with pytest.raises(ValueError):
+        patchify(np.zeros((1, 3, height, width)), (4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_patchify_keeps_arrays_as_arrays_and_tensors_as_tensors(dtype):
+    images = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).to(dtype)  # fmt: skip
+    of_tensor = patchify(images, (4, 2))
+    of_array = patchify(images.numpy(), (4, 2))
+    assert isinstance(of_tensor, torch.Tensor) and isinstance(of_array, np.ndarray)
+    assert of_array.dtype == images.numpy().dtype and of_array.shape == (2, 12, 3, 4, 2)
+    assert np.array_equal(of_array, of_tensor.numpy())
 
 
 # --- PatchPayload ------------------------------------------------------------------------
 
 
-def _payload(positions, channels=3, patch=(4, 4), dtype=torch.uint8) -> PatchPayload:
-    positions = torch.as_tensor(positions, dtype=torch.int64)
-    patches = torch.zeros(len(positions), channels, *patch, dtype=dtype)
+def _payload(positions, channels=3, patch=(4, 4), dtype=np.uint8) -> PatchPayload:
+    positions = np.asarray(positions, dtype=np.int64)
+    patches = np.zeros((len(positions), channels, *patch), dtype=dtype)
     return PatchPayload(positions=positions, patches=patches)
 
 
@@ -88,32 +101,53 @@ def test_payload_validate_accepts_good_payload():
     payload = _payload([0, 5, 15])
     assert payload.size == 3
     payload.validate(3, (4, 4), 16)
-    _payload([3, 1], dtype=torch.float32).validate(3, (4, 4), 16)
+    _payload([3, 1], dtype=np.float32).validate(3, (4, 4), 16)
 
 
 def test_payload_validate_accepts_empty_payload():
     payload = PatchPayload(
-        positions=torch.empty(0, dtype=torch.int64),
-        patches=torch.empty(0, 3, 4, 4, dtype=torch.uint8),
+        positions=np.empty(0, dtype=np.int64),
+        patches=np.empty((0, 3, 4, 4), dtype=np.uint8),
     )
     assert payload.size == 0
     payload.validate(3, (4, 4), 16)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.float32, torch.uint8])
+def test_payload_of_torch_tensors_holds_numpy_arrays():
+    # The constructor still takes tensors (the torch edge hands them over) and keeps arrays.
+    positions = torch.tensor([5, 0, 15], dtype=torch.int64)
+    patches = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    payload = PatchPayload(positions=positions, patches=patches)
+    assert isinstance(payload.positions, np.ndarray) and payload.positions.dtype == np.int64
+    assert isinstance(payload.patches, np.ndarray) and payload.patches.dtype == np.uint8
+    assert payload.positions.tolist() == [5, 0, 15]
+    assert np.array_equal(payload.patches, patches.numpy())
+    payload.validate(3, (4, 4), 16)
+    as_float = PatchPayload(positions=positions, patches=patches.float() / 255)
+    assert as_float.patches.dtype == np.float32
+    as_float.validate(3, (4, 4), 16)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.int32, np.int16, np.uint64, np.float32, np.float64, np.uint8, torch.int32,
+              torch.int16, torch.float32, torch.uint8],
+)  # fmt: skip
 def test_payload_validate_rejects_wrong_position_dtype(dtype):
-    payload = PatchPayload(
-        positions=torch.tensor([0, 1], dtype=dtype),
-        patches=torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-    )
+    if isinstance(dtype, torch.dtype):
+        positions = torch.tensor([0, 1], dtype=dtype)
+    else:
+        positions = np.array([0, 1], dtype=dtype)
+    payload = PatchPayload(positions=positions, patches=np.zeros((2, 3, 4, 4), dtype=np.uint8))
     with pytest.raises(ValueError):
         payload.validate(3, (4, 4), 16)
 
 
-def test_payload_validate_rejects_non_1d_positions():
+@pytest.mark.parametrize("positions", [np.array([[0, 1]], dtype=np.int64),
+                                       torch.tensor([[0, 1]], dtype=torch.int64)])  # fmt: skip
+def test_payload_validate_rejects_non_1d_positions(positions):
     payload = PatchPayload(
-        positions=torch.tensor([[0, 1]], dtype=torch.int64),
-        patches=torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+        positions=positions,
+        patches=np.zeros((2, 3, 4, 4), dtype=np.uint8),
     )
     with pytest.raises(ValueError):
         payload.validate(3, (4, 4), 16)
@@ -125,8 +159,8 @@ def test_payload_validate_rejects_non_1d_positions():
 )
 def test_payload_validate_rejects_wrong_patch_shape(shape):
     payload = PatchPayload(
-        positions=torch.tensor([0, 1], dtype=torch.int64),
-        patches=torch.zeros(shape, dtype=torch.uint8),
+        positions=np.array([0, 1], dtype=np.int64),
+        patches=np.zeros(shape, dtype=np.uint8),
     )
     with pytest.raises(ValueError):
         payload.validate(3, (4, 4), 16)
@@ -149,14 +183,14 @@ def test_payload_validate_rejects_duplicate_positions(positions):
 
 
 def test_payload_round_trip_from_patchify():
-    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)
     patches = patchify(image, (4, 4))[0]
-    positions = torch.tensor([9, 2, 14], dtype=torch.int64)
+    positions = np.array([9, 2, 14], dtype=np.int64)
     payload = PatchPayload(positions=positions, patches=patches[positions])
     payload.validate(3, (4, 4), 16)
     for i, n in enumerate(positions.tolist()):
         r, c = divmod(n, 4)
-        assert torch.equal(
+        assert np.array_equal(
             payload.patches[i], image[0, :, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4]
         )
 
@@ -194,10 +228,12 @@ def _payload_of(image: torch.Tensor, geometry: WireGeometry, kept) -> PatchPaylo
 
 
 def _assert_same(decoded: PatchPayload, payload: PatchPayload) -> None:
-    assert decoded.positions.dtype == torch.int64
-    assert torch.equal(decoded.positions, payload.positions)
+    assert isinstance(decoded.positions, np.ndarray) and isinstance(decoded.patches, np.ndarray)
+    assert decoded.positions.dtype == np.int64
+    assert np.array_equal(decoded.positions, payload.positions)
     assert decoded.patches.dtype == payload.patches.dtype
-    assert torch.equal(decoded.patches, payload.patches)
+    assert decoded.patches.shape == payload.patches.shape
+    assert np.array_equal(decoded.patches, payload.patches)
 
 
 def _blob(
@@ -235,7 +271,7 @@ def test_raw_float32_pixels_round_trip_exactly():
     image = torch.rand(1, 3, *geometry.image_size, generator=torch.Generator().manual_seed(1))
     image[0, 0, 0, 0], image[0, 0, 0, 1] = 0.0, 1.0
     payload = _payload_of(image, geometry, [0, 4, 5])
-    assert payload.patches.dtype == torch.float32
+    assert payload.patches.dtype == np.float32
     blob = encode_payload(payload, geometry, RAW)
     assert blob[2] == 1  # the float32 dtype id
     _assert_same(decode_payload(blob, geometry), payload)
@@ -249,10 +285,11 @@ def test_jpeg_is_close_on_a_smooth_image_and_positions_are_exact(channels, kept)
     blob = encode_payload(payload, geometry, Codec("jpeg", 90))
     assert blob[1] == 2  # the jpeg codec id
     decoded = decode_payload(blob, geometry)
-    assert torch.equal(decoded.positions, payload.positions)
-    assert decoded.patches.dtype == torch.uint8
+    assert decoded.positions.dtype == np.int64
+    assert np.array_equal(decoded.positions, payload.positions)
+    assert decoded.patches.dtype == np.uint8
     assert decoded.patches.shape == payload.patches.shape
-    error = (decoded.patches.int() - payload.patches.int()).abs().max().item()
+    error = int(np.abs(decoded.patches.astype(np.int32) - payload.patches.astype(np.int32)).max())
     assert error <= 8, error
 
 
@@ -422,7 +459,8 @@ def test_decode_float32_pixels_at_the_ends_of_the_range_pass():
     data = struct.pack("<8f", 0.0, 1.0, -0.0, 0.5, 1.0, 1.0, 0.0, 1e-45)
     decoded = decode_payload(_blob(dtype=1, indices=(2, 7), data=data), GEOMETRY_1)
     assert decoded.patches.shape == (2, 1, 2, 2)
-    assert decoded.patches.numpy().astype("<f4").tobytes() == data
+    assert decoded.patches.dtype == np.float32
+    assert decoded.patches.astype("<f4").tobytes() == data
 
 
 def _image_blob(geometry: WireGeometry, codec: Codec, kept=(0, 1)) -> bytes:
@@ -501,9 +539,10 @@ def test_encode_image_codecs_refuse_two_channels(codec):
     _assert_same(decode_payload(encode_payload(payload, geometry, RAW), geometry), payload)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [np.int32, np.float64, np.float16])
 def test_encode_refuses_other_pixel_dtypes(dtype):
-    payload = _payload_of(_random_image(GEOMETRY_1).to(dtype), GEOMETRY_1, [0])
+    payload = _payload_of(_random_image(GEOMETRY_1).numpy().astype(dtype), GEOMETRY_1, [0])
+    assert payload.patches.dtype == dtype
     with pytest.raises(ProtocolError, match="uint8 or float32"):
         encode_payload(payload, GEOMETRY_1, RAW)
 
@@ -966,8 +1005,8 @@ def _payloads(draw):
     # positions in sorted order as build_payloads makes them, or in the drawn order
     if draw(st.booleans()):
         return geometry, _payload_of(image, geometry, kept)
-    positions = torch.tensor(kept, dtype=torch.int64)
-    patches = patchify(image, geometry.patch_size)[0, positions]
+    positions = np.array(kept, dtype=np.int64)
+    patches = patchify(image.numpy(), geometry.patch_size)[0, positions]
     return geometry, PatchPayload(positions=positions, patches=patches)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_vit
@@ -76,7 +77,8 @@ def test_payload_of_float_pixels_matches_uint8(server_model):
     images = uint8_images(2, seed=3)
     server = Server(server_model)
     as_uint8 = random_payloads(images, [6, 10], seed=4)
-    as_float = [PatchPayload(p.positions, p.patches.float() / 255) for p in as_uint8]
+    as_float = [PatchPayload(p.positions, p.patches.astype(np.float32) / 255) for p in as_uint8]
+    assert all(p.patches.dtype == np.float32 for p in as_float)
     torch.testing.assert_close(
         server.classify(as_float), server.classify(as_uint8), atol=1e-5, rtol=0
     )
@@ -95,9 +97,19 @@ def test_pack_payloads_pads_and_marks_validity():
     payloads = random_payloads(uint8_images(2), [3, 1])
     patches, positions, valid = pack_payloads(payloads, torch.device("cpu"))
     assert patches.shape == (2, 3, 3, 8, 8) and patches.dtype == torch.uint8
+    assert positions.shape == (2, 3) and positions.dtype == torch.int64
+    assert valid.dtype == torch.bool
     assert valid.tolist() == [[True, True, True], [True, False, False]]
-    assert torch.equal(positions[1, :1], payloads[1].positions)
-    assert torch.equal(patches[0], payloads[0].patches)
+    assert torch.equal(positions[1, :1], torch.from_numpy(payloads[1].positions))
+    assert torch.equal(patches[0], torch.from_numpy(payloads[0].patches))
+    assert torch.equal(patches[1, :1], torch.from_numpy(payloads[1].patches))
+    assert not patches[1, 1:].any() and not positions[1, 1:].any()  # zeros where padded
+    # uint8 and float32 payloads together: all floats in [0, 1]
+    halves = PatchPayload(payloads[1].positions, payloads[1].patches.astype(np.float32) / 2)
+    patches, _, _ = pack_payloads([payloads[0], halves], torch.device("cpu"))
+    assert patches.dtype == torch.float32
+    assert torch.equal(patches[0], torch.from_numpy(payloads[0].patches).float() / 255)
+    assert torch.equal(patches[1, :1], torch.from_numpy(halves.patches))
 
 
 def test_server_rejects_models_it_cannot_serve():
@@ -124,7 +136,9 @@ def test_uint8_and_float_payloads_in_one_batch_are_both_read_right(server_model)
     images = uint8_images(2, seed=5)
     server = Server(server_model, max_batch=64, max_padding=float("inf"))
     as_uint8 = random_payloads(images, [9, 12], seed=6)
-    mixed = [as_uint8[0], PatchPayload(as_uint8[1].positions, as_uint8[1].patches.float() / 255)]
+    as_float = PatchPayload(as_uint8[1].positions, as_uint8[1].patches.astype(np.float32) / 255)
+    assert as_float.patches.dtype == np.float32
+    mixed = [as_uint8[0], as_float]
     alone = torch.cat([server.classify([p]) for p in as_uint8])
     for batch in (mixed, mixed[::-1]):
         expected = alone if batch is mixed else alone.flip(0)

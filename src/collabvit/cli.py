@@ -39,6 +39,9 @@ from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, give
 # `collabvit serve` names no data set: it serves the Fashion-MNIST server unless told.
 SHIPPED_SERVER = shipped_pair("fmnist")[1]
 TRAIN_FLAGS = {"augment": "--no-augment"}
+# What `pip install 'collabvit[full]'` adds to the torch-free base install.
+FULL_INSTALL = ("torch", "torchvision", "timm", "safetensors", "matplotlib", "fastapi", "uvicorn",
+                "prometheus_client", "onnx", "onnxscript")  # fmt: skip
 
 
 class UsageError(Exception):
@@ -684,7 +687,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ModuleNotFoundError as error:  # a light install (no torch) running a full command
+        missing = (error.name or "").split(".")[0]
+        extra = {"onnxruntime": "edge"}.get(missing, "full" if missing in FULL_INSTALL else None)
+        if extra is None:
+            raise
+        print(f"collabvit {args.command}: error: this needs {missing}, which is not installed "
+              f"here: pip install 'collabvit[{extra}]'", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

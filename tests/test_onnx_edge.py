@@ -1,0 +1,266 @@
+"""The exported edge: `collabvit export`, OnnxEdge against EdgeDevice, the torch-free
+`collabvit edge --onnx` against a live server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vit
+
+from collabvit import vit, zoo
+from collabvit.config import EdgeConfig
+from collabvit.data import FashionMNIST
+from collabvit.edge import EdgeDevice
+from collabvit.export import EdgeDecision, export_edge
+from collabvit.onnx_edge import ExportError, OnnxEdge
+from collabvit.uncertainty import uncertainty
+
+EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
+IMAGES = 300
+
+
+@pytest.fixture(scope="module")
+def shipped_export(tmp_path_factory):
+    """The shipped Fashion-MNIST edge exported at its shipped operating point."""
+    out = tmp_path_factory.mktemp("export")
+    model = vit.create_model(EDGE)
+    config = zoo.default_operating_point(EDGE, SERVER)
+    export_edge(model, config, out, name=EDGE, server_model=SERVER,
+                class_names=list(FashionMNIST.classes))  # fmt: skip
+    return out, model, config
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    data = FashionMNIST(split="test")
+    return data.images[:IMAGES], data.labels[:IMAGES]
+
+
+def near_threshold(values: np.ndarray, threshold: float, margin: float = 1e-5) -> np.ndarray:
+    return np.abs(values - threshold) <= margin
+
+
+def assert_same_decision(onnx: OnnxEdge, device: EdgeDevice, images: torch.Tensor) -> int:
+    """The ONNX edge decides as the torch edge on every image whose deciding quantities lie
+    more than 1e-5 from their thresholds; returns on how many images the decisions differ
+    (all of them that close: float32 sums in another order)."""
+    ours, theirs = onnx.process(images.numpy()), device.process(images)
+    assert np.abs(ours.logits - theirs.logits.numpy()).max() < 1e-4
+    assert np.abs(ours.scores - theirs.scores.numpy()).max() < 1e-5
+    config = device.config
+    close = np.zeros(len(images), dtype=bool)
+    if config.uncer_mode != "none":
+        measure = uncertainty(theirs.logits, config.uncer_mode).numpy()
+        close |= near_threshold(measure, config.uncer_th)
+        assert np.abs(ours.uncertainty - measure).max() < 1e-4
+    scores = theirs.scores.numpy()
+    if config.masking_mode == "attention_threshold":
+        close |= near_threshold(scores, config.masking_th).any(axis=1)
+    elif config.masking_mode == "attention_sum_threshold":
+        running = np.cumsum(-np.sort(-scores, axis=1), axis=1)
+        close |= near_threshold(running, config.masking_th).any(axis=1)
+    clear = ~close
+    differ = (ours.confident != theirs.confident.numpy()) | \
+        (ours.keep != theirs.keep.numpy()).any(axis=1)  # fmt: skip
+    assert not (differ & clear).any()
+    sizes, minima, sums = (s.numpy() for s in theirs.selection_statistics())
+    assert np.array_equal(ours.kept[clear], sizes[clear])
+    assert np.allclose(ours.kept_sum[clear], sums[clear], atol=1e-5)
+    assert np.allclose(ours.kept_min[clear], minima[clear], atol=1e-6)
+    if not differ.any():
+        assert len(ours.payloads) == len(theirs.payloads)
+        for mine, reference in zip(ours.payloads, theirs.payloads, strict=True):
+            assert np.array_equal(mine.positions, reference.positions)
+            assert np.array_equal(mine.patches, reference.patches)
+    return int(differ.sum())
+
+
+def test_the_exported_shipped_edge_decides_as_the_torch_edge(shipped_export, test_images):
+    folder, model, config = shipped_export
+    onnx = OnnxEdge(folder, threads=1)
+    assert onnx.config == config
+    assert assert_same_decision(onnx, EdgeDevice(model, config), test_images[0]) == 0
+
+
+@pytest.mark.parametrize("delta, eta", [(0.9, 0.6), (0.5, 1.5), (1.0, 0.05)])
+def test_thresholds_are_graph_inputs(shipped_export, test_images, delta, eta):
+    """Another operating point runs on the same file, as the torch edge at that point."""
+    folder, model, config = shipped_export
+    onnx = OnnxEdge(folder, masking_th=delta, uncer_th=eta)
+    moved = EdgeConfig(**{**config.__dict__, "masking_th": delta, "uncer_th": eta})
+    assert assert_same_decision(onnx, EdgeDevice(model, moved), test_images[0]) <= 1
+    onnx.set_operating_point(uncer_th=0.0)  # min entropy is never below 0: every image is sent
+    assert not onnx.process(test_images[0][:20].numpy()).confident.any()
+
+
+@pytest.mark.parametrize("config", [
+    EdgeConfig(attention_mode="rollout", masking_mode="topk", masking_th=7.5,
+               uncer_mode="margin", uncer_th=0.3),
+    EdgeConfig(attention_mode="mean", masking_mode="attention_threshold", masking_th=0.02,
+               uncer_mode="shannon_entropy", uncer_th=0.9),
+    EdgeConfig(masking_mode="attention_sum_threshold", masking_th=0.8, uncer_mode="none"),
+], ids=["rollout-topk-margin", "mean-threshold-shannon", "sum-none"])  # fmt: skip
+def test_every_exported_policy_and_measure_matches_torch(tmp_path, config):
+    torch.manual_seed(0)
+    model = tiny_vit(img_size=32, patch_size=8, num_classes=10)  # random weights, 16 patches
+    export_edge(model, config, tmp_path)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    onnx = OnnxEdge(tmp_path)
+    assert assert_same_decision(onnx, EdgeDevice(model, config), images) <= 1
+    if config.masking_mode == "topk":
+        assert (onnx.process(images.numpy()).kept == 7).all()  # k = floor(7.5)
+
+
+def test_dynamic_batch_and_an_empty_batch(shipped_export, test_images):
+    onnx = OnnxEdge(shipped_export[0])
+    for batch in (1, 5, 0):
+        result = onnx.process(test_images[0][:batch].numpy())
+        assert result.logits.shape == (batch, 10) and result.keep.shape == (batch, 49)
+
+
+def test_the_graph_is_the_traced_decision(shipped_export, test_images):
+    """EdgeDecision, the module exported, answers as the graph (float32 thresholds)."""
+    folder, model, config = shipped_export
+    decision = EdgeDecision(model, vit.Normalization.of_model(model), config).eval()
+    with torch.inference_mode():
+        reference = decision(test_images[0][:64], torch.tensor(config.masking_th),
+                             torch.tensor(config.uncer_th))  # fmt: skip
+    ours = OnnxEdge(folder).decide(test_images[0][:64].numpy())
+    assert np.array_equal(ours["keep"], reference[4].numpy())
+    assert np.array_equal(ours["confident"], reference[3].numpy())
+
+
+def test_the_card_says_what_a_device_needs(shipped_export):
+    card = json.loads((shipped_export[0] / "edge.json").read_text())
+    assert card["geometry"] == {"in_chans": 1, "img_size": [28, 28], "patch_size": [4, 4],
+                                "grid": [7, 7], "num_prefix_tokens": 1, "num_classes": 10}
+    assert card["class_names"][9] == "Ankle boot" and card["server_model"] == SERVER
+    assert card["opset"] == 18 and card["policy"]["masking_mode"] == "attention_sum_threshold"
+    assert card["operating_point"]["masking_th"] == shipped_export[2].masking_th
+
+
+def test_random_stays_in_torch(tmp_path):
+    with pytest.raises(ValueError, match="random policy stays in torch"):
+        export_edge(tiny_vit(), EdgeConfig(masking_mode="random", masking_th=3), tmp_path)
+
+
+def test_a_broken_export_is_a_clear_error(shipped_export, tmp_path):
+    folder = shipped_export[0]
+    with pytest.raises(ExportError, match="not a folder written by"):
+        OnnxEdge(tmp_path / "missing")
+    (tmp_path / "edge.json").write_text((folder / "edge.json").read_text())
+    with pytest.raises(ExportError, match="has no edge.onnx"):
+        OnnxEdge(tmp_path)
+    (tmp_path / "edge.onnx").write_bytes((folder / "edge.onnx").read_bytes()[:-1] + b"x")
+    with pytest.raises(ExportError, match="SHA-256"):
+        OnnxEdge(tmp_path)
+    onnx = OnnxEdge(folder)
+    with pytest.raises(ValueError, match="uint8"):
+        onnx.process(np.zeros((2, 1, 28, 28), dtype=np.float32))
+    with pytest.raises(ValueError, match="do not fit the edge"):
+        onnx.process(np.zeros((2, 1, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match="cumulative attention share"):
+        onnx.set_operating_point(masking_th=1.5)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_export_command_writes_both_files(run_cli, tmp_path):
+    result = run_cli("export", "--out-dir", str(tmp_path / "out"), "--masking-th", "0.9")
+    assert result.returncode == 0, result.stderr
+    assert "edge.onnx" in result.stdout and "masking_th 0.9" in result.stdout
+    card = json.loads((tmp_path / "out" / "edge.json").read_text())
+    assert card["operating_point"]["masking_th"] == 0.9 and card["model"] == EDGE
+
+
+@pytest.mark.parametrize("flags, message", [
+    ((), "--out-dir"),
+    (("--out-dir", "X", "--masking-mode", "random", "--masking-th", "3"), "stays in torch"),
+    (("--out-dir", "X", "--inputs-normalized"), "uint8"),
+])  # fmt: skip
+def test_export_usage_errors_are_one_line(run_cli, tmp_path, flags, message):
+    result = run_cli("export", *[str(tmp_path / f) if f == "X" else f for f in flags])
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--model", EDGE), "--model do not apply"),
+    (("--attention-mode", "rollout"), "fixes attention_mode = mean"),
+    (("--split", "val"), "split is cut by torch"),
+])  # fmt: skip
+def test_edge_onnx_usage_errors(run_cli, shipped_export, tmp_path, flags, message):
+    result = run_cli("edge", "--onnx", str(shipped_export[0]), "--server", "http://127.0.0.1:9",
+                     "--records", str(tmp_path / "r.jsonl"), "--quiet", *flags)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_threads_go_with_onnx(run_cli, tmp_path):
+    result = run_cli("edge", "--threads", "1", "--records", str(tmp_path / "r.jsonl"))
+    assert result.returncode == 2 and "--threads" in result.stderr
+
+
+# Imports of these names fail in the subprocess below, as on a device without torch.
+BLOCK_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {"torch", "torchvision", "timm", "safetensors", "matplotlib", "fastapi",
+               "uvicorn", "onnx", "onnxscript"}
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Blocker())
+""")
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_light_edge_imports_no_torch_and_answers_as_eval(shipped_export, shipped_live,
+                                                             run_cli, tmp_path):  # fmt: skip
+    folder = shipped_export[0]
+    records, results = tmp_path / "onnx.jsonl", tmp_path / "onnx.json"
+    light = run_without_torch(f"""
+        import sys
+        from collabvit.cli import main
+        status = main(["edge", "--onnx", {str(folder)!r}, "--server", {shipped_live.url!r},
+                       "--limit", "{IMAGES}", "--quiet", "--records", {str(records)!r},
+                       "--results-file", {str(results)!r}])
+        assert not {{"torch", "timm", "torchvision"}} & set(sys.modules), "torch was imported"
+        sys.exit(status)
+    """)
+    assert light.returncode == 0, light.stderr
+    evaluated = run_cli("eval", "--limit", str(IMAGES), "--quiet")
+    assert light.stdout.splitlines()[:8] == evaluated.stdout.splitlines()
+    written = json.loads(results.read_text())
+    assert "torch" not in written["config"] and "onnxruntime" in written["config"]
+    assert written["config"]["edge_model"]["model"] == EDGE
+
+
+def test_without_torch_a_full_command_says_what_to_install():
+    result = run_without_torch("""
+        import sys
+        from collabvit.cli import main
+        sys.exit(main(["eval", "--limit", "5"]))
+    """)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'collabvit[full]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_light_modules_import_without_torch():
+    result = run_without_torch("""
+        import collabvit, collabvit.cli, collabvit.client, collabvit.onnx_edge
+        import collabvit.protocol, collabvit.summary, collabvit.fashion, collabvit.frontier
+        import collabvit.cluttered
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
