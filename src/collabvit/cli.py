@@ -108,9 +108,10 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
     add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
                          exclude=("weights", "kwargs", "use_ema"))  # fmt: skip
-    add_config_arguments(parser.add_argument_group("data (class names)"), DataSpec,
-                         exclude=("crop_pct", "limit", "batch_size", "num_workers",
-                                  "skip_unreadable"))  # fmt: skip
+    # the int8 calibration reads held-out images: the validation split by default
+    add_config_arguments(parser.add_argument_group("data (class names, int8 calibration)"),
+                         DataSpec, exclude=("limit", "batch_size", "num_workers",
+                                            "skip_unreadable"), split="val")  # fmt: skip
     add_config_arguments(parser.add_argument_group("policy and default operating point"),
                          EdgeConfig)  # fmt: skip
     add_config_arguments(parser.add_argument_group("output"), ExportConfig)
@@ -569,29 +570,47 @@ def run_export(args: argparse.Namespace) -> int:
         if data.inputs_normalized:
             raise UsageError("the exported edge takes uint8 images and normalises them itself: "
                              "--inputs-normalized does not apply")  # fmt: skip
-        from collabvit.onnx_edge import CARD_FILE, GRAPH_FILE
+        from collabvit.onnx_edge import CARD_FILE, GRAPH_FILE, INT8_FILE
 
-        out_dir = _check_output_dir(export.out_dir, (GRAPH_FILE, CARD_FILE))
+        out_dir = _check_output_dir(export.out_dir, (GRAPH_FILE, CARD_FILE, INT8_FILE))
         from collabvit.pair import load_pair
 
         pair = load_pair(edge_spec, server_spec, data, with_server=False)
         config = replace(pair.default_config(), **chosen)
-        from collabvit.export import export_edge
+        from collabvit.export import export_edge, quantize_edge
 
         provenance = _provenance("export", edge_model=edge_spec, server_model=server_spec,
-                                 data=data, edge=config)  # fmt: skip
+                                 data=data, edge=config, export=export)  # fmt: skip
         exported = export_edge(pair.edge_model, config, out_dir,
                                class_names=pair.class_names(), name=edge_spec.name,
                                server_model=server_spec.name, provenance=provenance)
+        if export.int8:
+            images = _uint8_images(pair.dataset, export.calibration_images)
+            exported = quantize_edge(exported, images, f"{data.data_set} --split {data.split}, "
+                                     f"the first {len(images)} images")  # fmt: skip
     except (UsageError, ValueError, OSError) as error:
         return _fail("export", error)
-    size = exported.graph.stat().st_size / 1e6
-    print(f"wrote {exported.graph} ({size:.1f} MB, opset {exported.contents['opset']}) and "
-          f"{exported.card}")
-    print(f"policy {config.masking_mode} ({config.attention_mode} attention), gate "
-          f"{config.uncer_mode}; default point masking_th {config.masking_th}, uncer_th "
-          f"{config.uncer_th} (graph inputs: change them at run time)")
+    for graph in [exported.graph] + ([out_dir / INT8_FILE] if export.int8 else []):
+        print(f"wrote {graph} ({graph.stat().st_size / 1e6:.1f} MB, opset "
+              f"{exported.contents['opset']})")  # fmt: skip
+    print(f"wrote {exported.card}: policy {config.masking_mode} ({config.attention_mode} "
+          f"attention), gate {config.uncer_mode}; default point masking_th {config.masking_th}, "
+          f"uncer_th {config.uncer_th} (graph inputs: change them at run time)")
     return 0
+
+
+def _uint8_images(dataset, count: int):
+    """The first `count` images of a dataset as uint8 numpy [n, C, H, W] (floats in [0, 1]
+    rounded to 0..255, as a device would hold them)."""
+    import numpy as np
+
+    from collabvit.arrays import as_array
+
+    images = [as_array(dataset[i][0]) for i in range(min(count, len(dataset)))]
+    stacked = np.stack(images)
+    if stacked.dtype != np.uint8:
+        stacked = np.clip(np.rint(stacked * 255.0), 0, 255).astype(np.uint8)
+    return stacked
 
 
 def run_train(args: argparse.Namespace) -> int:

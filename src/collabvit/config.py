@@ -611,6 +611,8 @@ class EdgeRuntime:
         metavar="DIR"))
     threads: int | None = field(default=None, metadata=flag(
         "ONNX Runtime threads (default: its own choice)", type="positive_int", metavar="N"))
+    int8: bool = field(default=False, metadata=flag(
+        "run the export's int8 graph (written by `collabvit export --int8`)"))
 
 
 @dataclass(frozen=True)
@@ -619,6 +621,13 @@ class ExportConfig:
 
     out_dir: str = field(default="", metadata=flag(
         "folder for edge.onnx and edge.json", required=True, metavar="DIR"))
+    int8: bool = field(default=False, metadata=flag(
+        "also write edge.int8.onnx: ONNX Runtime static quantisation (QDQ, int8 weights and "
+        "activations of the matrix products), calibrated on the first --calibration-images "
+        "of the data (Fashion-MNIST data sets: of --split, val by default)"))
+    calibration_images: int = field(default=1000, metadata=flag(
+        "images that calibrate the int8 ranges (default: %(default)s)", type="positive_int",
+        metavar="N"))
 
     def __post_init__(self) -> None:
         _require([(bool(self.out_dir), "export needs an output folder (--out-dir)")])

@@ -14,11 +14,13 @@ names, the policy, the operating point and how the file was made (onnx_edge.Onnx
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from collabvit import vit
@@ -30,6 +32,7 @@ from collabvit.onnx_edge import (
     GRAPH_INPUTS,
     GRAPH_OUTPUTS,
     GRAPH_POLICIES,
+    INT8_FILE,
 )
 from collabvit.selection import (
     select_attention_sum_threshold,
@@ -41,6 +44,7 @@ from collabvit.uncertainty import confident_by, uncertainty
 
 # Pinned: an export reads the same on every onnxruntime that implements this opset.
 OPSET = 18
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 
 class EdgeDecision(torch.nn.Module):
@@ -114,7 +118,8 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
+    if vit.compute_dtype(model) != torch.float32:  # a copy: the caller's model stays as it is
+        model = copy.deepcopy(model).float()
     normalization = normalization or vit.Normalization.of_model(model)
     decision = EdgeDecision(model, normalization, config).eval()
     geometry = vit.geometry(model)
@@ -156,3 +161,55 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
     card = out / CARD_FILE
     card.write_text(json.dumps(contents, indent=2) + "\n")
     return ExportedEdge(graph, card, contents)
+
+
+def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
+                  batch_size: int = 100) -> ExportedEdge:  # fmt: skip
+    """Add an int8 graph of an export: ONNX Runtime's static quantisation in QDQ format
+    (int8 weights and activations, per tensor, of MatMul, Gemm and Conv; everything
+    else, the scores, the gate and the selection included, stays float32), calibrated
+    with min-max ranges on `calibration` uint8 [n, C, H, W] at the card's operating point.
+
+    The card gains an `int8` entry (file, SHA-256, calibration); OnnxEdge(int8=True) runs it.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    point = exported.contents["operating_point"]
+    thresholds = {"masking_th": np.array(point["masking_th"], dtype=np.float32),
+                  "uncer_th": np.array(point["uncer_th"], dtype=np.float32)}  # fmt: skip
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(range(0, len(calibration), batch_size))
+
+        def get_next(self) -> dict | None:
+            start = next(self.batches, None)
+            if start is None:
+                return None
+            return {"images": calibration[start : start + batch_size], **thresholds}
+
+    folder = exported.graph.parent
+    prepared, target = folder / "edge.prepared.onnx", folder / INT8_FILE
+    try:
+        quant_pre_process(str(exported.graph), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=False, op_types_to_quantize=list(QUANTIZED_OPS))  # fmt: skip
+    finally:
+        prepared.unlink(missing_ok=True)
+    contents = {**exported.contents, "int8": {
+        "graph": INT8_FILE,
+        "graph_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        "quantization": {"format": "QDQ", "weights": "int8 per tensor",
+                         "activations": "int8", "ops": list(QUANTIZED_OPS),
+                         "calibration": "min-max"},
+        "calibration": {"images": int(len(calibration)), "source": source},
+    }}  # fmt: skip
+    exported.card.write_text(json.dumps(contents, indent=2) + "\n")
+    return ExportedEdge(exported.graph, exported.card, contents)

@@ -19,7 +19,7 @@ from collabvit.config import EdgeConfig, Geometry, validate_masking
 from collabvit.protocol import PatchPayload, build_payloads
 
 EXPORT_FORMAT = 1
-GRAPH_FILE, CARD_FILE = "edge.onnx", "edge.json"
+GRAPH_FILE, INT8_FILE, CARD_FILE = "edge.onnx", "edge.int8.onnx", "edge.json"
 GRAPH_INPUTS = ("images", "masking_th", "uncer_th")
 GRAPH_OUTPUTS = ("logits", "scores", "uncertainty", "confident", "keep", "kept", "kept_min",
                  "kept_sum")  # fmt: skip
@@ -60,24 +60,29 @@ class OnnxEdgeResult:
         return self.kept, self.kept_min, self.kept_sum
 
 
-def read_card(folder: str | Path) -> dict:
-    """The export card of `folder` (edge.json), checked against its graph file."""
+def read_card(folder: str | Path, int8: bool = False) -> dict:
+    """The export card of `folder` (edge.json), checked against the graph it names (the
+    int8 one with `int8`)."""
     folder = Path(folder)
-    card_path, graph_path = folder / CARD_FILE, folder / GRAPH_FILE
+    card_path, graph_path = folder / CARD_FILE, folder / (INT8_FILE if int8 else GRAPH_FILE)
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder written by `collabvit export`")
     for path in (card_path, graph_path):
         if not path.is_file():
+            again = " --int8" if path.name == INT8_FILE else ""
             raise ExportError(f"{folder} has no {path.name}: export the edge with "
-                              "`collabvit export --out-dir DIR`")  # fmt: skip
+                              f"`collabvit export --out-dir DIR{again}`")  # fmt: skip
     try:
         card = json.loads(card_path.read_text())
     except (ValueError, OSError) as error:
         raise ExportError(f"{card_path} is not readable JSON: {error}") from error
     if not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{card_path} is not an export card of format {EXPORT_FORMAT}")
+    entry = card.get("int8") if int8 else card
+    if not isinstance(entry, dict):
+        raise ExportError(f"{folder} holds no int8 graph: export with --int8")
     digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
-    if digest != card.get("graph_sha256"):
+    if digest != entry.get("graph_sha256"):
         raise ExportError(f"{graph_path} is not the graph its card describes (its SHA-256 "
                           "differs): copy both files of one export")  # fmt: skip
     return card
@@ -91,16 +96,17 @@ class OnnxEdge:
         masking_th, uncer_th: the operating point (default: the card's); graph inputs, so
             any value runs without exporting again.
         threads: ONNX Runtime's intra-op threads (default: its own choice).
-        graph_file: another graph of the same edge in the folder (e.g. the int8 one).
+        int8: run the export's int8 graph (`collabvit export --int8`).
     """
 
     def __init__(self, folder: str | Path, masking_th: float | None = None,
                  uncer_th: float | None = None, threads: int | None = None,
-                 graph_file: str = GRAPH_FILE) -> None:  # fmt: skip
+                 int8: bool = False) -> None:  # fmt: skip
         import onnxruntime
 
         self.folder = Path(folder)
-        self.card = read_card(self.folder)
+        self.card = read_card(self.folder, int8)
+        self.int8 = int8
         g = self.card["geometry"]
         self.geometry = Geometry(
             in_chans=g["in_chans"], img_size=tuple(g["img_size"]),
@@ -116,9 +122,7 @@ class OnnxEdge:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        graph = self.folder / graph_file
-        if not graph.is_file():
-            raise ExportError(f"{self.folder} has no {graph_file}")
+        graph = self.folder / (INT8_FILE if int8 else GRAPH_FILE)
         self.session = onnxruntime.InferenceSession(str(graph), options,
                                                     providers=["CPUExecutionProvider"])
 
