@@ -26,7 +26,7 @@ import torch
 from benchmarks.harness import RESULTS, load_average, machine_lines
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
-         "bench_gpu")
+         "bench_onnx_edge", "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -107,6 +107,21 @@ def target_rows(figures: dict) -> list[str]:
         worst = max(figures["bench_data"]["shares"].items(), key=lambda item: item[1])
         rows.append(f"| composing cluttered canvases / a training step, {worst[0]} | "
                     f"{100 * worst[1]:.1f} % | <= 5 % | {verdict(worst[1] <= 0.05)} | |")
+    if "bench_onnx_edge" in figures:
+        o = figures["bench_onnx_edge"]
+        torch_ms = o["latency_ms"]["torch fp32"]
+        for name, target in (("onnx fp32", 0.5), ("onnx int8", 0.35)):
+            ratio = o["latency_ms"][name] / torch_ms
+            rows.append(f"| batch-1 latency / the torch edge's, {name}, 1 thread | {ratio:.2f} | "
+                        f"<= {target} | {verdict(ratio <= target)} | |")  # fmt: skip
+        for name, mb in o["sizes_mb"].items():
+            if name.startswith("light"):
+                rows.append(f"| install size, {name} | {mb:.0f} MB | <= 150 MB | "
+                            f"{verdict(mb <= 150)} | |")  # fmt: skip
+        for name, seconds in o["cold_start_s"].items():
+            if name.startswith("light"):
+                rows.append(f"| cold start to the first answer, {name} | {seconds:.2f} s | "
+                            f"<= 1 s | {verdict(seconds <= 1)} | |")  # fmt: skip
     return rows
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,24 @@ def test_the_light_modules_import_without_torch():
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+def test_a_fresh_light_install_has_no_torch_and_answers_as_eval(shipped_export, shipped_live,
+                                                                run_cli, tmp_path):  # fmt: skip
+    """`pip install 'collabvit[edge]'` into a new venv: no torch in it, and its
+    `collabvit edge --onnx` gives eval's eight lines."""
+    repo = Path(__file__).resolve().parents[1]
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(tmp_path / "light")], check=True)
+    python = tmp_path / "light" / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"{repo}[edge]"], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode
+    light = subprocess.run([str(tmp_path / "light" / "bin" / "collabvit"), "edge", "--onnx",
+                            str(shipped_export[0]), "--server", shipped_live.url, "--limit",
+                            "100", "--quiet", "--records", str(tmp_path / "r.jsonl")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert light.returncode == 0, light.stderr
+    evaluated = run_cli("eval", "--limit", "100", "--quiet")
+    assert light.stdout.splitlines()[:8] == evaluated.stdout.splitlines()
