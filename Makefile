@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
 .PHONY: setup data test test-all demo demo-deploy demo-golden results results-cluttered findings \
-	findings-cluttered deploy-table lint bench bench-quick \
+	findings-cluttered deploy-table onnx-report lint bench bench-quick \
 	bench-sweep bench-serve bench-train clean
 
 setup: $(STAMP)
@@ -71,6 +71,11 @@ results-cluttered: setup data
 	$(PY) scripts/cluttered_results.py
 	$(PY) scripts/deploy_table.py --data-set fmnist-cluttered
 	$(PY) scripts/cluttered_results.py --bytes-only
+
+# The exported edge (fp32 and int8) against the torch edge on every test image of each
+# shipped pair, and the int8 graph's collaborative accuracy (README, Deploy on a device).
+onnx-report: setup data
+	$(PY) scripts/onnx_edge_report.py
 
 # The paper's comparisons at our scale, each at equal communication cost (README, Findings).
 SWEEP := $(VENV)/bin/collabvit sweep --quiet

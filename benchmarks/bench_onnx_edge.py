@@ -68,6 +68,13 @@ def venv_mb(folder: Path) -> float:
                                 check=True).stdout.split()[0])  # fmt: skip
 
 
+def largest_packages(venv: Path, count: int = 5) -> dict[str, float]:
+    """The `count` largest folders of a venv's site-packages, in MB (`du -sm`)."""
+    packages = next(venv.glob("lib/python*/site-packages"))
+    sizes = {folder.name: venv_mb(folder) for folder in packages.iterdir() if folder.is_dir()}
+    return dict(sorted(sizes.items(), key=lambda item: -item[1])[:count])
+
+
 def build_venv(folder: Path, *requirements: str) -> Path:
     """A fresh venv at `folder` with `requirements` installed; its python."""
     base = getattr(sys, "_base_executable", sys.executable)
@@ -144,13 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         latency_ms = {n: latency.median_ms(n) / args.images for n in names}
         images_per_s = {n: 64 * args.batches / (throughput.median_ms(n) / 1000) for n in names}
 
-        sizes, cold = {}, {}
+        sizes, cold, parts = {}, {}, {}
         torch_python = Path(sys.executable)
         cold["torch edge"] = cold_start_seconds(torch_python, TORCH_FIRST_ANSWER, "",
                                                 args.repeats)  # fmt: skip
         if not args.no_install:
             light = build_venv(work / "light", f"{REPO}[edge]")
             sizes["light edge (collabvit[edge])"] = venv_mb(work / "light")
+            parts = largest_packages(work / "light")
             check = subprocess.run([str(light), "-c", "import torch"], capture_output=True)
             if check.returncode == 0:
                 raise SystemExit("the light venv has torch: collabvit[edge] pulled it in")
@@ -169,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{images_per_s[n]:,.0f} | {images_per_s[n] / images_per_s['torch fp32']:.2f} |"
             for n in names]  # fmt: skip
     size_rows = [f"| {name} | {mb:.0f} MB |" for name, mb in sizes.items()]
+    if parts:
+        size_rows.insert(1, "| of which (largest folders) " + ", ".join(
+            f"{name} {mb:.0f}" for name, mb in parts.items()) + " | |")
     cold_rows = [f"| {name} | {seconds:.2f} s |" for name, seconds in cold.items()]
     body = f"""The shipped Fashion-MNIST edge deciding (scores, gate, selection, payloads) with
 torch and with ONNX Runtime. Batch 1: {args.images} test images one at a time on 1 thread;
@@ -190,7 +201,7 @@ repetitions after warm-up.
                    body.splitlines(), load_at_start, time.perf_counter() - began)
     publish(args, "bench_onnx_edge", text, {
         "latency_ms": latency_ms, "images_per_s": images_per_s, "sizes_mb": sizes,
-        "cold_start_s": cold,
+        "cold_start_s": cold, "light_packages_mb": parts,
     })
 
 

@@ -1,7 +1,7 @@
 """The exported edge against the torch edge on every test image of each shipped pair.
 
     python scripts/onnx_edge_report.py [--limit N] [--out benchmarks/onnx_edge_results.json]
-        [--readme README.md]
+        [--readme README.md] [--readme-only]
 
 For each shipped pair whose weights are in the package: exports its edge at the shipped
 operating point (fp32, and int8 calibrated on the first 1,000 validation images, as
@@ -122,7 +122,8 @@ def report_pair(data_set: str, limit: int | None, folder: Path) -> dict:
     }  # fmt: skip
 
 
-def table(results: dict) -> str:
+def render(results: dict) -> str:
+    """README's table (between the onnx-edge markers) of the figures in `results`."""
     rows = []
     for data_set, r in results["pairs"].items():
         f, q = r["fp32"], r["int8"]
@@ -136,9 +137,17 @@ def table(results: dict) -> str:
             f"| `{data_set}` int8 ({q['graph_mb']:.1f} MB) | | gate agrees with fp32 on "
             f"{q['gate_agreement']:.2f} %, kept patches on {q['keep_agreement']:.2f} % | "
             f"{q['edge_acc']:.2f} % | {int8['collab_acc']:.2f} % | {int8['comm_cost']:.3f} |")
-    return (f"{START}| exported edge | largest logit difference from torch | images whose gate / "
-            "kept patches differ from torch's | edge accuracy | collaborative accuracy | "
-            "communication cost |\n|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + "\n" + END)
+    return ("| exported edge | largest logit difference from torch | images whose gate / kept "
+            "patches differ from torch's | edge accuracy | collaborative accuracy | "
+            "communication cost |\n|---|---:|---|---:|---:|---:|\n" + "\n".join(rows))
+
+
+def write_readme(readme: Path, results: dict) -> None:
+    """Put the table between README's onnx-edge markers (when it has them)."""
+    text = readme.read_text()
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        readme.write_text(before + START + render(results) + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "onnx_edge_results.json"))
     parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only write README's table from the JSON of an earlier run")
     args = parser.parse_args(argv)
+    if args.readme_only:
+        write_readme(Path(args.readme), json.loads(Path(args.out).read_text()))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pairs = {}
     for data_set, (edge_name, server_name) in SHIPPED_PAIRS.items():
@@ -160,12 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {"pairs": pairs, "limit": args.limit, "script": "scripts/onnx_edge_report.py",
                **versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    readme = Path(args.readme)
-    text = readme.read_text()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        readme.write_text(before + table(results) + rest.split(END, 1)[1])
-    print(table(results))
+    write_readme(Path(args.readme), results)
+    print(render(results))
 
 
 if __name__ == "__main__":

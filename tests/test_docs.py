@@ -173,9 +173,12 @@ def readme_python_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
 
 
-def test_readme_python_snippets_run_as_written(shipped_live):
+def test_readme_python_snippets_run_as_written(shipped_live, run_cli, tmp_path, monkeypatch):
     """Every snippet runs; those that call `collabvit serve` at its default address reach a
-    live shipped server instead (the default port may be taken here)."""
+    live shipped server instead (the default port may be taken here), and the device's
+    snippet finds the folder README's `collabvit export` writes."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("export", "--out-dir", "edge-export").returncode == 0
     snippets = readme_python_snippets()
     assert len(snippets) >= 4
     address = shipped_live.url.removeprefix("http://")

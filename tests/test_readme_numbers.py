@@ -83,3 +83,18 @@ def test_deploy_demo_prints_the_demo_lines_then_bytes_and_latency():
     raw = next(row for row in json.loads((REPO / "benchmarks" / "deploy_results.json")
                                          .read_text())["rows"] if row["codec"] == "raw")
     assert f"{raw['bytes_all']:.1f} over all images" in lines[8]
+
+
+def test_onnx_edge_table_is_the_regenerated_one():
+    """README's exported-edge table is what scripts/onnx_edge_report.py renders from its JSON,
+    measured on every test image, with no decision differing away from a threshold."""
+    report = script("onnx_edge_report")
+    results = json.loads((REPO / "benchmarks" / "onnx_edge_results.json").read_text())
+    assert between(README, report.START, report.END).strip() == report.render(results)
+    assert results["limit"] is None and "fmnist" in results["pairs"]
+    for pair in results["pairs"].values():
+        assert pair["fp32"]["images"] == 10_000 and pair["fp32"]["differs_clear"] == 0
+        assert pair["fp32"]["max_logit_difference"] < 1e-4
+        assert pair["int8"]["kept"] == (pair["int8"]["collab_acc_loss"] <= 0.3)
+    fmnist = results["pairs"]["fmnist"]["summaries"]["fp32"]
+    assert f"{fmnist['collab_acc']:.2f} %" in README.split("## Deploy on a device")[1]
