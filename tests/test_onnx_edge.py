@@ -161,6 +161,12 @@ def test_a_broken_export_is_a_clear_error(shipped_export, tmp_path):
     (tmp_path / "edge.onnx").write_bytes((folder / "edge.onnx").read_bytes()[:-1] + b"x")
     with pytest.raises(ExportError, match="SHA-256"):
         OnnxEdge(tmp_path)
+    card = json.loads((folder / "edge.json").read_text())
+    del card["geometry"]
+    (tmp_path / "edge.onnx").write_bytes((folder / "edge.onnx").read_bytes())
+    (tmp_path / "edge.json").write_text(json.dumps(card))
+    with pytest.raises(ExportError, match="lacks geometry"):
+        OnnxEdge(tmp_path)
     onnx = OnnxEdge(folder)
     with pytest.raises(ValueError, match="uint8"):
         onnx.process(np.zeros((2, 1, 28, 28), dtype=np.float32))
@@ -203,9 +209,41 @@ def test_edge_onnx_usage_errors(run_cli, shipped_export, tmp_path, flags, messag
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_threads_go_with_onnx(run_cli, tmp_path):
-    result = run_cli("edge", "--threads", "1", "--records", str(tmp_path / "r.jsonl"))
-    assert result.returncode == 2 and "--threads" in result.stderr
+@pytest.mark.parametrize("flag", [("--threads", "1"), ("--int8",)])
+def test_runtime_flags_go_with_onnx(run_cli, tmp_path, flag):
+    result = run_cli("edge", *flag, "--records", str(tmp_path / "r.jsonl"))
+    assert result.returncode == 2 and "go with --onnx" in result.stderr
+
+
+def test_edge_onnx_int8_needs_an_int8_graph(run_cli, shipped_export, tmp_path):
+    result = run_cli("edge", "--onnx", str(shipped_export[0]), "--int8", "--quiet",
+                     "--records", str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert result.returncode == 2 and "has no edge.int8.onnx" in result.stderr
+
+
+def test_a_non_default_export_runs_as_exported(run_cli, shipped_live, tmp_path):
+    """The policy, attention and measure of the export apply; flags not typed do not
+    count as asking for other ones."""
+    export = run_cli("export", "--out-dir", str(tmp_path / "x"), "--attention-mode",
+                     "rollout", "--masking-mode", "topk", "--masking-th", "20",
+                     "--uncer-mode", "margin", "--uncer-th", "0.5")  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    flags = ("--server", shipped_live.url, "--limit", "40", "--quiet")
+    onnx = run_cli("edge", "--onnx", str(tmp_path / "x"), *flags, "--records",
+                   str(tmp_path / "onnx.jsonl"))  # fmt: skip
+    assert onnx.returncode == 0, onnx.stderr
+    torch_edge = run_cli("edge", *flags, "--attention-mode", "rollout", "--masking-mode",
+                         "topk", "--masking-th", "20", "--uncer-mode", "margin", "--uncer-th",
+                         "0.5", "--records", str(tmp_path / "torch.jsonl"))  # fmt: skip
+    assert onnx.stdout.splitlines()[:8] == torch_edge.stdout.splitlines()[:8]
+    assert "topk, 20.0" in onnx.stdout
+
+
+def test_an_export_that_could_not_run_is_refused(run_cli, tmp_path):
+    result = run_cli("export", "--out-dir", str(tmp_path / "x"), "--masking-mode", "topk",
+                     "--masking-th", "1000")  # fmt: skip
+    assert result.returncode == 2 and "only 49" in result.stderr
+    assert not (tmp_path / "x" / "edge.onnx").exists()
 
 
 # Imports of these names fail in the subprocess below, as on a device without torch.

@@ -346,3 +346,24 @@ def test_selection_composition_splits_the_kept_patches_three_ways():
     assert shares == pytest.approx({"object": 2 / 6, "clutter": 2 / 6, "blank": 2 / 6})
     empty = selection_composition(torch.zeros_like(keep), target, occupied)
     assert empty == {"object": 0.0, "clutter": 0.0, "blank": 0.0}
+
+
+def test_pairwise_ranks_are_the_stable_sort_ranks_ties_nan_and_infinities_included():
+    """The exported graph counts ranks pairwise; eager mode sorts: the same ranks."""
+    from collabvit.selection import descending_ranks, pairwise_descending_ranks
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for _ in range(50):
+            scores = (torch.randint(0, 5, (4, 17), generator=generator) / 4).to(dtype)
+            scores[0, 3] = scores[1, 5] = scores[1, 7] = float("nan")
+            scores[1, 2], scores[2, 1], scores[2, 4] = float("inf"), -float("inf"), -0.0
+            ranks = descending_ranks(scores)
+            assert torch.equal(ranks, pairwise_descending_ranks(scores))
+            assert torch.equal(ranks.sort(dim=1).values, torch.arange(17).expand(4, 17))
+
+
+def test_topk_keeps_exactly_k_even_with_a_nan_score():
+    scores = torch.tensor([[0.1, float("nan"), 0.3, 0.2]])
+    keep = select_topk(scores, 2)
+    assert keep.tolist() == [[False, True, True, False]]

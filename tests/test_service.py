@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from collabvit.client import wait_until_served
 from collabvit.protocol import (
+    BINARY_CONTENT_TYPE,
     INFERENCE_HEADER,
     Codec,
     WireGeometry,
@@ -69,7 +70,8 @@ def payloads(count: int, seed: int = 0) -> list[Payload]:
 
 def infer(url: str, blobs: list[bytes], binary_output: bool = True, **options) -> httpx.Response:
     body, header_length = infer_request_body(blobs, binary_output=binary_output)
-    headers = {INFERENCE_HEADER: str(header_length), **options.pop("headers", {})}
+    headers = {INFERENCE_HEADER: str(header_length), "content-type": BINARY_CONTENT_TYPE,
+               **options.pop("headers", {})}  # fmt: skip
     return httpx.post(f"{url}/v2/models/{NAME}/infer", content=body, headers=headers, **options)
 
 
@@ -216,7 +218,8 @@ def test_oversized_requests_get_413_and_the_server_goes_on(server):
             for _ in range(10):
                 yield b"x" * 1000
 
-        response = httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=chunks())
+        response = httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=chunks(),
+                              headers={"content-type": BINARY_CONTENT_TYPE})  # fmt: skip
         assert_error(response, 413, "exceeds the limit")
         assert logits_of(infer(running.url, [blob])).shape == (1, 7)
 
@@ -235,9 +238,14 @@ def test_oversized_requests_get_413_and_the_server_goes_on(server):
         (b"{}", {INFERENCE_HEADER: "99"}, 400, "exceeds the body"),
         (b"{}", {INFERENCE_HEADER: "two"}, 400, "non-negative integer"),
         (b"{}", {"content-type": "text/plain"}, 415, "is not accepted"),
+        # a web page's simple cross-site POST carries none of the accepted types
+        (b"{}", {"content-type": ""}, 415, "content type missing"),
     ],
 )  # fmt: skip
 def test_malformed_requests_get_a_json_4xx(live, content, headers, status, words):
+    headers = {"content-type": "application/json", **headers}
+    if not headers["content-type"]:
+        del headers["content-type"]
     response = httpx.post(f"{live.url}/v2/models/{NAME}/infer", content=content, headers=headers)
     assert_error(response, status, words)
 
@@ -253,11 +261,13 @@ def test_errors_are_counted_by_kind(server):
     app = make_app(server)
     with LiveServer(app) as running:
         wait_ready(running.url)
-        httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=b"nonsense")
+        httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=b"nonsense",
+                   headers={"content-type": "application/json"})  # fmt: skip
         httpx.get(f"{running.url}/v2/models/missing")
         body, header_length = infer_request_body([encode_payload(payloads(1)[0], GEOMETRY)])
         httpx.post(f"{running.url}/v2/models/{NAME}/infer", content=body,
-                   headers={INFERENCE_HEADER: str(header_length)})  # fmt: skip
+                   headers={INFERENCE_HEADER: str(header_length),
+                            "content-type": BINARY_CONTENT_TYPE})  # fmt: skip
         text = httpx.get(f"{running.url}/metrics").text
     errors = app.state.metrics.errors
     assert sample_value(errors, "_total", kind="bad_request") == 1

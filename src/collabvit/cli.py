@@ -108,7 +108,6 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("edge model"), ModelSpec, EDGE_FLAGS)
     add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS,
                          exclude=("weights", "kwargs", "use_ema"))  # fmt: skip
-    # the int8 calibration reads held-out images: the validation split by default
     add_config_arguments(parser.add_argument_group("data (class names, int8 calibration)"),
                          DataSpec, exclude=("limit", "batch_size", "num_workers",
                                             "skip_unreadable"), split="val")  # fmt: skip
@@ -449,8 +448,8 @@ def run_edge(args: argparse.Namespace) -> int:
         if runtime.onnx:
             edge, batches, count, names = _onnx_edge(args, data, chosen, runtime)
         else:
-            if runtime.threads is not None:
-                raise UsageError("--threads sets ONNX Runtime's threads: it goes with --onnx")
+            if runtime.threads is not None or runtime.int8:
+                raise UsageError("--threads and --int8 are ONNX Runtime's: they go with --onnx")
             edge, batches, count, names = _torch_edge(args, data, run, chosen)
         config = edge.config
         from collabvit import client as edge_client
@@ -536,7 +535,7 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
     from collabvit.onnx_edge import OnnxEdge
 
     edge = OnnxEdge(runtime.onnx, chosen.get("masking_th"), chosen.get("uncer_th"),
-                    runtime.threads)  # fmt: skip
+                    runtime.threads, runtime.int8)  # fmt: skip
     fixed = {name: value for name, value in chosen.items()
              if name not in ("masking_th", "uncer_th") and value != getattr(edge.config, name)}
     if fixed:
@@ -554,15 +553,17 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
                          f"{edge.geometry.img_size[1]}")  # fmt: skip
     server = given_values(ModelSpec, args, SERVER_FLAGS).get("name") or edge.card.get(
         "server_model") or shipped_pair(data.data_set)[1]  # fmt: skip
+    graph = edge.card["int8"] if runtime.int8 else edge.card
     names = {"edge_model": {"onnx": runtime.onnx, "model": edge.card.get("model"),
-                            "graph_sha256": edge.card["graph_sha256"]},
+                            "graph": graph["graph"], "graph_sha256": graph["graph_sha256"]},
              "server_model": server}  # fmt: skip
     return edge, _ArrayBatches(images, labels, data.batch_size), len(labels), names
 
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        data = DataSpec(**given_values(DataSpec, args))
+        # the int8 calibration reads held-out images: the validation split unless told
+        data = DataSpec(**{"split": "val", **given_values(DataSpec, args)})
         edge_spec, server_spec = _model_specs(args, data)
         chosen = given_values(EdgeConfig, args)
         EdgeConfig(**chosen)

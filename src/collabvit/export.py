@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from collabvit import vit
-from collabvit.config import EdgeConfig, canonical_uncertainty_mode
+from collabvit.config import EdgeConfig, canonical_uncertainty_mode, validate_masking
 from collabvit.onnx_edge import (
     CARD_FILE,
     EXPORT_FORMAT,
@@ -123,6 +123,7 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
     normalization = normalization or vit.Normalization.of_model(model)
     decision = EdgeDecision(model, normalization, config).eval()
     geometry = vit.geometry(model)
+    validate_masking(config.masking_mode, config.masking_th, geometry.num_patches)
     example = (torch.zeros(2, geometry.in_chans, *geometry.img_size, dtype=torch.uint8),
                torch.tensor(float(config.masking_th)), torch.tensor(float(config.uncer_th)))
     batch = torch.export.Dim("batch")

@@ -1,5 +1,5 @@
 """Fashion-MNIST's IDX files as numpy arrays (no torch): what both the torch data sets
-(data.py) and the ONNX edge (edge_cli.py) read."""
+(data.py) and the ONNX edge (`collabvit edge --onnx`, cli.py) read."""
 
 from __future__ import annotations
 

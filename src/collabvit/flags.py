@@ -140,7 +140,8 @@ def add_config_arguments(
     Args:
         names: field -> flag, where the flag is not --<field-with-dashes>.
         exclude: fields that get no flag.
-        defaults: field -> default shown in the help, where it differs from the field's.
+        defaults: field -> default shown in the help, where the command applies another
+            default than the field's itself (given_values leaves unset flags out).
     """
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for item in fields(config_type):
@@ -162,8 +163,12 @@ def add_config_arguments(
         if item.type in ("bool", bool):
             options["action"] = "store_false" if _default(item) else "store_true"
         elif "%(default)s" in help_text and meta.get("action") != "append":
+            # shown in the help, but not set: given_values then tells typed flags from
+            # defaults (an exported edge refuses only settings the user asked for)
             value = defaults.get(item.name, _default(item))
-            options["default"] = list(value) if isinstance(value, tuple) else value
+            shown = list(value) if isinstance(value, tuple) else value
+            help_text = help_text.replace("%(default)s", str(shown).replace("%", "%%"))
+            options["help"] = help_text
         options.update(meta)
         spellings = [s for name in (flag, *aliases) for s in _spellings(name)]
         target.add_argument(*dict.fromkeys(spellings), **options)

@@ -1,10 +1,11 @@
-"""Accuracy of logits against labels, in torch; the run's figures live in summary.py
-(numpy only) and are re-exported here."""
+"""Accuracy of logits against labels; the run's figures live in summary.py (numpy only)
+and are re-exported here."""
 
 from __future__ import annotations
 
 import torch
 
+from collabvit.arrays import as_array
 from collabvit.summary import (  # noqa: F401 - re-exported
     RunningSummary,
     Summary,
@@ -15,13 +16,13 @@ from collabvit.summary import (  # noqa: F401 - re-exported
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
-    """How many rows have their target among the k largest logits.
+    """How many rows have their target among the k largest logits (ties: the lower class
+    first, the one rule of summary.ranked_classes).
 
     logits [B, C], targets [B]; k is capped at C.
     """
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return int((top == targets.unsqueeze(1)).any(dim=1).sum())
+    top = ranked_classes(logits, k)
+    return int((top == as_array(targets)[:, None]).any(axis=1).sum())
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ GRAPH_INPUTS = ("images", "masking_th", "uncer_th")
 GRAPH_OUTPUTS = ("logits", "scores", "uncertainty", "confident", "keep", "kept", "kept_min",
                  "kept_sum")  # fmt: skip
 GRAPH_POLICIES = ("topk", "attention_threshold", "attention_sum_threshold")
+CARD_KEYS = ("graph_sha256", "geometry", "class_names", "policy", "operating_point")
 
 
 class ExportError(ValueError):
@@ -78,6 +79,9 @@ def read_card(folder: str | Path, int8: bool = False) -> dict:
         raise ExportError(f"{card_path} is not readable JSON: {error}") from error
     if not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{card_path} is not an export card of format {EXPORT_FORMAT}")
+    missing = [key for key in CARD_KEYS if key not in card]
+    if missing:
+        raise ExportError(f"{card_path} lacks {', '.join(missing)}: export the edge again")
     entry = card.get("int8") if int8 else card
     if not isinstance(entry, dict):
         raise ExportError(f"{folder} holds no int8 graph: export with --int8")

@@ -138,6 +138,10 @@ class ProtocolError(ValueError):
     """Bytes that are not a valid transmission for this server (a one-line reason)."""
 
 
+class TooManyImages(ProtocolError):
+    """A request declaring more images than the server takes in one request."""
+
+
 @dataclass(frozen=True)
 class WireGeometry:
     """What the bytes of one image declare and the server checks against its model."""
@@ -242,10 +246,7 @@ def decode_payload(blob: bytes, expected: WireGeometry) -> PatchPayload:
     out of range or repeated, a declared length that differs from the data, or
     image data that does not decode to the declared image.
     """
-    if len(blob) < _HEADER.size:
-        raise ProtocolError(f"payload of {len(blob)} bytes is shorter than its "
-                            f"{_HEADER.size}-byte header")  # fmt: skip
-    version, codec_id, dtype_id, channels, ph, pw, gh, gw, count = _HEADER.unpack_from(blob)
+    version, codec_id, dtype_id, channels, ph, pw, gh, gw, count = _read_header(blob)
     if version != WIRE_VERSION:
         raise ProtocolError(f"unsupported payload version {version} (this server reads "
                             f"{WIRE_VERSION})")  # fmt: skip
@@ -286,6 +287,22 @@ def decode_payload(blob: bytes, expected: WireGeometry) -> PatchPayload:
         image = _decode_image(data, codec, expected)
         patches = patchify(image[None], expected.patch_size)[0, positions]
     return PatchPayload(positions=positions, patches=patches)
+
+
+def _read_header(blob: bytes) -> tuple[int, ...]:
+    if len(blob) < _HEADER.size:
+        raise ProtocolError(f"payload of {len(blob)} bytes is shorter than its "
+                            f"{_HEADER.size}-byte header")  # fmt: skip
+    return _HEADER.unpack_from(blob)
+
+
+def decoded_size(blob: bytes) -> int:
+    """Bytes the decoded pixels of `blob` will hold, read from its header alone (before any
+    pixel is decompressed): kept patches x channels x patch area x pixel size. A server
+    bounds its memory with it; decode_payload checks the header against the model."""
+    _, _, dtype_id, channels, ph, pw, _, _, count = _read_header(blob)
+    itemsize = _DTYPES[dtype_id].itemsize if dtype_id < len(_DTYPES) else 1
+    return count * channels * ph * pw * itemsize
 
 
 def _describe(geometry: WireGeometry) -> str:
@@ -369,7 +386,7 @@ def _decode_image(data: bytes, codec: str, geometry: WireGeometry) -> np.ndarray
 INFERENCE_HEADER = "Inference-Header-Content-Length"
 PAYLOAD_INPUT = "payload"
 LOGITS_OUTPUT = "logits"
-_BINARY_CONTENT = "application/octet-stream"
+BINARY_CONTENT_TYPE = "application/octet-stream"
 
 
 class _Tensor(BaseModel):
@@ -425,8 +442,11 @@ def infer_request_body(blobs: list[bytes], binary_output: bool = True,
     return text + elements, len(text)
 
 
-def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
-    """The images of an infer request (JSON, or JSON + binary data). Raises ProtocolError."""
+def parse_infer_request(body: bytes, header_length: int | None,
+                        max_images: int | None = None) -> InferRequest:  # fmt: skip
+    """The images of an infer request (JSON, or JSON + binary data). Raises ProtocolError,
+    TooManyImages as soon as the JSON header declares more than `max_images` images (before
+    any element is split or decoded)."""
     header, binary = _split_body(body, header_length)
     if not header.inputs:
         raise ProtocolError(f"the request has no inputs; send the BYTES input {PAYLOAD_INPUT!r}")
@@ -446,7 +466,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
                                 f"input {PAYLOAD_INPUT!r}")  # fmt: skip
         if blobs is not None:
             raise ProtocolError(f"input {PAYLOAD_INPUT!r} given twice")
-        blobs = _payload_elements(tensor, chunk)
+        blobs = _payload_elements(tensor, chunk, max_images)
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
     return InferRequest(blobs=blobs, request_id=header.id,
@@ -533,20 +553,27 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[_InferenceBody,
     return header, body[header_length:]
 
 
-def _payload_elements(tensor: _Tensor, chunk: bytes | None) -> list[bytes]:
+def _payload_elements(tensor: _Tensor, chunk: bytes | None,
+                      max_images: int | None) -> list[bytes]:  # fmt: skip
     if tensor.datatype != "BYTES":
         raise ProtocolError(f"input {PAYLOAD_INPUT!r} must have datatype BYTES, not "
                             f"{tensor.datatype!r}")  # fmt: skip
     if tensor.shape is None or len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise ProtocolError(f"input {PAYLOAD_INPUT!r} must have shape [B] with B >= 1, not "
                             f"{tensor.shape}")  # fmt: skip
+    declared = tensor.shape[0]
+    if max_images is not None and declared > max_images:
+        raise TooManyImages(f"{declared} images in one request; at most {max_images}")
     if chunk is not None:
         if tensor.data is not None:
             raise ProtocolError(f"input {PAYLOAD_INPUT!r} has both JSON data and binary data")
-        blobs = _split_elements(chunk)
+        blobs = _split_elements(chunk, declared)
     else:
         if tensor.data is None:
             raise ProtocolError(f"input {PAYLOAD_INPUT!r} carries no data")
+        if len(tensor.data) != declared:
+            raise ProtocolError(f"input {PAYLOAD_INPUT!r} declares shape {tensor.shape} but "
+                                f"carries {len(tensor.data)} elements")  # fmt: skip
         blobs = []
         for element in tensor.data:
             if not isinstance(element, str):
@@ -562,10 +589,14 @@ def _payload_elements(tensor: _Tensor, chunk: bytes | None) -> list[bytes]:
     return blobs
 
 
-def _split_elements(chunk: bytes) -> list[bytes]:
-    """BYTES tensor data: 4-byte little-endian length, then the bytes, repeated."""
+def _split_elements(chunk: bytes, declared: int) -> list[bytes]:
+    """BYTES tensor data: 4-byte little-endian length, then the bytes, repeated; an element
+    beyond the `declared` count is refused at once (not after splitting them all)."""
     elements, offset = [], 0
     while offset < len(chunk):
+        if len(elements) == declared:
+            raise ProtocolError(f"input {PAYLOAD_INPUT!r} declares shape [{declared}] but "
+                                "carries more elements")  # fmt: skip
         if offset + _LENGTH.size > len(chunk):
             raise ProtocolError("BYTES data ends inside an element's length")
         (size,) = _LENGTH.unpack_from(chunk, offset)

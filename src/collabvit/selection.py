@@ -15,24 +15,36 @@ from collabvit.config import MASKING_MODES, validate_masking  # noqa: F401 - re-
 def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Each patch's place in its image's stable descending order of scores.
 
-    Rank 0 is the largest score; ties keep patch order (the lower index ranks first), as a
-    stable sort would. Counted by pairwise comparison rather than sorted, because ONNX has
-    no stable sort and the exported edge graph runs this same function: the count is exact
-    on every runtime. O(N^2) per image, a few million comparisons for a batch at N = 196.
+    Rank 0 is the largest score; ties keep patch order (the lower index ranks first), and NaN
+    ranks as the largest, as torch's stable sort orders them. In eager mode the ranks come
+    from that sort. While the edge is exported to ONNX, which has no stable sort, they are
+    counted by pairwise comparison instead (O(N^2) per image, exact on every runtime); the
+    tests check both give the same ranks.
 
     Args:
-        scores: [B, N], finite.
+        scores: [B, N].
 
     Returns:
         ranks [B, N] int64, a permutation of 0..N-1 in each row.
     """
-    count = scores.shape[1]
-    index = torch.arange(count, device=scores.device)
-    # ahead[b, i, j]: patch j comes before patch i
-    ahead = (scores[:, None, :] > scores[:, :, None]) | (
-        (scores[:, None, :] == scores[:, :, None]) & (index[None, :] < index[:, None])
-    )
-    return ahead.sum(dim=2)
+    if not torch.compiler.is_exporting():
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        places = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+        return torch.empty_like(order).scatter_(1, order, places)
+    return pairwise_descending_ranks(scores)
+
+
+def pairwise_descending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """descending_ranks by counting, for each patch, the patches that come before it (a
+    larger score, or an equal one at a lower index). scores [B, N] -> ranks [B, N] int64."""
+    nan = scores.isnan()
+    value = torch.where(nan, 0.0, scores)
+    other, this = value[:, None, :], value[:, :, None]  # [b, i, j]: patch j against patch i
+    both_nan, no_nan = nan[:, None, :] & nan[:, :, None], ~nan[:, None, :] & ~nan[:, :, None]
+    above = (nan[:, None, :] & ~nan[:, :, None]) | (no_nan & (other > this))  # NaN is largest
+    equal = both_nan | (no_nan & (other == this))
+    index = torch.arange(scores.shape[1], device=scores.device)
+    return (above | (equal & (index[None, :] < index[:, None]))).sum(dim=2)
 
 
 def select_topk(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -30,10 +31,13 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from collabvit import __version__
 from collabvit.protocol import (
@@ -42,10 +46,13 @@ from collabvit.protocol import (
     LOGITS_OUTPUT,
     PAYLOAD_INPUT,
     WIRE_VERSION,
+    InferRequest,
     PatchPayload,
     ProtocolError,
+    TooManyImages,
     WireGeometry,
     decode_payload,
+    decoded_size,
     infer_response_body,
     parse_header_length,
     parse_infer_request,
@@ -56,7 +63,9 @@ log = logging.getLogger("collabvit.serve")
 
 ACCEPTED_CONTENT_TYPES = ("application/json", "application/octet-stream")
 ERROR_KINDS = ("bad_request", "unauthorized", "too_large", "not_ready", "not_found",
-               "unsupported_media_type", "internal")  # fmt: skip
+               "unsupported_media_type", "overloaded", "body_timeout", "disconnected",
+               "internal")  # fmt: skip
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -64,9 +73,10 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class ServiceError(Exception):
     """A request the service refuses: an HTTP status, a metrics kind and a one-line reason."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
 @dataclass
@@ -94,6 +104,14 @@ class Metrics:
         self.latency = Histogram("collabvit_infer_latency_seconds",
                                  "Infer request latency, body read to answer",
                                  buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.dropped = Counter("collabvit_dropped_images",
+                               "Images of requests whose client had gone, dropped before "
+                               "the model computed them", registry=r)  # fmt: skip
+        self.admitted_images = Gauge("collabvit_admitted_images",
+                                     "Images admitted and not yet answered (queued or "
+                                     "computing)", registry=r)  # fmt: skip
+        self.admitted_bytes = Gauge("collabvit_admitted_bytes",
+                                    "Decoded pixel bytes of the admitted images", registry=r)
 
 
 @dataclass
@@ -125,6 +143,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collabvit-batch")
         self.task: asyncio.Task | None = None
         self.running: asyncio.Task | None = None
+        self.images_per_second: float | None = None  # the model's recent rate (Retry-After)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -140,12 +159,30 @@ class Batcher:
             await asyncio.gather(self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, payloads: list[PatchPayload]) -> tuple[np.ndarray, float]:
-        """Logits [len(payloads), classes] float32 and the seconds spent queued."""
+    def enqueue(self, payloads: list[PatchPayload]) -> asyncio.Future:
+        """Queue payloads; the future gives (logits [len(payloads), classes] float32, seconds
+        spent queued). Cancelling it before its batch starts drops the payloads uncomputed."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append(_Pending(payloads, future, time.perf_counter()))
         self.arrived.set()
-        return await future
+        return future
+
+    async def submit(self, payloads: list[PatchPayload]) -> tuple[np.ndarray, float]:
+        """Logits [len(payloads), classes] float32 and the seconds spent queued."""
+        return await self.enqueue(payloads)
+
+    def _drop_cancelled(self) -> None:
+        """Forget queued requests whose future was cancelled (their client went away)."""
+        while self.pending and self.pending[0].future.done():
+            self.metrics.dropped.inc(len(self.pending.popleft().payloads))
+        if any(item.future.done() for item in self.pending):
+            kept = deque()
+            for item in self.pending:
+                if item.future.done():
+                    self.metrics.dropped.inc(len(item.payloads))
+                else:
+                    kept.append(item)
+            self.pending = kept
 
     def _busy(self) -> bool:
         return self.running is not None and not self.running.done()
@@ -163,11 +200,14 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._drop_cancelled()
             while not self.pending:
                 await self._wait(None)
+                self._drop_cancelled()
             batch, images = [], 0
             deadline = time.perf_counter() + self.max_delay
             while True:
+                self._drop_cancelled()
                 while self.pending and (not batch or images + len(self.pending[0].payloads)
                                         <= self.max_batch):  # fmt: skip
                     item = self.pending.popleft()
@@ -181,7 +221,14 @@ class Batcher:
                 await self._wait(None if self._busy() else remaining)
             if self._busy():  # full before the model was free
                 await asyncio.wait({self.running})
-            self.running = loop.create_task(self._run_batch(loop, batch, images))
+            live = [item for item in batch if not item.future.done()]
+            for item in batch:
+                if item.future.done():
+                    self.metrics.dropped.inc(len(item.payloads))
+            if not live:
+                continue
+            images = sum(len(item.payloads) for item in live)
+            self.running = loop.create_task(self._run_batch(loop, live, images))
 
     async def _run_batch(self, loop, batch: list[_Pending], images: int) -> None:
         started = time.perf_counter()
@@ -191,6 +238,9 @@ class Batcher:
             self.metrics.queue_time.observe(started - item.queued_at)
         try:
             logits = await loop.run_in_executor(self.executor, self._classify, payloads)
+            rate = images / max(time.perf_counter() - started, 1e-6)
+            self.images_per_second = rate if self.images_per_second is None else \
+                0.8 * self.images_per_second + 0.2 * rate  # fmt: skip
         except Exception as error:  # noqa: BLE001 - every waiting request must hear of it
             for item in batch:
                 if not item.future.done():
@@ -208,6 +258,47 @@ class Batcher:
         return self.classify(payloads).cpu().numpy().astype(np.float32, copy=False)
 
 
+class Admission:
+    """Bounds the work admitted and not yet answered, in images and in decoded pixel bytes.
+
+    A request that would cross a bound is refused (503 with Retry-After) before its pixels
+    are decoded, so neither the queue nor the server's memory grows without bound under
+    overload. Used from the event loop only (no lock needed).
+    """
+
+    def __init__(self, max_images: int, max_bytes: int, metrics: Metrics) -> None:
+        self.max_images, self.max_bytes, self.metrics = max_images, max_bytes, metrics
+        self.images = self.bytes = 0
+
+    def reserve(self, images: int, nbytes: int, retry_after: int) -> None:
+        """Count a request in, or raise ServiceError 503 (413 if it could never fit)."""
+        if images > self.max_images or nbytes > self.max_bytes:
+            raise ServiceError(413, "too_large", f"the request's {images} images decode to "
+                               f"{nbytes:,} bytes; this server admits at most {self.max_images}"
+                               f" images and {self.max_bytes:,} bytes at a time")  # fmt: skip
+        if self.images + images > self.max_images or self.bytes + nbytes > self.max_bytes:
+            raise ServiceError(503, "overloaded", f"the server is busy ({self.images} images "
+                               f"queued); retry after {retry_after} s",
+                               {"Retry-After": str(retry_after)})  # fmt: skip
+        self._move(images, nbytes)
+
+    def release(self, images: int, nbytes: int) -> None:
+        self._move(-images, -nbytes)
+
+    def _move(self, images: int, nbytes: int) -> None:
+        self.images += images
+        self.bytes += nbytes
+        self.metrics.admitted_images.set(self.images)
+        self.metrics.admitted_bytes.set(self.bytes)
+
+
+def retry_after_seconds(queued_images: int, images_per_second: float | None) -> int:
+    """Seconds until the admitted work has probably drained: 1 to 30."""
+    if not images_per_second:
+        return 1
+    return max(1, min(30, math.ceil(queued_images / images_per_second)))
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """How the service answers (the model comes separately, from a loader)."""
@@ -217,6 +308,11 @@ class ServiceSettings:
     max_delay_ms: float = 5.0
     max_request_bytes: int = 16 * 2**20
     max_request_images: int = 1024
+    max_queue_images: int = 4096
+    max_queue_bytes: int = 512 * 2**20
+    body_timeout: float = 30.0
+    decode_threads: int = 2
+    allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: any
     token: str | None = field(default=None, repr=False)  # never in a log
 
 
@@ -263,6 +359,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
     """
     metrics = Metrics()
     state = ModelState()
+    admission = Admission(settings.max_queue_images, settings.max_queue_bytes, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -273,14 +370,22 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
                           settings.max_delay_ms / 1000.0, metrics)  # fmt: skip
         batcher.start()
         app.state.batcher = batcher
+        # parsing and decoding run here, never on the event loop: health, metrics and the
+        # batcher keep answering while a large or hostile request is taken apart
+        app.state.decoder = ThreadPoolExecutor(max_workers=settings.decode_threads,
+                                               thread_name_prefix="collabvit-decode")
         yield
         # uvicorn has drained the in-flight requests before it gets here
         await batcher.stop()
+        app.state.decoder.shutdown(wait=True)
 
     app = FastAPI(title="collabvit", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.metrics = metrics
     app.state.model = state
+    app.state.admission = admission
+    if settings.allowed_hosts is not None:  # DNS rebinding: answer only the names we serve
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
 
     def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
         metrics.errors.labels(kind).inc()
@@ -288,8 +393,13 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else error.headers
         return error_response(error.status, error.kind, error.message, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # nobody reads this answer; the disconnect is counted, not logged as an error
+        return error_response(499, "disconnected", "the client closed the connection")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -340,7 +450,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         return {"name": "collabvit", "version": __version__,
                 "extensions": ["binary_tensor_data"]}  # fmt: skip
 
-    @app.get("/v2/models/{name}/ready", dependencies=protected)
+    @app.get("/v2/models/{name}/ready")  # a health check (KServe v2): no token
     async def model_ready(name: str) -> JSONResponse:
         if name != settings.model_name:
             raise ServiceError(404, "not_found", f"unknown model {name!r}")
@@ -375,23 +485,44 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         check_model(name)
         metrics.requests.inc()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type and content_type not in ACCEPTED_CONTENT_TYPES:
+        # A web page can POST cross-site without a CORS preflight only with no content type
+        # or a form/text one, and never with a custom header: such requests are refused.
+        # tritonclient sends no content type, but the binary extension's header.
+        binary_extension = not content_type and INFERENCE_HEADER.lower() in request.headers
+        if content_type not in ACCEPTED_CONTENT_TYPES and not binary_extension:
+            shown = repr(content_type) if content_type else "missing"
             raise ServiceError(415, "unsupported_media_type",
-                               f"content type {content_type!r} is not accepted; send "
+                               f"content type {shown} is not accepted; send "
                                f"{' or '.join(ACCEPTED_CONTENT_TYPES)}")  # fmt: skip
-        body = await read_limited_body(request, settings.max_request_bytes)
-        metrics.bytes_in.inc(len(body))
         try:
-            parsed = parse_infer_request(body, parse_header_length(
-                request.headers.get(INFERENCE_HEADER)))  # fmt: skip
-            geometry = state.geometry
-            if len(parsed.blobs) > settings.max_request_images:
-                raise ServiceError(413, "too_large", f"{len(parsed.blobs)} images in one request; "
-                                   f"at most {settings.max_request_images}")  # fmt: skip
-            payloads = [decode_payload(blob, geometry) for blob in parsed.blobs]
+            body = await asyncio.wait_for(read_limited_body(request, settings.max_request_bytes),
+                                          settings.body_timeout)  # fmt: skip
+        except TimeoutError:
+            raise ServiceError(408, "body_timeout", "the request body did not arrive within "
+                               f"{settings.body_timeout:g} s", {"Connection": "close"}) from None
+        metrics.bytes_in.inc(len(body))
+        loop = asyncio.get_running_loop()
+        try:
+            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER))
+            parsed, sizes = await loop.run_in_executor(
+                app.state.decoder, split_request, body, header_length,
+                settings.max_request_images)  # fmt: skip
+        except TooManyImages as error:
+            raise ServiceError(413, "too_large", str(error)) from None
         except (ProtocolError, ValueError) as error:
             raise ServiceError(400, "bad_request", str(error)) from None
-        logits, queued = await app.state.batcher.submit(payloads)
+        batcher, count, nbytes = app.state.batcher, len(parsed.blobs), sum(sizes)
+        admission.reserve(count, nbytes, retry_after_seconds(admission.images,
+                                                             batcher.images_per_second))
+        try:
+            try:
+                payloads = await loop.run_in_executor(app.state.decoder, decode_all,
+                                                      parsed.blobs, state.geometry)  # fmt: skip
+            except (ProtocolError, ValueError) as error:
+                raise ServiceError(400, "bad_request", str(error)) from None
+            logits, queued = await answer_unless_gone(request, batcher.enqueue(payloads))
+        finally:
+            admission.release(count, nbytes)
         metrics.images.inc(len(payloads))
         elapsed = time.perf_counter() - started
         metrics.latency.observe(elapsed)
@@ -409,6 +540,37 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def split_request(body: bytes, header_length: int | None,
+                  max_images: int) -> tuple[InferRequest, list[int]]:  # fmt: skip
+    """The request's elements and the decoded size of each (from their headers alone)."""
+    parsed = parse_infer_request(body, header_length, max_images)
+    return parsed, [decoded_size(blob) for blob in parsed.blobs]
+
+
+def decode_all(blobs: list[bytes], geometry: WireGeometry) -> list[PatchPayload]:
+    return [decode_payload(blob, geometry) for blob in blobs]
+
+
+async def answer_unless_gone(request: Request, answer: asyncio.Future):
+    """The batcher's answer, or ClientDisconnect as soon as the client closes the connection
+    (the queued work is then cancelled: the batcher drops it uncomputed)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not answer.done():
+        answer.cancel()
+        raise ClientDisconnect()
+    return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
