@@ -29,7 +29,6 @@ import numpy as np
 
 from collabvit.config import ClientConfig, LinkConfig
 from collabvit.protocol import (
-    BINARY_CONTENT_TYPE,
     INFERENCE_HEADER,
     Codec,
     PatchPayload,
@@ -237,7 +236,7 @@ class ServerLink:
         body, header_length = infer_request_body([blob])
         return self.client.build_request(
             "POST", self.infer_url, content=body,
-            headers={INFERENCE_HEADER: str(header_length), "content-type": BINARY_CONTENT_TYPE},
+            headers={INFERENCE_HEADER: str(header_length)},
         )  # fmt: skip
 
     def emulated_delay(self, request_bytes: int, response_bytes: int) -> float:
