@@ -396,15 +396,33 @@ def run_serve(args: argparse.Namespace) -> int:
     def load_server() -> Server:
         return Server(model, device, max_batch=config.max_batch)
 
-    settings = ServiceSettings(model_name=spec.name, max_batch=config.max_batch,
-                               max_delay_ms=config.max_delay_ms,
-                               max_request_bytes=config.max_request_bytes, token=config.token)
+    from collabvit.service import default_allowed_hosts, is_loopback
+
+    hosts = config.allowed_hosts or default_allowed_hosts(config.host)
+    settings = ServiceSettings(
+        model_name=spec.name, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+        max_request_bytes=config.max_request_bytes,
+        max_request_images=config.max_request_images,
+        max_queue_images=config.max_queue_images,
+        max_queue_bytes=int(config.max_queue_mb * 2**20), body_timeout=config.timeout_body,
+        allowed_hosts=None if "*" in hosts else hosts, token=config.token,
+    )  # fmt: skip
     scheme = "https" if config.ssl_certfile else "http"
+    if config.token and scheme == "http":
+        _warn("serve", "the token travels in clear text over HTTP: serve HTTPS "
+              "(--ssl-certfile, --ssl-keyfile) or put a TLS proxy in front")  # fmt: skip
+    if not config.token and not is_loopback(config.host):
+        _warn("serve", f"listening on {config.host} without a token: anyone who reaches this "
+              "port can use the model (--token or $COLLABVIT_TOKEN)")  # fmt: skip
     print(f"collabvit serve: {spec.name} at {scheme}://{config.host}:{config.port}"
           f"/v2/models/{spec.name} (auth {'on' if config.token else 'off'}, max batch "
-          f"{config.max_batch}, max delay {config.max_delay_ms} ms)", file=sys.stderr, flush=True)
+          f"{config.max_batch}, max delay {config.max_delay_ms} ms, hosts "
+          f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)})", file=sys.stderr,
+          flush=True)  # fmt: skip
     serve(settings, load_server, config.host, config.port, config.ssl_certfile,
-          config.ssl_keyfile, config.access_log)  # fmt: skip
+          config.ssl_keyfile, config.access_log, limit_concurrency=config.limit_concurrency,
+          timeout_keep_alive=config.timeout_keep_alive,
+          timeout_request_head=config.timeout_request_head)  # fmt: skip
     return 0
 
 

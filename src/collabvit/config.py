@@ -487,6 +487,31 @@ class ServeConfig:
     max_request_bytes: int = field(default=16 * 2**20, metadata=flag(
         "larger request bodies are refused with 413 (default: %(default)s)",
         type="positive_int", metavar="N"))
+    max_request_images: int = field(default=1024, metadata=flag(
+        "requests declaring more images are refused with 413 before any is read "
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    max_queue_images: int = field(default=4096, metadata=flag(
+        "images admitted and not yet answered at most; past it requests get 503 with "
+        "Retry-After (default: %(default)s)", type="positive_int", metavar="N"))
+    max_queue_mb: float = field(default=512.0, metadata=flag(
+        "decoded pixel megabytes admitted at most, the same way (default: %(default)s)",
+        type="positive", metavar="MB"))
+    limit_concurrency: int = field(default=256, metadata=flag(
+        "connections and requests in progress at most; uvicorn answers 503 beyond "
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    timeout_keep_alive: float = field(default=5.0, metadata=flag(
+        "seconds an idle keep-alive connection stays open (default: %(default)s)",
+        type="positive", metavar="S"))
+    timeout_request_head: float = field(default=10.0, metadata=flag(
+        "seconds a request line and its headers may take to arrive; slower connections are "
+        "closed (default: %(default)s)", type="positive", metavar="S"))
+    timeout_body: float = field(default=30.0, metadata=flag(
+        "seconds a request body may take to arrive; slower ones get 408 and the connection "
+        "is closed (default: %(default)s)", type="positive", metavar="S"))
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata=flag(
+        "Host headers answered, others get 400 (DNS rebinding); '*' for any (default: the "
+        "bound address and the loopback names, and the machine's names and addresses when "
+        "bound to every interface)", nargs="+", metavar="HOST"))
     token: str | None = field(default=None, repr=False, metadata=flag(
         f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set; the "
         "environment keeps it out of the process list)", metavar="TOKEN"))

@@ -292,6 +292,26 @@ class Admission:
         self.metrics.admitted_bytes.set(self.bytes)
 
 
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """The Host headers a server bound to `host` answers by default: that address and the
+    loopback names, and, bound to every interface, the machine's names and addresses."""
+    import socket
+
+    names = {host, *LOOPBACK_HOSTS}
+    if host in ("0.0.0.0", "::", ""):
+        hostname = socket.gethostname()
+        names |= {hostname, socket.getfqdn()}
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(hostname, None)}
+        except OSError:
+            pass
+    return tuple(sorted(name for name in names if name))
+
+
 def retry_after_seconds(queued_images: int, images_per_second: float | None) -> int:
     """Seconds until the admitted work has probably drained: 1 to 30."""
     if not images_per_second:
@@ -595,7 +615,9 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
 
 def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: str = "127.0.0.1",
           port: int = 8000, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-          access_log: bool = False, graceful_timeout: float = 30.0) -> None:  # fmt: skip
+          access_log: bool = False, graceful_timeout: float = 30.0, limit_concurrency: int = 256,
+          timeout_keep_alive: float = 5.0,
+          timeout_request_head: float = 10.0) -> None:  # fmt: skip
     """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
     import uvicorn
 
@@ -603,5 +625,55 @@ def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: st
         create_app(settings, load_server), host=host, port=port, ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile, access_log=access_log, log_level="info",
         timeout_graceful_shutdown=graceful_timeout, server_header=False,
+        limit_concurrency=limit_concurrency, timeout_keep_alive=timeout_keep_alive,
+        http=head_timeout_protocol(timeout_request_head),
     )  # fmt: skip
     uvicorn.Server(config).run()
+
+
+def head_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not
+    all arrived `seconds` after it opened or after its last response.
+
+    uvicorn times out idle keep-alive connections, but not a request head that trickles in
+    (slowloris): each byte resets nothing, and the connection stays open for good.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.head_timer is not None and self.conn.their_state is not h11.IDLE:
+                self.head_timer.cancel()  # the request head is complete
+                self.head_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request's head gets the same time
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self.head_timer = None
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request head took over %g s", seconds)
+                self.transport.close()
+
+    return HeadTimeoutProtocol
