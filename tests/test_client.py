@@ -189,20 +189,35 @@ def test_request_bytes_count_headers_and_body():
 # ------------------------------------------------------------------ faults
 
 
-def test_an_unreachable_server_leaves_every_image_its_edge_answer(run_cli, tmp_path):
+def test_no_server_at_the_url_stops_the_run_before_any_image(run_cli, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_cli(*edge_args(url, tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "nothing answers at" in result.stderr and "connection refused" in result.stderr
+    assert "--allow-edge-only" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_edge_only_run_keeps_every_edge_answer_and_counts_nothing_as_delivered(
+        run_cli, tmp_path):  # fmt: skip
     url = f"http://127.0.0.1:{free_port()}"
     result = run_cli(*edge_args(url, tmp_path, "--retries", "1", "--backoff", "0",
-                                "--cooldown", "30"))  # fmt: skip
+                                "--cooldown", "30", "--allow-edge-only"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     client_acc = lines[4].split(": ")[1]
     assert lines[5] == f"Collaborative accuracy: {client_acc}"
+    assert lines[3] == "* Communication cost:: 0.0"  # nothing was delivered
     written = json.loads((tmp_path / "run.json").read_text())
-    fallbacks = written["fallbacks"]
-    sent = written["summary"]["sent_images"]
-    assert sent > 0 and fallbacks["unreachable"] >= 1
-    assert fallbacks["unreachable"] + fallbacks["server_down"] == sent
-    assert "Fallbacks to the edge's answer: unreachable" in result.stdout
+    fallbacks, summary = written["fallbacks"], written["summary"]
+    missed = summary["undelivered_images"]
+    assert missed > 0 and summary["sent_images"] == 0 and summary["comm_cost"] == 0
+    assert missed + summary["confident_images"] == int(LIMIT)
+    assert written["attempted"]["sent_images"] == missed > 0
+    assert written["attempted"]["comm_cost"] > 0
+    assert fallbacks["refused"] >= 1 and fallbacks["refused"] + fallbacks["server_down"] == missed
+    assert "Fallbacks to the edge's answer: refused" in result.stdout
+    assert f"Not delivered: {missed} of {missed} sent images" in result.stdout
+    assert "did not reach the server" in result.stderr
     assert len(read_records(tmp_path / "run.jsonl")) == int(LIMIT)
 
 
@@ -368,7 +383,7 @@ def test_retried_attempts_count_their_bytes(shipped_server):
 
         answer, one_request = asyncio.run(once())
         never.set()
-    assert answer.cause == "server_error" and answer.attempts == 3
+    assert answer.cause == "unavailable" and answer.attempts == 3
     assert answer.request_bytes == 3 * one_request and answer.response_bytes > 3 * 100
 
 

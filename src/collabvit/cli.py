@@ -495,6 +495,11 @@ def run_edge(args: argparse.Namespace) -> int:
         skipped = count - report.summary.images
         if skipped:
             _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
+        missed = report.summary.undelivered_images
+        if missed:
+            _warn("edge", f"{missed} of {report.attempted.sent_images} sent images did not "
+                  f"reach the server ({edge_client.fallback_text(report)}); they keep the "
+                  "edge's answer")  # fmt: skip
         if client.results_file:
             provenance = _provenance("edge", data=data, edge=config, client=client, link=link,
                                      run=run, runtime=runtime)  # fmt: skip
@@ -503,6 +508,10 @@ def run_edge(args: argparse.Namespace) -> int:
             extra.pop("summary")
             write_results(client.results_file, report.summary, provenance,
                           skipped_images=skipped, **extra)  # fmt: skip
+        if report.none_delivered and not client.allow_edge_only:
+            print("collabvit edge: error: no image reached the server; the figures above are "
+                  "the edge's alone (--allow-edge-only accepts such a run)", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         print("collabvit edge: interrupted; --resume continues from the records file",
               file=sys.stderr)  # fmt: skip

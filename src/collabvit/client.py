@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import ssl
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -57,16 +60,28 @@ class EdgeRunner(Protocol):
     def process(self, images: Any, image_ids: Any, seed: int = 0) -> Any: ...
 
 
-# Why an image kept the edge's answer although it was not confident.
-FALLBACK_CAUSES = ("unreachable", "timeout", "server_error", "refused", "bad_response",
-                   "server_down")  # fmt: skip
+# Why an image kept the edge's answer although it was not confident: no answer within the
+# time-out; connection refused (nothing listens); another network failure; another 5xx;
+# 503/429 (the server is full or not ready); another 4xx; an answer that does not decode; the cool-down after
+# the server proved unreachable or asked to wait (Retry-After). A TLS verification failure,
+# a refused token and an unknown model are not fallbacks: they stop the run.
+FALLBACK_CAUSES = ("timeout", "refused", "unreachable", "server_error", "unavailable", "rejected",
+                   "bad_response", "server_down")  # fmt: skip
 LOSS_STREAM = 0x1055  # separates the loss draws from the `random` policy's draws
-RECORDS_FORMAT = "collabvit-edge-records/1"
+RECORDS_FORMAT = "collabvit-edge-records/2"
+RECORDS_SYNC_LINES = 64  # the records are fsynced every this many lines, and at the end
 
 
 class ClientError(ValueError):
     """The run cannot start or continue (a one-line reason): e.g. a server whose model does
     not fit the edge's, or a records file of another run."""
+
+
+class ServerUnavailable(ClientError):
+    """No server answers at the URL now (refused, unreachable, silent): unlike a wrong
+    server, token or certificate, --allow-edge-only runs on without it."""
+
+    HINT = "--wait S waits for it, --allow-edge-only runs without it"
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,42 @@ def link_delay(link: LinkConfig, request_bytes: int, response_bytes: int) -> flo
 # ------------------------------------------------------------------ talking to the server
 
 
+def _causes(error: BaseException):
+    """The error and the chain of errors behind it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def tls_failure(error: BaseException) -> str | None:
+    """A one-line reason when a connection failed in TLS (verification, wrong protocol)."""
+    for cause in _causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed ({cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS failed ({cause.reason or cause})"
+    return None
+
+
+def connection_refused(error: BaseException) -> bool:
+    return any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error))
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a 503/429 answer asks to wait (Retry-After in seconds), else None."""
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def backoff_seconds(backoff: float, attempt: int, asked: float | None, rng: random.Random) -> float:
+    """Pause before retry `attempt` (1, 2, ...): the doubling back-off with ±50 % jitter (so
+    clients that failed together do not retry together), at least what the server asked."""
+    pause = backoff * 2 ** (attempt - 1) * rng.uniform(0.5, 1.5)
+    return max(pause, asked or 0.0)
+
+
 @dataclass(frozen=True)
 class ServerAnswer:
     """What one offloaded image got back: logits [classes] or a fallback cause."""
@@ -188,14 +239,19 @@ class ServerAnswer:
 class ServerLink:
     """The connection to one served model: retries, back-off and a short circuit breaker.
 
-    Owns an httpx.AsyncClient; use as an async context manager.
+    Owns an httpx.AsyncClient; use as an async context manager. Failures that may pass
+    become fallbacks with a cause (FALLBACK_CAUSES); those that will not (TLS verification,
+    a refused token, an unknown model) raise ClientError and stop the run.
     """
 
-    def __init__(self, config: ClientConfig, model_name: str, link: LinkConfig) -> None:
+    def __init__(self, config: ClientConfig, model_name: str, link: LinkConfig,
+                 num_classes: int | None = None, seed: int = 0) -> None:  # fmt: skip
         self.config = config
         self.link = link
         self.model_name = model_name
+        self.num_classes = num_classes
         base = config.server.rstrip("/")
+        self.base = base
         self.infer_url = f"{base}/v2/models/{model_name}/infer"
         self.metadata_url = f"{base}/v2/models/{model_name}"
         self.client = httpx.AsyncClient(
@@ -206,6 +262,7 @@ class ServerLink:
         trimmed_client_headers(self.client, config.token)
         self.down_until = 0.0
         self.link_free_at = 0.0
+        self.jitter = random.Random(seed)
 
     async def __aenter__(self) -> ServerLink:
         return self
@@ -213,24 +270,47 @@ class ServerLink:
     async def __aexit__(self, *exc) -> None:
         await self.client.aclose()
 
-    async def metadata(self) -> dict | None:
-        """The served model's metadata, or None when the server cannot be reached now."""
+    async def metadata(self) -> dict:
+        """The served model's metadata. ClientError with a one-line reason when there is no
+        collabvit server serving it at the URL (refused, unreachable, TLS, another server)."""
+        url = self.base
         try:
-            response = await self.client.get(self.metadata_url)
-        except httpx.HTTPError:
-            return None
+            response = await asyncio.wait_for(self.client.get(self.metadata_url),
+                                              self.config.timeout)  # fmt: skip
+        except (TimeoutError, httpx.TimeoutException):
+            raise ServerUnavailable(f"{url} did not answer within {self.config.timeout:g} s; "
+                                    f"{ServerUnavailable.HINT}") from None  # fmt: skip
+        except httpx.HTTPError as error:
+            tls = tls_failure(error)
+            if tls and "verif" in tls:
+                raise ClientError(f"{url}: {tls}; for a private CA pass --ca-file with its "
+                                  "certificate") from None  # fmt: skip
+            if tls:
+                raise ClientError(f"{url}: {tls}: does the server speak HTTPS? for a plain "
+                                  "HTTP server use http://") from None  # fmt: skip
+            if connection_refused(error):
+                raise ServerUnavailable(f"nothing answers at {url} (connection refused): is "
+                                        "`collabvit serve` running there? "
+                                        f"{ServerUnavailable.HINT}") from None  # fmt: skip
+            if isinstance(error, httpx.RemoteProtocolError):
+                raise ClientError(f"{url} closed the connection without an HTTP answer: if "
+                                  "the server serves HTTPS, use https://") from None
+            raise ServerUnavailable(f"cannot reach {url}: {_first_line(error)}; "
+                                    f"{ServerUnavailable.HINT}") from None  # fmt: skip
         if response.status_code in (401, 403):
             raise ClientError(f"the server refused the token ({response.status_code}); "
                               "pass --token or set COLLABVIT_TOKEN")  # fmt: skip
-        if response.status_code == 404:
-            raise ClientError(f"the server does not serve {self.model_name!r}: "
-                              f"{_error_text(response)}")  # fmt: skip
+        body = _json_or_none(response)
+        if response.status_code == 404 and isinstance(body, dict) and "error" in body:
+            raise ClientError(f"the server does not serve {self.model_name!r}: {body['error']}")
+        if not isinstance(body, dict) or (response.status_code == 200 and "name" not in body):
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise ClientError(f"{url} is not a collabvit server: GET /v2/models/"
+                              f"{self.model_name} answered {response.status_code} ({kind})")
         if response.status_code != 200:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return None
+            raise ClientError(f"the server cannot serve {self.model_name!r} now "
+                              f"({response.status_code}): {body.get('error', '')}")
+        return body
 
     def build_request(self, blob: bytes) -> httpx.Request:
         body, header_length = infer_request_body([blob])
@@ -250,7 +330,10 @@ class ServerLink:
     async def classify(self, blob: bytes, counted_bytes: int | None = None) -> ServerAnswer:
         """The server's logits for one image's wire bytes, retrying what may pass.
 
-        The bytes reported are those of every attempt that reached the server, and of
+        Each attempt has `timeout` seconds in all (not per read). Retries wait a jittered,
+        doubling back-off, and at least what a 503/429 asks (Retry-After); when it asks for
+        longer than the time-out, the image answers at the edge and so do later ones until
+        then. The bytes reported are those of every attempt that reached the server, and of
         every response, failed ones included.
 
         Args:
@@ -263,36 +346,61 @@ class ServerLink:
         request = self.build_request(blob)  # the same request on every attempt
         one_request = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
         sent = received = attempts = 0
-        cause = "unreachable"
+        cause, asked = "unreachable", None
         for attempt in range(self.config.retries + 1):
             if attempt:
-                await asyncio.sleep(self.config.backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff_seconds(self.config.backoff, attempt, asked,
+                                                    self.jitter))  # fmt: skip
+            asked = None
             attempts += 1
             started = time.perf_counter()
             try:
-                response = await self.client.send(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+                response = await asyncio.wait_for(self.client.send(request), self.config.timeout)
+            except httpx.ConnectTimeout:
                 cause = "unreachable"  # nothing went out
                 continue
-            except httpx.TimeoutException:
+            except (TimeoutError, httpx.TimeoutException):
                 cause, sent = "timeout", sent + one_request
                 continue
+            except httpx.ConnectError as error:
+                tls = tls_failure(error)
+                if tls:
+                    raise ClientError(f"{self.base}: {tls}") from None
+                cause = "refused" if connection_refused(error) else "unreachable"
+                continue
+            except httpx.DecodingError:  # e.g. a Content-Encoding the body does not have
+                sent += one_request
+                return ServerAnswer(None, "bad_response", attempts, sent, received, None, None)
             except (httpx.TransportError, OSError):
                 cause, sent = "unreachable", sent + one_request  # the connection broke
                 continue
             elapsed = time.perf_counter() - started
             sent += one_request
             received += response_wire_bytes(response)
-            if response.status_code >= 500 or response.status_code == 429:
+            status = response.status_code
+            if status in (401, 403):
+                raise ClientError(f"the server refused the token ({status}); pass --token or "
+                                  "set COLLABVIT_TOKEN")  # fmt: skip
+            if status == 404:
+                raise ClientError(f"the server does not serve {self.model_name!r} (404)")
+            if status in (429, 503):
+                cause, asked = "unavailable", retry_after(response)
+                if asked is not None and asked > self.config.timeout:
+                    self.down_until = time.monotonic() + asked  # answer here meanwhile
+                    break
+                continue
+            if status >= 500:
                 cause = "server_error"
                 continue
-            if response.status_code != 200:
-                return ServerAnswer(None, "refused", attempts, sent, received, None, None)
+            if status != 200:
+                return ServerAnswer(None, "rejected", attempts, sent, received, None, None)
             try:
                 logits, parameters = parse_logits(response.content, parse_header_length(
                     response.headers.get(INFERENCE_HEADER)))  # fmt: skip
                 if logits.shape[0] != 1:
                     raise ProtocolError("the answer holds another number of images")
+                if self.num_classes is not None and logits.shape[1] != self.num_classes:
+                    raise ProtocolError("the answer holds another number of classes")
             except ProtocolError:
                 return ServerAnswer(None, "bad_response", attempts, sent, received, None, None)
             delay = self.emulated_delay(one_request, response_wire_bytes(response))
@@ -302,9 +410,21 @@ class ServerLink:
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
             return ServerAnswer(logits[0], None, attempts, sent, received, transfer_ms,
                                 server_ms)  # fmt: skip
-        if cause in ("unreachable", "timeout") and self.config.cooldown > 0:
+        if cause in ("unreachable", "refused", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
         return ServerAnswer(None, cause, attempts, sent, received, None, None)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _json_or_none(response: httpx.Response):
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _number(value) -> float | None:
@@ -312,11 +432,9 @@ def _number(value) -> float | None:
         else None  # fmt: skip
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except ValueError:
-        return response.text[:200]
+def log_warning(message: str) -> None:
+    """A one-line warning on stderr, as the command line prints them."""
+    print(f"collabvit edge: warning: {message}", file=sys.stderr)
 
 
 def check_server_geometry(metadata: dict, geometry: WireGeometry, num_classes: int) -> None:
@@ -378,7 +496,10 @@ def open_records(path: Path, identity: dict, resume: bool,
                 done[record.index] = record
                 kept.append(line)
         temporary = path.with_name(path.name + ".tmp")  # a crash here keeps the old file
-        temporary.write_bytes(b"\n".join(kept) + b"\n")
+        with temporary.open("wb") as handle:
+            handle.write(b"\n".join(kept) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before it replaces the old file
         temporary.replace(path)
         return done
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,17 +507,48 @@ def open_records(path: Path, identity: dict, resume: bool,
     return done
 
 
+class RecordsLock:
+    """An exclusive lock on a records file for one run (a `.lock` file beside it, since a
+    resumed file is replaced): a second run on the same file stops instead of interleaving
+    its lines with the first's."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.with_name(path.name + ".lock").open("a")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise ClientError(f"{path} is being written by another run; wait for it or use "
+                              "another --records file") from None  # fmt: skip
+
+    def release(self) -> None:
+        self.handle.close()  # closing releases the lock
+
+
 class RecordWriter:
-    """Appends one JSON line per answered image, flushed at once."""
+    """Appends one JSON line per answered image, flushed at once and fsynced every
+    RECORDS_SYNC_LINES lines and on close, so a crash loses at most those."""
 
     def __init__(self, path: Path) -> None:
         self.handle = path.open("a", buffering=1)
+        self.unsynced = 0
 
     def write(self, record: ImageRecord) -> None:
         self.handle.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
         self.handle.flush()
+        self.unsynced += 1
+        if self.unsynced >= RECORDS_SYNC_LINES:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.handle.fileno())
+        self.unsynced = 0
 
     def close(self) -> None:
+        self.sync()
         self.handle.close()
 
 
@@ -413,15 +565,27 @@ class EdgeReport:
     bytes: dict[str, dict[str, float]]
     latency_ms: dict[str, dict[str, float]]
     codec: str
+    attempted: Summary  # as if every image the gate sent had reached the server
 
     def as_dict(self) -> dict:
         return {"summary": self.summary.as_dict(), "codec": self.codec,
                 "fallbacks": self.fallbacks, "bytes_per_image": self.bytes,
-                "latency_ms": self.latency_ms}  # fmt: skip
+                "latency_ms": self.latency_ms,
+                "attempted": {"sent_images": self.attempted.sent_images,
+                              "sent_tokens": self.attempted.sent_tokens,
+                              "comm_cost": self.attempted.comm_cost}}  # fmt: skip
+
+    @property
+    def none_delivered(self) -> bool:
+        """The gate sent images, and not one of them reached the server."""
+        return self.attempted.sent_images > 0 and self.summary.sent_images == 0
 
 
-def summarize(records: Iterable[ImageRecord], num_patches: int) -> Summary:
-    """The paper's figures of answered images, through the same RunningSummary as eval."""
+def summarize(records: Iterable[ImageRecord], num_patches: int,
+              delivered_only: bool = True) -> Summary:  # fmt: skip
+    """The paper's figures of answered images, through the same RunningSummary as eval:
+    sends that never reached the server count as undelivered (or, with `delivered_only`
+    False, as sent: what the run attempted)."""
     records = list(records)
     running = RunningSummary(num_patches=num_patches)
     if records:
@@ -433,6 +597,8 @@ def summarize(records: Iterable[ImageRecord], num_patches: int) -> Summary:
             np.array([r.selected for r in records]),
             np.array([r.selection_min for r in records], dtype=np.float32),
             np.array([r.selection_sum for r in records], dtype=np.float32),
+            delivered=np.array([r.route != "fallback" or not delivered_only
+                                for r in records]),
         )
     return running.summary()
 
@@ -472,7 +638,7 @@ def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeRe
     }
     return EdgeReport(summarize(records, num_patches), records,
                       {cause: causes.get(cause, 0) for cause in FALLBACK_CAUSES}, bytes_table,
-                      latency, str(codec))  # fmt: skip
+                      latency, str(codec), summarize(records, num_patches, False))  # fmt: skip
 
 
 def settle(tasks: set[asyncio.Task]) -> None:
@@ -556,10 +722,15 @@ async def run_edge(
                               "server_ms": answer.server_ms,
                               "total_ms": 1000.0 * (time.perf_counter() - started)}))
 
-    async with ServerLink(config, model_name, link_config) as link:
-        metadata = await link.metadata()  # a wrong model or token stops the run here
-        if metadata is not None:
-            check_server_geometry(metadata, geometry, g.num_classes)
+    async with ServerLink(config, model_name, link_config, g.num_classes, seed) as link:
+        try:  # no server, another server, a wrong model, token or geometry: stop here
+            check_server_geometry(await link.metadata(), geometry, g.num_classes)
+        except ServerUnavailable as error:
+            if not config.allow_edge_only:
+                raise
+            log_warning(f"{str(error).split('; ')[0]}; answering at the edge "
+                        "(--allow-edge-only)")  # fmt: skip
+        lock = RecordsLock(records_path)
         done = open_records(records_path, identity, config.resume, count)
         records = list(done.values())
         writer = RecordWriter(records_path)
@@ -600,7 +771,13 @@ async def run_edge(
             for task in tasks:
                 task.cancel()
             writer.close()
+            lock.release()
     return report(records, g.num_patches, codec)
+
+
+def fallback_text(report: EdgeReport) -> str:
+    """The fallbacks by cause, e.g. 'refused 300, timeout 20' ('' when there were none)."""
+    return ", ".join(f"{cause} {n}" for cause, n in report.fallbacks.items() if n)
 
 
 def format_report(report: EdgeReport) -> str:
@@ -617,9 +794,14 @@ def format_report(report: EdgeReport) -> str:
             f"{name[5:]} {values['all_images']:.1f}" for name, values in b.items()
             if name.startswith("full_")),
     ]  # fmt: skip
-    fallbacks = {cause: n for cause, n in report.fallbacks.items() if n}
-    lines.append("Fallbacks to the edge's answer: " + (
-        ", ".join(f"{cause} {n}" for cause, n in fallbacks.items()) if fallbacks else "none"))
+    lines.append("Fallbacks to the edge's answer: " + (fallback_text(report) or "none"))
+    if report.summary.undelivered_images:
+        attempted = report.attempted
+        lines.append(f"Not delivered: {report.summary.undelivered_images} of "
+                     f"{attempted.sent_images} sent images kept the edge's answer; the figures "
+                     f"above count delivered images (attempted: communication cost "
+                     f"{attempted.comm_cost:.4f}, sent token number "
+                     f"{attempted.sent_tokens:.4f})")  # fmt: skip
     names = {"edge": "edge compute", "transfer": "transfer", "server": "server",
              "end_to_end_sent": "end to end (sent)", "end_to_end_all": "end to end (all)"}
     lines.append(f"Latency (ms)        {'p50':>9}{'p90':>9}{'p99':>9}")
@@ -641,10 +823,18 @@ def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{url}/v2/health/ready", **httpx_options).status_code == 200:
+            response = httpx.get(f"{url}/v2/health/ready", **httpx_options)
+            if response.status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
+            if response.status_code != 503 or not isinstance(_json_or_none(response), dict):
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                raise ClientError(f"{url} is not a collabvit server: GET /v2/health/ready "
+                                  f"answered {response.status_code} ({kind})")  # fmt: skip
+        except httpx.TransportError as error:
+            tls = tls_failure(error)
+            if tls and "verif" in tls:  # waiting will not fix the certificate
+                raise ClientError(f"{url}: {tls}; for a private CA pass --ca-file with its "
+                                  "certificate") from None  # fmt: skip
         if alive is not None and not alive():
             raise ClientError(f"the server for {url} stopped before it was ready")
         if time.monotonic() > deadline:

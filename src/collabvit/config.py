@@ -579,6 +579,10 @@ class ClientConfig:
     results_file: str | None = field(default=None, metadata=flag(
         "write every figure, bytes and latencies and the resolved configuration as JSON",
         metavar="FILE"))
+    allow_edge_only: bool = field(default=False, metadata=flag(
+        "run even when the server cannot be reached at the start or no image reaches it "
+        "(every uncertain image then keeps the edge's answer); without it such a run stops "
+        "or exits with status 1"))
 
     def __post_init__(self) -> None:
         _require([

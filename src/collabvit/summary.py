@@ -40,7 +40,10 @@ class Summary:
 
     Accuracies are in %; `sent_tokens` is the mean selection size over the sent
     images; the attention averages are over sent images with a non-empty selection;
-    `comm_cost` = (sent images / images) x (sent_tokens / num_patches).
+    `comm_cost` = (sent images / images) x (sent_tokens / num_patches). Over a network,
+    `undelivered_images` were sent by the gate but never reached the server (they keep the
+    edge's answer); `sent_images`, `sent_tokens`, the averages and `comm_cost` count what
+    was delivered, so confident + sent + undelivered = images.
     """
 
     images: int
@@ -55,6 +58,7 @@ class Summary:
     client_acc5: float
     collab_acc: float
     collab_acc5: float
+    undelivered_images: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -76,6 +80,7 @@ class RunningSummary:
     collab_top5: int = 0
     sent_patches: int = 0
     nonempty_sent: int = 0
+    undelivered: int = 0
     # Exact sums: the figures do not depend on how the images were split into batches,
     # in what order they arrived, or on which process saw them.
     sum_of_min_attention: Fraction = Fraction(0)
@@ -114,6 +119,7 @@ class RunningSummary:
         selection_size: Array,
         selection_min: Array,
         selection_sum: Array,
+        delivered: Array | None = None,
     ) -> None:
         """Add images whose answers are given as ranked classes (ranked_classes of the logits).
 
@@ -121,14 +127,21 @@ class RunningSummary:
             targets: labels [B].
             edge_top, final_top: [B, k] class indices, best first (k = min(5, classes)).
             confident, selection_size, selection_min, selection_sum: as for `update`.
+            delivered: [B] bool, whether a sent image reached the server (default: all
+                did); one that did not counts as undelivered, not as sent.
         """
         targets = as_array(targets)[:, None]
         edge_top, final_top = as_array(edge_top), as_array(final_top)
-        sent = ~as_array(confident).astype(bool)
+        confident = as_array(confident).astype(bool)
+        sent = ~confident
+        if delivered is not None:
+            missed = sent & ~as_array(delivered).astype(bool)
+            self.undelivered += int(missed.sum())
+            sent = sent & ~missed
         selection_size = as_array(selection_size)
         nonempty = sent & (selection_size > 0)
         self.images += int(targets.shape[0])
-        self.confident += int((~sent).sum())
+        self.confident += int(confident.sum())
         self.client_top1 += int((edge_top[:, :1] == targets).any(axis=1).sum())
         self.client_top5 += int((edge_top == targets).any(axis=1).sum())
         self.collab_top1 += int((final_top[:, :1] == targets).any(axis=1).sum())
@@ -140,7 +153,7 @@ class RunningSummary:
 
     def summary(self) -> Summary:
         """The figures read out (accuracies in %, 0 when nothing was seen)."""
-        sent = self.images - self.confident
+        sent = self.images - self.confident - self.undelivered
         sent_tokens = self.sent_patches / sent if sent else 0.0
         percent = 100.0 / self.images if self.images else 0.0
         return Summary(
@@ -164,6 +177,7 @@ class RunningSummary:
             client_acc5=self.client_top5 * percent,
             collab_acc=self.collab_top1 * percent,
             collab_acc5=self.collab_top5 * percent,
+            undelivered_images=self.undelivered,
         )
 
     @classmethod
