@@ -384,11 +384,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
         _check_port_free(config.host, config.port)
         device = resolve_device(config.device)
-        if config.threads:
-            import torch
+        import torch
 
+        if config.threads:
             torch.set_num_threads(config.threads)
         model = load_model(spec, server=True)  # a user mistake stops here, before listening
+        if config.bf16:
+            from collabvit import cpu_model
+
+            if device.type == "cpu" and not any(f in cpu_model() for f in ("avx512_bf16",
+                                                                            "amx_bf16")):
+                _warn("serve", f"--bf16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) "
+                      "is emulated and slower than float32")  # fmt: skip
+            model = model.to(torch.bfloat16)
     except (UsageError, ValueError, OSError) as error:
         return _fail("serve", error)
     from collabvit.server import Server

@@ -62,9 +62,10 @@ class EdgeRunner(Protocol):
 
 # Why an image kept the edge's answer although it was not confident: no answer within the
 # time-out; connection refused (nothing listens); another network failure; another 5xx;
-# 503/429 (the server is full or not ready); another 4xx; an answer that does not decode; the cool-down after
-# the server proved unreachable or asked to wait (Retry-After). A TLS verification failure,
-# a refused token and an unknown model are not fallbacks: they stop the run.
+# 503/429 (the server is full or not ready); another 4xx; an answer that does not decode;
+# the cool-down after the server proved unreachable or asked to wait (Retry-After). A TLS
+# verification failure, a refused token and an unknown model are not fallbacks: they stop
+# the run.
 FALLBACK_CAUSES = ("timeout", "refused", "unreachable", "server_error", "unavailable", "rejected",
                    "bad_response", "server_down")  # fmt: skip
 LOSS_STREAM = 0x1055  # separates the loss draws from the `random` policy's draws
