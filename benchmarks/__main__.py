@@ -26,7 +26,7 @@ import torch
 from benchmarks.harness import RESULTS, load_average, machine_lines
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
-         "bench_onnx_edge", "bench_gpu")
+         "bench_onnx_edge", "bench_overload", "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -107,6 +107,21 @@ def target_rows(figures: dict) -> list[str]:
         worst = max(figures["bench_data"]["shares"].items(), key=lambda item: item[1])
         rows.append(f"| composing cluttered canvases / a training step, {worst[0]} | "
                     f"{100 * worst[1]:.1f} % | <= 5 % | {verdict(worst[1] <= 0.05)} | |")
+    if "bench_overload" in figures:
+        o = figures["bench_overload"]
+        load, hostile = o["overload"], o["hostile"]
+        rows += [f"| images lost under overload (back-to-back clients) | {load['lost']} | 0 | "
+                 f"{verdict(load['lost'] == 0)} | {load['refused']:,} refused with 503, "
+                 f"{load['retry_after']:,} of them with Retry-After |",
+                 f"| hostile 16 MiB body refused | {hostile['answer_ms']:.1f} ms | <= 50 ms | "
+                 f"{verdict(hostile['answer_ms'] <= 50)} | {hostile['status']} |",
+                 f"| slowest liveness probe during it | {hostile['slowest_probe_ms']:.1f} ms | "
+                 f"<= 50 ms | {verdict(hostile['slowest_probe_ms'] <= 50)} | |",
+                 f"| images of departed clients computed | "
+                 f"{o['departed']['sent'] - o['departed']['dropped']:.0f} | 0 | "
+                 f"{verdict(o['departed']['dropped'] == o['departed']['sent'])} | |",
+                 f"| bfloat16 server: largest accuracy change | {o['bf16_largest_change']:.2f} pt"
+                 f" | informational (default on only if <= 0.1) | | |"]  # fmt: skip
     if "bench_onnx_edge" in figures:
         o = figures["bench_onnx_edge"]
         torch_ms = o["latency_ms"]["torch fp32"]

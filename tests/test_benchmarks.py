@@ -60,7 +60,8 @@ def test_the_quick_suite_runs_every_benchmark_and_writes_every_section(tmp_path)
     targets = text[text.index("## Targets"):text.index("<!-- targets:end -->")]
     for measured in ("eval throughput / reference loop, deit", "batch-1 latency",
                      "server forward GFLOP/s", "served / in-process",
-                     "composing cluttered canvases", "batch-1 latency / the torch edge's"):
+                     "composing cluttered canvases", "batch-1 latency / the torch edge's",
+                     "hostile 16 MiB body refused"):
         assert measured in targets
 
 

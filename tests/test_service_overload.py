@@ -261,3 +261,18 @@ def test_serve_warns_of_an_exposed_setup(run_cli, monkeypatch, flags, warning):
     assert result.returncode == 0, result.stderr
     assert warning in result.stderr
     assert started["s"].max_request_images == 7
+
+
+def test_too_many_images_are_refused_from_the_header_before_the_body_arrives(server):
+    header = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [5000],
+                                     "parameters": {"binary_data_size": 4 * 5000}}]}).encode()
+    with LiveServer(app_of(server)) as running:
+        wait_ready(running.url)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Length: {len(header) + 4 * 5000}\r\n"
+                         f"{INFERENCE_HEADER}: {len(header)}\r\n\r\n".encode() + header)
+            answer = b""  # the 20,000 bytes of elements never come
+            while chunk := sock.recv(4096):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"at most 1024" in answer

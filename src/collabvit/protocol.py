@@ -473,6 +473,20 @@ def parse_infer_request(body: bytes, header_length: int | None,
                         binary_output=_wants_binary_output(header))  # fmt: skip
 
 
+def declared_images(header: bytes) -> int | None:
+    """The image count the JSON header of an infer request declares for its payload input
+    (None when the header does not parse or declares none: the full parse says why), so a
+    server can refuse too many before reading the binary data behind the header."""
+    try:
+        parsed = _InferenceBody.model_validate_json(header)
+    except ValidationError:
+        return None
+    for tensor in parsed.inputs or ():
+        if tensor.name == PAYLOAD_INPUT and tensor.shape and len(tensor.shape) == 1:
+            return tensor.shape[0]
+    return None
+
+
 def infer_response_body(model_name: str, logits: np.ndarray, binary: bool,
                         request_id: str | None = None,
                         parameters: dict | None = None) -> tuple[bytes, int | None]:  # fmt: skip

@@ -51,6 +51,7 @@ from collabvit.protocol import (
     ProtocolError,
     TooManyImages,
     WireGeometry,
+    declared_images,
     decode_payload,
     decoded_size,
     infer_response_body,
@@ -514,16 +515,27 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             raise ServiceError(415, "unsupported_media_type",
                                f"content type {shown} is not accepted; send "
                                f"{' or '.join(ACCEPTED_CONTENT_TYPES)}")  # fmt: skip
+        loop = asyncio.get_running_loop()
         try:
-            body = await asyncio.wait_for(read_limited_body(request, settings.max_request_bytes),
-                                          settings.body_timeout)  # fmt: skip
+            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER))
+        except ProtocolError as error:
+            raise ServiceError(400, "bad_request", str(error)) from None
+
+        async def check_header(header: bytes) -> None:
+            count = await loop.run_in_executor(app.state.decoder, declared_images, header)
+            if count is not None and count > settings.max_request_images:
+                raise ServiceError(413, "too_large", f"{count} images in one request; at most "
+                                   f"{settings.max_request_images}", {"Connection": "close"})
+
+        try:
+            body = await asyncio.wait_for(
+                read_limited_body(request, settings.max_request_bytes, header_length,
+                                  check_header), settings.body_timeout)  # fmt: skip
         except TimeoutError:
             raise ServiceError(408, "body_timeout", "the request body did not arrive within "
                                f"{settings.body_timeout:g} s", {"Connection": "close"}) from None
         metrics.bytes_in.inc(len(body))
-        loop = asyncio.get_running_loop()
         try:
-            header_length = parse_header_length(request.headers.get(INFERENCE_HEADER))
             parsed, sizes = await loop.run_in_executor(
                 app.state.decoder, split_request, body, header_length,
                 settings.max_request_images)  # fmt: skip
@@ -593,8 +605,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) one longer than `limit` bytes before reading it all."""
+async def read_limited_body(request: Request, limit: int, header_length: int | None = None,
+                            check_header: Callable | None = None) -> bytes:  # fmt: skip
+    """The request body, refusing (413) one longer than `limit` bytes before reading it all.
+
+    With `check_header`, that coroutine sees the first `header_length` bytes (the binary
+    extension's JSON header) as soon as they have arrived, before the rest is read, and may
+    refuse the request there.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -602,14 +620,17 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ServiceError(413, "too_large", f"request body of {declared} bytes exceeds "
                                                  f"the limit of {limit}")  # fmt: skip
-        return await request.body()  # the server stops at the declared length
     chunks, size = [], 0
+    pending_check = check_header is not None and header_length is not None
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ServiceError(413, "too_large", f"request body exceeds the limit of {limit} "
                                                  "bytes")  # fmt: skip
         chunks.append(chunk)
+        if pending_check and size >= header_length:
+            pending_check = False
+            await check_header(b"".join(chunks)[:header_length])
     return b"".join(chunks)
 
 
