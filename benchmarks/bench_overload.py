@@ -5,11 +5,11 @@
 One `collabvit serve` process with the shipped Fashion-MNIST server, `--max-queue-images
 QUEUE`, `--timeout-request-head 2` and `--timeout-body 2`, then:
 
-a. overload: CLIENTS edge clients send one image per request back to back for SECONDS (a
-   refused request is answered at the edge and the client sends its next image at once),
-   which offers several times what the server computes. Counted: requests answered, refused
-   with 503 (and whether each carried Retry-After), lost (no HTTP answer); latency of the
-   answered ones; the server's peak RSS (VmHWM) before and after.
+a. overload: min(CLIENTS, QUEUE) clients sending back to back for SECONDS / 6 measure
+   what the server answers; then CLIENTS clients offer twice that for SECONDS, each at a steady pace
+   (a refused image is answered at the edge, and the client goes on). Counted: requests
+   answered, refused with 503 (and whether each carried Retry-After), lost (no HTTP answer);
+   latency of the answered ones; the server's peak RSS (VmHWM) before and after.
 b. a hostile body: 16 MiB of about 4.2 million zero-length elements, declared as as many images;
    time to its 413, and the slowest of the liveness probes sent every 10 ms meanwhile.
 c. slow clients: a request head that trickles in, and a body that does: seconds until the
@@ -58,16 +58,26 @@ def metric(url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def overload(port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
-    """Back-to-back clients for `seconds`: answered, refused (503), lost, latencies."""
+async def overload(port: int, requests: list[bytes], clients: int, seconds: float,
+                   rate: float | None = None) -> dict:  # fmt: skip
+    """Clients for `seconds`, each sending one image every clients / `rate` seconds (as a
+    camera produces them; a client that falls behind sends at once), or back to back
+    without `rate`; a refused image is answered at the edge and the client goes on. Counts:
+    answered, refused (503, with Retry-After or not), lost; latencies of the answered."""
     counts = {"sent": 0, "answered": 0, "refused": 0, "retry_after": 0, "lost": 0}
     latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
+    began = time.perf_counter()
+    deadline = began + seconds
+    interval = clients / rate if rate else 0.0
 
     async def client(number: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         index = number
+        due = began + interval * number / clients  # spread the clients' phases
         while time.perf_counter() < deadline:
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                due += interval
             request = requests[index % len(requests)]
             index += clients
             started = time.perf_counter()
@@ -221,7 +231,12 @@ def main(argv: list[str] | None = None) -> None:
                            "2", "--timeout-body", "2", "--limit-concurrency", "1024")
     try:
         rss_before = peak_rss_mb(process.pid)
-        load = asyncio.run(overload(port, requests, args.clients, args.seconds))
+        # as many back-to-back clients as the queue admits: the server's own rate
+        calibration = asyncio.run(overload(port, requests, min(args.clients, args.queue),
+                                           args.seconds / 6))  # fmt: skip
+        capacity = calibration["answered"] / calibration["seconds"]
+        load = asyncio.run(overload(port, requests, args.clients, args.seconds,
+                                    rate=2 * capacity))  # fmt: skip
         rss_after = peak_rss_mb(process.pid)
         hostile = hostile_body(url)
         head = closed_after(port, b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n",
@@ -246,13 +261,17 @@ def main(argv: list[str] | None = None) -> None:
     body_text = f"""`collabvit serve` with the shipped Fashion-MNIST server, `--max-queue-images
 {args.queue} --timeout-request-head 2 --timeout-body 2`, on this machine ({cpu_model()}).
 
-**a. Overload.** {args.clients} clients sent one image per request back to back for
-{args.seconds:g} s, offering {offered:,.0f} requests/s; the server answered {rate:,.0f}/s
-({load['answered']:,} requests) and refused {load['refused']:,} with 503
-({load['retry_after']:,} of them with Retry-After). **{load['lost']} requests lost** (no HTTP
-answer). Latency of the answered requests: p50 {load['p50_ms']:.0f} ms, p99
-{load['p99_ms']:.0f} ms, max {load['max_ms']:.0f} ms; the queue bound of {args.queue} images
-at {rate:,.0f} images/s is {1000 * args.queue / max(rate, 1):.0f} ms of work. The server's
+**a. Overload.** First {min(args.clients, args.queue)} clients sending back to back for
+{args.seconds / 6:.0f} s measure what the server answers: {capacity:,.0f} images/s (one image
+per request; {calibration['refused']:,} refused, {calibration['lost']} lost). Then
+{args.clients} clients offered twice that, each sending one image at a steady pace for
+{args.seconds:g} s ({offered:,.0f} requests/s offered); a refused image is answered at the
+edge. The server answered {rate:,.0f}/s ({load['answered']:,} requests) and refused
+{load['refused']:,} with 503 ({load['retry_after']:,} of them with Retry-After).
+**{load['lost']} requests lost** (no HTTP answer). Latency of the answered requests: p50
+{load['p50_ms']:.0f} ms, p99 {load['p99_ms']:.0f} ms, max {load['max_ms']:.0f} ms; the queue
+bound of {args.queue} images at {rate:,.0f} images/s is {1000 * args.queue / max(rate, 1):.0f} ms
+of work. The server's
 peak RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after.
 
 **b. Hostile body.** 16 MiB of zero-length elements, declared as as many images: answered
@@ -279,7 +298,8 @@ Largest change of an accuracy figure: {max(changes):.2f} pt."""
     text = section("bench_overload", "Serving under overload and hostile clients; bfloat16",
                    body_text.splitlines(), load_at_start, time.perf_counter() - began)
     publish(args, "bench_overload", text, {
-        "overload": load, "rss_mb": [rss_before, rss_after], "hostile": hostile,
+        "overload": load, "capacity": capacity, "calibration": calibration,
+        "rss_mb": [rss_before, rss_after], "hostile": hostile,
         "head_closed_s": head, "body_closed_s": body, "departed": gone,
         "bf16": precision, "bf16_largest_change": max(changes), "queue": args.queue,
     })
