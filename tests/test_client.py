@@ -295,7 +295,10 @@ def test_server_killed_and_restarted_mid_run(tmp_path):
     answers = read_records(records)
     assert sorted(r.index for r in answers) == list(range(2500))  # each image exactly once
     fallbacks = [r for r in answers if r.route == "fallback"]
-    assert fallbacks and {r.cause for r in fallbacks} <= {"unreachable", "server_down"}
+    assert fallbacks and {r.cause for r in fallbacks} <= {"refused", "unreachable", "server_down"}
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert summary["undelivered_images"] == len(fallbacks)  # not counted as sent
+    assert "did not reach the server" in err
     after = [r for r in answers[killed_at:] if r.route == "server"]
     assert after, "no image reached the restarted server"
     written = json.loads((tmp_path / "r.json").read_text())
