@@ -127,7 +127,7 @@ def test_health_answers_while_a_request_is_being_decoded(server, monkeypatch):
     monkeypatch.setattr(service, "decode_all", slow_decode)
     with LiveServer(app_of(server)) as running, ThreadPoolExecutor(1) as pool:
         wait_ready(running.url)
-        slow = pool.submit(infer, running.url, 4, timeout=30)
+        slow = pool.submit(infer, running.url, 16, timeout=30)  # more than are decoded inline
         assert decoding.wait(10)
         for _ in range(5):
             assert httpx.get(f"{running.url}/v2/health/live", timeout=1.0).status_code == 200
