@@ -214,3 +214,15 @@ def test_records_are_fsynced(tmp_path, monkeypatch):
     assert len(synced) == 1
     writer.close()
     assert len(synced) == 2
+
+
+def test_the_server_is_checked_before_the_edge_model_loads(run_cli, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the edge model was loaded before the server was checked")
+
+    monkeypatch.setattr("collabvit.pair.load_pair", never)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(*edge_args(f"http://127.0.0.1:{port}", tmp_path))
+    assert result.returncode == 2 and "nothing answers at" in result.stderr

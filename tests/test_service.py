@@ -477,3 +477,18 @@ def test_serve_refuses_a_certificate_it_cannot_load(run_cli, tmp_path):
                      "--ssl-keyfile", str(tmp_path / "key.pem"))  # fmt: skip
     assert result.returncode == 2 and "collabvit serve: error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_names_a_swapped_certificate_and_key(run_cli, tmp_path):
+    import socket
+
+    certificate = trustme.CA().issue_cert("127.0.0.1")
+    certificate.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    certificate.private_key_pem.write_to_path(tmp_path / "key.pem")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = run_cli("serve", "--port", port, "--ssl-certfile", str(tmp_path / "key.pem"),
+                     "--ssl-keyfile", str(tmp_path / "cert.pem"))  # fmt: skip
+    assert result.returncode == 2 and "its private key to --ssl-keyfile" in result.stderr
+    assert "PEM lib" not in result.stderr and "Traceback" not in result.stderr

@@ -377,8 +377,16 @@ def run_serve(args: argparse.Namespace) -> int:
         if config.ssl_certfile:  # ssl.SSLError is an OSError: one line, before the model loads
             import ssl
 
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                config.ssl_certfile, config.ssl_keyfile)
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    config.ssl_certfile, config.ssl_keyfile)
+            except ssl.SSLError as error:  # OpenSSL's "PEM lib" says nothing to a user
+                detail = f" ({error.reason})" if error.reason and "PEM" not in error.reason \
+                    else ""  # fmt: skip
+                raise UsageError(f"cannot use {config.ssl_certfile} with the key "
+                                 f"{config.ssl_keyfile}{detail}: give the certificate to "
+                                 "--ssl-certfile and its private key to --ssl-keyfile, both "
+                                 "PEM") from None  # fmt: skip
         from collabvit.pair import load_model, resolve_device
         from collabvit.service import ServiceSettings, serve
 
@@ -471,12 +479,22 @@ def run_edge(args: argparse.Namespace) -> int:
         _check_output_file(client.results_file)
         if client.resume and not Path(client.records).is_file():
             raise UsageError(f"--resume: {client.records} does not exist yet")
+        def check_server(name: str) -> None:
+            """The server, its certificate and the token, before the edge's model loads."""
+            from collabvit.client import check_server, tls_verification, wait_until_served
+
+            if client.wait:  # the health checks need no token
+                wait_until_served(client.server.rstrip("/"), client.wait,
+                                  verify=tls_verification(client.ca_file))
+            if not client.allow_edge_only:
+                check_server(client, name)
+
         if runtime.onnx:
-            edge, batches, count, names = _onnx_edge(args, data, chosen, runtime)
+            edge, batches, count, names = _onnx_edge(args, data, chosen, runtime, check_server)
         else:
             if runtime.threads is not None or runtime.int8:
                 raise UsageError("--threads and --int8 are ONNX Runtime's: they go with --onnx")
-            edge, batches, count, names = _torch_edge(args, data, run, chosen)
+            edge, batches, count, names = _torch_edge(args, data, run, chosen, check_server)
         config = edge.config
         from collabvit import client as edge_client
         from collabvit.progress import progress_bar
@@ -489,9 +507,6 @@ def run_edge(args: argparse.Namespace) -> int:
                                             server_model=names["server_model"],
                                             edge=asdict(config), codec=str(codec), seed=run.seed,
                                             loss=link.loss)  # fmt: skip
-        if client.wait:  # the health checks need no token
-            edge_client.wait_until_served(client.server.rstrip("/"), client.wait,
-                                          verify=edge_client.tls_verification(client.ca_file))
         batches = progress_bar(batches, "edge", total=len(batches), unit="batch",
                                enabled=_progress(run))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(edge, batches, client, link,
@@ -529,9 +544,11 @@ def run_edge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen: dict):
+def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen: dict,
+                check_server) -> tuple:  # fmt: skip
     """The torch edge of `collabvit edge`: (EdgeDevice, batches, image count, names)."""
     edge_spec, server_spec = _model_specs(args, data)
+    check_server(server_spec.name)
     from collabvit.pair import load_pair
 
     pair = load_pair(edge_spec, server_spec, data, run.device, with_server=False)
@@ -559,7 +576,8 @@ class _ArrayBatches:
             yield self.images[start:stop], self.labels[start:stop], np.arange(start, stop)
 
 
-def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: EdgeRuntime):
+def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: EdgeRuntime,
+               check_server) -> tuple:  # fmt: skip
     """The ONNX Runtime edge of `collabvit edge` (no torch): (OnnxEdge, batches, count,
     names)."""
     model_flags = given_values(ModelSpec, args, EDGE_FLAGS)
@@ -580,14 +598,15 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
     if data.inputs_normalized:
         raise UsageError("the exported edge takes uint8 images: --inputs-normalized does not "
                          "apply")  # fmt: skip
+    server = given_values(ModelSpec, args, SERVER_FLAGS).get("name") or edge.card.get(
+        "server_model") or shipped_pair(data.data_set)[1]  # fmt: skip
     images, labels = read_split_images(data.data_set, data.data_path, data.split, data.limit)
     if tuple(images.shape[1:]) != (edge.geometry.in_chans, *edge.geometry.img_size):
         raise UsageError(f"{data.data_set} images are {'x'.join(map(str, images.shape[1:]))} "
                          f"but the exported edge takes "
                          f"{edge.geometry.in_chans}x{edge.geometry.img_size[0]}x"
                          f"{edge.geometry.img_size[1]}")  # fmt: skip
-    server = given_values(ModelSpec, args, SERVER_FLAGS).get("name") or edge.card.get(
-        "server_model") or shipped_pair(data.data_set)[1]  # fmt: skip
+    check_server(server)
     graph = edge.card["int8"] if runtime.int8 else edge.card
     names = {"edge_model": {"onnx": runtime.onnx, "model": edge.card.get("model"),
                             "graph": graph["graph"], "graph_sha256": graph["graph_sha256"]},

@@ -433,6 +433,17 @@ def _number(value) -> float | None:
         else None  # fmt: skip
 
 
+def check_server(config: ClientConfig, model_name: str) -> dict:
+    """The served model's metadata, or ClientError with a one-line reason (no server, TLS,
+    another server, token, model): what a run checks before it loads its own model."""
+
+    async def ask() -> dict:
+        async with ServerLink(config, model_name, LinkConfig()) as link:
+            return await link.metadata()
+
+    return asyncio.run(ask())
+
+
 def log_warning(message: str) -> None:
     """A one-line warning on stderr, as the command line prints them."""
     print(f"collabvit edge: warning: {message}", file=sys.stderr)
@@ -616,12 +627,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeReport:
     """Summary, fallbacks by cause, bytes per image and latency percentiles of a run."""
     sent = [r for r in records if not r.confident]
+    delivered = [r for r in sent if r.route == "server"]  # "per sent image": those that arrived
     count = max(len(records), 1)
     full_names = list(dict.fromkeys(name for r in records for name in r.full_bytes))
     bytes_table = {
         "collaborative": {"all_images": sum(r.request_bytes for r in records) / count,
-                          "sent_images": (sum(r.request_bytes for r in sent) / len(sent)
-                                          if sent else 0.0),
+                          "sent_images": (sum(r.request_bytes for r in delivered)
+                                          / len(delivered) if delivered else 0.0),
                           "payload_all_images": sum(r.payload_bytes for r in records) / count,
                           "response_all_images": sum(r.response_bytes for r in records) / count,
                           "total_request_bytes": sum(r.request_bytes for r in records),
@@ -732,7 +744,11 @@ async def run_edge(
             log_warning(f"{str(error).split('; ')[0]}; answering at the edge "
                         "(--allow-edge-only)")  # fmt: skip
         lock = RecordsLock(records_path)
-        done = open_records(records_path, identity, config.resume, count)
+        try:
+            done = open_records(records_path, identity, config.resume, count)
+        except BaseException:
+            lock.release()
+            raise
         records = list(done.values())
         writer = RecordWriter(records_path)
         try:
