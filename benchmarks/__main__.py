@@ -94,6 +94,9 @@ def target_rows(figures: dict) -> list[str]:
         rows += [f"| served / in-process throughput | {served:.2f} | >= 0.7 | "
                  f"{verdict(served >= 0.7)} | {handling_ms:.2f} ms of HTTP handling per "
                  "request, not overlapped with the model at 32 clients on batches of 32 |",
+                 f"| served with 2 workers x 1 thread / in-process | "
+                 f"{s['workers'] / s['in_process']:.2f} | >= 0.7 | "
+                 f"{verdict(s['workers'] / s['in_process'] >= 0.7)} | |",
                  f"| served with batching / without | {batching:.2f}x | >= 2x | "
                  f"{verdict(batching >= 2)} | |"]  # fmt: skip
     for dtype, r in figures.get("bench_gpu", {}).items():

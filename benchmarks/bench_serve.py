@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     batched = served(blobs, args.concurrency, "--max-batch", str(args.max_batch))
     print(f"served, dynamic batching: {batched[0]:.0f} requests/s, failures {batched[2]}",
           flush=True)  # fmt: skip
+    workers = served(blobs, args.concurrency, "--max-batch", str(args.max_batch), "--workers",
+                     "2", "--threads", "1")  # fmt: skip
+    print(f"served, 2 workers: {workers[0]:.0f} requests/s, failures {workers[2]}", flush=True)
     unbatched = served(blobs, args.concurrency, "--max-batch", "1")
     print(f"served, batching off: {unbatched[0]:.0f} requests/s, failures {unbatched[2]}",
           flush=True)  # fmt: skip
@@ -291,6 +294,7 @@ best of {args.repeats}.
 |---|---:|---:|---:|---:|---:|---:|
 | in-process `Server.classify`, batches of {args.max_batch} | {baseline:.0f} | 1.00 | | | | |
 {row(f"served, dynamic batching (max batch {args.max_batch}, max delay 5 ms)", batched)}
+{row("served, dynamic batching, `--workers 2 --threads 1`", workers)}
 {row("served, batching off (max batch 1)", unbatched)}
 
 Dynamic batching over batching off: **{batched[0] / unbatched[0]:.2f}x** the throughput.
@@ -312,6 +316,7 @@ ProtocolError, **{decoder['other_exceptions']} other exceptions**."""
                    body.splitlines(), load_at_start, time.perf_counter() - began)
     publish(args, "bench_serve", text, {
         "in_process": baseline, "batched": batched[0], "unbatched": unbatched[0],
+        "workers": workers[0],
         "http_5xx": http["5xx"], "decoder_other": decoder["other_exceptions"],
     })  # fmt: skip
 

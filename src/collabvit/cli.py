@@ -435,10 +435,13 @@ def run_serve(args: argparse.Namespace) -> int:
           f"{config.max_batch}, max delay {config.max_delay_ms} ms, hosts "
           f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)})", file=sys.stderr,
           flush=True)  # fmt: skip
+    worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
+              "bf16": config.bf16}  # what each of --workers processes loads itself
     serve(settings, load_server, config.host, config.port, config.ssl_certfile,
           config.ssl_keyfile, config.access_log, limit_concurrency=config.limit_concurrency,
           timeout_keep_alive=config.timeout_keep_alive,
-          timeout_request_head=config.timeout_request_head)  # fmt: skip
+          timeout_request_head=config.timeout_request_head, workers=config.workers,
+          worker=worker)  # fmt: skip
     return 0
 
 

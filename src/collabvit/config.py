@@ -525,6 +525,10 @@ class ServeConfig:
         "torch threads of the model (default: torch's choice, about one per core); leave cores "
         "to other processes on a shared machine", type="positive_int", metavar="N"))
     access_log: bool = field(default=False, metadata=flag("log every request"))
+    workers: int = field(default=1, metadata=flag(
+        "server processes, each with its own model, event loop and queue bounds, sharing the "
+        "port; give each --threads cores / N (default: %(default)s)", type="positive_int",
+        metavar="N"))
     bf16: bool = field(default=False, metadata=flag(
         "run the model in bfloat16: on CPUs with AVX512-BF16 or AMX several times the float32 "
         "throughput, with answers that differ slightly from eval's (float32)"))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import h11
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -38,6 +41,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collabvit import __version__
 from collabvit.protocol import (
@@ -634,67 +638,115 @@ async def read_limited_body(request: Request, limit: int, header_length: int | N
     return b"".join(chunks)
 
 
+WORKER_ENV = "COLLABVIT_SERVE_WORKER"  # what each --workers process serves, as JSON
+
+
 def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: str = "127.0.0.1",
           port: int = 8000, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
           access_log: bool = False, graceful_timeout: float = 30.0, limit_concurrency: int = 256,
-          timeout_keep_alive: float = 5.0,
-          timeout_request_head: float = 10.0) -> None:  # fmt: skip
-    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
+          timeout_keep_alive: float = 5.0, timeout_request_head: float = 10.0, workers: int = 1,
+          worker: dict | None = None) -> None:  # fmt: skip
+    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits.
+
+    With `workers` > 1, uvicorn starts that many processes, each loading the model itself
+    from `worker` (the model spec, device, threads and precision: worker_app reads them),
+    with the same settings; `load_server` is then not used.
+    """
     import uvicorn
 
-    config = uvicorn.Config(
-        create_app(settings, load_server), host=host, port=port, ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile, access_log=access_log, log_level="info",
-        timeout_graceful_shutdown=graceful_timeout, server_header=False,
-        limit_concurrency=limit_concurrency, timeout_keep_alive=timeout_keep_alive,
-        http=head_timeout_protocol(timeout_request_head),
-    )  # fmt: skip
+    options = dict(host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                   access_log=access_log, log_level="info",
+                   timeout_graceful_shutdown=graceful_timeout, server_header=False,
+                   limit_concurrency=limit_concurrency, timeout_keep_alive=timeout_keep_alive)
+    if workers > 1:
+        os.environ[WORKER_ENV] = json.dumps({**(worker or {}), "head_timeout":
+                                             timeout_request_head,
+                                             "settings": settings_to_json(settings)})
+        uvicorn.run("collabvit.service:worker_app", factory=True, workers=workers,
+                    http="collabvit.service:HeadTimeoutProtocol", **options)  # fmt: skip
+        return
+    config = uvicorn.Config(create_app(settings, load_server),
+                            http=head_timeout_protocol(timeout_request_head), **options)
     uvicorn.Server(config).run()
 
 
-def head_timeout_protocol(seconds: float) -> type:
+def settings_to_json(settings: ServiceSettings) -> dict:
+    values = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+    if values["allowed_hosts"] is not None:
+        values["allowed_hosts"] = list(values["allowed_hosts"])
+    return values
+
+
+def worker_app() -> FastAPI:
+    """The application of one `collabvit serve --workers N` process: what it serves comes
+    from the environment (WORKER_ENV), and it loads the model itself."""
+    from collabvit.config import ModelSpec
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    values = spec["settings"]
+    if values.get("allowed_hosts") is not None:
+        values["allowed_hosts"] = tuple(values["allowed_hosts"])
+    settings = ServiceSettings(**values)
+    HeadTimeoutProtocol.seconds = spec["head_timeout"]
+
+    def load_server() -> Server:
+        from collabvit.pair import load_model, resolve_device
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        model = load_model(ModelSpec(**spec["model"]), server=True)
+        if spec.get("bf16"):
+            model = model.to(torch.bfloat16)
+        return Server(model, resolve_device(spec.get("device", "cpu")),
+                      max_batch=settings.max_batch)  # fmt: skip
+
+    return create_app(settings, load_server)
+
+
+class HeadTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request line and headers have not
     all arrived `seconds` after it opened or after its last response.
 
     uvicorn times out idle keep-alive connections, but not a request head that trickles in
     (slowloris): each byte resets nothing, and the connection stays open for good.
     """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimeoutProtocol(H11Protocol):
-        head_timer: asyncio.TimerHandle | None = None
+    seconds = 10.0
+    head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.head_timer is not None and self.conn.their_state is not h11.IDLE:
-                self.head_timer.cancel()  # the request head is complete
-                self.head_timer = None
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._arm()  # the next request's head gets the same time
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            self.head_timer = self.loop.call_later(seconds, self._head_timed_out)
-
-        def _head_timed_out(self) -> None:
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.head_timer is not None and self.conn.their_state is not h11.IDLE:
+            self.head_timer.cancel()  # the request head is complete
             self.head_timer = None
-            if not self.transport.is_closing():
-                log.info("closed a connection whose request head took over %g s", seconds)
-                self.transport.close()
 
-    return HeadTimeoutProtocol
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm()  # the next request's head gets the same time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.seconds, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            log.info("closed a connection whose request head took over %g s", self.seconds)
+            self.transport.close()
+
+
+def head_timeout_protocol(seconds: float) -> type:
+    """HeadTimeoutProtocol with a time-out of `seconds`."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"seconds": seconds})
