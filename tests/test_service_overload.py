@@ -276,3 +276,39 @@ def test_too_many_images_are_refused_from_the_header_before_the_body_arrives(ser
             while chunk := sock.recv(4096):
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b"at most 1024" in answer
+
+
+def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
+    """`--workers 2`: both processes answer, and the settings reach them (here the head
+    time-out, which each worker reads from the environment)."""
+    import subprocess
+    import sys
+
+    from collabvit.client import wait_until_served
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
+                                "--workers", "2", "--threads", "1", "--timeout-request-head",
+                                "1"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_served(url, 120, alive=lambda: process.poll() is None)
+        fmnist = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
+        body, length = infer_request_body([encode_payload(
+            PatchPayload(np.arange(3), np.zeros((3, 1, 4, 4), np.uint8)), fmnist)])
+        answered = 0
+        deadline = time.monotonic() + 60
+        while answered < 6 and time.monotonic() < deadline:  # until both workers are warm
+            response = httpx.post(f"{url}/v2/models/collabvit_fmnist_server/infer",
+                                  content=body, headers={INFERENCE_HEADER: str(length)})
+            answered += response.status_code == 200
+        assert answered == 6
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+            assert sock.recv(1024) == b""  # closed after the 1 s head time-out
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Started parent process" in process.stderr.read()
