@@ -226,3 +226,38 @@ def test_the_server_is_checked_before_the_edge_model_loads(run_cli, tmp_path, mo
         port = probe.getsockname()[1]
     result = run_cli(*edge_args(f"http://127.0.0.1:{port}", tmp_path))
     assert result.returncode == 2 and "nothing answers at" in result.stderr
+
+
+def record_line(index: int, route: str) -> str:
+    from dataclasses import asdict
+
+    from collabvit.client import ImageRecord
+
+    return json.dumps(asdict(ImageRecord(
+        index=index, label=0, edge_top=[0], final_top=[0], confident=route == "edge",
+        route=route, cause="refused" if route == "fallback" else None, selected=3, delivered=3,
+        selection_min=0.1, selection_sum=0.9, payload_bytes=0, request_bytes=0,
+        response_bytes=0, full_bytes={}, attempts=1, edge_ms=1.0, transfer_ms=None,
+        server_ms=None, total_ms=1.0)))  # fmt: skip
+
+
+def test_resuming_sends_the_images_that_did_not_reach_the_server_again(tmp_path):
+    from collabvit.client import RECORDS_FORMAT, open_records
+
+    path = tmp_path / "records.jsonl"
+    identity = {"run": 1}
+    path.write_text("\n".join([json.dumps({"format": RECORDS_FORMAT, "run": identity}),
+                               record_line(0, "edge"), record_line(1, "fallback"),
+                               record_line(2, "server")]) + "\n")  # fmt: skip
+    done = open_records(path, identity, resume=True)
+    assert sorted(done) == [0, 2]  # image 1 is tried again
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_a_records_file_of_an_older_version_is_named_as_such(tmp_path):
+    from collabvit.client import open_records
+
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"format": "collabvit-edge-records/1", "run": {}}) + "\n")
+    with pytest.raises(ClientError, match="older collabvit"):
+        open_records(path, {}, resume=True)

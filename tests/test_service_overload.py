@@ -242,7 +242,7 @@ def test_other_host_headers_are_refused(server):
 
 
 def test_default_hosts_are_the_bound_address_and_loopback():
-    assert service.default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "::1", "localhost")
+    assert service.default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "[::1]", "localhost")
     every = service.default_allowed_hosts("0.0.0.0")
     assert {"localhost", "127.0.0.1", socket.gethostname()} <= set(every)
 
@@ -312,3 +312,28 @@ def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert "Started parent process" in process.stderr.read()
+
+
+def test_a_refusal_before_the_body_ends_the_connection(server):
+    """A request answered early (here 401) must not leave a connection whose body can then
+    trickle in under no time-out."""
+    app = app_of(server, token="secret")
+    with LiveServer(app, http=head_timeout_protocol(30.0), timeout_keep_alive=30) as running:
+        wait_ready(running.url)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=3) as sock:
+            sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                         .encode())  # fmt: skip
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401")  # and then the server closed the connection
+
+
+def test_ipv6_loopback_host_headers_are_answered(server):
+    app = app_of(server, allowed_hosts=service.default_allowed_hosts("127.0.0.1"))
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        for host in ("[::1]", f"[::1]:{running.port}", f"localhost:{running.port}"):
+            answer = httpx.get(f"{running.url}/v2/health/live", headers={"host": host})
+            assert answer.status_code == 200, host

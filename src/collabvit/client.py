@@ -478,8 +478,9 @@ def open_records(path: Path, identity: dict, resume: bool,
 
     A resumed file must come from a run with the same identity. A last line cut off by
     an interruption is dropped (that image is done again), and so are records of images
-    beyond `count` (the dataset of this run, e.g. a smaller --limit). Without `resume` an
-    existing file is refused rather than emptied.
+    beyond `count` (the dataset of this run, e.g. a smaller --limit) and fallbacks (images
+    that did not reach the server are sent again). Without `resume` an existing file is
+    refused rather than emptied.
     """
     done: dict[int, ImageRecord] = {}
     if path.exists() and path.stat().st_size and not resume:
@@ -491,6 +492,10 @@ def open_records(path: Path, identity: dict, resume: bool,
             head = json.loads(lines[0])
         except ValueError:
             head = None
+        if isinstance(head, dict) and str(head.get("format", "")).startswith(
+                RECORDS_FORMAT.split("/")[0]) and head.get("format") != RECORDS_FORMAT:
+            raise ClientError(f"{path} was written by an older collabvit ({head['format']}); "
+                              "start a new run with another --records file")  # fmt: skip
         if not isinstance(head, dict) or head.get("format") != RECORDS_FORMAT:
             raise ClientError(f"{path} is not a collabvit edge records file")
         if head.get("run") != identity:
@@ -504,7 +509,10 @@ def open_records(path: Path, identity: dict, resume: bool,
                 record = ImageRecord(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # an interrupted write
-            if record.index not in done and (count is None or record.index < count):
+            # an image that kept the edge's answer because the server was not reached is
+            # tried again: resuming after the server is back delivers it
+            if record.index not in done and record.route != "fallback" and (
+                    count is None or record.index < count):  # fmt: skip
                 done[record.index] = record
                 kept.append(line)
         temporary = path.with_name(path.name + ".tmp")  # a crash here keeps the old file

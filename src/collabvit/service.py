@@ -301,6 +301,11 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def host_header_form(host: str) -> str:
+    """A host as a Host header spells it: IPv6 literals in brackets ([::1])."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def default_allowed_hosts(host: str) -> tuple[str, ...]:
     """The Host headers a server bound to `host` answers by default: that address and the
     loopback names, and, bound to every interface, the machine's names and addresses."""
@@ -314,7 +319,7 @@ def default_allowed_hosts(host: str) -> tuple[str, ...]:
             names |= {info[4][0] for info in socket.getaddrinfo(hostname, None)}
         except OSError:
             pass
-    return tuple(sorted(name for name in names if name))
+    return tuple(sorted(host_header_form(name) for name in names if name))
 
 
 def retry_after_seconds(queued_images: int, images_per_second: float | None) -> int:
@@ -410,7 +415,8 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
     app.state.model = state
     app.state.admission = admission
     if settings.allowed_hosts is not None:  # DNS rebinding: answer only the names we serve
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[
+            host_header_form(host) for host in settings.allowed_hosts])
 
     def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
         metrics.errors.labels(kind).inc()
@@ -725,6 +731,10 @@ class HeadTimeoutProtocol(H11Protocol):
             self.head_timer = None
 
     def on_response_complete(self) -> None:
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # answered before its body arrived (a refusal): the rest of the body could
+            # trickle in under no time-out at all, so the connection ends here
+            self.transport.close()
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._arm()  # the next request's head gets the same time
