@@ -1,0 +1,115 @@
+"""Operating points that follow a budget: the edge's gate and selection chosen online.
+
+numpy only, no HTTP: the network client and an offline evaluation can both drive it.
+
+An operating point of the offline sweep is kept as a *send share* (the share of images its η
+sends on the sweep's data) rather than as η itself: online, η is set to the quantile of the
+recent uncertainties that sends that share, so a shift in the images' difficulty moves η,
+not the traffic. `CostController` then holds a cost budget by choosing, among the sweep's
+Pareto points, the most accurate one within it, with its δ; η then sends as large a share
+as the budget leaves (at least that point's), so the budget is met between the frontier's
+points, not only at them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class RecentValues:
+    """The last `size` values of a stream (bounded memory) and their quantiles."""
+
+    def __init__(self, size: int = 2048) -> None:
+        if size < 1:
+            raise ValueError(f"the window must hold at least one value, not {size}")
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, values) -> None:
+        self.values.extend(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0 <= q <= 1) of the values held; ValueError when there are none."""
+        if not self.values:
+            raise ValueError("no values yet")
+        return float(np.quantile(np.fromiter(self.values, dtype=np.float64), q))
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """An operating point of the offline frontier, in terms that survive a change of data.
+
+    Attributes:
+        masking_th: the selection's threshold (δ, or k for topk).
+        send_share: the share of images the gate sends at this point (0..1).
+        sent_tokens: mean patches per sent image. num_patches: N.
+        collab_acc: the offline collaborative accuracy, in %.
+    """
+
+    masking_th: float
+    send_share: float
+    sent_tokens: float
+    num_patches: int
+    collab_acc: float
+
+    @property
+    def comm_cost(self) -> float:
+        return self.send_share * self.sent_tokens / self.num_patches
+
+
+def gate_threshold(recent: RecentValues, share: float, measure: str) -> float:
+    """The η that sends `share` of images like the recent ones: entropies send at or above
+    η (η is the (1 - share)-quantile), the margin at or below it (the share-quantile)."""
+    share = min(max(share, 0.0), 1.0)
+    return recent.quantile(share if measure == "margin" else 1.0 - share)
+
+
+def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
+    """The most accurate point whose communication cost is at most `cost` (the cheapest
+    point when none is)."""
+    fitting = [p for p in points if p.comm_cost <= cost + 1e-12]
+    if not fitting:
+        return min(points, key=lambda p: p.comm_cost)
+    return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
+
+
+class CostController:
+    """Holds a communication-cost budget (the paper's measure) along the frontier.
+
+    It takes the most accurate frontier point within the budget, with its δ, and lets η
+    send as large a share of images as the budget leaves (at least that point's own), with
+    η read from the recent uncertainties so the share, and so the cost, holds when the
+    images get harder or easier.
+
+    Args:
+        points: the frontier (Pareto points of a sweep for this pair and codec).
+        measure: the gate's uncertainty measure (entropies or margin).
+        cost: the budget, in [0, 1].
+        recent: uncertainties remembered for η's quantile.
+    """
+
+    def __init__(self, points: list[FrontierPoint], measure: str, cost: float,
+                 recent: int = 2048) -> None:  # fmt: skip
+        if not points:
+            raise ValueError("the controller needs at least one frontier point")
+        if not 0.0 <= cost <= 1.0:
+            raise ValueError(f"a communication cost budget lies in [0, 1], not {cost}")
+        self.measure, self.cost = measure, cost
+        self.recent = RecentValues(recent)
+        self.point = best_within(points, cost)
+        self.share = min(1.0, cost * self.point.num_patches / max(self.point.sent_tokens, 1e-9))
+
+    def observe(self, uncertainties) -> None:
+        """The uncertainties of a batch of images (every image, sent or not)."""
+        self.recent.add(uncertainties)
+
+    def operating_point(self) -> tuple[float, float | None]:
+        """(masking_th, η) to use now; η is None until uncertainties have been seen."""
+        if not len(self.recent):
+            return self.point.masking_th, None
+        return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
