@@ -40,6 +40,12 @@ SERVER=(--model collabvit_cluttered_server --epochs 60 --token-drop 0.75 --ema-d
 EDGE=(--model collabvit_cluttered_edge --epochs 40 --ema-decay 0.999 --teacher "$OUT/teacher"
       --distill hard)
 
+# The teacher ships in models/: a fresh run distils from it rather than training it again.
+if [ ! -e "$OUT/teacher/model_card.json" ] && [ -e models/collabvit_cluttered_cnn/model_card.json ]; then
+    mkdir -p "$OUT/teacher"
+    cp models/collabvit_cluttered_cnn/model.safetensors models/collabvit_cluttered_cnn/model_card.json \
+        "$OUT/teacher/"
+fi
 run teacher "$THREADS" --model collabvit_cluttered_cnn --epochs 30 --ema-decay 0.999 --bf16
 if [ "$THREADS" -ge 2 ] && ! finished edge && ! finished server "$SERVER_SIDE_EPOCHS"; then
     run edge 1 "${EDGE[@]}" &
