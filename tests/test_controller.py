@@ -86,3 +86,54 @@ def test_bad_budgets_are_refused(cost, message):
         CostController(POINTS, "min_entropy", cost=cost)
     with pytest.raises(ValueError, match="at least one"):
         CostController([], "min_entropy", cost=0.1)
+
+
+def stream(controller, seconds, difficulty, patch_bytes, start=0.0, rate=100, step=0.05,
+           seed=3):  # fmt: skip
+    """Images at `rate` per second through a BytesController; bytes sent per 10 s window."""
+    from collabvit.controller import BytesController  # noqa: F401 - the type driven here
+
+    rng = np.random.default_rng(seed)
+    tokens_of = {p.masking_th: p.sent_tokens for p in POINTS}
+    windows, sent = [], 0.0
+    steps = round(seconds / step)
+    for i in range(steps):
+        now = start + i * step
+        values = rng.uniform(difficulty(now), difficulty(now) + 1, round(rate * step))
+        controller.observe(now, values)
+        delta, eta = controller.operating_point()
+        for value in values:
+            if eta is None or value >= eta:
+                nbytes = 260.0 + patch_bytes * max(1.0, rng.normal(tokens_of[delta], 2.0))
+                if controller.admit(now, nbytes):
+                    sent += nbytes
+        if (i + 1) % round(10 / step) == 0:
+            windows.append(sent / 10)
+            sent = 0.0
+    return windows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bytes_budget_is_held_in_every_window_through_harder_images_and_dearer_sends(seed):
+    """1,000 images/s (about 70 sends/s: one send is a 700th of a window's bytes)."""
+    from collabvit.controller import BytesController
+
+    budget = 30000.0  # eta follows the last 5 s of uncertainties
+    controller = BytesController(POINTS, "min_entropy", bytes_per_second=budget, recent=5000)
+    first = stream(controller, 60, lambda t: 0.0, 14.0, rate=1000, seed=seed)
+    harder = stream(controller, 60, lambda t: 3.0, 14.0, start=60.0, rate=1000,
+                    seed=seed + 10)  # fmt: skip
+    dearer = stream(controller, 60, lambda t: 3.0, 28.0, start=120.0, rate=1000,
+                    seed=seed + 20)  # fmt: skip
+    for realised in first[2:] + harder + dearer:
+        assert realised == pytest.approx(budget, rel=0.05)
+
+
+def test_a_larger_bytes_budget_buys_a_more_accurate_point():
+    from collabvit.controller import BytesController
+
+    small = BytesController(POINTS, "min_entropy", bytes_per_second=1500.0)
+    large = BytesController(POINTS, "min_entropy", bytes_per_second=20000.0)
+    stream(small, 30, lambda t: 0.0, 14.0)
+    stream(large, 30, lambda t: 0.0, 14.0)
+    assert large.point.collab_acc > small.point.collab_acc

@@ -113,3 +113,96 @@ class CostController:
         if not len(self.recent):
             return self.point.masking_th, None
         return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
+
+
+class BytesController:
+    """Holds bytes per second on the wire: a token bucket decides each send, and the share
+    of images the gate asks to send follows what the bucket lets through.
+
+    The bucket (refilled at the budget, holding `burst` seconds of it) admits a send only
+    when it has the send's bytes, so the wire never carries more than the budget allows.
+    The share η asks for is adapted every `adapt` seconds so that the bucket refuses about
+    a tenth of the sends asked for (those images are answered at the edge): enough demand
+    that the bucket, not the chance arrival of uncertain images, sets the bytes, and few
+    refusals of images the gate found uncertain. The selection's δ is that of the most
+    accurate frontier point whose own share fits the budget. With tens of sends per second
+    the bytes of every 10 s window stay within a few per cent of the budget; with a few,
+    the granularity of single sends and of their chance arrival shows.
+
+    Args:
+        points: the frontier (Pareto points of a sweep for this pair and codec).
+        measure: the gate's uncertainty measure (entropies or margin).
+        bytes_per_second: the budget.
+        burst: seconds of budget the bucket can hold.
+        adapt: seconds between adaptations of the share.
+    """
+
+    def __init__(self, points: list[FrontierPoint], measure: str, bytes_per_second: float,
+                 burst: float = 1.0, adapt: float = 1.0, recent: int = 2048) -> None:  # fmt: skip
+        if not points:
+            raise ValueError("the controller needs at least one frontier point")
+        if bytes_per_second <= 0:
+            raise ValueError(f"a bytes/s budget must be > 0, not {bytes_per_second}")
+        self.points = sorted(points, key=lambda p: p.comm_cost)
+        self.measure, self.budget, self.adapt = measure, bytes_per_second, adapt
+        self.capacity = bytes_per_second * burst
+        self.tokens = self.capacity
+        self.recent = RecentValues(recent)
+        self.point = self.points[0]
+        self.share = self.point.send_share
+        self.last: float | None = None
+        self.adapted_at: float | None = None
+        self.wanted = self.refused = 0
+        self.images = 0
+        self.send_bytes = 0.0  # mean bytes of a send (learnt)
+
+    def observe(self, now: float, uncertainties) -> None:
+        """A batch's uncertainties (every image) at time `now`."""
+        values = np.asarray(uncertainties, dtype=np.float64).ravel()
+        self.recent.add(values)
+        self.images += len(values)
+        self._refill(now)
+        if self.adapted_at is None:
+            self.adapted_at = now
+        elif now - self.adapted_at >= self.adapt:
+            self._adapt(now - self.adapted_at)
+            self.adapted_at = now
+
+    def admit(self, now: float, nbytes: float) -> bool:
+        """Whether an image the gate sends may go out now with its `nbytes` on the wire."""
+        self._refill(now)
+        self.wanted += 1
+        self.send_bytes = nbytes if not self.send_bytes else 0.9 * self.send_bytes + 0.1 * nbytes
+        if self.tokens >= nbytes:
+            self.tokens -= nbytes
+            return True
+        self.refused += 1
+        return False
+
+    def operating_point(self) -> tuple[float, float | None]:
+        """(masking_th, η) to use now; η is None until uncertainties have been seen."""
+        if not len(self.recent):
+            return self.point.masking_th, None
+        return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
+
+    def _refill(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.capacity, self.tokens + self.budget * (now - self.last))
+        self.last = now if self.last is None else max(self.last, now)
+
+    def _adapt(self, seconds: float) -> None:
+        rate = self.images / seconds  # images per second in the period
+        # Ask for a little more than the budget carries, so that the bucket, not the
+        # chance arrival of uncertain images, sets the bytes: about a tenth of the sends
+        # asked for are refused (those images are answered at the edge).
+        refused = self.refused / self.wanted if self.wanted else 0.0
+        if refused > 0.3:
+            self.share *= 0.95
+        elif refused < 0.15:
+            self.share = min(1.0, self.share * 1.05)
+        if rate > 0 and self.send_bytes:
+            affordable = self.budget / (rate * self.send_bytes)  # share the budget pays for
+            fitting = [p for p in self.points if p.send_share <= affordable]
+            self.point = max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost)) if fitting \
+                else self.points[0]  # fmt: skip
+        self.images = self.wanted = self.refused = 0
