@@ -121,8 +121,8 @@ class BytesController:
 
     The bucket (refilled at the budget, holding `burst` seconds of it) admits a send only
     when it has the send's bytes, so the wire never carries more than the budget allows.
-    The share η asks for is adapted every `adapt` seconds so that the bucket refuses about
-    a tenth of the sends asked for (those images are answered at the edge): enough demand
+    The share η asks for is adapted every `adapt` seconds so that the bucket refuses 15 to
+    30 % of the sends asked for (those images are answered at the edge): enough demand
     that the bucket, not the chance arrival of uncertain images, sets the bytes, and few
     refusals of images the gate found uncertain. The selection's δ is that of the most
     accurate frontier point whose own share fits the budget. With tens of sends per second
@@ -193,8 +193,8 @@ class BytesController:
     def _adapt(self, seconds: float) -> None:
         rate = self.images / seconds  # images per second in the period
         # Ask for a little more than the budget carries, so that the bucket, not the
-        # chance arrival of uncertain images, sets the bytes: about a tenth of the sends
-        # asked for are refused (those images are answered at the edge).
+        # chance arrival of uncertain images, sets the bytes: 15 to 30 % of the sends asked
+        # for are refused (those images are answered at the edge).
         refused = self.refused / self.wanted if self.wanted else 0.0
         if refused > 0.3:
             self.share *= 0.95
