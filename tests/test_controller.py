@@ -137,3 +137,38 @@ def test_a_larger_bytes_budget_buys_a_more_accurate_point():
     stream(small, 30, lambda t: 0.0, 14.0)
     stream(large, 30, lambda t: 0.0, 14.0)
     assert large.point.collab_acc > small.point.collab_acc
+
+
+def sweep_point(policy, threshold, measure, eta, sent, tokens, accuracy):
+    from collabvit.frontier import SweepPoint
+    from collabvit.summary import Summary
+
+    figures = Summary(images=1000, num_patches=N, confident_images=1000 - sent, sent_images=sent,
+                      sent_tokens=tokens, avg_min_attention=0.0, avg_sum_attention=0.9,
+                      comm_cost=sent / 1000 * tokens / N, client_acc=89.0, client_acc5=99.0,
+                      collab_acc=accuracy, collab_acc5=99.5)  # fmt: skip
+    return SweepPoint("mean", 1.0, policy, threshold, measure, eta, figures)
+
+
+def test_the_frontier_comes_from_a_sweeps_points_file(tmp_path):
+    """Read from what `collabvit sweep` writes (sweep.write_points), one series only."""
+    from collabvit.controller import CostController, frontier_from_sweep
+    from collabvit.sweep import write_points
+
+    points = [sweep_point("attention_sum_threshold", 0.9, "min_entropy", 0.5, 100, 12, 90.0),
+              sweep_point("attention_sum_threshold", 0.99, "min_entropy", 0.5, 100, 30, 91.0),
+              sweep_point("attention_sum_threshold", 0.99, "min_entropy", 0.3, 250, 30, 92.5),
+              sweep_point("attention_sum_threshold", 0.9, "min_entropy", 0.3, 250, 12, 90.5),
+              sweep_point("attention_sum_threshold", 1.0, "min_entropy", 0.3, 250, 49, 92.0),
+              sweep_point("topk", 20, "min_entropy", 0.3, 250, 20, 99.0)]  # another series
+    write_points(points, tmp_path / "points.jsonl", tmp_path / "points.csv")
+    frontier = frontier_from_sweep(tmp_path / "points.jsonl", "attention_sum_threshold",
+                                   "min_entropy")  # fmt: skip
+    kept = sorted((p.masking_th, p.send_share) for p in frontier)
+    # (0.9, 25 %) costs what (0.99, 10 %) costs for less accuracy, and 1.0 is beaten too
+    assert kept == [(0.9, 0.1), (0.99, 0.1), (0.99, 0.25)]
+    assert all(p.num_patches == N for p in frontier)
+    controller = CostController(frontier, "min_entropy", cost=0.1)
+    assert controller.point.masking_th == 0.99 and controller.point.collab_acc == 91.0
+    with pytest.raises(ValueError, match="holds no point"):
+        frontier_from_sweep(tmp_path / "points.jsonl", "topk", "margin")

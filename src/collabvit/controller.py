@@ -13,10 +13,14 @@ points, not only at them.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from collabvit.frontier import pareto_optimal
 
 
 class RecentValues:
@@ -60,6 +64,27 @@ class FrontierPoint:
     @property
     def comm_cost(self) -> float:
         return self.send_share * self.sent_tokens / self.num_patches
+
+
+def frontier_from_sweep(path: str | Path, policy: str, measure: str,
+                        attention_mode: str = "mean") -> list[FrontierPoint]:  # fmt: skip
+    """The frontier a controller moves along, from a sweep's points.jsonl: the Pareto points
+    among the points of one policy, measure and attention mode (at temperature 1)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if (row["policy"], row["measure"], row["attention_mode"], row["temperature"]) == \
+                (policy, measure, attention_mode, 1.0):  # fmt: skip
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no point of {policy} with {measure} and "
+                         f"{attention_mode} attention")  # fmt: skip
+    best = pareto_optimal([r["comm_cost"] for r in rows], [r["collab_acc"] for r in rows])
+    return [FrontierPoint(masking_th=r["threshold"],
+                          send_share=r["sent_images"] / max(r["images"], 1),
+                          sent_tokens=r["sent_tokens"], num_patches=r["num_patches"],
+                          collab_acc=r["collab_acc"])
+            for r, keep in zip(rows, best, strict=True) if keep]  # fmt: skip
 
 
 def gate_threshold(recent: RecentValues, share: float, measure: str) -> float:
