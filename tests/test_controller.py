@@ -172,3 +172,28 @@ def test_the_frontier_comes_from_a_sweeps_points_file(tmp_path):
     assert controller.point.masking_th == 0.99 and controller.point.collab_acc == 91.0
     with pytest.raises(ValueError, match="holds no point"):
         frontier_from_sweep(tmp_path / "points.jsonl", "topk", "margin")
+
+
+def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
+    """The frontier of a sweep over some images; an in-process evaluation of the same images
+    held at a cost between its points spends about that cost."""
+    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.controller import CostController, frontier_from_sweep
+    from collabvit.evaluate import evaluate
+    from collabvit.pair import load_pair
+
+    swept = run_cli("sweep", "--limit", "640", "--quiet", "--out-dir", str(tmp_path),
+                    "--attention-modes", "mean", "--uncer-modes", "min_entropy",
+                    "--policy", "attention_sum_threshold=0.9,0.99,0.9995")  # fmt: skip
+    assert swept.returncode == 0, swept.stderr
+    frontier = frontier_from_sweep(tmp_path / "points.jsonl", "attention_sum_threshold",
+                                   "min_entropy")  # fmt: skip
+    pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"),
+                     ModelSpec(name="collabvit_fmnist_server"), DataSpec(limit=640))
+    edge = pair.edge(pair.default_config())
+    controller = CostController(frontier, "min_entropy", cost=0.1)
+    held = evaluate(edge, pair.server(), pair.loader(), progress=False, controller=controller)
+    assert held.summary.comm_cost == pytest.approx(0.1, rel=0.15), held.summary.comm_cost
+    assert edge.config == pair.default_config()  # the edge's own point is back
+    plain = evaluate(edge, pair.server(), pair.loader(), progress=False)
+    assert plain.summary.comm_cost == pytest.approx(0.2434, abs=0.03)  # the shipped point

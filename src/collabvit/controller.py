@@ -53,6 +53,7 @@ class FrontierPoint:
         send_share: the share of images the gate sends at this point (0..1).
         sent_tokens: mean patches per sent image. num_patches: N.
         collab_acc: the offline collaborative accuracy, in %.
+        eta: the sweep's η for this point, used until the first uncertainties arrive.
     """
 
     masking_th: float
@@ -60,6 +61,7 @@ class FrontierPoint:
     sent_tokens: float
     num_patches: int
     collab_acc: float
+    eta: float | None = None  # the sweep's own η for this point (before any image is seen)
 
     @property
     def comm_cost(self) -> float:
@@ -83,7 +85,7 @@ def frontier_from_sweep(path: str | Path, policy: str, measure: str,
     return [FrontierPoint(masking_th=r["threshold"],
                           send_share=r["sent_images"] / max(r["images"], 1),
                           sent_tokens=r["sent_tokens"], num_patches=r["num_patches"],
-                          collab_acc=r["collab_acc"])
+                          collab_acc=r["collab_acc"], eta=r["eta"])
             for r, keep in zip(rows, best, strict=True) if keep]  # fmt: skip
 
 
@@ -134,9 +136,10 @@ class CostController:
         self.recent.add(uncertainties)
 
     def operating_point(self) -> tuple[float, float | None]:
-        """(masking_th, η) to use now; η is None until uncertainties have been seen."""
+        """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
+        (None when the frontier has none)."""
         if not len(self.recent):
-            return self.point.masking_th, None
+            return self.point.masking_th, self.point.eta
         return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
 
 
@@ -205,9 +208,10 @@ class BytesController:
         return False
 
     def operating_point(self) -> tuple[float, float | None]:
-        """(masking_th, η) to use now; η is None until uncertainties have been seen."""
+        """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
+        (None when the frontier has none)."""
         if not len(self.recent):
-            return self.point.masking_th, None
+            return self.point.masking_th, self.point.eta
         return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
 
     def _refill(self, now: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from collabvit.edge import EdgeDevice
 from collabvit.progress import progress_bar
 from collabvit.server import Server
 from collabvit.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
+from collabvit.uncertainty import uncertainty
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def evaluate(
     keep_records: bool = False,
     total: int | None = None,
     expected_images: int | None = None,
+    controller=None,
 ) -> EvalResult:
     """Run the collaborative protocol over batches and summarise it.
 
@@ -64,35 +66,49 @@ def evaluate(
         keep_records: also return one ImageRecord per image.
         total: number of batches, for the progress display.
         expected_images: the dataset's size, to count images the loader skipped.
+        controller: a controller.CostController: each batch then runs at the operating
+            point it gives (δ, and η from the uncertainties of the batches before; the
+            edge's own η for the first), and it sees each batch's uncertainties. The edge's
+            own point is back in place when the run ends.
     """
     vit.check_compatible(edge.model, server.model)
     num_classes = edge.geometry.num_classes
     running = RunningSummary(num_patches=edge.geometry.num_patches)
     records: list[ImageRecord] = []
-    for images, targets, indices in progress_bar(
-        batches, "collaborative eval", total=total, unit="batch", enabled=progress
-    ):
-        check_labels(targets, num_classes)
-        result = edge.process(images, indices, seed)
-        final_logits = result.logits.clone()
-        if result.payloads:
-            final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)
-        size, minimum, total_score = result.selection_statistics()
-        running.update(
-            targets, result.logits, final_logits, result.confident, size, minimum, total_score
-        )
-        if keep_records:
-            edge_pred = result.logits.argmax(dim=1).tolist()
-            final_pred = final_logits.argmax(dim=1).tolist()
-            sent = result.sent.tolist()
-            sizes = size.tolist()
-            for row, (index, label) in enumerate(zip(indices.tolist(), targets.tolist(),
-                                                     strict=True)):
-                records.append(ImageRecord(
-                    index=int(index), label=int(label), edge_prediction=edge_pred[row],
-                    final_prediction=final_pred[row], sent=sent[row],
-                    patches_sent=sizes[row] if sent[row] else 0,
-                ))  # fmt: skip
+    chosen = edge.config
+    try:
+        for images, targets, indices in progress_bar(
+            batches, "collaborative eval", total=total, unit="batch", enabled=progress
+        ):
+            check_labels(targets, num_classes)
+            if controller is not None:
+                delta, eta = controller.operating_point()
+                edge.config = replace(edge.config, masking_th=delta,
+                                      uncer_th=chosen.uncer_th if eta is None else eta)
+            result = edge.process(images, indices, seed)
+            if controller is not None:
+                controller.observe(uncertainty(result.logits, chosen.uncer_mode))
+            final_logits = result.logits.clone()
+            if result.payloads:
+                final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)
+            size, minimum, total_score = result.selection_statistics()
+            running.update(
+                targets, result.logits, final_logits, result.confident, size, minimum, total_score
+            )
+            if keep_records:
+                edge_pred = result.logits.argmax(dim=1).tolist()
+                final_pred = final_logits.argmax(dim=1).tolist()
+                sent = result.sent.tolist()
+                sizes = size.tolist()
+                for row, (index, label) in enumerate(zip(indices.tolist(), targets.tolist(),
+                                                         strict=True)):
+                    records.append(ImageRecord(
+                        index=int(index), label=int(label), edge_prediction=edge_pred[row],
+                        final_prediction=final_pred[row], sent=sent[row],
+                        patches_sent=sizes[row] if sent[row] else 0,
+                    ))  # fmt: skip
+    finally:
+        edge.config = chosen
     summary = running.summary()
     skipped = expected_images - summary.images if expected_images is not None else 0
     return EvalResult(summary=summary, records=records, skipped=skipped, running=running)
