@@ -182,14 +182,15 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     from collabvit.evaluate import evaluate
     from collabvit.pair import load_pair
 
-    swept = run_cli("sweep", "--limit", "640", "--quiet", "--out-dir", str(tmp_path),
+    swept = run_cli("sweep", "--limit", "384", "--quiet", "--out-dir", str(tmp_path),
                     "--attention-modes", "mean", "--uncer-modes", "min_entropy",
-                    "--policy", "attention_sum_threshold=0.9,0.99,0.9995")  # fmt: skip
+                    "--policy", "attention_sum_threshold=0.95,0.999", "--etas",
+                    "0.1,0.2,0.3,0.5,1.0")  # fmt: skip
     assert swept.returncode == 0, swept.stderr
     frontier = frontier_from_sweep(tmp_path / "points.jsonl", "attention_sum_threshold",
                                    "min_entropy")  # fmt: skip
     pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"),
-                     ModelSpec(name="collabvit_fmnist_server"), DataSpec(limit=640))
+                     ModelSpec(name="collabvit_fmnist_server"), DataSpec(limit=384))
     edge = pair.edge(pair.default_config())
     controller = CostController(frontier, "min_entropy", cost=0.1)
     held = evaluate(edge, pair.server(), pair.loader(), progress=False, controller=controller)
