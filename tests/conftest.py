@@ -161,3 +161,12 @@ def shipped_live(shipped_server):
     with LiveServer(shipped_app(shipped_server)) as running:
         wait_ready(running.url)
         yield running
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

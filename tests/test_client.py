@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_SERVER as SERVER_NAME
-from conftest import LiveServer, shipped_app, wait_ready
+from conftest import LiveServer, free_port, shipped_app, wait_ready
 
 from collabvit.client import (
     ImageRecord,
@@ -42,12 +42,6 @@ def live(shipped_live):
 def read_records(path: Path) -> list[ImageRecord]:
     lines = path.read_text().splitlines()[1:]
     return [ImageRecord(**json.loads(line)) for line in lines]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def edge_args(url: str, tmp_path: Path, *extra: str, name: str = "run") -> list[str]:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import trustme
-from conftest import SHIPPED_SERVER, LiveServer, shipped_app
+from conftest import SHIPPED_SERVER, LiveServer, free_port, shipped_app
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
@@ -221,9 +221,7 @@ def test_the_server_is_checked_before_the_edge_model_loads(run_cli, tmp_path, mo
         raise AssertionError("the edge model was loaded before the server was checked")
 
     monkeypatch.setattr("collabvit.pair.load_pair", never)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = run_cli(*edge_args(f"http://127.0.0.1:{port}", tmp_path))
     assert result.returncode == 2 and "nothing answers at" in result.stderr
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import tritonclient.http as http
 import trustme
-from conftest import LiveServer, tiny_vit, wait_ready
+from conftest import LiveServer, free_port, tiny_vit, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -357,13 +357,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     """`collabvit serve` with the shipped model: a request waiting in a batch when SIGTERM
     arrives still gets its answer, and the process exits cleanly."""
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "collabvit", "serve", "--port", str(port), "--max-delay-ms",
@@ -466,13 +463,10 @@ def test_too_many_images_in_one_request_get_413(server):
 
 
 def test_serve_refuses_a_certificate_it_cannot_load(run_cli, tmp_path):
-    import socket
 
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("not a certificate\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())
     result = run_cli("serve", "--port", port, "--ssl-certfile", str(tmp_path / "cert.pem"),
                      "--ssl-keyfile", str(tmp_path / "key.pem"))  # fmt: skip
     assert result.returncode == 2 and "collabvit serve: error:" in result.stderr
@@ -480,14 +474,11 @@ def test_serve_refuses_a_certificate_it_cannot_load(run_cli, tmp_path):
 
 
 def test_serve_names_a_swapped_certificate_and_key(run_cli, tmp_path):
-    import socket
 
     certificate = trustme.CA().issue_cert("127.0.0.1")
     certificate.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
     certificate.private_key_pem.write_to_path(tmp_path / "key.pem")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())
     result = run_cli("serve", "--port", port, "--ssl-certfile", str(tmp_path / "key.pem"),
                      "--ssl-keyfile", str(tmp_path / "cert.pem"))  # fmt: skip
     assert result.returncode == 2 and "its private key to --ssl-keyfile" in result.stderr

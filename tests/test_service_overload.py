@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import LiveServer, tiny_vit, wait_ready
+from conftest import LiveServer, free_port, tiny_vit, wait_ready
 
 from collabvit import service
 from collabvit.protocol import (
@@ -74,6 +74,22 @@ def errors(app, kind: str) -> float:
             if sample.name.endswith("_total") and sample.labels.get("kind") == kind:
                 return sample.value
     raise AssertionError(kind)
+
+
+# a request head promising 100 bytes of body, then only the first of them
+UNFINISHED_BODY = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode()
+
+
+def answer_until_closed(port: int, request: bytes, timeout: float) -> bytes:
+    """Send `request` and read until the server closes the connection (socket.timeout
+    when it has not within `timeout` seconds of silence)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
 
 
 def counter(metric) -> float:
@@ -210,13 +226,7 @@ def test_a_body_that_trickles_in_gets_408_and_the_connection_closes(server):
     app = app_of(server, body_timeout=0.5)
     with LiveServer(app) as running:
         wait_ready(running.url)
-        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
-            sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-                         .encode())  # fmt: skip
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = answer_until_closed(running.port, UNFINISHED_BODY, timeout=5)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
     assert errors(app, "body_timeout") == 1
 
@@ -254,9 +264,7 @@ def test_default_hosts_are_the_bound_address_and_loopback():
 def test_serve_warns_of_an_exposed_setup(run_cli, monkeypatch, flags, warning):
     started = {}
     monkeypatch.setattr(service, "serve", lambda settings, *a, **k: started.update(s=settings))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = run_cli("serve", "--port", str(port), "--max-request-images", "7", *flags)
     assert result.returncode == 0, result.stderr
     assert warning in result.stderr
@@ -268,13 +276,10 @@ def test_too_many_images_are_refused_from_the_header_before_the_body_arrives(ser
                                      "parameters": {"binary_data_size": 4 * 5000}}]}).encode()
     with LiveServer(app_of(server)) as running:
         wait_ready(running.url)
-        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
-            sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         f"Content-Length: {len(header) + 4 * 5000}\r\n"
-                         f"{INFERENCE_HEADER}: {len(header)}\r\n\r\n".encode() + header)
-            answer = b""  # the 20,000 bytes of elements never come
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = answer_until_closed(running.port, (  # the 20,000 bytes never come
+            f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Length: {len(header) + 4 * 5000}\r\n"
+            f"{INFERENCE_HEADER}: {len(header)}\r\n\r\n").encode() + header, timeout=10)
     assert answer.startswith(b"HTTP/1.1 413") and b"at most 1024" in answer
 
 
@@ -286,9 +291,7 @@ def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
 
     from collabvit.client import wait_until_served
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
                                 "--workers", "2", "--threads", "1", "--timeout-request-head",
                                 "1"], stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -320,13 +323,7 @@ def test_a_refusal_before_the_body_ends_the_connection(server):
     app = app_of(server, token="secret")
     with LiveServer(app, http=head_timeout_protocol(30.0), timeout_keep_alive=30) as running:
         wait_ready(running.url)
-        with socket.create_connection(("127.0.0.1", running.port), timeout=3) as sock:
-            sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-                         .encode())  # fmt: skip
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
+        answer = answer_until_closed(running.port, UNFINISHED_BODY, timeout=3)
     assert answer.startswith(b"HTTP/1.1 401")  # and then the server closed the connection
 
 

@@ -52,10 +52,6 @@ class OnnxEdgeResult:
     kept_sum: np.ndarray
     payloads: list[PatchPayload]
 
-    @property
-    def sent(self) -> np.ndarray:
-        return ~self.confident
-
     def selection_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Size, minimum and sum of the selected scores per image ([B] each)."""
         return self.kept, self.kept_min, self.kept_sum

@@ -172,10 +172,6 @@ class Batcher:
         self.arrived.set()
         return future
 
-    async def submit(self, payloads: list[PatchPayload]) -> tuple[np.ndarray, float]:
-        """Logits [len(payloads), classes] float32 and the seconds spent queued."""
-        return await self.enqueue(payloads)
-
     def _drop_cancelled(self) -> None:
         """Forget queued requests whose future was cancelled (their client went away)."""
         while self.pending and self.pending[0].future.done():
