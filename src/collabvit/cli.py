@@ -482,6 +482,8 @@ def run_edge(args: argparse.Namespace) -> int:
         _check_output_file(client.results_file)
         if client.resume and not Path(client.records).is_file():
             raise UsageError(f"--resume: {client.records} does not exist yet")
+        served: dict = {}  # the served model's metadata, read once
+
         def check_server(name: str) -> None:
             """The server, its certificate and the token, before the edge's model loads."""
             from collabvit.client import check_server, tls_verification, wait_until_served
@@ -490,7 +492,7 @@ def run_edge(args: argparse.Namespace) -> int:
                 wait_until_served(client.server.rstrip("/"), client.wait,
                                   verify=tls_verification(client.ca_file))
             if not client.allow_edge_only:
-                check_server(client, name)
+                served.update(check_server(client, name))
 
         if runtime.onnx:
             edge, batches, count, names = _onnx_edge(args, data, chosen, runtime, check_server)
@@ -514,7 +516,8 @@ def run_edge(args: argparse.Namespace) -> int:
                                enabled=_progress(run))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(edge, batches, client, link,
                                                   names["server_model"], identity,
-                                                  seed=run.seed, count=count))  # fmt: skip
+                                                  seed=run.seed, count=count,
+                                                  metadata=served or None))  # fmt: skip
         print(format_summary(report.summary, config.masking_mode, config.masking_th,
                              config.uncer_mode, config.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))

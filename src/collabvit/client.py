@@ -689,6 +689,7 @@ async def run_edge(
     identity: dict,
     seed: int = 0,
     count: int | None = None,
+    metadata: dict | None = None,
 ) -> EdgeReport:
     """Run the edge over batches, offloading uncertain images to the server.
 
@@ -702,6 +703,8 @@ async def run_edge(
         identity: the run's settings, stored with the records (see run_identity).
         seed: seeds the `random` policy and the emulated loss.
         count: the dataset's size (records of other images are not resumed).
+        metadata: the served model's metadata when the caller already read it (check_server
+            before loading the edge); else it is read here.
     """
     codec = Codec.parse(config.codec)
     g = edge.geometry
@@ -745,7 +748,7 @@ async def run_edge(
 
     async with ServerLink(config, model_name, link_config, g.num_classes, seed) as link:
         try:  # no server, another server, a wrong model, token or geometry: stop here
-            check_server_geometry(await link.metadata(), geometry, g.num_classes)
+            check_server_geometry(metadata or await link.metadata(), geometry, g.num_classes)
         except ServerUnavailable as error:
             if not config.allow_edge_only:
                 raise
