@@ -105,7 +105,24 @@ def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
     return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
 
 
-class CostController:
+class _FollowsFrontier:
+    """What both controllers answer: the current point's δ, and η for the current share
+    from the recent uncertainties (attributes point, share, measure, recent)."""
+
+    point: FrontierPoint
+    share: float
+    measure: str
+    recent: RecentValues
+
+    def operating_point(self) -> tuple[float, float | None]:
+        """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
+        (None when the frontier has none)."""
+        if not len(self.recent):
+            return self.point.masking_th, self.point.eta
+        return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
+
+
+class CostController(_FollowsFrontier):
     """Holds a communication-cost budget (the paper's measure) along the frontier.
 
     It takes the most accurate frontier point within the budget, with its δ, and lets η
@@ -135,15 +152,8 @@ class CostController:
         """The uncertainties of a batch of images (every image, sent or not)."""
         self.recent.add(uncertainties)
 
-    def operating_point(self) -> tuple[float, float | None]:
-        """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
-        (None when the frontier has none)."""
-        if not len(self.recent):
-            return self.point.masking_th, self.point.eta
-        return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
 
-
-class BytesController:
+class BytesController(_FollowsFrontier):
     """Holds bytes per second on the wire: a token bucket decides each send, and the share
     of images the gate asks to send follows what the bucket lets through.
 
@@ -206,13 +216,6 @@ class BytesController:
             return True
         self.refused += 1
         return False
-
-    def operating_point(self) -> tuple[float, float | None]:
-        """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
-        (None when the frontier has none)."""
-        if not len(self.recent):
-            return self.point.masking_th, self.point.eta
-        return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
 
     def _refill(self, now: float) -> None:
         if self.last is not None and now > self.last:
