@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 GOLDEN ?= tests/golden
 
 .PHONY: setup data test test-all demo demo-deploy demo-golden results results-cluttered findings \
-	findings-cluttered deploy-table onnx-report lint bench bench-quick \
+	findings-cluttered deploy-table frontier onnx-report lint bench bench-quick \
 	bench-sweep bench-serve bench-train clean
 
 setup: $(STAMP)
@@ -71,6 +71,15 @@ results-cluttered: setup data
 	$(PY) scripts/cluttered_results.py
 	$(PY) scripts/deploy_table.py --data-set fmnist-cluttered
 	$(PY) scripts/cluttered_results.py --bytes-only
+
+# The shipped pair's frontier on the validation split, stored in the edge's card: the
+# points `collabvit edge --budget-bps/--budget-cost` moves along.
+FRONTIER_DELTAS := 0.5,0.6,0.7,0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99,0.995,0.998,0.999,0.9995,1.0
+frontier: setup data
+	$(VENV)/bin/collabvit sweep --split val --quiet --no-plots --out-dir runs/frontier/fmnist \
+		--attention-modes mean --uncer-modes min_entropy --num-etas 41 \
+		--policy attention_sum_threshold=$(FRONTIER_DELTAS)
+	$(PY) scripts/ship_frontier.py runs/frontier/fmnist/frontier.json
 
 # The exported edge (fp32 and int8) against the torch edge on every test image of each
 # shipped pair, and the int8 graph's collaborative accuracy (README, Deploy on a device).

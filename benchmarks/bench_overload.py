@@ -52,6 +52,16 @@ def peak_rss_mb(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
 
 
+def raw_requests(payloads, geometry) -> list[bytes]:
+    """One raw HTTP/1.1 infer request (binary extension) per payload, for `overload`."""
+    requests = []
+    for payload in payloads:
+        body, length = infer_request_body([encode_payload(payload, geometry)])
+        requests.append((f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: "
+                         f"{len(body)}\r\n{INFERENCE_HEADER}: {length}\r\n\r\n").encode() + body)
+    return requests
+
+
 def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
@@ -220,11 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                        repeats=1)  # fmt: skip
     began, load_at_start = time.perf_counter(), load_average()
     pair, payloads, geometry, default = payloads_of_test_images(args.images)
-    requests = []
-    for payload in payloads[:2000]:
-        body, length = infer_request_body([encode_payload(payload, geometry)])
-        requests.append((f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: "
-                         f"{len(body)}\r\n{INFERENCE_HEADER}: {length}\r\n\r\n").encode() + body)
+    requests = raw_requests(payloads[:2000], geometry)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(port, "--max-queue-images", str(args.queue), "--timeout-request-head",

@@ -404,3 +404,107 @@ def test_a_records_file_is_continued_or_refused_never_emptied(run_cli, live, tmp
     assert fewer.returncode == 0, fewer.stderr
     assert json.loads((tmp_path / "run.json").read_text())["summary"]["images"] == 100
     assert "Traceback" not in fewer.stderr and "have no answer" not in fewer.stderr
+
+
+# ------------------------------------------------------------------ budgets
+
+
+@pytest.fixture(scope="module")
+def small_frontier(tmp_path_factory):
+    """A frontier file of the shipped pair on 300 validation images (what `collabvit sweep`
+    writes for --frontier)."""
+    out = tmp_path_factory.mktemp("frontier")
+    subprocess.run([sys.executable, "-m", "collabvit", "sweep", "--split", "val", "--limit",
+                    "300", "--quiet", "--no-plots", "--out-dir", str(out),
+                    "--attention-modes", "mean", "--uncer-modes", "min_entropy", "--etas",
+                    "0.05,0.1,0.2,0.3,0.5,0.8,1.2", "--policy",
+                    "attention_sum_threshold=0.9,0.99,0.9995"], check=True)  # fmt: skip
+    return out / "frontier.json"
+
+
+def test_a_cost_budget_is_held_over_http(run_cli, live, tmp_path, small_frontier):
+    result = run_cli(*edge_args(live.url, tmp_path, "--budget-cost", "0.1", "--batch-size",
+                                "25", "--frontier", str(small_frontier)))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["summary"]["comm_cost"] == pytest.approx(0.1, rel=0.25)
+    assert written["config"]["budget"]["budget_cost"] == 0.1
+    assert "Budget cost 0.1: communication cost" in result.stdout
+    records = read_records(tmp_path / "run.jsonl")
+    assert not any(r.route == "withheld" for r in records)  # nothing refused the sends
+    stamps = [r.answered_at for r in records]
+    assert max(stamps) - min(stamps) < 120 and min(stamps) > time.time() - 600
+
+
+def test_a_bytes_budget_never_lets_more_onto_the_wire_than_its_bucket_holds(
+        run_cli, live, tmp_path, small_frontier):  # fmt: skip
+    """300 images at 150 a second against 3,000 B/s: the bucket (one second of budget) caps
+    the bytes of any run at the budget times (its length + 1 s)."""
+    budget = 3000
+    result = run_cli(*edge_args(live.url, tmp_path, "--budget-bps", str(budget),
+                                "--images-per-second", "150", "--batch-size", "10",
+                                "--frontier", str(small_frontier)))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "run.json").read_text())
+    records = read_records(tmp_path / "run.jsonl")
+    wire = sum(r.request_bytes + r.response_bytes for r in records)
+    assert 1.5 < written["seconds"] < 4  # the camera's pace: 2 s for 300 images
+    largest = max(r.request_bytes + r.response_bytes for r in records)
+    assert wire <= budget * (written["seconds"] + 1) + largest
+    withheld = [r for r in records if r.route == "withheld"]
+    assert len(withheld) == written["withheld"] > 0
+    assert all(not r.confident and r.final_top == r.edge_top and r.request_bytes == 0
+               for r in withheld)  # fmt: skip
+    summary = written["summary"]  # withheld images count as answered at the edge
+    assert summary["confident_images"] + summary["sent_images"] == int(LIMIT)
+    assert f"Budget {budget:,} B/s:" in result.stdout
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--frontier", "FRONTIER"], "go with --budget-bps or --budget-cost"),
+    (["--budget-bps", "100", "--budget-cost", "0.1"], "give one budget"),
+    (["--budget-cost", "1.5"], "cost budget must lie in [0, 1]"),
+    (["--budget-cost", "0.1", "--frontier", "missing.json"], "frontier"),
+    (["--budget-cost", "0.1", "--frontier", "FRONTIER", "--uncer-mode", "none"],
+     "--uncer-mode none sends every image"),
+    (["--budget-cost", "0.1", "--frontier", "FRONTIER", "--masking-mode", "topk",
+      "--masking-th", "20"], "holds no point of topk"),
+])  # fmt: skip
+def test_budget_mistakes_are_one_line_errors(run_cli, live, tmp_path, small_frontier, flags,
+                                             message):  # fmt: skip
+    flags = [str(small_frontier) if flag == "FRONTIER" else flag for flag in flags]
+    result = run_cli(*edge_args(live.url, tmp_path, *flags))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_frontier_of_another_pair_is_refused(run_cli, live, tmp_path, small_frontier):
+    document = json.loads(small_frontier.read_text())
+    document["provenance"]["server_model"]["name"] = "another_server"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(document))
+    result = run_cli(*edge_args(live.url, tmp_path, "--budget-cost", "0.1", "--frontier",
+                                str(other)))  # fmt: skip
+    assert result.returncode == 2 and "swept with the server another_server" in result.stderr
+
+
+def test_a_shedding_link_answers_a_503_once_with_the_wait_it_asked():
+    """With shed (a budget), a 503 is not retried: the answer carries Retry-After."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(503, headers={"Retry-After": "1"}, json={"error": "busy"})
+
+    async def classify(shed: bool):
+        config = ClientConfig(retries=1, backoff=0.0, timeout=5.0)
+        async with ServerLink(config, SERVER_NAME, LinkConfig(), shed=shed) as link:
+            await link.client.aclose()
+            link.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+            return await link.classify(b"blob")
+
+    shed = asyncio.run(classify(True))
+    assert (shed.cause, shed.retry_after, shed.attempts, len(calls)) == ("unavailable", 1.0, 1, 1)
+    calls.clear()
+    plain = asyncio.run(classify(False))  # a client without a budget waits and retries
+    assert plain.cause == "unavailable" and plain.retry_after is None and plain.attempts == 2

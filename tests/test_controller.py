@@ -100,7 +100,7 @@ def stream(controller, seconds, difficulty, patch_bytes, start=0.0, rate=100, st
     for i in range(steps):
         now = start + i * step
         values = rng.uniform(difficulty(now), difficulty(now) + 1, round(rate * step))
-        controller.observe(now, values)
+        controller.observe(values, now)
         delta, eta = controller.operating_point()
         for value in values:
             if eta is None or value >= eta:
@@ -150,10 +150,12 @@ def sweep_point(policy, threshold, measure, eta, sent, tokens, accuracy):
     return SweepPoint("mean", 1.0, policy, threshold, measure, eta, figures)
 
 
-def test_the_frontier_comes_from_a_sweeps_points_file(tmp_path):
-    """Read from what `collabvit sweep` writes (sweep.write_points), one series only."""
-    from collabvit.controller import CostController, frontier_from_sweep
-    from collabvit.sweep import write_points
+def test_the_frontier_file_holds_each_series_pareto_points(tmp_path):
+    """What `collabvit sweep` writes beside its points (frontier.json), read one series at a
+    time, from the file or from the document a model card carries."""
+    import json
+
+    from collabvit.controller import CostController, frontier_document, read_frontier
 
     points = [sweep_point("attention_sum_threshold", 0.9, "min_entropy", 0.5, 100, 12, 90.0),
               sweep_point("attention_sum_threshold", 0.99, "min_entropy", 0.5, 100, 30, 91.0),
@@ -161,24 +163,32 @@ def test_the_frontier_comes_from_a_sweeps_points_file(tmp_path):
               sweep_point("attention_sum_threshold", 0.9, "min_entropy", 0.3, 250, 12, 90.5),
               sweep_point("attention_sum_threshold", 1.0, "min_entropy", 0.3, 250, 49, 92.0),
               sweep_point("topk", 20, "min_entropy", 0.3, 250, 20, 99.0)]  # another series
-    write_points(points, tmp_path / "points.jsonl", tmp_path / "points.csv")
-    frontier = frontier_from_sweep(tmp_path / "points.jsonl", "attention_sum_threshold",
-                                   "min_entropy")  # fmt: skip
-    kept = sorted((p.masking_th, p.send_share) for p in frontier)
-    # (0.9, 25 %) costs what (0.99, 10 %) costs for less accuracy, and 1.0 is beaten too
+    document = frontier_document([p.as_dict() for p in points], {"command": "sweep"})
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(document))
+    frontier = read_frontier(path, "attention_sum_threshold", "min_entropy")
+    kept = [(p.masking_th, p.send_share) for p in frontier]
+    # (0.9, 25 %) costs what (0.99, 10 %) costs for less accuracy, and 1.0 is beaten too;
+    # the points come cheapest first
     assert kept == [(0.9, 0.1), (0.99, 0.1), (0.99, 0.25)]
-    assert all(p.num_patches == N for p in frontier)
+    assert all(p.num_patches == N for p in frontier) and frontier[0].eta == 0.5
+    assert read_frontier(document, "topk", "min_entropy")[0].collab_acc == 99.0
     controller = CostController(frontier, "min_entropy", cost=0.1)
     assert controller.point.masking_th == 0.99 and controller.point.collab_acc == 91.0
-    with pytest.raises(ValueError, match="holds no point"):
-        frontier_from_sweep(tmp_path / "points.jsonl", "topk", "margin")
+    with pytest.raises(ValueError, match="holds no point of topk with margin.*it holds"):
+        read_frontier(path, "topk", "margin")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a frontier file"):
+        read_frontier(tmp_path / "other.json", "topk", "margin")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_frontier(tmp_path / "missing.json", "topk", "margin")
 
 
 def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     """The frontier of a sweep over some images; an in-process evaluation of the same images
     held at a cost between its points spends about that cost."""
     from collabvit.config import DataSpec, ModelSpec
-    from collabvit.controller import CostController, frontier_from_sweep
+    from collabvit.controller import CostController, read_frontier
     from collabvit.evaluate import evaluate
     from collabvit.pair import load_pair
 
@@ -187,8 +197,8 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
                     "--policy", "attention_sum_threshold=0.95,0.999", "--etas",
                     "0.1,0.2,0.3,0.5,1.0")  # fmt: skip
     assert swept.returncode == 0, swept.stderr
-    frontier = frontier_from_sweep(tmp_path / "points.jsonl", "attention_sum_threshold",
-                                   "min_entropy")  # fmt: skip
+    frontier = read_frontier(tmp_path / "frontier.json", "attention_sum_threshold",
+                             "min_entropy")  # fmt: skip
     pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"),
                      ModelSpec(name="collabvit_fmnist_server"), DataSpec(limit=384))
     edge = pair.edge(pair.default_config())
@@ -198,3 +208,69 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     assert edge.config == pair.default_config()  # the edge's own point is back
     plain = evaluate(edge, pair.server(), pair.loader(), progress=False)
     assert plain.summary.comm_cost == pytest.approx(0.2434, abs=0.03)  # the shipped point
+
+
+# ------------------------------------------------------------------ back-pressure
+
+
+def test_a_queue_building_on_the_link_drops_the_spend_to_what_it_delivered_then_recovers():
+    from collabvit.controller import Backpressure
+
+    pressure = Backpressure(latency_target=0.2)
+    for _ in range(5):  # a clear link: 0.05 s on the wire, the whole budget delivered
+        for _ in range(10):
+            pressure.answered(1000.0, 0.05, 0.1)
+        pressure.update(1.0, nominal_rate=10000.0)
+    assert pressure.factor == 1.0
+    for _ in range(10):  # the link fell to a tenth: sends queue, a tenth arrives
+        pressure.answered(100.0, 0.9, 0.1)
+    assert pressure.congested()
+    pressure.update(1.0, nominal_rate=10000.0)
+    assert pressure.factor == pytest.approx(0.085)  # 85 % of what was delivered
+    factors = []
+    for _ in range(15):  # the link is back
+        pressure.answered(800.0, 0.05, 0.1)
+        pressure.update(1.0, nominal_rate=10000.0)
+        factors.append(pressure.factor)
+    assert factors == sorted(factors) and factors[-1] == 1.0 and factors[5] < 1.0
+
+
+@pytest.mark.parametrize("signal", ["load", "wait", "timeout"])
+def test_a_loaded_server_a_retry_after_or_a_time_out_each_lower_the_spend(signal):
+    from collabvit.controller import Backpressure
+
+    pressure = Backpressure(load_limit=0.5)
+    pressure.answered(1000.0, 0.05, 0.9 if signal == "load" else 0.1)
+    pressure.asked_to_wait = signal == "wait"
+    pressure.timed_out = signal == "timeout"
+    pressure.update(1.0)
+    assert pressure.factor == pytest.approx(0.7)
+    pressure.answered(1000.0, 0.05, 0.1)  # and a clear period raises it again
+    pressure.update(1.0)
+    assert pressure.factor == pytest.approx(min(1.0, 0.7 * 1.2 + 0.02))
+
+
+def test_a_paused_controller_withholds_every_send_until_the_server_said():
+    from collabvit.controller import BytesController
+
+    for controller in (CostController(POINTS, "min_entropy", cost=0.05),
+                       BytesController(POINTS, "min_entropy", bytes_per_second=1e6)):
+        controller.observe(np.linspace(0, 1, 100), 0.0)
+        assert controller.admit(0.0, 100.0)
+        controller.pause(until=3.0)
+        assert not controller.admit(1.0, 100.0) and not controller.admit(2.99, 100.0)
+        assert controller.admit(3.0, 100.0)
+        assert controller.pressure.asked_to_wait  # and the period counts as congested
+
+
+def test_a_cost_budget_sends_a_smaller_share_while_the_server_is_loaded():
+    controller = CostController(POINTS, "min_entropy", cost=0.05)
+    full = controller.share
+    controller.observe(np.linspace(0, 1, 100), 0.0)
+    controller.answered(1000.0, 0.01, 0.95)  # a nearly full queue
+    controller.observe(np.linspace(0, 1, 100), 1.0)
+    assert controller.share == pytest.approx(0.7 * full)
+    for second in range(2, 20):  # the queue empties
+        controller.answered(1000.0, 0.01, 0.0)
+        controller.observe(np.linspace(0, 1, 100), float(second))
+    assert controller.share == pytest.approx(full)

@@ -20,6 +20,7 @@ from pathlib import Path
 from collabvit import __version__
 from collabvit.config import (
     TOKEN_ENV,
+    BudgetConfig,
     ClientConfig,
     DataSpec,
     EdgeConfig,
@@ -99,6 +100,8 @@ def _add_edge_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("collaborative inference"), EdgeConfig)
     add_config_arguments(parser.add_argument_group("server connection and outputs"),
                          ClientConfig)  # fmt: skip
+    add_config_arguments(parser.add_argument_group("budget (operating point held online)"),
+                         BudgetConfig)  # fmt: skip
     add_config_arguments(parser.add_argument_group("emulated link"), LinkConfig)
     add_config_arguments(parser.add_argument_group("edge runtime"), EdgeRuntime)
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
@@ -474,6 +477,12 @@ def run_edge(args: argparse.Namespace) -> int:
         client = ClientConfig(**{**values, "token": _token(values.get("token"))})
         link = LinkConfig(**given_values(LinkConfig, args))
         runtime = EdgeRuntime(**given_values(EdgeRuntime, args))
+        budget_flags = given_values(BudgetConfig, args)
+        budget = BudgetConfig(**budget_flags)
+        if not budget.held and budget_flags:
+            raise UsageError("--frontier and --latency-target go with --budget-bps or "
+                             "--budget-cost")  # fmt: skip
+        _check_input_file(budget.frontier, "frontier")
         from collabvit.protocol import Codec
 
         codec = Codec.parse(client.codec)
@@ -501,6 +510,7 @@ def run_edge(args: argparse.Namespace) -> int:
                 raise UsageError("--threads and --int8 are ONNX Runtime's: they go with --onnx")
             edge, batches, count, names = _torch_edge(args, data, run, chosen, check_server)
         config = edge.config
+        controller = _controller(budget, config, names) if budget.held else None
         from collabvit import client as edge_client
         from collabvit.progress import progress_bar
         from collabvit.summary import format_summary, write_results
@@ -511,16 +521,19 @@ def run_edge(args: argparse.Namespace) -> int:
         identity = edge_client.run_identity(edge_model=names["edge_model"], data=same_answers,
                                             server_model=names["server_model"],
                                             edge=asdict(config), codec=str(codec), seed=run.seed,
-                                            loss=link.loss)  # fmt: skip
+                                            loss=link.loss, budget=asdict(budget))  # fmt: skip
         batches = progress_bar(batches, "edge", total=len(batches), unit="batch",
                                enabled=_progress(run))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(edge, batches, client, link,
                                                   names["server_model"], identity,
                                                   seed=run.seed, count=count,
-                                                  metadata=served or None))  # fmt: skip
+                                                  metadata=served or None,
+                                                  controller=controller))  # fmt: skip
         print(format_summary(report.summary, config.masking_mode, config.masking_th,
                              config.uncer_mode, config.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))
+        if controller is not None:
+            print(_budget_text(budget, controller, report))
         skipped = count - report.summary.images
         if skipped:
             _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
@@ -531,7 +544,7 @@ def run_edge(args: argparse.Namespace) -> int:
                   "edge's answer")  # fmt: skip
         if client.results_file:
             provenance = _provenance("edge", data=data, edge=config, client=client, link=link,
-                                     run=run, runtime=runtime)  # fmt: skip
+                                     run=run, runtime=runtime, budget=budget)  # fmt: skip
             provenance.update(edge_model=names["edge_model"], server_model=names["server_model"])
             extra = report.as_dict()
             extra.pop("summary")
@@ -550,6 +563,51 @@ def run_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controller(budget: BudgetConfig, config: EdgeConfig, names: dict):
+    """The controller holding `budget` along the frontier of the edge's series."""
+    from collabvit.controller import Backpressure, BytesController, CostController, read_frontier
+
+    mode = config.uncer_mode  # canonical already
+    if mode == "none":
+        raise UsageError("a budget moves the gate's eta: --uncer-mode none sends every image")
+    source = budget.frontier or names.get("frontier")
+    if source is None:
+        raise UsageError("this edge has no shipped frontier: pass --frontier with the "
+                         "frontier.json `collabvit sweep` wrote for this pair")  # fmt: skip
+    points = read_frontier(source, config.masking_mode, mode, config.attention_mode,
+                           server=names["server_model"])  # fmt: skip
+    pressure = Backpressure(latency_target=budget.latency_target)
+    if budget.budget_cost is not None:
+        return CostController(points, mode, budget.budget_cost, pressure=pressure)
+    return BytesController(points, mode, budget.budget_bps, pressure=pressure)
+
+
+def _budget_text(budget: BudgetConfig, controller, report) -> str:
+    """What the budget held, for people."""
+    point = controller.point
+    last = f"last point: {point.masking_th:g} with a send share of {controller.share:.3f}"
+    if budget.budget_bps is not None:
+        held = (f"Budget {budget.budget_bps:,.0f} B/s: {report.wire_bytes_per_second:,.0f} B/s "
+                f"on the wire over {report.seconds:.1f} s")  # fmt: skip
+    else:
+        held = (f"Budget cost {budget.budget_cost:g}: communication cost "
+                f"{report.summary.comm_cost:.4f}")  # fmt: skip
+    return (f"{held}; {report.withheld} images the gate would send were answered at the "
+            f"edge; {last}")
+
+
+def shipped_frontier(edge: ModelSpec, server: str) -> dict | None:
+    """The frontier shipped with an edge model's card for this server (None for other
+    weights or another server)."""
+    from collabvit import zoo
+
+    if edge.weights is not None:
+        return None
+    frontier = zoo.model_card(edge.name.split(".")[0]).get("frontier")
+    swept = ((frontier or {}).get("provenance") or {}).get("server_model") or {}
+    return frontier if swept.get("name") == server.split(".")[0] else None
+
+
 def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen: dict,
                 check_server) -> tuple:  # fmt: skip
     """The torch edge of `collabvit edge`: (EdgeDevice, batches, image count, names)."""
@@ -561,7 +619,8 @@ def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen
     for note in pair.warnings:
         _warn("edge", note)
     edge = pair.edge(replace(pair.default_config(), **chosen))
-    names = {"edge_model": asdict(edge_spec), "server_model": server_spec.name}
+    names = {"edge_model": asdict(edge_spec), "server_model": server_spec.name,
+             "frontier": shipped_frontier(edge_spec, server_spec.name)}  # fmt: skip
     return edge, pair.loader(), len(pair.dataset), names
 
 
@@ -616,7 +675,7 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
     graph = edge.card["int8"] if runtime.int8 else edge.card
     names = {"edge_model": {"onnx": runtime.onnx, "model": edge.card.get("model"),
                             "graph": graph["graph"], "graph_sha256": graph["graph_sha256"]},
-             "server_model": server}  # fmt: skip
+             "server_model": server, "frontier": edge.card.get("frontier")}  # fmt: skip
     return edge, _ArrayBatches(images, labels, data.batch_size), len(labels), names
 
 
@@ -644,7 +703,8 @@ def run_export(args: argparse.Namespace) -> int:
                                  data=data, edge=config, export=export)  # fmt: skip
         exported = export_edge(pair.edge_model, config, out_dir,
                                class_names=pair.class_names(), name=edge_spec.name,
-                               server_model=server_spec.name, provenance=provenance)
+                               server_model=server_spec.name, provenance=provenance,
+                               frontier=shipped_frontier(edge_spec, server_spec.name))
         if export.int8:
             images = _uint8_images(pair.dataset, export.calibration_images)
             exported = quantize_edge(exported, images, f"{data.data_set} --split {data.split}, "

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
+from collabvit.arrays import as_array
 from collabvit.config import ClientConfig, LinkConfig
 from collabvit.protocol import (
     INFERENCE_HEADER,
@@ -51,13 +52,17 @@ class EdgeRunner(Protocol):
 
     `geometry` has in_chans, patch_size, grid_size, num_patches and num_classes;
     `process(images [B, C, H, W], image_ids [B], seed)` returns a result with `logits`
-    [B, classes], `confident` [B], `payloads` (one per image not confident, in order) and
-    `selection_statistics()` -> (size, minimum, sum) [B] each.
+    [B, classes], `uncertainty` [B], `confident` [B], `payloads` (one per image not
+    confident, in order) and `selection_statistics()` -> (size, minimum, sum) [B] each;
+    `set_operating_point(masking_th, uncer_th)` moves its (δ or k, η), None keeping one.
     """
 
     geometry: Any
 
     def process(self, images: Any, image_ids: Any, seed: int = 0) -> Any: ...
+
+    def set_operating_point(self, masking_th: float | None = None,
+                            uncer_th: float | None = None) -> None: ...  # fmt: skip
 
 
 # Why an image kept the edge's answer although it was not confident: no answer within the
@@ -69,7 +74,7 @@ class EdgeRunner(Protocol):
 FALLBACK_CAUSES = ("timeout", "refused", "unreachable", "server_error", "unavailable", "rejected",
                    "bad_response", "server_down")  # fmt: skip
 LOSS_STREAM = 0x1055  # separates the loss draws from the `random` policy's draws
-RECORDS_FORMAT = "collabvit-edge-records/2"
+RECORDS_FORMAT = "collabvit-edge-records/3"
 RECORDS_SYNC_LINES = 64  # the records are fsynced every this many lines, and at the end
 
 
@@ -93,7 +98,8 @@ class ImageRecord:
         index: dataset index. label: its class.
         edge_top, final_top: the edge's and the final answer's best classes, best first.
         confident: answered at the edge by the gate.
-        route: "edge" (confident), "server", or "fallback" (sent, but the edge answered).
+        route: "edge" (confident), "server", "fallback" (sent, but the edge answered), or
+            "withheld" (the gate would send it, the budget did not: the edge answered).
         cause: for a fallback, one of FALLBACK_CAUSES.
         selected: patches selected. delivered: patches that reached the server (loss).
         selection_min, selection_sum: of the selected scores.
@@ -101,6 +107,8 @@ class ImageRecord:
             request (request line, headers, body); response_bytes: the whole response.
         full_bytes: request bytes of sending the full image instead, per codec name.
         attempts: requests made. edge_ms, transfer_ms, server_ms, total_ms: latencies.
+        answered_at: when the answer was final (Unix time, seconds), so that the records of
+            several clients line up.
     """
 
     index: int
@@ -123,6 +131,17 @@ class ImageRecord:
     transfer_ms: float | None
     server_ms: float | None
     total_ms: float
+    answered_at: float = 0.0
+
+    @property
+    def offloaded(self) -> bool:
+        """Sent to the server (whether or not it answered)."""
+        return self.route in ("server", "fallback")
+
+    @property
+    def answered_at_edge(self) -> bool:
+        """Not sent: the gate found it confident, or the budget withheld it."""
+        return self.confident or self.route == "withheld"
 
 
 # ------------------------------------------------------------------ bytes on the wire
@@ -226,7 +245,8 @@ def backoff_seconds(backoff: float, attempt: int, asked: float | None, rng: rand
 
 @dataclass(frozen=True)
 class ServerAnswer:
-    """What one offloaded image got back: logits [classes] or a fallback cause."""
+    """What one offloaded image got back: logits [classes] or a fallback cause, and the
+    server's load hint (0..1) or the seconds a 503/429 asked to wait, when given."""
 
     logits: np.ndarray | None
     cause: str | None
@@ -235,6 +255,8 @@ class ServerAnswer:
     response_bytes: int
     transfer_ms: float | None
     server_ms: float | None
+    load: float | None = None
+    retry_after: float | None = None
 
 
 class ServerLink:
@@ -242,12 +264,16 @@ class ServerLink:
 
     Owns an httpx.AsyncClient; use as an async context manager. Failures that may pass
     become fallbacks with a cause (FALLBACK_CAUSES); those that will not (TLS verification,
-    a refused token, an unknown model) raise ClientError and stop the run.
+    a refused token, an unknown model) raise ClientError and stop the run. With `shed`, a
+    503 or 429 is not retried: the answer carries the seconds it asked to wait (at least
+    1), and the caller answers at the edge meanwhile instead of retrying into the queue.
     """
 
     def __init__(self, config: ClientConfig, model_name: str, link: LinkConfig,
-                 num_classes: int | None = None, seed: int = 0) -> None:  # fmt: skip
+                 num_classes: int | None = None, seed: int = 0,
+                 shed: bool = False) -> None:  # fmt: skip
         self.config = config
+        self.shed = shed
         self.link = link
         self.model_name = model_name
         self.num_classes = num_classes
@@ -386,6 +412,9 @@ class ServerLink:
                 raise ClientError(f"the server does not serve {self.model_name!r} (404)")
             if status in (429, 503):
                 cause, asked = "unavailable", retry_after(response)
+                if self.shed:
+                    return ServerAnswer(None, cause, attempts, sent, received, None, None,
+                                        retry_after=max(asked or 1.0, 1.0))  # fmt: skip
                 if asked is not None and asked > self.config.timeout:
                     self.down_until = time.monotonic() + asked  # answer here meanwhile
                     break
@@ -410,7 +439,7 @@ class ServerLink:
             server_ms = _number(parameters.get("server_ms"))
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
             return ServerAnswer(logits[0], None, attempts, sent, received, transfer_ms,
-                                server_ms)  # fmt: skip
+                                server_ms, _number(parameters.get("load")))  # fmt: skip
         if cause in ("unreachable", "refused", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
         return ServerAnswer(None, cause, attempts, sent, received, None, None)
@@ -586,6 +615,8 @@ class EdgeReport:
     latency_ms: dict[str, dict[str, float]]
     codec: str
     attempted: Summary  # as if every image the gate sent had reached the server
+    withheld: int = 0  # images the gate would send that the budget answered at the edge
+    seconds: float = 0.0  # from the first answer to the last
 
     def as_dict(self) -> dict:
         return {"summary": self.summary.as_dict(), "codec": self.codec,
@@ -593,7 +624,16 @@ class EdgeReport:
                 "latency_ms": self.latency_ms,
                 "attempted": {"sent_images": self.attempted.sent_images,
                               "sent_tokens": self.attempted.sent_tokens,
-                              "comm_cost": self.attempted.comm_cost}}  # fmt: skip
+                              "comm_cost": self.attempted.comm_cost},
+                "withheld": self.withheld, "seconds": self.seconds,
+                "wire_bytes_per_second": self.wire_bytes_per_second}  # fmt: skip
+
+    @property
+    def wire_bytes_per_second(self) -> float:
+        """Requests and responses on the wire per second of the run (0 for an instant)."""
+        total = self.bytes["collaborative"]
+        wire = total["total_request_bytes"] + total["total_response_bytes"]
+        return wire / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def none_delivered(self) -> bool:
@@ -613,7 +653,7 @@ def summarize(records: Iterable[ImageRecord], num_patches: int,
             np.array([r.label for r in records]),
             np.array([r.edge_top for r in records]),
             np.array([r.final_top for r in records]),
-            np.array([r.confident for r in records]),
+            np.array([r.answered_at_edge for r in records]),
             np.array([r.selected for r in records]),
             np.array([r.selection_min for r in records], dtype=np.float32),
             np.array([r.selection_sum for r in records], dtype=np.float32),
@@ -634,7 +674,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeReport:
     """Summary, fallbacks by cause, bytes per image and latency percentiles of a run."""
-    sent = [r for r in records if not r.confident]
+    sent = [r for r in records if r.offloaded]
     delivered = [r for r in sent if r.route == "server"]  # "per sent image": those that arrived
     count = max(len(records), 1)
     full_names = list(dict.fromkeys(name for r in records for name in r.full_bytes))
@@ -657,9 +697,12 @@ def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeRe
         "end_to_end_sent": percentiles([r.total_ms for r in sent]),
         "end_to_end_all": percentiles([r.total_ms for r in records]),
     }
+    times = [r.answered_at for r in records]
     return EdgeReport(summarize(records, num_patches), records,
                       {cause: causes.get(cause, 0) for cause in FALLBACK_CAUSES}, bytes_table,
-                      latency, str(codec), summarize(records, num_patches, False))  # fmt: skip
+                      latency, str(codec), summarize(records, num_patches, False),
+                      withheld=sum(r.route == "withheld" for r in records),
+                      seconds=max(times) - min(times) if times else 0.0)  # fmt: skip
 
 
 def settle(tasks: set[asyncio.Task]) -> None:
@@ -690,6 +733,7 @@ async def run_edge(
     seed: int = 0,
     count: int | None = None,
     metadata: dict | None = None,
+    controller: Any = None,
 ) -> EdgeReport:
     """Run the edge over batches, offloading uncertain images to the server.
 
@@ -705,6 +749,11 @@ async def run_edge(
         count: the dataset's size (records of other images are not resumed).
         metadata: the served model's metadata when the caller already read it (check_server
             before loading the edge); else it is read here.
+        controller: a controller.CostController or BytesController holding a budget: each
+            batch runs at the (δ, η) it gives, it sees every image's uncertainty, admits or
+            withholds each send, and hears back each answer's bytes, time on the wire and
+            the server's load; a 503 or 429 then pauses the sends for the Retry-After
+            asked instead of being retried.
     """
     codec = Codec.parse(config.codec)
     g = edge.geometry
@@ -716,14 +765,17 @@ async def run_edge(
                    if c.carries(geometry.channels)}  # fmt: skip
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
+    began = time.monotonic()
+
+    def clock() -> float:
+        return time.monotonic() - began
 
     def finish(record: ImageRecord) -> None:
         records.append(record)
         writer.write(record)
 
-    async def offload(row: dict, payload: PatchPayload, started: float) -> None:
+    async def offload(row: dict, payload: PatchPayload, blob: bytes, started: float) -> None:
         try:
-            blob = encode_payload(payload, geometry, codec)
             row["payload_bytes"] = len(blob)
             counted = None
             if link_config.loss > 0:  # the edge sent it all; the server gets what survives
@@ -739,14 +791,31 @@ async def run_edge(
             route = "server"
         else:
             final_top, route = row["edge_top"], "fallback"
+        if controller is not None:
+            tell_controller(answer)
         finish(ImageRecord(**{**row, "final_top": final_top, "route": route,
                               "cause": answer.cause, "request_bytes": answer.request_bytes,
                               "response_bytes": answer.response_bytes,
                               "attempts": answer.attempts, "transfer_ms": answer.transfer_ms,
                               "server_ms": answer.server_ms,
-                              "total_ms": 1000.0 * (time.perf_counter() - started)}))
+                              "total_ms": 1000.0 * (time.perf_counter() - started),
+                              "answered_at": time.time()}))
 
-    async with ServerLink(config, model_name, link_config, g.num_classes, seed) as link:
+    def tell_controller(answer: ServerAnswer) -> None:
+        if answer.logits is not None:
+            response_bytes[0] = answer.response_bytes / max(answer.attempts, 1)
+            controller.answered(answer.request_bytes + answer.response_bytes,
+                                None if answer.transfer_ms is None else answer.transfer_ms / 1000,
+                                answer.load)  # fmt: skip
+        elif answer.retry_after is not None:
+            controller.pause(clock() + answer.retry_after)
+        elif answer.cause == "timeout":
+            controller.timed_out()
+
+    response_bytes = [0.0]  # the last answer's response bytes, counted in each admission
+
+    async with ServerLink(config, model_name, link_config, g.num_classes, seed,
+                          shed=controller is not None) as link:  # fmt: skip
         try:  # no server, another server, a wrong model, token or geometry: stop here
             check_server_geometry(metadata or await link.metadata(), geometry, g.num_classes)
         except ServerUnavailable as error:
@@ -762,6 +831,7 @@ async def run_edge(
             raise
         records = list(done.values())
         writer = RecordWriter(records_path)
+        taken = 0
         try:
             for images, targets, indices in batches:
                 todo = [row for row, i in enumerate(indices.tolist()) if int(i) not in done]
@@ -769,9 +839,16 @@ async def run_edge(
                     continue
                 if len(todo) < len(indices):
                     images, targets, indices = images[todo], targets[todo], indices[todo]
+                if config.images_per_second:  # a camera: images arrive at their pace
+                    taken += images.shape[0]
+                    await asyncio.sleep(max(0.0, taken / config.images_per_second - clock()))
+                if controller is not None:
+                    edge.set_operating_point(*controller.operating_point())
                 started = time.perf_counter()
                 result = await asyncio.to_thread(edge.process, images, indices, seed)
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
+                if controller is not None:
+                    controller.observe(as_array(result.uncertainty), clock())
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
                 size, minimum, total = result.selection_statistics()
@@ -785,15 +862,23 @@ async def run_edge(
                            "selection_min": float(minimum[row_index]),
                            "selection_sum": float(total[row_index]), "payload_bytes": 0,
                            "full_bytes": full[row_index], "edge_ms": edge_ms}  # fmt: skip
-                    if confident:
-                        finish(ImageRecord(**row, final_top=row["edge_top"], route="edge",
+                    withheld = False
+                    if not confident:
+                        payload = next(payloads)
+                        blob = encode_payload(payload, geometry, codec)
+                        withheld = controller is not None and not controller.admit(
+                            clock(), request_wire_bytes(link.build_request(blob))
+                            + response_bytes[0])  # fmt: skip
+                    if confident or withheld:
+                        finish(ImageRecord(**row, final_top=row["edge_top"],
+                                           route="withheld" if withheld else "edge",
                                            cause=None, request_bytes=0, response_bytes=0,
                                            attempts=0, transfer_ms=None, server_ms=None,
-                                           total_ms=edge_ms))  # fmt: skip
+                                           total_ms=edge_ms, answered_at=time.time()))  # fmt: skip
                         continue
                     await slots.acquire()
                     settle(tasks)
-                    tasks.add(asyncio.create_task(offload(row, next(payloads), started)))
+                    tasks.add(asyncio.create_task(offload(row, payload, blob, started)))
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:

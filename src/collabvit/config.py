@@ -586,6 +586,9 @@ class ClientConfig:
     results_file: str | None = field(default=None, metadata=flag(
         "write every figure, bytes and latencies and the resolved configuration as JSON",
         metavar="FILE"))
+    images_per_second: float | None = field(default=None, metadata=flag(
+        "take the images at this pace, as a camera delivers them (default: as fast as the "
+        "edge classifies them)", type="positive", metavar="N"))
     allow_edge_only: bool = field(default=False, metadata=flag(
         "run even when the server cannot be reached at the start or no image reaches it "
         "(every uncertain image then keeps the edge's answer); without it such a run stops "
@@ -603,9 +606,51 @@ class ClientConfig:
             (_finite(self.backoff) and self.backoff >= 0, "backoff must be >= 0 seconds"),
             (_finite(self.cooldown) and self.cooldown >= 0, "cooldown must be >= 0 seconds"),
             (_finite(self.wait) and self.wait >= 0, "wait must be >= 0 seconds"),
+            (self.images_per_second is None or (_finite(self.images_per_second)
+                                                and self.images_per_second > 0),
+             "images per second must be > 0"),
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
         ])  # fmt: skip
 
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """An operating point held online by `collabvit edge`: a budget and the frontier it
+    moves along (controller.py)."""
+
+    budget_bps: float | None = field(default=None, metadata=flag(
+        "hold this many bytes per second on the wire (requests and responses, HTTP and codec "
+        "included), choosing the frontier's point and eta online; uncertain images beyond it "
+        "are answered at the edge", type="positive", metavar="B"))
+    budget_cost: float | None = field(default=None, metadata=flag(
+        "hold this communication cost (the paper's measure, 0..1), choosing the frontier's "
+        "point and eta online", type="cost", metavar="C"))
+    frontier: str | None = field(default=None, metadata=flag(
+        "the frontier a budget moves along: frontier.json of `collabvit sweep` for this pair "
+        "(default: the one shipped with the edge model or carried by the export)",
+        metavar="FILE"))
+    latency_target: float = field(default=0.2, metadata=flag(
+        "with a budget: seconds a send's time on the wire may rise above its least before "
+        "the link counts as congested and the client sends less (default: %(default)s)",
+        type="positive", metavar="S"))
+
+    def __post_init__(self) -> None:
+        _require([
+            (self.budget_bps is None or self.budget_cost is None,
+             "give one budget: --budget-bps or --budget-cost"),
+            (self.budget_bps is None or (_finite(self.budget_bps) and self.budget_bps > 0),
+             "the bytes/s budget must be > 0"),
+            (self.budget_cost is None or (_finite(self.budget_cost)
+                                          and 0 <= self.budget_cost <= 1),
+             "the cost budget must lie in [0, 1]"),
+            (_finite(self.latency_target) and self.latency_target > 0,
+             "the latency target must be > 0 seconds"),
+        ])  # fmt: skip
+
+    @property
+    def held(self) -> bool:
+        return self.budget_bps is not None or self.budget_cost is not None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,25 +69,68 @@ class FrontierPoint:
         return self.send_share * self.sent_tokens / self.num_patches
 
 
-def frontier_from_sweep(path: str | Path, policy: str, measure: str,
-                        attention_mode: str = "mean") -> list[FrontierPoint]:  # fmt: skip
-    """The frontier a controller moves along, from a sweep's points.jsonl: the Pareto points
-    among the points of one policy, measure and attention mode (at temperature 1)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        if (row["policy"], row["measure"], row["attention_mode"], row["temperature"]) == \
-                (policy, measure, attention_mode, 1.0):  # fmt: skip
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no point of {policy} with {measure} and "
-                         f"{attention_mode} attention")  # fmt: skip
-    best = pareto_optimal([r["comm_cost"] for r in rows], [r["collab_acc"] for r in rows])
-    return [FrontierPoint(masking_th=r["threshold"],
-                          send_share=r["sent_images"] / max(r["images"], 1),
-                          sent_tokens=r["sent_tokens"], num_patches=r["num_patches"],
-                          collab_acc=r["collab_acc"], eta=r["eta"])
-            for r, keep in zip(rows, best, strict=True) if keep]  # fmt: skip
+FRONTIER_FORMAT = "collabvit-frontier/1"
+FRONTIER_FILE = "frontier.json"
+
+
+def _frontier_point(row: dict) -> FrontierPoint:
+    return FrontierPoint(masking_th=row["threshold"],
+                         send_share=row["sent_images"] / max(row["images"], 1),
+                         sent_tokens=row["sent_tokens"], num_patches=row["num_patches"],
+                         collab_acc=row["collab_acc"], eta=row["eta"])  # fmt: skip
+
+
+def frontier_document(rows: Iterable[dict], provenance: dict) -> dict:
+    """The frontier file `collabvit sweep` writes (frontier.json): for each series of its
+    points (attention mode, policy, measure; temperature 1) the Pareto points, as
+    FrontierPoint fields. `rows` are the sweep's points as points.jsonl holds them."""
+    series: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        if row["temperature"] == 1.0 and row["measure"] != "none":
+            key = (row["attention_mode"], row["policy"], row["measure"])
+            series.setdefault(key, []).append(row)
+    document = []
+    for (attention_mode, policy, measure), members in series.items():
+        best = pareto_optimal([r["comm_cost"] for r in members],
+                              [r["collab_acc"] for r in members])  # fmt: skip
+        points = sorted((_frontier_point(r) for r, keep in zip(members, best, strict=True)
+                         if keep), key=lambda p: p.comm_cost)  # fmt: skip
+        document.append({"attention_mode": attention_mode, "policy": policy,
+                         "measure": measure, "images": members[0]["images"],
+                         "points": [asdict(p) for p in points]})  # fmt: skip
+    return {"format": FRONTIER_FORMAT, "provenance": provenance, "series": document}
+
+
+def read_frontier(source: str | Path | dict, policy: str, measure: str,
+                  attention_mode: str = "mean",
+                  server: str | None = None) -> list[FrontierPoint]:  # fmt: skip
+    """The frontier a controller moves along: one series of a frontier file (a path, or the
+    document itself, as a model card carries it). ValueError, one line, when it is not a
+    frontier file, holds no such series, or (given `server`) was swept with another
+    server model."""
+    name = str(source) if not isinstance(source, dict) else "the frontier"
+    if isinstance(source, dict):
+        document = source
+    else:
+        try:
+            document = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read the frontier file {name}: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != FRONTIER_FORMAT:
+        raise ValueError(f"{name} is not a frontier file written by `collabvit sweep` "
+                         f"({FRONTIER_FILE}, format {FRONTIER_FORMAT})")  # fmt: skip
+    swept = (document.get("provenance") or {}).get("server_model") or {}
+    if server is not None and swept.get("name") not in (None, server):
+        raise ValueError(f"{name} was swept with the server {swept['name']}, not {server}: "
+                         "sweep this pair")  # fmt: skip
+    for series in document.get("series", []):
+        if (series["policy"], series["measure"], series["attention_mode"]) == \
+                (policy, measure, attention_mode):  # fmt: skip
+            return [FrontierPoint(**point) for point in series["points"]]
+    held = ", ".join(f"{s['policy']} with {s['measure']} ({s['attention_mode']})"
+                     for s in document.get("series", [])) or "nothing"  # fmt: skip
+    raise ValueError(f"{name} holds no point of {policy} with {measure} and {attention_mode} "
+                     f"attention (it holds {held}): sweep that series")
 
 
 def gate_threshold(recent: RecentValues, share: float, measure: str) -> float:
@@ -105,14 +149,81 @@ def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
     return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
 
 
+class Backpressure:
+    """How much of its budget a client spends now: 1 while the link and the server keep up,
+    less while they do not (multiplicative decrease, multiplicative and additive increase).
+
+    A period is congested when the server asked to wait (503 or 429), reported a queue more
+    than `load_limit` full (the load hint of its answers), a send timed out, or the sends'
+    median time on the wire rose more than `latency_target` seconds above the least median
+    of the last `memory` periods (a queue building on the link). The factor then drops by
+    at least 30 %, and to 85 % of what the period delivered when the budget's rate is known
+    (so a link that fell to a tenth is matched in one period, and its queue drains); a
+    clear period raises it by a fifth plus 0.02, up to 1.
+
+    Args:
+        latency_target: seconds of queueing on the link taken as congestion.
+        load_limit: the server's queue fill (0..1) taken as congestion.
+        floor: the least factor (a client keeps probing the link).
+        memory: periods over which the least median latency is remembered.
+    """
+
+    def __init__(self, latency_target: float = 0.2, load_limit: float = 0.5,
+                 floor: float = 0.02, memory: int = 30) -> None:  # fmt: skip
+        self.latency_target, self.load_limit, self.floor = latency_target, load_limit, floor
+        self.factor = 1.0
+        self.base: deque[float] = deque(maxlen=memory)  # median latency of recent periods
+        self._reset()
+
+    def _reset(self) -> None:
+        self.latencies: list[float] = []
+        self.loads: list[float] = []
+        self.delivered = 0.0
+        self.asked_to_wait = self.timed_out = False
+
+    def answered(self, nbytes: float, seconds: float | None, load: float | None) -> None:
+        """A send the server answered: its bytes, seconds on the wire, the server's load."""
+        self.delivered += nbytes
+        if seconds is not None:
+            self.latencies.append(seconds)
+        if load is not None:
+            self.loads.append(load)
+
+    def congested(self) -> bool:
+        """Whether the period so far shows congestion (see the class)."""
+        if self.asked_to_wait or self.timed_out:
+            return True
+        if self.loads and float(np.mean(self.loads)) > self.load_limit:
+            return True
+        if self.latencies and self.base:
+            return float(np.median(self.latencies)) - min(self.base) > self.latency_target
+        return False
+
+    def update(self, seconds: float, nominal_rate: float | None = None) -> None:
+        """End a period of `seconds`; `nominal_rate` is the bytes/s the full budget spends."""
+        if self.congested():
+            factor = 0.7 * self.factor
+            if nominal_rate:
+                factor = min(factor, 0.85 * self.delivered / seconds / nominal_rate)
+            self.factor = max(self.floor, factor)
+        else:
+            self.factor = min(1.0, 1.2 * self.factor + 0.02)
+        if self.latencies:
+            self.base.append(float(np.median(self.latencies)))
+        self._reset()
+
+
 class _FollowsFrontier:
-    """What both controllers answer: the current point's δ, and η for the current share
-    from the recent uncertainties (attributes point, share, measure, recent)."""
+    """What both controllers share: the current point's δ and η for the current share from
+    the recent uncertainties (attributes point, share, measure, recent), the back-pressure
+    of the link and the server, and the pause a server's Retry-After asks for."""
 
     point: FrontierPoint
     share: float
     measure: str
     recent: RecentValues
+    pressure: Backpressure
+    paused_until: float = -np.inf
 
     def operating_point(self) -> tuple[float, float | None]:
         """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
@@ -121,6 +232,22 @@ class _FollowsFrontier:
             return self.point.masking_th, self.point.eta
         return self.point.masking_th, gate_threshold(self.recent, self.share, self.measure)
 
+    def pause(self, until: float) -> None:
+        """The server asked to wait: images the gate sends are answered at the edge until
+        `until` (a time of the clock `now` is read from), and the period counts as
+        congested."""
+        self.paused_until = max(self.paused_until, until)
+        self.pressure.asked_to_wait = True
+
+    def answered(self, nbytes: float, seconds: float | None, load: float | None) -> None:
+        """A send came back: its request and response bytes, its seconds on the wire (None
+        when unknown), and the server's load hint (None when it gave none)."""
+        self.pressure.answered(nbytes, seconds, load)
+
+    def timed_out(self) -> None:
+        """A send got no answer within its deadline."""
+        self.pressure.timed_out = True
+
 
 class CostController(_FollowsFrontier):
     """Holds a communication-cost budget (the paper's measure) along the frontier.
@@ -128,44 +255,68 @@ class CostController(_FollowsFrontier):
     It takes the most accurate frontier point within the budget, with its δ, and lets η
     send as large a share of images as the budget leaves (at least that point's own), with
     η read from the recent uncertainties so the share, and so the cost, holds when the
-    images get harder or easier.
+    images get harder or easier. While the link or the server falls behind, the share
+    shrinks by the back-pressure factor (checked every `adapt` seconds of the clock given
+    to `observe`).
 
     Args:
         points: the frontier (Pareto points of a sweep for this pair and codec).
         measure: the gate's uncertainty measure (entropies or margin).
         cost: the budget, in [0, 1].
         recent: uncertainties remembered for η's quantile.
+        adapt: seconds between back-pressure updates.
+        pressure: the back-pressure (default: Backpressure()).
     """
 
     def __init__(self, points: list[FrontierPoint], measure: str, cost: float,
-                 recent: int = 2048) -> None:  # fmt: skip
+                 recent: int = 2048, adapt: float = 1.0,
+                 pressure: Backpressure | None = None) -> None:  # fmt: skip
         if not points:
             raise ValueError("the controller needs at least one frontier point")
         if not 0.0 <= cost <= 1.0:
             raise ValueError(f"a communication cost budget lies in [0, 1], not {cost}")
-        self.measure, self.cost = measure, cost
+        self.measure, self.cost, self.adapt = measure, cost, adapt
         self.recent = RecentValues(recent)
+        self.pressure = pressure or Backpressure()
         self.point = best_within(points, cost)
-        self.share = min(1.0, cost * self.point.num_patches / max(self.point.sent_tokens, 1e-9))
+        self.full_share = min(1.0, cost * self.point.num_patches
+                              / max(self.point.sent_tokens, 1e-9))  # fmt: skip
+        self.share = self.full_share
+        self.adapted_at: float | None = None
 
-    def observe(self, uncertainties) -> None:
-        """The uncertainties of a batch of images (every image, sent or not)."""
+    def observe(self, uncertainties, now: float | None = None) -> None:
+        """The uncertainties of a batch of images (every image, sent or not), at `now`."""
         self.recent.add(uncertainties)
+        if now is None:
+            return
+        if self.adapted_at is None:
+            self.adapted_at = now
+        elif now - self.adapted_at >= self.adapt:
+            self.pressure.update(now - self.adapted_at)
+            self.share = self.full_share * self.pressure.factor
+            self.adapted_at = now
+
+    def admit(self, now: float, nbytes: float) -> bool:
+        """Whether an image the gate sends goes out: always, unless the server asked to
+        wait."""
+        return now >= self.paused_until
 
 
 class BytesController(_FollowsFrontier):
     """Holds bytes per second on the wire: a token bucket decides each send, and the share
     of images the gate asks to send follows what the bucket lets through.
 
-    The bucket (refilled at the budget, holding `burst` seconds of it) admits a send only
-    when it has the send's bytes, so the wire never carries more than the budget allows.
-    The share η asks for is adapted every `adapt` seconds so that the bucket refuses 15 to
-    30 % of the sends asked for (those images are answered at the edge): enough demand
-    that the bucket, not the chance arrival of uncertain images, sets the bytes, and few
-    refusals of images the gate found uncertain. The selection's δ is that of the most
-    accurate frontier point whose own share fits the budget. With tens of sends per second
-    the bytes of every 10 s window stay within a few per cent of the budget; with a few,
-    the granularity of single sends and of their chance arrival shows.
+    The bucket (refilled at the budget times the back-pressure factor, holding `burst`
+    seconds of it) admits a send only when it has the send's bytes, so the wire never
+    carries more than the budget allows. Every `adapt` seconds the share η asks for is set
+    to what the bucket pays for at the images' rate and the learnt bytes of a send, times
+    a demand factor adapted so that the bucket refuses 15 to 30 % of the sends asked for
+    (those images are answered at the edge): enough demand that the bucket, not the chance
+    arrival of uncertain images, sets the bytes, and few refusals of images the gate found
+    uncertain. The selection's δ is that of the most accurate frontier point whose own
+    share fits. With tens of sends per second the bytes of every 10 s window stay within a
+    few per cent of the budget; with a few, the granularity of single sends and of their
+    chance arrival shows.
 
     Args:
         points: the frontier (Pareto points of a sweep for this pair and codec).
@@ -173,28 +324,37 @@ class BytesController(_FollowsFrontier):
         bytes_per_second: the budget.
         burst: seconds of budget the bucket can hold.
         adapt: seconds between adaptations of the share.
+        recent: uncertainties remembered for η's quantile.
+        pressure: the back-pressure (default: Backpressure()).
     """
 
     def __init__(self, points: list[FrontierPoint], measure: str, bytes_per_second: float,
-                 burst: float = 1.0, adapt: float = 1.0, recent: int = 2048) -> None:  # fmt: skip
+                 burst: float = 1.0, adapt: float = 1.0, recent: int = 2048,
+                 pressure: Backpressure | None = None) -> None:  # fmt: skip
         if not points:
             raise ValueError("the controller needs at least one frontier point")
-        if bytes_per_second <= 0:
+        if not bytes_per_second > 0:
             raise ValueError(f"a bytes/s budget must be > 0, not {bytes_per_second}")
         self.points = sorted(points, key=lambda p: p.comm_cost)
-        self.measure, self.budget, self.adapt = measure, bytes_per_second, adapt
-        self.capacity = bytes_per_second * burst
-        self.tokens = self.capacity
+        self.measure, self.budget, self.adapt, self.burst = measure, bytes_per_second, adapt, burst
+        self.tokens = bytes_per_second * burst
         self.recent = RecentValues(recent)
+        self.pressure = pressure or Backpressure()
         self.point = self.points[0]
         self.share = self.point.send_share
+        self.demand = 1.2  # the share asked for over the share the bucket pays for
         self.last: float | None = None
         self.adapted_at: float | None = None
         self.wanted = self.refused = 0
         self.images = 0
         self.send_bytes = 0.0  # mean bytes of a send (learnt)
 
-    def observe(self, now: float, uncertainties) -> None:
+    @property
+    def rate(self) -> float:
+        """The bytes/s spent now: the budget times the back-pressure factor."""
+        return self.budget * self.pressure.factor
+
+    def observe(self, uncertainties, now: float) -> None:
         """A batch's uncertainties (every image) at time `now`."""
         values = np.asarray(uncertainties, dtype=np.float64).ravel()
         self.recent.add(values)
@@ -211,7 +371,7 @@ class BytesController(_FollowsFrontier):
         self._refill(now)
         self.wanted += 1
         self.send_bytes = nbytes if not self.send_bytes else 0.9 * self.send_bytes + 0.1 * nbytes
-        if self.tokens >= nbytes:
+        if now >= self.paused_until and self.tokens >= nbytes:
             self.tokens -= nbytes
             return True
         self.refused += 1
@@ -219,22 +379,21 @@ class BytesController(_FollowsFrontier):
 
     def _refill(self, now: float) -> None:
         if self.last is not None and now > self.last:
-            self.tokens = min(self.capacity, self.tokens + self.budget * (now - self.last))
+            self.tokens = min(self.rate * self.burst, self.tokens + self.rate * (now - self.last))
         self.last = now if self.last is None else max(self.last, now)
 
     def _adapt(self, seconds: float) -> None:
+        self.pressure.update(seconds, nominal_rate=self.budget)
         rate = self.images / seconds  # images per second in the period
-        # Ask for a little more than the budget carries, so that the bucket, not the
-        # chance arrival of uncertain images, sets the bytes: 15 to 30 % of the sends asked
-        # for are refused (those images are answered at the edge).
         refused = self.refused / self.wanted if self.wanted else 0.0
         if refused > 0.3:
-            self.share *= 0.95
+            self.demand = max(1.0, self.demand * 0.95)
         elif refused < 0.15:
-            self.share = min(1.0, self.share * 1.05)
+            self.demand = min(2.0, self.demand * 1.05)
         if rate > 0 and self.send_bytes:
-            affordable = self.budget / (rate * self.send_bytes)  # share the budget pays for
+            affordable = self.rate / (rate * self.send_bytes)  # the share the budget pays for
             fitting = [p for p in self.points if p.send_share <= affordable]
             self.point = max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost)) if fitting \
                 else self.points[0]  # fmt: skip
+            self.share = min(1.0, affordable * self.demand)
         self.images = self.wanted = self.refused = 0

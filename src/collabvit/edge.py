@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -12,7 +12,7 @@ from collabvit.config import EdgeConfig
 from collabvit.data import check_images
 from collabvit.protocol import PatchPayload, build_payloads
 from collabvit.selection import select_patches, selection_statistics, validate_masking
-from collabvit.uncertainty import is_confident
+from collabvit.uncertainty import canonical_uncertainty_mode, is_confident, uncertainty
 
 __all__ = ["EdgeConfig", "EdgeDevice", "EdgeResult", "gate", "select"]
 
@@ -44,6 +44,7 @@ class EdgeResult:
     Attributes:
         logits: [B, classes] float32.
         scores: normalised patch scores [B, N] float32.
+        uncertainty: the gate's measure [B] float32 (0 when the gate has none).
         confident: answered at the edge [B] bool.
         keep: selected patches [B, N] bool (computed for every image).
         payloads: one per image that is not confident, in batch order.
@@ -51,6 +52,7 @@ class EdgeResult:
 
     logits: torch.Tensor
     scores: torch.Tensor
+    uncertainty: torch.Tensor
     confident: torch.Tensor
     keep: torch.Tensor
     payloads: list[PatchPayload]
@@ -109,11 +111,23 @@ class EdgeDevice:
         if image_ids is None:
             image_ids = torch.arange(images.shape[0])
         logits, scores = self.scores(images)
+        mode = canonical_uncertainty_mode(self.config.uncer_mode)
+        measured = (torch.zeros(logits.shape[0], device=logits.device) if mode == "none"
+                    else uncertainty(logits, mode))  # fmt: skip
         confident = gate(logits, self.config)
         keep = select(scores, self.config, image_ids, seed)
         sent = torch.nonzero(~confident.cpu()).flatten().tolist()
         payloads = build_payloads(images, keep, sent, self.geometry.patch_size)
-        return EdgeResult(logits, scores, confident, keep, payloads)
+        return EdgeResult(logits, scores, measured, confident, keep, payloads)
+
+    def set_operating_point(self, masking_th: float | None = None,
+                            uncer_th: float | None = None) -> None:  # fmt: skip
+        """Move to another (δ or k, η); None keeps the current value."""
+        config = replace(self.config,
+                         masking_th=self.config.masking_th if masking_th is None else masking_th,
+                         uncer_th=self.config.uncer_th if uncer_th is None else uncer_th)
+        validate_masking(config.masking_mode, config.masking_th, self.geometry.num_patches)
+        self.config = config
 
     @torch.inference_mode()
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

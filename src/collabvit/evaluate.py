@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,6 @@ from collabvit.edge import EdgeDevice
 from collabvit.progress import progress_bar
 from collabvit.server import Server
 from collabvit.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
-from collabvit.uncertainty import uncertainty
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,10 @@ def evaluate(
         ):
             check_labels(targets, num_classes)
             if controller is not None:
-                delta, eta = controller.operating_point()
-                edge.config = replace(edge.config, masking_th=delta,
-                                      uncer_th=chosen.uncer_th if eta is None else eta)
+                edge.set_operating_point(*controller.operating_point())
             result = edge.process(images, indices, seed)
             if controller is not None:
-                controller.observe(uncertainty(result.logits, chosen.uncer_mode))
+                controller.observe(result.uncertainty.cpu().numpy())
             final_logits = result.logits.clone()
             if result.payloads:
                 final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)

@@ -100,7 +100,8 @@ class ExportedEdge:
 def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path, *,
                 normalization: vit.Normalization | None = None,
                 class_names: list[str] | None = None, name: str = "", server_model: str = "",
-                provenance: dict | None = None) -> ExportedEdge:  # fmt: skip
+                provenance: dict | None = None,
+                frontier: dict | None = None) -> ExportedEdge:  # fmt: skip
     """Write `model`'s edge decision as out_dir/edge.onnx and its card out_dir/edge.json.
 
     Args:
@@ -111,6 +112,8 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
         name: the model's name, for the card.
         server_model: the name of the server model it sends to (the edge's default).
         provenance: how the model and the export were made (configs, versions).
+        frontier: the pair's frontier file (controller.frontier_document), carried in the
+            card so that `collabvit edge --onnx DIR --budget-*` finds it.
 
     Raises ValueError for a policy that cannot go into the graph.
     """
@@ -158,6 +161,7 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
         "operating_point": {"masking_th": float(config.masking_th),
                             "uncer_th": float(config.uncer_th)},
         "provenance": provenance or {},
+        "frontier": frontier,
     }  # fmt: skip
     card = out / CARD_FILE
     card.write_text(json.dumps(contents, indent=2) + "\n")

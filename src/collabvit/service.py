@@ -286,6 +286,12 @@ class Admission:
     def release(self, images: int, nbytes: int) -> None:
         self._move(-images, -nbytes)
 
+    @property
+    def load(self) -> float:
+        """The share of the tighter bound in use (0..1): the load hint each answer carries,
+        from which adaptive clients lower their share before the server has to refuse."""
+        return max(self.images / self.max_images, self.bytes / self.max_bytes)
+
     def _move(self, images: int, nbytes: int) -> None:
         self.images += images
         self.bytes += nbytes
@@ -567,7 +573,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         content, header_length = infer_response_body(
             name, logits, parsed.binary_output, parsed.request_id,
             parameters={"queue_ms": round(queued * 1000, 3),
-                        "server_ms": round(elapsed * 1000, 3)},
+                        "server_ms": round(elapsed * 1000, 3), "load": round(admission.load, 3)},
         )  # fmt: skip
         headers = {INFERENCE_HEADER: str(header_length)} if header_length is not None else None
         media = "application/octet-stream" if header_length is not None else "application/json"

@@ -17,12 +17,13 @@ import torch
 
 from collabvit import calibration, frontier, passes
 from collabvit.config import EdgeConfig, SweepConfig, validate_masking
+from collabvit.controller import FRONTIER_FILE, frontier_document
 from collabvit.distributed import Processes, shard_block
 from collabvit.frontier import SweepPoint
 from collabvit.metrics import accuracy
 from collabvit.pair import Pair
 
-OUTPUT_FILES = ("points.jsonl", "points.csv", "sweep.json")
+OUTPUT_FILES = ("points.jsonl", "points.csv", "sweep.json", FRONTIER_FILE)
 
 
 @dataclass(frozen=True)
@@ -189,13 +190,14 @@ def write_report(
     plot_title: str | None = None,
     pick_label: str = "pick",
 ) -> list[Path]:
-    """points.jsonl, points.csv, sweep.json and (with a title) frontier.png/svg in out_dir.
+    """points.jsonl, points.csv, sweep.json, frontier.json (each series' Pareto points, which
+    `collabvit edge --budget-*` moves along) and (with a title) frontier.png/svg in out_dir.
 
     The frontier marks the uncalibrated pick, if any, as `pick_label`.
     """
     out_dir = Path(out_dir)
-    jsonl, csv_path, summary = (out_dir / name for name in OUTPUT_FILES)
-    written = [jsonl, csv_path, summary]
+    jsonl, csv_path, summary, frontier_path = (out_dir / name for name in OUTPUT_FILES)
+    written = [jsonl, csv_path, summary, frontier_path]
     document = report_dict(report, provenance)
     if plot_title is not None:
         from collabvit import plots  # matplotlib only when a figure is drawn
@@ -206,5 +208,7 @@ def write_report(
         document["figures"] = [str(path) for path in figures]
         written += figures
     write_points(report.points, jsonl, csv_path)
+    frontier_path.write_text(json.dumps(frontier_document(
+        [p.as_dict() for p in report.points], provenance), indent=2) + "\n")  # fmt: skip
     summary.write_text(json.dumps(document, indent=2) + "\n")
     return written
