@@ -508,3 +508,56 @@ def test_a_shedding_link_answers_a_503_once_with_the_wait_it_asked():
     calls.clear()
     plain = asyncio.run(classify(False))  # a client without a budget waits and retries
     assert plain.cause == "unavailable" and plain.retry_after is None and plain.attempts == 2
+
+
+def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live, tmp_path):
+    """Two clients (100 images/s each, a camera's pace) hold 6 kB/s each on a shared link
+    of 128 kbit/s that drops to a tenth after 2 s: every image is answered, neither puts
+    more on the wire than its bucket allows, the drop lowers what they spend, and no sent
+    image waits past its deadline."""
+    from benchmarks.bench_adaptive import SharedLink
+    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.controller import BytesController, read_frontier
+    from collabvit.pair import load_pair
+    from collabvit.zoo import model_card
+
+    count, rate, budget, deadline = 400, 100.0, 6000.0, 1.5
+    pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"), ModelSpec(name=SERVER_NAME),
+                     DataSpec(limit=count, batch_size=10), with_server=False)  # fmt: skip
+    frontier = read_frontier(model_card("collabvit_fmnist_edge")["frontier"],
+                             "attention_sum_threshold", "min_entropy")  # fmt: skip
+
+    async def scenario(port: int, link: SharedLink):
+        from collabvit.client import run_edge
+
+        controllers = [BytesController(frontier, "min_entropy", budget) for _ in range(2)]
+        runs = [run_edge(pair.edge(pair.default_config()), pair.loader(),
+                         ClientConfig(server=f"http://127.0.0.1:{port}", timeout=deadline,
+                                      retries=0, cooldown=0.0, images_per_second=rate,
+                                      records=str(tmp_path / f"client{n}.jsonl")),
+                         LinkConfig(), SERVER_NAME, {"client": n}, count=count,
+                         controller=controllers[n])
+                for n in range(2)]  # fmt: skip
+
+        async def drop() -> None:
+            await asyncio.sleep(2.0)
+            link.bandwidth /= 10
+            factors.extend(c.pressure.factor for c in controllers)
+
+        factors: list[float] = []
+        *reports, _ = await asyncio.gather(*runs, drop())
+        return reports, controllers, factors
+
+    with SharedLink(live.port, 128_000) as link:
+        reports, controllers, before = asyncio.run(scenario(link.port, link))
+    for report in reports:
+        records = report.records
+        assert sorted(r.index for r in records) == list(range(count))  # none lost
+        wire = sum(r.request_bytes + r.response_bytes for r in records)
+        largest = max(r.request_bytes + r.response_bytes for r in records)
+        assert wire <= budget * (report.seconds + 1) + largest
+        assert report.summary.sent_images > 0 and report.withheld > 0
+        sent = [r.total_ms for r in records if r.offloaded]
+        assert max(sent) <= 1000 * deadline + 500  # the deadline, and one batch of the edge
+    assert min(before) > 0.5  # the link carried both budgets before the drop
+    assert max(c.pressure.factor for c in controllers) < 0.5  # and a tenth of it did not

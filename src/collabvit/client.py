@@ -100,13 +100,15 @@ class ImageRecord:
         confident: answered at the edge by the gate.
         route: "edge" (confident), "server", "fallback" (sent, but the edge answered), or
             "withheld" (the gate would send it, the budget did not: the edge answered).
-        cause: for a fallback, one of FALLBACK_CAUSES.
+        cause: for a fallback, one of FALLBACK_CAUSES; for a withheld image "budget" (the
+            controller refused the send) or "busy" (every request slot was taken).
         selected: patches selected. delivered: patches that reached the server (loss).
         selection_min, selection_sum: of the selected scores.
         payload_bytes: the wire-format bytes of the image; request_bytes: the whole HTTP
             request (request line, headers, body); response_bytes: the whole response.
         full_bytes: request bytes of sending the full image instead, per codec name.
-        attempts: requests made. edge_ms, transfer_ms, server_ms, total_ms: latencies.
+        attempts: requests made. edge_ms, transfer_ms, server_ms, total_ms: latencies;
+            with --images-per-second, total_ms counts from the image's arrival.
         answered_at: when the answer was final (Unix time, seconds), so that the records of
             several clients line up.
     """
@@ -765,7 +767,7 @@ async def run_edge(
                    if c.carries(geometry.channels)}  # fmt: skip
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
-    began = time.monotonic()
+    began, began_counter = time.monotonic(), time.perf_counter()
 
     def clock() -> float:
         return time.monotonic() - began
@@ -839,9 +841,12 @@ async def run_edge(
                     continue
                 if len(todo) < len(indices):
                     images, targets, indices = images[todo], targets[todo], indices[todo]
+                arrived = time.perf_counter()
                 if config.images_per_second:  # a camera: images arrive at their pace
                     taken += images.shape[0]
-                    await asyncio.sleep(max(0.0, taken / config.images_per_second - clock()))
+                    due = taken / config.images_per_second
+                    await asyncio.sleep(max(0.0, due - clock()))
+                    arrived = min(time.perf_counter(), began_counter + due)  # late: waited
                 if controller is not None:
                     edge.set_operating_point(*controller.operating_point())
                 started = time.perf_counter()
@@ -862,23 +867,28 @@ async def run_edge(
                            "selection_min": float(minimum[row_index]),
                            "selection_sum": float(total[row_index]), "payload_bytes": 0,
                            "full_bytes": full[row_index], "edge_ms": edge_ms}  # fmt: skip
-                    withheld = False
+                    withheld = None
                     if not confident:
                         payload = next(payloads)
                         blob = encode_payload(payload, geometry, codec)
-                        withheld = controller is not None and not controller.admit(
-                            clock(), request_wire_bytes(link.build_request(blob))
-                            + response_bytes[0])  # fmt: skip
+                        if controller is not None and slots.locked():
+                            withheld = "busy"  # a budget never lets the camera wait
+                        elif controller is not None and not controller.admit(
+                                clock(), request_wire_bytes(link.build_request(blob))
+                                + response_bytes[0]):  # fmt: skip
+                            withheld = "budget"
                     if confident or withheld:
+                        waited = 1000.0 * (started - arrived)
                         finish(ImageRecord(**row, final_top=row["edge_top"],
                                            route="withheld" if withheld else "edge",
-                                           cause=None, request_bytes=0, response_bytes=0,
+                                           cause=withheld, request_bytes=0, response_bytes=0,
                                            attempts=0, transfer_ms=None, server_ms=None,
-                                           total_ms=edge_ms, answered_at=time.time()))  # fmt: skip
+                                           total_ms=waited + edge_ms,
+                                           answered_at=time.time()))  # fmt: skip
                         continue
                     await slots.acquire()
                     settle(tasks)
-                    tasks.add(asyncio.create_task(offload(row, payload, blob, started)))
+                    tasks.add(asyncio.create_task(offload(row, payload, blob, arrived)))
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:

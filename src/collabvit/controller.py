@@ -149,6 +149,12 @@ def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
     return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
 
 
+def largest_share(points: list[FrontierPoint]) -> float:
+    """The largest send share on the frontier: sending more buys nothing the sweep saw, so
+    a budget larger than the frontier's dearest point is not spent beyond it."""
+    return max(p.send_share for p in points)
+
+
 class Backpressure:
     """How much of its budget a client spends now: 1 while the link and the server keep up,
     less while they do not (multiplicative decrease, multiplicative and additive increase).
@@ -159,7 +165,7 @@ class Backpressure:
     of the last `memory` periods (a queue building on the link). The factor then drops by
     at least 30 %, and to 85 % of what the period delivered when the budget's rate is known
     (so a link that fell to a tenth is matched in one period, and its queue drains); a
-    clear period raises it by a fifth plus 0.02, up to 1.
+    clear period raises it by a quarter plus 0.03, up to 1.
 
     Args:
         latency_target: seconds of queueing on the link taken as congestion.
@@ -207,7 +213,7 @@ class Backpressure:
                 factor = min(factor, 0.85 * self.delivered / seconds / nominal_rate)
             self.factor = max(self.floor, factor)
         else:
-            self.factor = min(1.0, 1.2 * self.factor + 0.02)
+            self.factor = min(1.0, 1.25 * self.factor + 0.03)
         if self.latencies:
             self.base.append(float(np.median(self.latencies)))
         self._reset()
@@ -253,7 +259,8 @@ class CostController(_FollowsFrontier):
     """Holds a communication-cost budget (the paper's measure) along the frontier.
 
     It takes the most accurate frontier point within the budget, with its δ, and lets η
-    send as large a share of images as the budget leaves (at least that point's own), with
+    send as large a share of images as the budget leaves (at least that point's own, at
+    most the frontier's largest), with
     η read from the recent uncertainties so the share, and so the cost, holds when the
     images get harder or easier. While the link or the server falls behind, the share
     shrinks by the back-pressure factor (checked every `adapt` seconds of the clock given
@@ -279,7 +286,7 @@ class CostController(_FollowsFrontier):
         self.recent = RecentValues(recent)
         self.pressure = pressure or Backpressure()
         self.point = best_within(points, cost)
-        self.full_share = min(1.0, cost * self.point.num_patches
+        self.full_share = min(largest_share(points), cost * self.point.num_patches
                               / max(self.point.sent_tokens, 1e-9))  # fmt: skip
         self.share = self.full_share
         self.adapted_at: float | None = None
@@ -310,13 +317,14 @@ class BytesController(_FollowsFrontier):
     seconds of it) admits a send only when it has the send's bytes, so the wire never
     carries more than the budget allows. Every `adapt` seconds the share η asks for is set
     to what the bucket pays for at the images' rate and the learnt bytes of a send, times
-    a demand factor adapted so that the bucket refuses 15 to 30 % of the sends asked for
+    a demand factor adapted so that the bucket refuses 5 to 15 % of the sends asked for
     (those images are answered at the edge): enough demand that the bucket, not the chance
     arrival of uncertain images, sets the bytes, and few refusals of images the gate found
-    uncertain. The selection's δ is that of the most accurate frontier point whose own
-    share fits. With tens of sends per second the bytes of every 10 s window stay within a
-    few per cent of the budget; with a few, the granularity of single sends and of their
-    chance arrival shows.
+    uncertain. The share never exceeds the frontier's largest (a budget beyond the
+    frontier's dearest point is not spent). The selection's δ is that of the most accurate
+    frontier point whose own share fits. With tens of sends per second the bytes of every
+    10 s window stay within a few per cent of the budget; with a few, the granularity of
+    single sends and of their chance arrival shows.
 
     Args:
         points: the frontier (Pareto points of a sweep for this pair and codec).
@@ -342,7 +350,7 @@ class BytesController(_FollowsFrontier):
         self.pressure = pressure or Backpressure()
         self.point = self.points[0]
         self.share = self.point.send_share
-        self.demand = 1.2  # the share asked for over the share the bucket pays for
+        self.demand = 1.1  # the share asked for over the share the bucket pays for
         self.last: float | None = None
         self.adapted_at: float | None = None
         self.wanted = self.refused = 0
@@ -386,14 +394,14 @@ class BytesController(_FollowsFrontier):
         self.pressure.update(seconds, nominal_rate=self.budget)
         rate = self.images / seconds  # images per second in the period
         refused = self.refused / self.wanted if self.wanted else 0.0
-        if refused > 0.3:
-            self.demand = max(1.0, self.demand * 0.95)
-        elif refused < 0.15:
+        if refused > 0.15:
+            self.demand = max(0.8, self.demand * 0.95)
+        elif refused < 0.05:
             self.demand = min(2.0, self.demand * 1.05)
         if rate > 0 and self.send_bytes:
             affordable = self.rate / (rate * self.send_bytes)  # the share the budget pays for
             fitting = [p for p in self.points if p.send_share <= affordable]
             self.point = max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost)) if fitting \
                 else self.points[0]  # fmt: skip
-            self.share = min(1.0, affordable * self.demand)
+            self.share = min(largest_share(self.points), affordable * self.demand)
         self.images = self.wanted = self.refused = 0

@@ -453,14 +453,15 @@ def plot_learning_curves(
     return save(learning_curves_figure(logs, test_acc), stem)
 
 
-def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]], phase: float,
-                    budget: float, link_share: float) -> Figure:  # fmt: skip
+def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]],
+                    phases: Sequence[tuple[str, float, float, float]],
+                    budget: float) -> Figure:  # fmt: skip
     """Clients over a scripted link scenario, per 1 s window, one line per kind of client:
     accuracy, bytes/s per client (with the budget and the link's share), p99 latency of the
     sent images, and images answered at the edge although uncertain (fallbacks and withheld).
 
     windows: kind of client -> rows with second, accuracy, bytes_per_client, p99_ms,
-    fallbacks, withheld. phase: seconds per phase (steady, link at a tenth, back, burst).
+    fallbacks, withheld. phases: (name, start s, end s, the link's bytes/s per client).
     """
     figure = Figure(figsize=(9, 9))
     panels = figure.subplots(4, 1, sharex=True)
@@ -471,22 +472,20 @@ def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]], phase:
         panels[1].plot(seconds, [row["bytes_per_client"] / 1000 for row in rows], **style)
         panels[2].plot(seconds, [row["p99_ms"] for row in rows], **style)
         panels[3].plot(seconds, [row["fallbacks"] + row["withheld"] for row in rows], **style)
-    end = max(row["second"] + 1 for rows in windows.values() for row in rows)
     panels[1].axhline(budget / 1000, color="grey", linestyle="--", linewidth=1, label="budget")
-    panels[1].step([0, phase, 2 * phase, end], [link_share / 1000, link_share / 10000,
-                                                  link_share / 1000, link_share / 1000],
+    panels[1].step([start for _, start, _, _ in phases] + [phases[-1][2]],
+                   [share / 1000 for *_, share in phases] + [phases[-1][3] / 1000],
                    where="post", color="black", linewidth=1, label="link / clients")  # fmt: skip
     panels[1].set_yscale("log")
     labels = ("accuracy (%)", "kB/s per client", "p99 latency, sent (ms)",
               "uncertain, answered\nat the edge (images)")  # fmt: skip
-    names = ("steady", "link at a tenth", "link back", "server burst 2x")
     for axes, label in zip(panels, labels, strict=True):
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
-        for boundary in (phase, 2 * phase, 3 * phase):
-            axes.axvline(boundary, color="grey", linewidth=0.8, alpha=0.6)
-    for number, name in enumerate(names):
-        panels[0].text((number + 0.5) * phase, 1.02, name, ha="center", va="bottom",
+        for _, start, _, _ in phases[1:]:
+            axes.axvline(start, color="grey", linewidth=0.8, alpha=0.6)
+    for name, start, end, _ in phases:
+        panels[0].text((start + end) / 2, 1.02, name, ha="center", va="bottom",
                        transform=panels[0].get_xaxis_transform(), fontsize=9)  # fmt: skip
     panels[0].legend(loc="lower left")
     panels[1].legend(loc="lower left", fontsize=8)
@@ -495,7 +494,8 @@ def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]], phase:
     return figure
 
 
-def plot_scenario(windows: Mapping[str, Sequence[Mapping[str, float]]], phase: float,
-                  budget: float, link_share: float, stem: str | Path) -> list[Path]:  # fmt: skip
+def plot_scenario(windows: Mapping[str, Sequence[Mapping[str, float]]],
+                  phases: Sequence[tuple[str, float, float, float]], budget: float,
+                  stem: str | Path) -> list[Path]:  # fmt: skip
     """scenario_figure saved as stem.png and stem.svg."""
-    return save(scenario_figure(windows, phase, budget, link_share), stem)
+    return save(scenario_figure(windows, phases, budget), stem)
