@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,8 +69,17 @@ def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pair_arguments(parser)
     add_config_arguments(parser.add_argument_group("collaborative inference"), EdgeConfig)
+    budget = parser.add_argument_group("budget (an operating point held along the frontier, "
+                                       "offline)")  # fmt: skip
+    add_config_arguments(budget, BudgetConfig, exclude=("latency_target",))
+    add_config_arguments(budget, ClientConfig, exclude=tuple(
+        f.name for f in fields(ClientConfig) if f.name not in EVAL_STREAM_FIELDS))  # fmt: skip
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
     add_config_arguments(parser.add_argument_group("outputs"), EvalOutputs)
+
+
+# what an offline bytes budget needs of the edge's stream: the images' pace and the codec
+EVAL_STREAM_FIELDS = ("images_per_second", "codec")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,16 +234,33 @@ def run_eval(args: argparse.Namespace) -> int:
         outputs = EvalOutputs(**given_values(EvalOutputs, args))
         _check_output_file(outputs.results_file)
         _check_output_file(outputs.per_image)
+        budget_flags = given_values(BudgetConfig, args)
+        budget = BudgetConfig(**budget_flags)
+        stream = {k: v for k, v in given_values(ClientConfig, args).items()
+                  if k in EVAL_STREAM_FIELDS}  # fmt: skip
+        stream = ClientConfig(**stream)
+        if not budget.held and (budget_flags or stream != ClientConfig()):
+            raise UsageError("--frontier, --images-per-second and --codec go with "
+                             "--budget-bps or --budget-cost")  # fmt: skip
+        if budget.budget_bps is not None and stream.images_per_second is None:
+            raise UsageError("--budget-bps offline needs the images' pace: "
+                             "--images-per-second N")  # fmt: skip
+        _check_input_file(budget.frontier, "frontier")
         from collabvit.distributed import Processes
 
         with Processes(run.device) as processes:
+            if budget.held and processes.distributed:
+                raise UsageError("a budget follows the images in order: run it in one "
+                                 "process, not under torchrun")  # fmt: skip
             run = replace(run, device=processes.device)
-            return _eval(edge_spec, server_spec, data, run, chosen, outputs, processes)
+            return _eval(edge_spec, server_spec, data, run, chosen, outputs, processes,
+                         budget, stream)  # fmt: skip
     except (UsageError, ValueError, OSError) as error:  # ModelError, DataError: ValueErrors
         return _fail("eval", error)
 
 
-def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes) -> int:
+def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
+          stream) -> int:  # fmt: skip
     """`collabvit eval` in this process: its shard under torchrun, else every image."""
     from collabvit.distributed import shard_block
     from collabvit.evaluate import evaluate, merge_results, write_per_image, write_results
@@ -246,22 +272,38 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes) -> int:
     edge, server = pair.edge(config), pair.server()
     span = processes.span(len(pair.dataset), shard_block(data.batch_size))
     loader = pair.loader(span)
+    controller, send_bytes = None, None
+    if budget.held:
+        names = {"server_model": server_spec.name,
+                 "frontier": shipped_frontier(edge_spec, server_spec.name)}  # fmt: skip
+        controller = _controller(budget, config, names)
+        from collabvit.client import offload_bytes
+        from collabvit.protocol import WireGeometry
+
+        send_bytes = offload_bytes(stream, server_spec.name, WireGeometry.of(edge.geometry),
+                                   edge.geometry.num_classes)  # fmt: skip
     result = evaluate(
         edge, server, loader, seed=run.seed, progress=_progress(run) if main else False,
         keep_records=outputs.per_image is not None, total=len(loader),
-        expected_images=len(span),
+        expected_images=len(span), controller=controller,
+        images_per_second=stream.images_per_second, send_bytes=send_bytes,
     )  # fmt: skip
     if processes.distributed:
         result = merge_results(processes.gather(result))
     if not main:  # rank 0 prints and writes for all
         return 0
-    print(format_summary(result.summary, config.masking_mode, config.masking_th,
-                         config.uncer_mode, config.uncer_th))  # fmt: skip
+    shown = config if controller is None else _last_point(config, controller)
+    print(format_summary(result.summary, shown.masking_mode, shown.masking_th,
+                         shown.uncer_mode, shown.uncer_th))  # fmt: skip
+    if controller is not None:
+        print(_budget_text(budget, controller, result.summary, result.withheld, result.seconds,
+                           result.wire_bytes))  # fmt: skip
     if result.skipped:
         _warn("eval", f"skipped {result.skipped} unreadable images")
     if outputs.results_file:
         provenance = _provenance("eval", edge_model=edge_spec, server_model=server_spec,
-                                 data=data, edge=config, run=run)  # fmt: skip
+                                 data=data, edge=config, run=run, budget=budget,
+                                 stream=stream)  # fmt: skip
         provenance["processes"] = processes.world_size
         write_results(outputs.results_file, result.summary, provenance,
                       skipped_images=result.skipped)  # fmt: skip
@@ -529,11 +571,15 @@ def run_edge(args: argparse.Namespace) -> int:
                                                   seed=run.seed, count=count,
                                                   metadata=served or None,
                                                   controller=controller))  # fmt: skip
-        print(format_summary(report.summary, config.masking_mode, config.masking_th,
-                             config.uncer_mode, config.uncer_th))  # fmt: skip
+        shown = config if controller is None else _last_point(config, controller)
+        print(format_summary(report.summary, shown.masking_mode, shown.masking_th,
+                             shown.uncer_mode, shown.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))
         if controller is not None:
-            print(_budget_text(budget, controller, report))
+            total = report.bytes["collaborative"]
+            print(_budget_text(budget, controller, report.summary, report.withheld,
+                               report.seconds, total["total_request_bytes"]
+                               + total["total_response_bytes"]))  # fmt: skip
         skipped = count - report.summary.images
         if skipped:
             _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
@@ -582,18 +628,24 @@ def _controller(budget: BudgetConfig, config: EdgeConfig, names: dict):
     return BytesController(points, mode, budget.budget_bps, pressure=pressure)
 
 
-def _budget_text(budget: BudgetConfig, controller, report) -> str:
+def _last_point(config: EdgeConfig, controller) -> EdgeConfig:
+    """The operating point a budget held last (what the summary's first line shows)."""
+    delta, eta = controller.operating_point()
+    return replace(config, masking_th=delta, uncer_th=config.uncer_th if eta is None else eta)
+
+
+def _budget_text(budget: BudgetConfig, controller, summary, withheld: int, seconds: float,
+                 wire_bytes: float) -> str:  # fmt: skip
     """What the budget held, for people."""
     point = controller.point
     last = f"last point: {point.masking_th:g} with a send share of {controller.share:.3f}"
     if budget.budget_bps is not None:
-        held = (f"Budget {budget.budget_bps:,.0f} B/s: {report.wire_bytes_per_second:,.0f} B/s "
-                f"on the wire over {report.seconds:.1f} s")  # fmt: skip
+        rate = wire_bytes / seconds if seconds > 0 else 0.0
+        held = (f"Budget {budget.budget_bps:,.0f} B/s: {rate:,.0f} B/s on the wire over "
+                f"{seconds:.1f} s")  # fmt: skip
     else:
-        held = (f"Budget cost {budget.budget_cost:g}: communication cost "
-                f"{report.summary.comm_cost:.4f}")  # fmt: skip
-    return (f"{held}; {report.withheld} images the gate would send were answered at the "
-            f"edge; {last}")
+        held = f"Budget cost {budget.budget_cost:g}: communication cost {summary.comm_cost:.4f}"
+    return f"{held}; {withheld} images the gate would send were answered at the edge; {last}"
 
 
 def shipped_frontier(edge: ModelSpec, server: str) -> dict | None:

@@ -41,6 +41,7 @@ from collabvit.protocol import (
     build_payloads,
     encode_payload,
     infer_request_body,
+    infer_response_body,
     parse_header_length,
     parse_logits,
 )
@@ -166,6 +167,39 @@ def response_wire_bytes(response: httpx.Response) -> int:
     line = len(b"HTTP/1.1 ") + 3 + 1 + len(response.reason_phrase) + 2
     headers = sum(len(name) + 2 + len(value) + 2 for name, value in response.headers.raw)
     return line + headers + 2 + len(response.content)
+
+
+def infer_request(client: httpx.Client | httpx.AsyncClient, url: str,
+                  blob: bytes) -> httpx.Request:  # fmt: skip
+    """The infer request carrying one image's wire bytes (binary extension), as sent."""
+    body, header_length = infer_request_body([blob])
+    return client.build_request("POST", url, content=body,
+                                headers={INFERENCE_HEADER: str(header_length)})  # fmt: skip
+
+
+def offload_bytes(config: ClientConfig, model_name: str, geometry: WireGeometry,
+                  num_classes: int) -> Callable[[PatchPayload], int]:  # fmt: skip
+    """The bytes on the wire of offloading one image as `collabvit edge` does, for offline
+    budgets: its request as ServerLink sends it (exact), and a collabvit server's answer
+    (binary logits with the timings and load it reports, and uvicorn's date, server, length
+    and type headers; within a few bytes of a real one, whose timings vary in length)."""
+    codec = Codec.parse(config.codec)
+    builder = httpx.Client()  # builds requests only: it never connects
+    trimmed_client_headers(builder, config.token)
+    url = f"{config.server.rstrip('/')}/v2/models/{model_name}/infer"
+    body, length = infer_response_body(model_name, np.zeros((1, num_classes), np.float32), True,
+                                       parameters={"queue_ms": 0.123, "server_ms": 1.234,
+                                                   "load": 0.125})  # fmt: skip
+    answer = response_wire_bytes(httpx.Response(200, content=body, headers=[
+        ("date", "Sun, 06 Dec 2026 09:00:00 GMT"), ("server", "uvicorn"),
+        ("content-length", str(len(body))), ("content-type", "application/octet-stream"),
+        (INFERENCE_HEADER, str(length))]))  # fmt: skip
+
+    def wire_bytes(payload: PatchPayload) -> int:
+        blob = encode_payload(payload, geometry, codec)
+        return request_wire_bytes(infer_request(builder, url, blob)) + answer
+
+    return wire_bytes
 
 
 def tls_verification(ca_file: str | None) -> bool | ssl.SSLContext:
@@ -342,11 +376,7 @@ class ServerLink:
         return body
 
     def build_request(self, blob: bytes) -> httpx.Request:
-        body, header_length = infer_request_body([blob])
-        return self.client.build_request(
-            "POST", self.infer_url, content=body,
-            headers={INFERENCE_HEADER: str(header_length)},
-        )  # fmt: skip
+        return infer_request(self.client, self.infer_url, blob)
 
     def emulated_delay(self, request_bytes: int, response_bytes: int) -> float:
         """Seconds one exchange waits on the emulated link: its round trip, plus its bytes'

@@ -314,7 +314,7 @@ class BytesController(_FollowsFrontier):
     of images the gate asks to send follows what the bucket lets through.
 
     The bucket (refilled at the budget times the back-pressure factor, holding `burst`
-    seconds of it) admits a send only when it has the send's bytes, so the wire never
+    seconds of it, and at least three sends) admits a send only when it has the send's bytes, so the wire never
     carries more than the budget allows. Every `adapt` seconds the share η asks for is set
     to what the bucket pays for at the images' rate and the learnt bytes of a send, times
     a demand factor adapted so that the bucket refuses 5 to 15 % of the sends asked for
@@ -348,7 +348,8 @@ class BytesController(_FollowsFrontier):
         self.tokens = bytes_per_second * burst
         self.recent = RecentValues(recent)
         self.pressure = pressure or Backpressure()
-        self.point = self.points[0]
+        # until the bytes of a send are known: the cheapest point that sends at all
+        self.point = next((p for p in self.points if p.send_share > 0), self.points[0])
         self.share = self.point.send_share
         self.demand = 1.1  # the share asked for over the share the bucket pays for
         self.last: float | None = None
@@ -385,9 +386,15 @@ class BytesController(_FollowsFrontier):
         self.refused += 1
         return False
 
+    @property
+    def capacity(self) -> float:
+        """What the bucket holds: `burst` seconds of the rate, and at least three sends (so
+        that a budget of a few sends a second is not lost to their chance arrival)."""
+        return max(self.rate * self.burst, 3 * self.send_bytes)
+
     def _refill(self, now: float) -> None:
         if self.last is not None and now > self.last:
-            self.tokens = min(self.rate * self.burst, self.tokens + self.rate * (now - self.last))
+            self.tokens = min(self.capacity, self.tokens + self.rate * (now - self.last))
         self.last = now if self.last is None else max(self.last, now)
 
     def _adapt(self, seconds: float) -> None:

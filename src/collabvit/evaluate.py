@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from collabvit import vit
+from collabvit.controller import BytesController
 from collabvit.data import check_labels
 from collabvit.edge import EdgeDevice
 from collabvit.progress import progress_bar
+from collabvit.protocol import PatchPayload
 from collabvit.server import Server
 from collabvit.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
 
@@ -37,6 +39,9 @@ class EvalResult:
     records: list[ImageRecord] = field(default_factory=list)
     skipped: int = 0
     running: RunningSummary | None = None  # the exact counts behind `summary`
+    withheld: int = 0  # images the gate would send that a budget answered at the edge
+    wire_bytes: float = 0.0  # of the sends a budget admitted (with send_bytes)
+    seconds: float = 0.0  # the images' time at their pace (with images_per_second)
 
 
 def evaluate(
@@ -49,6 +54,8 @@ def evaluate(
     total: int | None = None,
     expected_images: int | None = None,
     controller=None,
+    images_per_second: float | None = None,
+    send_bytes: Callable[[PatchPayload], int] | None = None,
 ) -> EvalResult:
     """Run the collaborative protocol over batches and summarise it.
 
@@ -65,37 +72,61 @@ def evaluate(
         keep_records: also return one ImageRecord per image.
         total: number of batches, for the progress display.
         expected_images: the dataset's size, to count images the loader skipped.
-        controller: a controller.CostController: each batch then runs at the operating
-            point it gives (δ, and η from the uncertainties of the batches before; the
-            edge's own η for the first), and it sees each batch's uncertainties. The edge's
-            own point is back in place when the run ends.
+        controller: a controller.CostController or BytesController: each batch then runs at
+            the operating point it gives (δ, and η from the uncertainties of the batches
+            before; the edge's own η for the first), it sees each batch's uncertainties, and
+            it admits or withholds each send (a withheld image keeps the edge's answer and
+            counts as answered at the edge). The edge's own point is back in place when the
+            run ends.
+        images_per_second: with a controller, the clock it sees: the images arrive at this
+            pace (what a bytes budget means offline: "what accuracy at 2 kB/s?").
+        send_bytes: with a controller, the bytes on the wire of offloading a payload
+            (client.offload_bytes); without it a send costs 0 bytes.
     """
     vit.check_compatible(edge.model, server.model)
     num_classes = edge.geometry.num_classes
     running = RunningSummary(num_patches=edge.geometry.num_patches)
     records: list[ImageRecord] = []
     chosen = edge.config
+    seen = withheld = 0
+    wire_bytes = 0.0
+    if isinstance(controller, BytesController) and not images_per_second:
+        raise ValueError("a bytes/s budget needs the images' pace (images_per_second)")
     try:
         for images, targets, indices in progress_bar(
             batches, "collaborative eval", total=total, unit="batch", enabled=progress
         ):
             check_labels(targets, num_classes)
+            arrivals = [(seen + row) / images_per_second if images_per_second else 0.0
+                        for row in range(len(targets))]  # each image's own time at the pace
+            now = arrivals[0] if images_per_second else None
+            seen += len(targets)
             if controller is not None:
                 edge.set_operating_point(*controller.operating_point())
             result = edge.process(images, indices, seed)
+            confident, payloads = result.confident, result.payloads
             if controller is not None:
-                controller.observe(result.uncertainty.cpu().numpy())
+                controller.observe(result.uncertainty.cpu().numpy(), now)
+                costs = [send_bytes(p) if send_bytes else 0 for p in payloads]
+                rows = torch.nonzero(result.sent).flatten().tolist()
+                admitted = [controller.admit(arrivals[row], nbytes)
+                            for row, nbytes in zip(rows, costs, strict=True)]  # fmt: skip
+                withheld += admitted.count(False)
+                wire_bytes += sum(n for n, a in zip(costs, admitted, strict=True) if a)
+                confident = confident.clone()
+                confident[torch.nonzero(result.sent).flatten()[[not a for a in admitted]]] = True
+                payloads = [p for p, a in zip(payloads, admitted, strict=True) if a]
             final_logits = result.logits.clone()
-            if result.payloads:
-                final_logits[result.sent] = server.classify(result.payloads).to(final_logits.device)
+            if payloads:
+                final_logits[~confident] = server.classify(payloads).to(final_logits.device)
             size, minimum, total_score = result.selection_statistics()
             running.update(
-                targets, result.logits, final_logits, result.confident, size, minimum, total_score
+                targets, result.logits, final_logits, confident, size, minimum, total_score
             )
             if keep_records:
                 edge_pred = result.logits.argmax(dim=1).tolist()
                 final_pred = final_logits.argmax(dim=1).tolist()
-                sent = result.sent.tolist()
+                sent = (~confident).tolist()
                 sizes = size.tolist()
                 for row, (index, label) in enumerate(zip(indices.tolist(), targets.tolist(),
                                                          strict=True)):
@@ -108,7 +139,9 @@ def evaluate(
         edge.config = chosen
     summary = running.summary()
     skipped = expected_images - summary.images if expected_images is not None else 0
-    return EvalResult(summary=summary, records=records, skipped=skipped, running=running)
+    return EvalResult(summary=summary, records=records, skipped=skipped, running=running,
+                      withheld=withheld, wire_bytes=wire_bytes,
+                      seconds=seen / images_per_second if images_per_second else 0.0)
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:
