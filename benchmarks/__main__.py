@@ -26,13 +26,40 @@ import torch
 from benchmarks.harness import RESULTS, load_average, machine_lines
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
-         "bench_onnx_edge", "bench_overload", "bench_gpu")
+         "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
+
+
+def adaptive_rows(results: dict) -> list[str]:
+    """The budget targets of bench_adaptive: budget held, no worse than offline, graceful
+    under a drop to a tenth, and the burst."""
+    a, f = results["adaptive"], results["fixed"]
+    budget = a["budget"]
+    worst = max(abs(b / budget - 1) for b in a["held_windows"]) if a["held_windows"] else 1.0
+    gap = a["steady_accuracy"] - a["offline_accuracy_at_cost"]
+    ratio = f["drop_loss"] / a["drop_loss"] if a["drop_loss"] > 0 else float("inf")
+    return [f"| budget held: worst 10 s window off the budget | {100 * worst:.1f} % | <= 5 % | "
+            f"{verdict(worst <= 0.05)} | |",
+            f"| budgeted accuracy − the offline frontier's at its cost | {gap:+.2f} pt | "
+            f">= -0.2 pt | {verdict(gap >= -0.2)} | |",
+            f"| accuracy lost with the link at a tenth, fixed / budgeted | {ratio:.1f}x | >= 3x | "
+            f"{verdict(ratio >= 3)} | the frontier allows about {a['ratio_bound']:.1f}x |",
+            f"| budgeted p99 latency with the link at a tenth | {a['drop_p99_ms']:,.0f} ms | "
+            f"<= the deadline, {1000 * a['deadline']:,.0f} ms | "
+            f"{verdict(a['drop_p99_ms'] <= 1000 * a['deadline'])} | fixed clients: "
+            f"{f['drop_p99_ms']:,.0f} ms |",
+            f"| budgeted images lost in the 2x burst | {a['lost_images']} | 0 | "
+            f"{verdict(a['lost_images'] == 0)} | |",
+            f"| server queue peak in the burst / its bound | {a['queue_peak']:.0f} / "
+            f"{a['queue_bound']} | <= 1 | {verdict(a['queue_peak'] <= a['queue_bound'])} | |",
+            f"| server throughput in the burst / its capacity | "
+            f"{100 * a['burst_served_share']:.0f} % | >= 90 % | "
+            f"{verdict(a['burst_served_share'] >= 0.9)} | |"]  # fmt: skip
 
 
 def fixed_share(kept_rows: list[dict], mode: str) -> float:
@@ -125,6 +152,8 @@ def target_rows(figures: dict) -> list[str]:
                  f"{verdict(o['departed']['dropped'] == o['departed']['sent'])} | |",
                  f"| bfloat16 server: largest accuracy change | {o['bf16_largest_change']:.2f} pt"
                  f" | informational (default on only if <= 0.1) | | |"]  # fmt: skip
+    if "bench_adaptive" in figures:
+        rows += adaptive_rows(figures["bench_adaptive"]["results"])
     if "bench_onnx_edge" in figures:
         o = figures["bench_onnx_edge"]
         torch_ms = o["latency_ms"]["torch fp32"]

@@ -394,6 +394,11 @@ def summarise(args, table: dict, runs: dict, frontiers: dict, budget: float,
             frontiers[f"{name} steady"], out[name]["steady_cost"]).collab_acc  # fmt: skip
         out[name]["offline_accuracy_at_drop_cost"] = best_within(
             frontiers[f"{name} drop"], out[name]["drop_cost"]).collab_acc  # fmt: skip
+        out[name].update(budget=budget, deadline=args.deadline, queue_bound=args.queue)
+    # the best an adaptive client can do at a tenth: the frontier at the cost it got through
+    adaptive, fixed = out["adaptive"], out["fixed"]
+    adaptive["ratio_bound"] = (fixed["steady_accuracy"] - fixed["edge_accuracy"]) / max(
+        1e-9, adaptive["steady_accuracy"] - adaptive["offline_accuracy_at_drop_cost"])
     return out
 
 
@@ -407,9 +412,7 @@ def report_text(args, results: dict, capacity: float, budget: float) -> str:
     adaptive, fixed = results["adaptive"], results["fixed"]
     ratio = fixed["drop_loss"] / adaptive["drop_loss"] if adaptive["drop_loss"] > 0 \
         else math.inf  # fmt: skip
-    # the best an adaptive client can do at a tenth: the frontier at the cost it got through
-    bound = (fixed["steady_accuracy"] - fixed["edge_accuracy"]) / max(
-        1e-9, adaptive["steady_accuracy"] - adaptive["offline_accuracy_at_drop_cost"])
+    bound = adaptive["ratio_bound"]
     held = [abs(b / budget - 1) for b in adaptive["held_windows"]]
     rows = "\n".join(
         f"| {name} | {r['steady_accuracy']:.2f} % | {r['steady_cost']:.3f} | "

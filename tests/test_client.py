@@ -561,3 +561,27 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
         assert max(sent) <= 1000 * deadline + 500  # the deadline, and one batch of the edge
     assert min(before) > 0.5  # the link carried both budgets before the drop
     assert max(c.pressure.factor for c in controllers) < 0.5  # and a tenth of it did not
+
+
+def test_offline_send_bytes_are_those_of_a_live_run(run_cli, live, tmp_path):
+    """What an offline bytes budget charges a send: the request exactly, the answer within
+    the few bytes a server's timings vary by."""
+    from collabvit.client import offload_bytes
+
+    assert run_cli(*edge_args(live.url, tmp_path, "--limit", "64")).returncode == 0
+    records = {r.index: r for r in read_records(tmp_path / "run.jsonl") if r.route == "server"}
+    config = ClientConfig(server=live.url)
+    charge = offload_bytes(config, SERVER_NAME, GEOMETRY, 10)
+    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.pair import load_pair
+
+    pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"), ModelSpec(name=SERVER_NAME),
+                     DataSpec(limit=64), with_server=False)  # fmt: skip
+    edge = pair.edge(pair.default_config())
+    images, _, indices = next(iter(pair.loader()))
+    result = edge.process(images, indices)
+    sent = torch.nonzero(result.sent).flatten().tolist()
+    assert records and len(sent) == len(records)
+    for row, payload in zip(sent, result.payloads, strict=True):
+        record = records[row]
+        assert abs(charge(payload) - record.request_bytes - record.response_bytes) <= 8

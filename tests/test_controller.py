@@ -274,3 +274,27 @@ def test_a_cost_budget_sends_a_smaller_share_while_the_server_is_loaded():
         controller.answered(1000.0, 0.01, 0.0)
         controller.observe(np.linspace(0, 1, 100), float(second))
     assert controller.share == pytest.approx(full)
+
+
+def test_eval_holds_a_budget_offline(run_cli, tmp_path):
+    """`collabvit eval --budget-*`: the in-process evaluation at a cost budget, and at a
+    bytes budget for images at a camera's pace; mistakes are one line."""
+    import json
+
+    held = run_cli("eval", "--limit", "640", "--quiet", "--budget-cost", "0.1",
+                   "--results-file", str(tmp_path / "cost.json"))  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    summary = json.loads((tmp_path / "cost.json").read_text())["summary"]
+    assert summary["comm_cost"] == pytest.approx(0.1, rel=0.2)
+    assert "Budget cost 0.1: communication cost" in held.stdout
+    paced = run_cli("eval", "--limit", "640", "--quiet", "--budget-bps", "3000",
+                    "--images-per-second", "30")  # fmt: skip
+    assert paced.returncode == 0, paced.stderr
+    line = paced.stdout.splitlines()[-1]
+    realised = float(line.split(": ")[1].split(" B/s")[0].replace(",", ""))
+    assert 0.7 * 3000 < realised <= 3000 * (1 + 3 / 21.3)  # within the bucket's three sends
+    for flags, message in ((["--budget-bps", "3000"], "--images-per-second"),
+                           (["--images-per-second", "30"], "go with --budget-bps"),
+                           (["--codec", "png"], "go with --budget-bps")):  # fmt: skip
+        wrong = run_cli("eval", "--limit", "64", "--quiet", *flags)
+        assert wrong.returncode == 2 and message in wrong.stderr
