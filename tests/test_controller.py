@@ -298,3 +298,29 @@ def test_eval_holds_a_budget_offline(run_cli, tmp_path):
                            (["--codec", "png"], "go with --budget-bps")):  # fmt: skip
         wrong = run_cli("eval", "--limit", "64", "--quiet", *flags)
         assert wrong.returncode == 2 and message in wrong.stderr
+
+
+def test_a_bytes_budget_refuses_the_least_uncertain_of_the_images_asked_for():
+    """The bucket pays for fewer sends than eta asks for: the refused images are the less
+    uncertain ones, without the priority's budget being exceeded."""
+    from collabvit.controller import BytesController
+
+    rng = np.random.default_rng(5)
+    controller = BytesController(POINTS, "min_entropy", bytes_per_second=20000.0)
+    admitted, refused, spent = [], [], 0.0
+    for step in range(1200):  # 60 s of 1,000 images/s, in 50 ms batches
+        now = step * 0.05
+        values = rng.uniform(0, 1, 50)
+        controller.observe(values, now)
+        _, eta = controller.operating_point()
+        for value in values:
+            if eta is None or value >= eta:
+                if controller.admit(now, 700.0, float(value)):
+                    spent += 700.0 if now >= 10 else 0.0
+                    (admitted if now >= 10 else []).append(value)
+                elif now >= 10:
+                    refused.append(value)
+    assert len(refused) > 0.03 * (len(refused) + len(admitted))
+    assert np.mean(refused) < np.mean(admitted) - 0.01  # the refusals fall on the least sure
+    assert np.quantile(refused, 0.9) < np.median(admitted)
+    assert spent / 50 == pytest.approx(20000.0, rel=0.05)

@@ -255,3 +255,18 @@ def test_canvas_examples_are_titled_and_outlined():
     titled = [axes.get_title() for axes in figure.axes if axes.get_title()]
     assert titled == [f"canvas {i}" for i in range(5)] and len(figure.axes) == 6
     assert _has_colour(figure, OBJECT_COLOUR)
+
+
+def test_the_scenario_figure_draws_each_kind_of_client_over_the_phases(tmp_path):
+    from collabvit.plots import plot_scenario
+
+    rows = [{"second": t, "accuracy": 92.0 - (t >= 3), "on_time_accuracy": 91.0,
+             "bytes_per_client": 3000.0 / (1 + 9 * (3 <= t < 5)), "p99_ms": 100.0 + t,
+             "fallbacks": t % 2, "withheld": 1} for t in range(8)]  # fmt: skip
+    phases = [("steady", 0, 3, 4000.0), ("link at a tenth", 3, 5, 400.0),
+              ("back", 5, 8, 4000.0)]  # fmt: skip
+    paths = plot_scenario({"adaptive": rows, "fixed": rows}, phases, 3200.0,
+                          tmp_path / "scenario")  # fmt: skip
+    assert sorted(p.name for p in paths) == ["scenario.png", "scenario.svg"]
+    svg = (tmp_path / "scenario.svg").read_text()
+    assert "link at a tenth" in svg and "adaptive, on time" in svg

@@ -882,8 +882,9 @@ async def run_edge(
                 started = time.perf_counter()
                 result = await asyncio.to_thread(edge.process, images, indices, seed)
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
+                uncertainties = as_array(result.uncertainty)
                 if controller is not None:
-                    controller.observe(as_array(result.uncertainty), clock())
+                    controller.observe(uncertainties, clock())
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
                 size, minimum, total = result.selection_statistics()
@@ -905,7 +906,7 @@ async def run_edge(
                             withheld = "busy"  # a budget never lets the camera wait
                         elif controller is not None and not controller.admit(
                                 clock(), request_wire_bytes(link.build_request(blob))
-                                + response_bytes[0]):  # fmt: skip
+                                + response_bytes[0], float(uncertainties[row_index])):  # fmt: skip
                             withheld = "budget"
                     if confident or withheld:
                         waited = 1000.0 * (started - arrived)

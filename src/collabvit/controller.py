@@ -303,7 +303,7 @@ class CostController(_FollowsFrontier):
             self.share = self.full_share * self.pressure.factor
             self.adapted_at = now
 
-    def admit(self, now: float, nbytes: float) -> bool:
+    def admit(self, now: float, nbytes: float, uncertainty: float | None = None) -> bool:
         """Whether an image the gate sends goes out: always, unless the server asked to
         wait."""
         return now >= self.paused_until
@@ -314,17 +314,19 @@ class BytesController(_FollowsFrontier):
     of images the gate asks to send follows what the bucket lets through.
 
     The bucket (refilled at the budget times the back-pressure factor, holding `burst`
-    seconds of it, and at least three sends) admits a send only when it has the send's bytes, so the wire never
-    carries more than the budget allows. Every `adapt` seconds the share η asks for is set
-    to what the bucket pays for at the images' rate and the learnt bytes of a send, times
-    a demand factor adapted so that the bucket refuses 5 to 15 % of the sends asked for
-    (those images are answered at the edge): enough demand that the bucket, not the chance
-    arrival of uncertain images, sets the bytes, and few refusals of images the gate found
-    uncertain. The share never exceeds the frontier's largest (a budget beyond the
-    frontier's dearest point is not spent). The selection's δ is that of the most accurate
-    frontier point whose own share fits. With tens of sends per second the bytes of every
-    10 s window stay within a few per cent of the budget; with a few, the granularity of
-    single sends and of their chance arrival shows.
+    seconds of it, and at least three sends) admits a send only when it has the send's
+    bytes, so the wire never carries more than the budget allows. Every `adapt` seconds the
+    share η asks for is set to what the bucket pays for at the images' rate and the learnt
+    bytes of a send, times a demand factor adapted so that the bucket refuses 5 to 15 % of
+    the sends asked for (those images are answered at the edge): enough demand that the
+    bucket, not the chance arrival of uncertain images, sets the bytes. The images beyond
+    the share the bucket pays for, the least uncertain of those asked for, go out only
+    while the bucket stays half full after them, so the refusals fall on them rather than
+    on the most uncertain. The share never exceeds the frontier's largest (a budget
+    beyond the frontier's dearest point is not spent). The selection's δ is that of the
+    most accurate frontier point whose own share fits. With tens of sends per second the
+    bytes of every 10 s window stay within a few per cent of the budget; with a few, the
+    granularity of single sends and of their chance arrival shows.
 
     Args:
         points: the frontier (Pareto points of a sweep for this pair and codec).
@@ -357,6 +359,7 @@ class BytesController(_FollowsFrontier):
         self.wanted = self.refused = 0
         self.images = 0
         self.send_bytes = 0.0  # mean bytes of a send (learnt)
+        self.paid_eta: float | None = None  # η of the share the bucket pays for
 
     @property
     def rate(self) -> float:
@@ -375,12 +378,22 @@ class BytesController(_FollowsFrontier):
             self._adapt(now - self.adapted_at)
             self.adapted_at = now
 
-    def admit(self, now: float, nbytes: float) -> bool:
-        """Whether an image the gate sends may go out now with its `nbytes` on the wire."""
+    def admit(self, now: float, nbytes: float, uncertainty: float | None = None) -> bool:
+        """Whether an image the gate sends may go out now with its `nbytes` on the wire.
+
+        Given its `uncertainty`, an image less uncertain than those the bucket pays for
+        (asked for by the extra demand) goes out only if the bucket stays half full after
+        it: the lower half is kept for the more uncertain, so the refusals fall on the
+        least uncertain."""
         self._refill(now)
         self.wanted += 1
         self.send_bytes = nbytes if not self.send_bytes else 0.9 * self.send_bytes + 0.1 * nbytes
-        if now >= self.paused_until and self.tokens >= nbytes:
+        needed = nbytes
+        if uncertainty is not None and self.paid_eta is not None and (
+                uncertainty > self.paid_eta if self.measure == "margin"
+                else uncertainty < self.paid_eta):  # fmt: skip
+            needed += self.capacity / 2
+        if now >= self.paused_until and self.tokens >= needed:
             self.tokens -= nbytes
             return True
         self.refused += 1
@@ -410,5 +423,7 @@ class BytesController(_FollowsFrontier):
             fitting = [p for p in self.points if p.send_share <= affordable]
             self.point = max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost)) if fitting \
                 else self.points[0]  # fmt: skip
+            paid = min(largest_share(self.points), affordable)
             self.share = min(largest_share(self.points), affordable * self.demand)
+            self.paid_eta = gate_threshold(self.recent, paid, self.measure)
         self.images = self.wanted = self.refused = 0

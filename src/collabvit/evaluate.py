@@ -109,7 +109,8 @@ def evaluate(
                 controller.observe(result.uncertainty.cpu().numpy(), now)
                 costs = [send_bytes(p) if send_bytes else 0 for p in payloads]
                 rows = torch.nonzero(result.sent).flatten().tolist()
-                admitted = [controller.admit(arrivals[row], nbytes)
+                values = result.uncertainty.tolist()
+                admitted = [controller.admit(arrivals[row], nbytes, values[row])
                             for row, nbytes in zip(rows, costs, strict=True)]  # fmt: skip
                 withheld += admitted.count(False)
                 wire_bytes += sum(n for n, a in zip(costs, admitted, strict=True) if a)

@@ -460,8 +460,9 @@ def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]],
     accuracy, bytes/s per client (with the budget and the link's share), p99 latency of the
     sent images, and images answered at the edge although uncertain (fallbacks and withheld).
 
-    windows: kind of client -> rows with second, accuracy, bytes_per_client, p99_ms,
-    fallbacks, withheld. phases: (name, start s, end s, the link's bytes/s per client).
+    windows: kind of client -> rows with second, accuracy (and optionally on_time_accuracy,
+    dotted), bytes_per_client, p99_ms, fallbacks, withheld. phases: (name, start s, end s,
+    the link's bytes/s per client).
     """
     figure = Figure(figsize=(9, 9))
     panels = figure.subplots(4, 1, sharex=True)
@@ -469,6 +470,10 @@ def scenario_figure(windows: Mapping[str, Sequence[Mapping[str, float]]],
         style = {"color": SERIES_COLOURS[index], "label": kind, "linewidth": 1.4}
         seconds = [row["second"] + 0.5 for row in rows]
         panels[0].plot(seconds, [row["accuracy"] for row in rows], **style)
+        if "on_time_accuracy" in rows[0]:
+            panels[0].plot(seconds, [row["on_time_accuracy"] for row in rows],
+                           color=style["color"], linestyle=":", linewidth=1.2,
+                           label=f"{kind}, on time")  # fmt: skip
         panels[1].plot(seconds, [row["bytes_per_client"] / 1000 for row in rows], **style)
         panels[2].plot(seconds, [row["p99_ms"] for row in rows], **style)
         panels[3].plot(seconds, [row["fallbacks"] + row["withheld"] for row in rows], **style)
