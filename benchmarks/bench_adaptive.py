@@ -269,34 +269,104 @@ def mean_of(rows: list[dict], key: str, weight: str = "images") -> float:
 OFFLINE_DELTAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 1.0)
 
 
-def offline_frontiers(count: int, subsets: dict[str, list[int]]) -> dict[str, list]:
-    """What an offline choice gets: the series swept (41 etas, OFFLINE_DELTAS) on the first
-    `count` test images, its frontier over all of them ("all") and over each named subset
-    of image indices (the images answered in the windows compared)."""
+def test_pair(count: int):
+    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.pair import load_pair
+
+    return load_pair(ModelSpec(name="collabvit_fmnist_edge"),
+                     ModelSpec(name="collabvit_fmnist_server"),
+                     DataSpec(limit=count, batch_size=32))  # fmt: skip
+
+
+def offline_frontiers(pair, subsets: dict[str, list[int]]) -> dict[str, list]:
+    """What an offline choice gets: the series swept (41 etas, OFFLINE_DELTAS) on the pair's
+    test images, every (δ, η) tried on them (an oracle), its frontier over all of them
+    ("all") and over each named subset of image indices (the images answered in the windows
+    compared)."""
     import torch
 
-    from collabvit.config import DataSpec, ModelSpec
     from collabvit.controller import frontier_document
-    from collabvit.pair import load_pair
     from collabvit.passes import Grid, gate_grid, run_edge, sweep_points
 
-    pair = load_pair(ModelSpec(name="collabvit_fmnist_edge"),
-                     ModelSpec(name="collabvit_fmnist_server"),
-                     DataSpec(limit=count, batch_size=256))  # fmt: skip
     edge_pass = run_edge(pair.edge(pair.default_config()), pair.loader(), progress=False)
     grid = Grid(tuple((SERIES[0], delta) for delta in OFFLINE_DELTAS),
                 gate_grid(edge_pass.logits, [SERIES[1]], num_etas=41))  # fmt: skip
-    positions = {name: torch.tensor(sorted(set(indices))) for name, indices in subsets.items()}
+    positions = {name: torch.tensor(sorted(set(indices)), dtype=torch.long)
+                 for name, indices in subsets.items() if indices}  # fmt: skip
     points = sweep_points(edge_pass, pair.server(), grid, SERIES[2], subsets=positions,
                           progress=False)  # fmt: skip
     frontiers = {}
-    for name in ("all", *subsets):
+    for name in ("all", *positions):
         rows = [{**{key: value for key, value in point.as_dict().items()
                     if not isinstance(value, dict)},
                  **(point.on(None if name == "all" else name).as_dict())}
                 for point in points]  # fmt: skip
         frontiers[name] = read_frontier(frontier_document(rows, {}), *SERIES)
     return frontiers
+
+
+OFFLINE_BUDGETS = (("cost", 0.03), ("cost", 0.1), ("cost", 0.25), ("bytes/s", 4000.0),
+                   ("bytes/s", 10000.0), ("bytes/s", 25000.0))  # fmt: skip
+
+
+def offline_budgets(pair, oracle: list, rate: float) -> list[dict]:
+    """`collabvit eval --budget-*` on the pair's test images (bytes budgets at `rate`
+    images/s, raw codec): accuracy and cost held, against the oracle frontier at that cost
+    and against the shipped frontier's own pick at that cost used as a fixed point."""
+    from dataclasses import replace
+
+    from collabvit.client import offload_bytes
+    from collabvit.config import ClientConfig
+    from collabvit.controller import BytesController, CostController
+    from collabvit.evaluate import evaluate
+    from collabvit.protocol import WireGeometry
+    from collabvit.zoo import model_card
+
+    shipped = read_frontier(model_card("collabvit_fmnist_edge")["frontier"], *SERIES)
+    edge, server = pair.edge(pair.default_config()), pair.server()
+    charge = offload_bytes(ClientConfig(), "collabvit_fmnist_server",
+                           WireGeometry.of(edge.geometry), edge.geometry.num_classes)
+    rows = []
+    for kind, value in OFFLINE_BUDGETS:
+        if kind == "cost":
+            held = evaluate(edge, server, pair.loader(), progress=False,
+                            controller=CostController(shipped, SERIES[1], value))
+        else:
+            held = evaluate(edge, server, pair.loader(), progress=False,
+                            controller=BytesController(shipped, SERIES[1], value),
+                            images_per_second=rate, send_bytes=charge)  # fmt: skip
+        cost = held.summary.comm_cost
+        pick = best_within(shipped, cost)
+        fixed = evaluate(pair.edge(replace(pair.default_config(), masking_th=pick.masking_th,
+                                           uncer_th=pick.eta)),
+                         server, pair.loader(), progress=False).summary  # fmt: skip
+        rows.append({"budget": kind, "value": value, "accuracy": held.summary.collab_acc,
+                     "cost": cost, "bytes_per_second": held.wire_bytes / held.seconds
+                     if held.seconds else None, "withheld": held.withheld,
+                     "oracle_at_cost": best_within(oracle, cost).collab_acc,
+                     "fixed_pick_accuracy": fixed.collab_acc, "fixed_pick_cost": fixed.comm_cost})
+    return rows
+
+
+def offline_text(rows: list[dict], images: int, rate: float) -> str:
+    lines = "\n".join(
+        f"| {r['budget']} {r['value']:g} | "
+        + (f"{r['bytes_per_second']:,.0f} B/s, " if r["bytes_per_second"] else "")
+        + f"cost {r['cost']:.3f} | {r['accuracy']:.2f} % | {r['oracle_at_cost']:.2f} % "
+        f"({r['accuracy'] - r['oracle_at_cost']:+.2f} pt) | {r['fixed_pick_accuracy']:.2f} % at "
+        f"{r['fixed_pick_cost']:.3f} ({r['accuracy'] - r['fixed_pick_accuracy']:+.2f} pt) | "
+        f"{r['withheld']} |"
+        for r in rows)  # fmt: skip
+    return f"""**Offline, in-process** (`collabvit eval --budget-*`, the same controllers on a
+virtual clock; bytes budgets at {rate:g} images/s with each send charged the bytes
+`collabvit edge` puts on the wire), on the first {images:,} test images. The oracle is the
+series swept on these very images (every δ and η tried, the best at the realised cost); the
+fixed pick is the shipped frontier's own choice at that cost (from the validation split) used
+as a fixed operating point, which is what an offline choice can do without the test labels.
+
+| budget | held | accuracy | oracle at that cost | fixed pick of the shipped frontier | withheld |
+|---|---|---:|---:|---:|---:|
+{lines}"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,13 +408,16 @@ def main(argv: list[str] | None = None) -> None:
         table = {name: windows(run, args.clients, seconds, args.deadline)
                  for name, run in runs.items()}  # fmt: skip
     held, drop = held_windows(args.scale), phase_span(args.scale, 1)
-    frontiers = offline_frontiers(int(args.rate * seconds), {
+    pair = test_pair(10_000 if not args.quick else int(args.rate * seconds))
+    frontiers = offline_frontiers(pair, {
         f"{name} {part}": [r.index for client in run["records"] for r in client
                            if any(lo <= r.answered_at - run["began"] < hi for lo, hi in spans)]
         for name, run in runs.items()
         for part, spans in (("steady", held), ("drop", [drop]))})  # fmt: skip
     results = summarise(args, table, runs, frontiers, budget, capacity)
-    text = report_text(args, results, capacity, budget)
+    offline = offline_budgets(pair, frontiers["all"], args.rate)
+    text = report_text(args, results, capacity, budget) + "\n\n" + offline_text(
+        offline, len(pair.dataset), args.rate)  # fmt: skip
     figure = None
     if not args.quick:
         from collabvit.plots import plot_scenario
@@ -357,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     body = section("bench_adaptive", "Budgets that follow the link", [text], load_at_start,
                    time.perf_counter() - began_at)  # fmt: skip
     publish(args, "bench_adaptive", body,
-            {"results": results, "windows": table,
+            {"results": results, "offline": offline, "windows": table,
              "figure": [str(p) for p in figure] if figure else None})  # fmt: skip
 
 
@@ -400,10 +473,11 @@ def summarise(args, table: dict, runs: dict, frontiers: dict, budget: float,
         out[name]["drop_loss"] = out[name]["steady_accuracy"] - out[name]["drop_accuracy"]
         out[name]["drop_on_time_loss"] = (out[name]["steady_on_time_accuracy"]
                                           - out[name]["drop_on_time_accuracy"])  # fmt: skip
-        out[name]["offline_accuracy_at_cost"] = best_within(
-            frontiers[f"{name} steady"], out[name]["steady_cost"]).collab_acc  # fmt: skip
-        out[name]["offline_accuracy_at_drop_cost"] = best_within(
-            frontiers[f"{name} drop"], out[name]["drop_cost"]).collab_acc  # fmt: skip
+        for part, key in (("steady", "offline_accuracy_at_cost"),
+                          ("drop", "offline_accuracy_at_drop_cost")):  # fmt: skip
+            frontier, cost = frontiers.get(f"{name} {part}"), out[name][f"{part}_cost"]
+            out[name][key] = best_within(frontier, cost).collab_acc \
+                if frontier and not math.isnan(cost) else math.nan  # fmt: skip
         out[name].update(budget=budget, deadline=args.deadline, queue_bound=args.queue)
     # the best an adaptive client can do at a tenth: the frontier at the cost it got through
     adaptive, fixed = out["adaptive"], out["fixed"]
