@@ -33,6 +33,7 @@ EVAL_FLAGS = [
     "--inputs-normalized", "--use-ema", "--server-use-ema", "--skip-unreadable",
     "--batch-size", "--num-workers", "--attention-mode", "--masking-mode", "--masking-th",
     "--uncer-mode", "--uncer-th", "--device", "--seed", "--results-file", "--per-image", "--quiet",
+    "--budget-bps", "--budget-cost", "--frontier", "--images-per-second", "--codec",
 ]  # fmt: skip
 REFERENCE_SPELLINGS = [
     "--masking_mode", "--masking_th", "--attention_mode", "--uncer_mode", "--uncer_th",

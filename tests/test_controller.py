@@ -324,3 +324,19 @@ def test_a_bytes_budget_refuses_the_least_uncertain_of_the_images_asked_for():
     assert np.mean(refused) < np.mean(admitted) - 0.01  # the refusals fall on the least sure
     assert np.quantile(refused, 0.9) < np.median(admitted)
     assert spent / 50 == pytest.approx(20000.0, rel=0.05)
+
+
+def test_sends_that_get_no_answer_count_as_congestion():
+    from collabvit.controller import Backpressure
+
+    pressure = Backpressure(latency_target=0.2)
+    pressure.sent(0.0)
+    pressure.answered(1000.0, 0.05, 0.0)  # answered quickly: clear
+    pressure.update(1.0, now=1.0)
+    assert pressure.factor == 1.0
+    pressure.sent(1.1)  # then nothing comes back for 0.9 s
+    pressure.update(1.0, now=2.0)
+    assert pressure.factor == pytest.approx(0.7)
+    pressure.finished()  # it failed: nothing is waiting any more
+    pressure.update(1.0, now=3.0)
+    assert pressure.factor == pytest.approx(0.7 * 1.25 + 0.03)

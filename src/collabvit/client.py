@@ -843,6 +843,8 @@ async def run_edge(
             controller.pause(clock() + answer.retry_after)
         elif answer.cause == "timeout":
             controller.timed_out()
+        else:
+            controller.failed()
 
     response_bytes = [0.0]  # the last answer's response bytes, counted in each admission
 
@@ -902,8 +904,9 @@ async def run_edge(
                     if not confident:
                         payload = next(payloads)
                         blob = encode_payload(payload, geometry, codec)
-                        if controller is not None and slots.locked():
-                            withheld = "busy"  # a budget never lets the camera wait
+                        if controller is not None and config.images_per_second \
+                                and slots.locked():  # fmt: skip
+                            withheld = "busy"  # a budget never lets a camera wait
                         elif controller is not None and not controller.admit(
                                 clock(), request_wire_bytes(link.build_request(blob))
                                 + response_bytes[0], float(uncertainties[row_index])):  # fmt: skip
@@ -919,6 +922,8 @@ async def run_edge(
                         continue
                     await slots.acquire()
                     settle(tasks)
+                    if controller is not None:
+                        controller.sent(clock())
                     tasks.add(asyncio.create_task(offload(row, payload, blob, arrived)))
             await asyncio.gather(*tasks)
         finally:

@@ -160,12 +160,13 @@ class Backpressure:
     less while they do not (multiplicative decrease, multiplicative and additive increase).
 
     A period is congested when the server asked to wait (503 or 429), reported a queue more
-    than `load_limit` full (the load hint of its answers), a send timed out, or the sends'
+    than `load_limit` full (the load hint of its answers), a send timed out, the sends'
     median time on the wire rose more than `latency_target` seconds above the least median
-    of the last `memory` periods (a queue building on the link). The factor then drops by
-    at least 30 %, and to 85 % of what the period delivered when the budget's rate is known
-    (so a link that fell to a tenth is matched in one period, and its queue drains); a
-    clear period raises it by a quarter plus 0.03, up to 1.
+    of the last `memory` periods (a queue building on the link), or the oldest send still
+    unanswered has waited that long (answers that do not come are a signal too). The factor
+    then drops by at least 30 %, and to 85 % of what the period delivered when the budget's
+    rate is known (so a link that fell to a tenth is matched in one period, and its queue
+    drains); a clear period raises it by a quarter plus 0.03, up to 1.
 
     Args:
         latency_target: seconds of queueing on the link taken as congestion.
@@ -179,6 +180,7 @@ class Backpressure:
         self.latency_target, self.load_limit, self.floor = latency_target, load_limit, floor
         self.factor = 1.0
         self.base: deque[float] = deque(maxlen=memory)  # median latency of recent periods
+        self.outstanding: deque[float] = deque()  # when the unanswered sends left, oldest first
         self._reset()
 
     def _reset(self) -> None:
@@ -187,17 +189,31 @@ class Backpressure:
         self.delivered = 0.0
         self.asked_to_wait = self.timed_out = False
 
+    def sent(self, now: float) -> None:
+        """A send left at `now` (of the clock `update` is given)."""
+        self.outstanding.append(now)
+
+    def finished(self) -> None:
+        """A send ended without an answer to learn from (a failure other than a time-out)."""
+        if self.outstanding:
+            self.outstanding.popleft()
+
     def answered(self, nbytes: float, seconds: float | None, load: float | None) -> None:
         """A send the server answered: its bytes, seconds on the wire, the server's load."""
+        self.finished()
         self.delivered += nbytes
         if seconds is not None:
             self.latencies.append(seconds)
         if load is not None:
             self.loads.append(load)
 
-    def congested(self) -> bool:
-        """Whether the period so far shows congestion (see the class)."""
+    def congested(self, now: float | None = None) -> bool:
+        """Whether the period so far shows congestion (see the class); `now` lets the wait
+        of the oldest unanswered send count."""
         if self.asked_to_wait or self.timed_out:
+            return True
+        if now is not None and self.outstanding and now - self.outstanding[0] > \
+                self.latency_target + (min(self.base) if self.base else 0.0):  # fmt: skip
             return True
         if self.loads and float(np.mean(self.loads)) > self.load_limit:
             return True
@@ -205,9 +221,11 @@ class Backpressure:
             return float(np.median(self.latencies)) - min(self.base) > self.latency_target
         return False
 
-    def update(self, seconds: float, nominal_rate: float | None = None) -> None:
-        """End a period of `seconds`; `nominal_rate` is the bytes/s the full budget spends."""
-        if self.congested():
+    def update(self, seconds: float, nominal_rate: float | None = None,
+               now: float | None = None) -> None:  # fmt: skip
+        """End a period of `seconds` at `now`; `nominal_rate` is the bytes/s the full budget
+        spends."""
+        if self.congested(now):
             factor = 0.7 * self.factor
             if nominal_rate:
                 factor = min(factor, 0.85 * self.delivered / seconds / nominal_rate)
@@ -243,6 +261,7 @@ class _FollowsFrontier:
         `until` (a time of the clock `now` is read from), and the period counts as
         congested."""
         self.paused_until = max(self.paused_until, until)
+        self.pressure.finished()
         self.pressure.asked_to_wait = True
 
     def answered(self, nbytes: float, seconds: float | None, load: float | None) -> None:
@@ -252,7 +271,16 @@ class _FollowsFrontier:
 
     def timed_out(self) -> None:
         """A send got no answer within its deadline."""
+        self.pressure.finished()
         self.pressure.timed_out = True
+
+    def sent(self, now: float) -> None:
+        """An admitted send left at `now`."""
+        self.pressure.sent(now)
+
+    def failed(self) -> None:
+        """A send ended in another failure (refused, unreachable, rejected...)."""
+        self.pressure.finished()
 
 
 class CostController(_FollowsFrontier):
@@ -299,7 +327,7 @@ class CostController(_FollowsFrontier):
         if self.adapted_at is None:
             self.adapted_at = now
         elif now - self.adapted_at >= self.adapt:
-            self.pressure.update(now - self.adapted_at)
+            self.pressure.update(now - self.adapted_at, now=now)
             self.share = self.full_share * self.pressure.factor
             self.adapted_at = now
 
@@ -375,7 +403,7 @@ class BytesController(_FollowsFrontier):
         if self.adapted_at is None:
             self.adapted_at = now
         elif now - self.adapted_at >= self.adapt:
-            self._adapt(now - self.adapted_at)
+            self._adapt(now - self.adapted_at, now)
             self.adapted_at = now
 
     def admit(self, now: float, nbytes: float, uncertainty: float | None = None) -> bool:
@@ -410,8 +438,8 @@ class BytesController(_FollowsFrontier):
             self.tokens = min(self.capacity, self.tokens + self.rate * (now - self.last))
         self.last = now if self.last is None else max(self.last, now)
 
-    def _adapt(self, seconds: float) -> None:
-        self.pressure.update(seconds, nominal_rate=self.budget)
+    def _adapt(self, seconds: float, now: float) -> None:
+        self.pressure.update(seconds, nominal_rate=self.budget, now=now)
         rate = self.images / seconds  # images per second in the period
         refused = self.refused / self.wanted if self.wanted else 0.0
         if refused > 0.15:
