@@ -873,7 +873,7 @@ async def run_edge(
                     continue
                 if len(todo) < len(indices):
                     images, targets, indices = images[todo], targets[todo], indices[todo]
-                arrived = time.perf_counter()
+                arrived, first = time.perf_counter(), taken
                 if config.images_per_second:  # a camera: images arrive at their pace
                     taken += images.shape[0]
                     due = taken / config.images_per_second
@@ -885,8 +885,13 @@ async def run_edge(
                 result = await asyncio.to_thread(edge.process, images, indices, seed)
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
                 uncertainties = as_array(result.uncertainty)
+                # the controller's clock: each image's arrival at the camera's pace (a batch's
+                # images arrive over its span, not at once), else the run's own clock
+                times = [(first + row + 1) / config.images_per_second
+                         for row in range(images.shape[0])] if config.images_per_second \
+                    else None  # fmt: skip
                 if controller is not None:
-                    controller.observe(uncertainties, clock())
+                    controller.observe(uncertainties, times[0] if times else clock())
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
                 size, minimum, total = result.selection_statistics()
@@ -908,7 +913,8 @@ async def run_edge(
                                 and slots.locked():  # fmt: skip
                             withheld = "busy"  # a budget never lets a camera wait
                         elif controller is not None and not controller.admit(
-                                clock(), request_wire_bytes(link.build_request(blob))
+                                times[row_index] if times else clock(),
+                                request_wire_bytes(link.build_request(blob))
                                 + response_bytes[0], float(uncertainties[row_index])):  # fmt: skip
                             withheld = "budget"
                     if confident or withheld:
