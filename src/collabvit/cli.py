@@ -274,8 +274,7 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
     loader = pair.loader(span)
     controller, send_bytes = None, None
     if budget.held:
-        names = {"server_model": server_spec.name,
-                 "frontier": shipped_frontier(edge_spec, server_spec.name)}  # fmt: skip
+        names = {"server_model": server_spec.name, "frontier": shipped_frontier(edge_spec)}
         controller = _controller(budget, config, names)
         from collabvit.client import offload_bytes
         from collabvit.protocol import WireGeometry
@@ -296,8 +295,9 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
     print(format_summary(result.summary, shown.masking_mode, shown.masking_th,
                          shown.uncer_mode, shown.uncer_th))  # fmt: skip
     if controller is not None:
-        print(_budget_text(budget, controller, result.summary, result.withheld, result.seconds,
-                           result.wire_bytes))  # fmt: skip
+        print(_budget_text(budget, controller, result.summary, result.withheld,
+                           result.wire_bytes / result.seconds if result.seconds else 0.0,
+                           result.seconds))  # fmt: skip
     if result.skipped:
         _warn("eval", f"skipped {result.skipped} unreadable images")
     if outputs.results_file:
@@ -576,10 +576,8 @@ def run_edge(args: argparse.Namespace) -> int:
                              shown.uncer_mode, shown.uncer_th))  # fmt: skip
         print(edge_client.format_report(report))
         if controller is not None:
-            total = report.bytes["collaborative"]
             print(_budget_text(budget, controller, report.summary, report.withheld,
-                               report.seconds, total["total_request_bytes"]
-                               + total["total_response_bytes"]))  # fmt: skip
+                               report.wire_bytes_per_second, report.seconds))  # fmt: skip
         skipped = count - report.summary.images
         if skipped:
             _warn("edge", f"{skipped} images have no answer (unreadable, skipped)")
@@ -634,30 +632,26 @@ def _last_point(config: EdgeConfig, controller) -> EdgeConfig:
     return replace(config, masking_th=delta, uncer_th=config.uncer_th if eta is None else eta)
 
 
-def _budget_text(budget: BudgetConfig, controller, summary, withheld: int, seconds: float,
-                 wire_bytes: float) -> str:  # fmt: skip
+def _budget_text(budget: BudgetConfig, controller, summary, withheld: int,
+                 bytes_per_second: float, seconds: float) -> str:  # fmt: skip
     """What the budget held, for people."""
     point = controller.point
     last = f"last point: {point.masking_th:g} with a send share of {controller.share:.3f}"
     if budget.budget_bps is not None:
-        rate = wire_bytes / seconds if seconds > 0 else 0.0
-        held = (f"Budget {budget.budget_bps:,.0f} B/s: {rate:,.0f} B/s on the wire over "
-                f"{seconds:.1f} s")  # fmt: skip
+        held = (f"Budget {budget.budget_bps:,.0f} B/s: {bytes_per_second:,.0f} B/s on the wire "
+                f"over {seconds:.1f} s")  # fmt: skip
     else:
         held = f"Budget cost {budget.budget_cost:g}: communication cost {summary.comm_cost:.4f}"
     return f"{held}; {withheld} images the gate would send were answered at the edge; {last}"
 
 
-def shipped_frontier(edge: ModelSpec, server: str) -> dict | None:
-    """The frontier shipped with an edge model's card for this server (None for other
-    weights or another server)."""
+def shipped_frontier(edge: ModelSpec) -> dict | None:
+    """The frontier shipped in an edge model's card (None for other weights); which server
+    it was swept with, read_frontier checks."""
     from collabvit import zoo
 
-    if edge.weights is not None:
-        return None
-    frontier = zoo.model_card(edge.name.split(".")[0]).get("frontier")
-    swept = ((frontier or {}).get("provenance") or {}).get("server_model") or {}
-    return frontier if swept.get("name") == server.split(".")[0] else None
+    return None if edge.weights is not None else \
+        zoo.model_card(edge.name.split(".")[0]).get("frontier")  # fmt: skip
 
 
 def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen: dict,
@@ -672,7 +666,7 @@ def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen
         _warn("edge", note)
     edge = pair.edge(replace(pair.default_config(), **chosen))
     names = {"edge_model": asdict(edge_spec), "server_model": server_spec.name,
-             "frontier": shipped_frontier(edge_spec, server_spec.name)}  # fmt: skip
+             "frontier": shipped_frontier(edge_spec)}  # fmt: skip
     return edge, pair.loader(), len(pair.dataset), names
 
 
@@ -756,7 +750,7 @@ def run_export(args: argparse.Namespace) -> int:
         exported = export_edge(pair.edge_model, config, out_dir,
                                class_names=pair.class_names(), name=edge_spec.name,
                                server_model=server_spec.name, provenance=provenance,
-                               frontier=shipped_frontier(edge_spec, server_spec.name))
+                               frontier=shipped_frontier(edge_spec))
         if export.int8:
             images = _uint8_images(pair.dataset, export.calibration_images)
             exported = quantize_edge(exported, images, f"{data.data_set} --split {data.split}, "

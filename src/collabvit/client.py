@@ -386,7 +386,8 @@ class ServerLink:
             self.link, request_bytes, response_bytes)  # fmt: skip
         return self.link.rtt / 1000.0 + self.link_free_at - now
 
-    async def classify(self, blob: bytes, counted_bytes: int | None = None) -> ServerAnswer:
+    async def classify(self, blob: bytes, counted_bytes: int | None = None,
+                       request: httpx.Request | None = None) -> ServerAnswer:  # fmt: skip
         """The server's logits for one image's wire bytes, retrying what may pass.
 
         Each attempt has `timeout` seconds in all (not per read). Retries wait a jittered,
@@ -399,10 +400,11 @@ class ServerLink:
             blob: the image's wire-format bytes.
             counted_bytes: the request bytes to report per attempt (the pre-loss request
                 under an emulated lossy link); default: this request's own bytes.
+            request: `blob`'s request (build_request) when the caller already built it.
         """
         if time.monotonic() < self.down_until:
             return ServerAnswer(None, "server_down", 0, 0, 0, None, None)
-        request = self.build_request(blob)  # the same request on every attempt
+        request = request or self.build_request(blob)  # the same request on every attempt
         one_request = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
         sent = received = attempts = 0
         cause, asked = "unreachable", None
@@ -806,16 +808,17 @@ async def run_edge(
         records.append(record)
         writer.write(record)
 
-    async def offload(row: dict, payload: PatchPayload, blob: bytes, started: float) -> None:
+    async def offload(row: dict, payload: PatchPayload, blob: bytes, request: httpx.Request,
+                      started: float) -> None:  # fmt: skip
         try:
             row["payload_bytes"] = len(blob)
             counted = None
             if link_config.loss > 0:  # the edge sent it all; the server gets what survives
-                counted = request_wire_bytes(link.build_request(blob))
+                counted = request_wire_bytes(request)
                 delivered = lose_patches(payload, link_config.loss, seed, row["index"])
                 row["delivered"] = delivered.size
-                blob = encode_payload(delivered, geometry, codec)
-            answer = await link.classify(blob, counted)
+                blob, request = encode_payload(delivered, geometry, codec), None
+            answer = await link.classify(blob, counted, request)
         finally:
             slots.release()
         if answer.logits is not None:
@@ -834,8 +837,9 @@ async def run_edge(
                               "answered_at": time.time()}))
 
     def tell_controller(answer: ServerAnswer) -> None:
+        nonlocal response_bytes
         if answer.logits is not None:
-            response_bytes[0] = answer.response_bytes / max(answer.attempts, 1)
+            response_bytes = answer.response_bytes / max(answer.attempts, 1)
             controller.answered(answer.request_bytes + answer.response_bytes,
                                 None if answer.transfer_ms is None else answer.transfer_ms / 1000,
                                 answer.load)  # fmt: skip
@@ -846,7 +850,7 @@ async def run_edge(
         else:
             controller.failed()
 
-    response_bytes = [0.0]  # the last answer's response bytes, counted in each admission
+    response_bytes = 0.0  # the last answer's response bytes, counted in each admission
 
     async with ServerLink(config, model_name, link_config, g.num_classes, seed,
                           shed=controller is not None) as link:  # fmt: skip
@@ -873,24 +877,22 @@ async def run_edge(
                     continue
                 if len(todo) < len(indices):
                     images, targets, indices = images[todo], targets[todo], indices[todo]
-                arrived, first = time.perf_counter(), taken
-                if config.images_per_second:  # a camera: images arrive at their pace
+                # a camera: the images arrive at their pace, each at its own time (those of
+                # the run's clock); a batch waits for its last one
+                arrived, times = time.perf_counter(), None
+                if config.images_per_second:
+                    times = [(taken + row + 1) / config.images_per_second
+                             for row in range(images.shape[0])]  # fmt: skip
                     taken += images.shape[0]
-                    due = taken / config.images_per_second
-                    await asyncio.sleep(max(0.0, due - clock()))
-                    arrived = min(time.perf_counter(), began_counter + due)  # late: waited
+                    await asyncio.sleep(max(0.0, times[-1] - clock()))
+                    arrived = min(time.perf_counter(), began_counter + times[-1])  # late: waited
                 if controller is not None:
                     edge.set_operating_point(*controller.operating_point())
                 started = time.perf_counter()
                 result = await asyncio.to_thread(edge.process, images, indices, seed)
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
-                uncertainties = as_array(result.uncertainty)
-                # the controller's clock: each image's arrival at the camera's pace (a batch's
-                # images arrive over its span, not at once), else the run's own clock
-                times = [(first + row + 1) / config.images_per_second
-                         for row in range(images.shape[0])] if config.images_per_second \
-                    else None  # fmt: skip
-                if controller is not None:
+                if controller is not None:  # paced, it sees each image at its arrival
+                    uncertainties = as_array(result.uncertainty)
                     controller.observe(uncertainties, times[0] if times else clock())
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
@@ -909,13 +911,14 @@ async def run_edge(
                     if not confident:
                         payload = next(payloads)
                         blob = encode_payload(payload, geometry, codec)
+                        request = link.build_request(blob)
                         if controller is not None and config.images_per_second \
                                 and slots.locked():  # fmt: skip
                             withheld = "busy"  # a budget never lets a camera wait
                         elif controller is not None and not controller.admit(
                                 times[row_index] if times else clock(),
-                                request_wire_bytes(link.build_request(blob))
-                                + response_bytes[0], float(uncertainties[row_index])):  # fmt: skip
+                                request_wire_bytes(request) + response_bytes,
+                                float(uncertainties[row_index])):  # fmt: skip
                             withheld = "budget"
                     if confident or withheld:
                         waited = 1000.0 * (started - arrived)
@@ -930,7 +933,8 @@ async def run_edge(
                     settle(tasks)
                     if controller is not None:
                         controller.sent(clock())
-                    tasks.add(asyncio.create_task(offload(row, payload, blob, arrived)))
+                    tasks.add(asyncio.create_task(offload(row, payload, blob, request,
+                                                          arrived)))  # fmt: skip
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:

@@ -10,7 +10,7 @@ Values are validated on construction (ValueError with a one-line reason).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ATTENTION_MODES = ("mean", "rollout")
 MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
@@ -230,6 +230,15 @@ class EdgeConfig:
         object.__setattr__(self, "uncer_mode", canonical_uncertainty_mode(self.uncer_mode))
         if not _finite(self.uncer_th):
             raise ValueError(f"uncertainty threshold must be a finite number, got {self.uncer_th}")
+
+    def moved(self, masking_th: float | None = None, uncer_th: float | None = None,
+              num_patches: int | None = None) -> EdgeConfig:  # fmt: skip
+        """This config at another (δ or k, η), None keeping a value; checked against
+        `num_patches` (k may not exceed it)."""
+        config = replace(self, masking_th=self.masking_th if masking_th is None else masking_th,
+                         uncer_th=self.uncer_th if uncer_th is None else uncer_th)
+        validate_masking(config.masking_mode, config.masking_th, num_patches)
+        return config
 
 
 @dataclass(frozen=True)

@@ -149,12 +149,6 @@ def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
     return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
 
 
-def largest_share(points: list[FrontierPoint]) -> float:
-    """The largest send share on the frontier: sending more buys nothing the sweep saw, so
-    a budget larger than the frontier's dearest point is not spent beyond it."""
-    return max(p.send_share for p in points)
-
-
 class Backpressure:
     """How much of its budget a client spends now: 1 while the link and the server keep up,
     less while they do not (multiplicative decrease, multiplicative and additive increase).
@@ -239,15 +233,35 @@ class Backpressure:
 
 class _FollowsFrontier:
     """What both controllers share: the current point's δ and η for the current share from
-    the recent uncertainties (attributes point, share, measure, recent), the back-pressure
-    of the link and the server, and the pause a server's Retry-After asks for."""
+    the recent uncertainties, the periods of `adapt` seconds at whose ends they adapt, the
+    back-pressure of the link and the server, and the pause a server's Retry-After asks
+    for. Subclasses set `point` and `share`."""
 
     point: FrontierPoint
     share: float
-    measure: str
-    recent: RecentValues
-    pressure: Backpressure
-    paused_until: float = -np.inf
+
+    def __init__(self, points: list[FrontierPoint], measure: str, recent: int, adapt: float,
+                 pressure: Backpressure | None) -> None:  # fmt: skip
+        if not points:
+            raise ValueError("the controller needs at least one frontier point")
+        self.measure, self.adapt = measure, adapt
+        # sending a larger share than any frontier point buys nothing the sweep saw: a
+        # budget beyond the frontier's dearest point is not spent
+        self.largest_share = max(p.send_share for p in points)
+        self.recent = RecentValues(recent)
+        self.pressure = pressure or Backpressure()
+        self.paused_until = -np.inf
+        self.adapted_at: float | None = None
+
+    def _period_ended(self, now: float) -> float | None:
+        """The seconds of the period that ends at `now`, or None while it runs."""
+        if self.adapted_at is None:
+            self.adapted_at = now
+            return None
+        if now - self.adapted_at < self.adapt:
+            return None
+        seconds, self.adapted_at = now - self.adapted_at, now
+        return seconds
 
     def operating_point(self) -> tuple[float, float | None]:
         """(masking_th, η) to use now; before any uncertainty is seen, the point's own η
@@ -306,30 +320,22 @@ class CostController(_FollowsFrontier):
     def __init__(self, points: list[FrontierPoint], measure: str, cost: float,
                  recent: int = 2048, adapt: float = 1.0,
                  pressure: Backpressure | None = None) -> None:  # fmt: skip
-        if not points:
-            raise ValueError("the controller needs at least one frontier point")
+        super().__init__(points, measure, recent, adapt, pressure)
         if not 0.0 <= cost <= 1.0:
             raise ValueError(f"a communication cost budget lies in [0, 1], not {cost}")
-        self.measure, self.cost, self.adapt = measure, cost, adapt
-        self.recent = RecentValues(recent)
-        self.pressure = pressure or Backpressure()
+        self.cost = cost
         self.point = best_within(points, cost)
-        self.full_share = min(largest_share(points), cost * self.point.num_patches
+        self.full_share = min(self.largest_share, cost * self.point.num_patches
                               / max(self.point.sent_tokens, 1e-9))  # fmt: skip
         self.share = self.full_share
-        self.adapted_at: float | None = None
 
     def observe(self, uncertainties, now: float | None = None) -> None:
         """The uncertainties of a batch of images (every image, sent or not), at `now`."""
         self.recent.add(uncertainties)
-        if now is None:
-            return
-        if self.adapted_at is None:
-            self.adapted_at = now
-        elif now - self.adapted_at >= self.adapt:
-            self.pressure.update(now - self.adapted_at, now=now)
+        seconds = None if now is None else self._period_ended(now)
+        if seconds is not None:
+            self.pressure.update(seconds, now=now)
             self.share = self.full_share * self.pressure.factor
-            self.adapted_at = now
 
     def admit(self, now: float, nbytes: float, uncertainty: float | None = None) -> bool:
         """Whether an image the gate sends goes out: always, unless the server asked to
@@ -369,21 +375,17 @@ class BytesController(_FollowsFrontier):
     def __init__(self, points: list[FrontierPoint], measure: str, bytes_per_second: float,
                  burst: float = 1.0, adapt: float = 1.0, recent: int = 2048,
                  pressure: Backpressure | None = None) -> None:  # fmt: skip
-        if not points:
-            raise ValueError("the controller needs at least one frontier point")
+        super().__init__(points, measure, recent, adapt, pressure)
         if not bytes_per_second > 0:
             raise ValueError(f"a bytes/s budget must be > 0, not {bytes_per_second}")
         self.points = sorted(points, key=lambda p: p.comm_cost)
-        self.measure, self.budget, self.adapt, self.burst = measure, bytes_per_second, adapt, burst
+        self.budget, self.burst = bytes_per_second, burst
         self.tokens = bytes_per_second * burst
-        self.recent = RecentValues(recent)
-        self.pressure = pressure or Backpressure()
         # until the bytes of a send are known: the cheapest point that sends at all
         self.point = next((p for p in self.points if p.send_share > 0), self.points[0])
         self.share = self.point.send_share
         self.demand = 1.1  # the share asked for over the share the bucket pays for
         self.last: float | None = None
-        self.adapted_at: float | None = None
         self.wanted = self.refused = 0
         self.images = 0
         self.send_bytes = 0.0  # mean bytes of a send (learnt)
@@ -400,11 +402,9 @@ class BytesController(_FollowsFrontier):
         self.recent.add(values)
         self.images += len(values)
         self._refill(now)
-        if self.adapted_at is None:
-            self.adapted_at = now
-        elif now - self.adapted_at >= self.adapt:
-            self._adapt(now - self.adapted_at, now)
-            self.adapted_at = now
+        seconds = self._period_ended(now)
+        if seconds is not None:
+            self._adapt(seconds, now)
 
     def admit(self, now: float, nbytes: float, uncertainty: float | None = None) -> bool:
         """Whether an image the gate sends may go out now with its `nbytes` on the wire.
@@ -451,7 +451,7 @@ class BytesController(_FollowsFrontier):
             fitting = [p for p in self.points if p.send_share <= affordable]
             self.point = max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost)) if fitting \
                 else self.points[0]  # fmt: skip
-            paid = min(largest_share(self.points), affordable)
-            self.share = min(largest_share(self.points), affordable * self.demand)
+            paid = min(self.largest_share, affordable)
+            self.share = min(self.largest_share, affordable * self.demand)
             self.paid_eta = gate_threshold(self.recent, paid, self.measure)
         self.images = self.wanted = self.refused = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -12,7 +12,7 @@ from collabvit.config import EdgeConfig
 from collabvit.data import check_images
 from collabvit.protocol import PatchPayload, build_payloads
 from collabvit.selection import select_patches, selection_statistics, validate_masking
-from collabvit.uncertainty import canonical_uncertainty_mode, is_confident, uncertainty
+from collabvit.uncertainty import gate_measure, is_confident
 
 __all__ = ["EdgeConfig", "EdgeDevice", "EdgeResult", "gate", "select"]
 
@@ -111,10 +111,7 @@ class EdgeDevice:
         if image_ids is None:
             image_ids = torch.arange(images.shape[0])
         logits, scores = self.scores(images)
-        mode = canonical_uncertainty_mode(self.config.uncer_mode)
-        measured = (torch.zeros(logits.shape[0], device=logits.device) if mode == "none"
-                    else uncertainty(logits, mode))  # fmt: skip
-        confident = gate(logits, self.config)
+        measured, confident = gate_measure(logits, self.config.uncer_mode, self.config.uncer_th)
         keep = select(scores, self.config, image_ids, seed)
         sent = torch.nonzero(~confident.cpu()).flatten().tolist()
         payloads = build_payloads(images, keep, sent, self.geometry.patch_size)
@@ -123,11 +120,7 @@ class EdgeDevice:
     def set_operating_point(self, masking_th: float | None = None,
                             uncer_th: float | None = None) -> None:  # fmt: skip
         """Move to another (δ or k, η); None keeps the current value."""
-        config = replace(self.config,
-                         masking_th=self.config.masking_th if masking_th is None else masking_th,
-                         uncer_th=self.config.uncer_th if uncer_th is None else uncer_th)
-        validate_masking(config.masking_mode, config.masking_th, self.geometry.num_patches)
-        self.config = config
+        self.config = self.config.moved(masking_th, uncer_th, self.geometry.num_patches)
 
     @torch.inference_mode()
     def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,16 +106,16 @@ def evaluate(
             result = edge.process(images, indices, seed)
             confident, payloads = result.confident, result.payloads
             if controller is not None:
-                controller.observe(result.uncertainty.cpu().numpy(), now)
-                costs = [send_bytes(p) if send_bytes else 0 for p in payloads]
-                rows = torch.nonzero(result.sent).flatten().tolist()
                 values = result.uncertainty.tolist()
+                controller.observe(values, now)
+                rows = torch.nonzero(result.sent).flatten().tolist()  # a payload's image
+                costs = [send_bytes(p) if send_bytes else 0 for p in payloads]
                 admitted = [controller.admit(arrivals[row], nbytes, values[row])
                             for row, nbytes in zip(rows, costs, strict=True)]  # fmt: skip
                 withheld += admitted.count(False)
                 wire_bytes += sum(n for n, a in zip(costs, admitted, strict=True) if a)
                 confident = confident.clone()
-                confident[torch.nonzero(result.sent).flatten()[[not a for a in admitted]]] = True
+                confident[[row for row, a in zip(rows, admitted, strict=True) if not a]] = True
                 payloads = [p for p, a in zip(payloads, admitted, strict=True) if a]
             final_logits = result.logits.clone()
             if payloads:

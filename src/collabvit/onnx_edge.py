@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from collabvit.config import EdgeConfig, Geometry, validate_masking
+from collabvit.config import EdgeConfig, Geometry
 from collabvit.protocol import PatchPayload, build_payloads
 
 EXPORT_FORMAT = 1
@@ -129,11 +129,7 @@ class OnnxEdge:
     def set_operating_point(self, masking_th: float | None = None,
                             uncer_th: float | None = None) -> None:  # fmt: skip
         """Move to another (δ or k, η); None keeps the current value."""
-        config = replace(self.config,
-                         masking_th=self.config.masking_th if masking_th is None else masking_th,
-                         uncer_th=self.config.uncer_th if uncer_th is None else uncer_th)
-        validate_masking(config.masking_mode, config.masking_th, self.geometry.num_patches)
-        self.config = config
+        self.config = self.config.moved(masking_th, uncer_th, self.geometry.num_patches)
 
     def check_images(self, images: np.ndarray) -> None:
         """ValueError unless images are uint8 [B, C, H, W] of the edge's size."""

@@ -48,10 +48,20 @@ def is_confident(logits: torch.Tensor, mode: str, eta: float) -> torch.Tensor:
     Entropies are confident below eta, the margin above it; with no measure
     no image is confident. logits [B, C] -> [B] bool.
     """
+    return gate_measure(logits, mode, eta)[1]
+
+
+def gate_measure(logits: torch.Tensor, mode: str, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's measure and its decision, the measure computed once.
+
+    logits [B, C] -> (measure [B] float32, zeros with no measure; confident [B] bool).
+    """
     mode = canonical_uncertainty_mode(mode)
     if mode == "none":
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return confident_by(_MEASURES[mode](logits), mode, eta)
+        zeros = torch.zeros(logits.shape[0], device=logits.device)
+        return zeros, zeros.bool()
+    values = _MEASURES[mode](logits)
+    return values, confident_by(values, mode, eta)
 
 
 def confident_by(value: torch.Tensor, mode: str, eta: float | torch.Tensor) -> torch.Tensor:
