@@ -6,8 +6,9 @@
 Stores the weights as float16 when that moves the test accuracy by at most
 0.05 pt (float32 otherwise), and writes the model card beside them: the
 run's card (config, recipe, seed, data, validation accuracy, log) plus the
-test accuracy of the shipped file, on all 10,000 test images and on the first
-2,000 (the slice the tests re-check), and the collabvit version.
+test accuracy of the shipped file on its data set's test split (Fashion-MNIST or the
+cluttered canvases), on all 10,000 test images and on the first 2,000 (the slice the tests
+re-check), and the collabvit version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import timm
 from safetensors.torch import save_file
 
 from collabvit import __version__, versions, vit, zoo
-from collabvit.data import FashionMNIST
+from collabvit.data import build_dataset
 from collabvit.train import model_accuracy
 
 SLICE = 2000
@@ -38,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
 
     run_card = json.loads((args.run_dir / "model_card.json").read_text())
-    test = FashionMNIST(split="test")
     model = vit.create_vit(args.name, args.run_dir / "model.safetensors")
+    test = build_dataset(zoo.FAMILIES[args.name].data_set, None, model, split="test")
     fp32_acc = model_accuracy(model, test.images, test.labels)
 
     target = zoo.weights_file(args.name)

@@ -266,6 +266,9 @@ def test_visualize_draws_views_and_the_attention_histogram(run_cli, golden, tmp_
         for view in ("original", "heatmap", "masked"):
             assert (tmp_path / f"{index}_{view}.png").stat().st_size > 500
     assert "server on 5/16 patches" in result.stdout
+    assert f"all 2 on one sheet: {tmp_path / 'views.png'}" in result.stdout
+    with Image.open(tmp_path / "views.png") as sheet:  # two rows of three views
+        assert sheet.height > sheet.width / 2
     rows = list(csv.DictReader((tmp_path / "attention_histogram.csv").open()))
     assert len(rows) == 10
     assert sum(int(r["patches"]) for r in rows) == 16 * 16  # 16 images x 16 patches

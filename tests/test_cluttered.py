@@ -202,6 +202,7 @@ def test_eval_sweep_and_visualize_run_on_cluttered_canvases(run_cli, cluttered_p
                     "--output-dir", str(tmp_path / "views"))  # fmt: skip
     assert views.returncode == 0, views.stderr
     assert (tmp_path / "views" / "00007_masked.png").stat().st_size > 1000
+    assert (tmp_path / "views" / "views.png").stat().st_size > 1000
 
 
 @needs_fmnist

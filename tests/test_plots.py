@@ -13,12 +13,15 @@ from collabvit import frontier, metrics
 from collabvit.plots import (
     DROPPED_COLOUR,
     OBJECT_COLOUR,
+    VIEWS,
+    PatchView,
     canvas_examples_figure,
     display_image,
     frontier_figure,
     learning_curves_figure,
     masked_image,
     patch_view_figures,
+    patch_view_sheet,
     plot_frontier,
     plot_histogram,
     plot_learning_curves,
@@ -101,8 +104,9 @@ def test_patch_views_write_three_titled_pngs(tmp_path):
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     keep = torch.zeros(49, dtype=torch.bool)
     keep[:10] = True
-    paths = save_patch_views(image, torch.rand(49), keep, (4, 4), tmp_path, "00003",
-                             label="Coat", edge_answer="Shirt", server_answer="Coat")  # fmt: skip
+    view = PatchView(image, torch.rand(49), keep, (4, 4), label="Coat", edge_answer="Shirt",
+                     server_answer="Coat")
+    paths = save_patch_views(view, tmp_path, "00003")
     assert [p.name for p in paths] == ["00003_original.png", "00003_heatmap.png",
                                        "00003_masked.png"]  # fmt: skip
     _check_image_files(paths, [".png"] * 3)
@@ -111,8 +115,8 @@ def test_patch_views_write_three_titled_pngs(tmp_path):
 def test_patch_view_titles_name_the_label_and_both_answers():
     image = torch.zeros(1, 28, 28, dtype=torch.uint8)
     keep = torch.arange(49) < 41
-    figures = patch_view_figures(image, torch.rand(49), keep, (4, 4), label="Coat",
-                                 edge_answer="Shirt", server_answer="Coat")  # fmt: skip
+    figures = patch_view_figures(PatchView(image, torch.rand(49), keep, (4, 4), label="Coat",
+                                           edge_answer="Shirt", server_answer="Coat"))
     assert list(figures) == ["original", "heatmap", "masked"]
     for figure in figures.values():
         title = " ".join(figure.axes[0].get_title().split())
@@ -121,14 +125,14 @@ def test_patch_view_titles_name_the_label_and_both_answers():
 
 
 def test_patch_view_titles_without_answers_name_only_the_view():
-    figures = patch_view_figures(torch.zeros(1, 28, 28), torch.rand(49), torch.arange(49) < 3,
-                                 (4, 4))  # fmt: skip
+    figures = patch_view_figures(PatchView(torch.zeros(1, 28, 28), torch.rand(49),
+                                           torch.arange(49) < 3, (4, 4)))
     assert figures["original"].axes[0].get_title() == "original"
 
 
 def test_heatmap_has_a_colour_bar():
-    figures = patch_view_figures(torch.zeros(1, 28, 28), torch.rand(49), torch.arange(49) < 3,
-                                 (4, 4))  # fmt: skip
+    figures = patch_view_figures(PatchView(torch.zeros(1, 28, 28), torch.rand(49),
+                                           torch.arange(49) < 3, (4, 4)))
     bars = [axes for axes in figures["heatmap"].axes if "attention" in axes.get_ylabel()]
     assert len(bars) == 1
 
@@ -145,7 +149,7 @@ def test_masked_view_colours_dropped_patches_and_keeps_the_grey_of_the_rest():
     levels = 40 + 4 * torch.arange(49, dtype=torch.uint8)
     grid = levels.reshape(7, 7).repeat_interleave(4, 0).repeat_interleave(4, 1)
     keep = torch.arange(49) % 2 == 0
-    figure = patch_view_figures(grid[None], torch.rand(49), keep, (4, 4))["masked"]
+    figure = patch_view_figures(PatchView(grid[None], torch.rand(49), keep, (4, 4)))["masked"]
     pixels, _ = _rendered(figure)
     box = figure.axes[0].get_window_extent()  # display coordinates, origin bottom left
     dropped = np.round(np.array(to_rgb(DROPPED_COLOUR)) * 255)
@@ -237,13 +241,30 @@ def test_object_patches_are_outlined_and_counted_in_every_view():
     image = torch.zeros(1, 56, 56, dtype=torch.uint8)
     keep, item = torch.arange(49) < 20, torch.zeros(49, dtype=torch.bool)
     item[[15, 16, 22, 23, 30]] = True  # 2 of the 5 among the first 20
-    figures = patch_view_figures(image, torch.rand(49), keep, (8, 8), label="Coat",
-                                 object_patches=item)  # fmt: skip
+    figures = patch_view_figures(PatchView(image, torch.rand(49), keep, (8, 8), label="Coat",
+                                           object_patches=item))
     for figure in figures.values():
         assert "item (outlined): 2 of its 5 patches sent" in figure.axes[0].get_title()
         assert _has_colour(figure, OBJECT_COLOUR)
-    plain = patch_view_figures(image, torch.rand(49), keep, (8, 8), label="Coat")
+    plain = patch_view_figures(PatchView(image, torch.rand(49), keep, (8, 8), label="Coat"))
     assert not _has_colour(plain["original"], OBJECT_COLOUR)
+
+
+def test_the_sheet_draws_every_image_in_a_row_of_three_views():
+    image = torch.zeros(1, 56, 56, dtype=torch.uint8)
+    item = torch.zeros(49, dtype=torch.bool)
+    item[[15, 16]] = True
+    views = [PatchView(image, torch.rand(49), torch.arange(49) < sent, (8, 8), label="Coat",
+                       edge_answer="Shirt", server_answer="Coat", object_patches=item)
+             for sent in (3, 20)]  # fmt: skip
+    figure = patch_view_sheet(views)
+    assert len(figure.axes) == 6  # no colour bars: the rows share one scale of colours
+    assert [axes.get_title() for axes in figure.axes[:3]] == list(VIEWS.values())
+    captions = [text.get_text() for axes in figure.axes for text in axes.texts]
+    assert len(captions) == 2
+    assert "server (3/49 patches)" in captions[0] and "0 of its 2 patches sent" in captions[0]
+    assert "item (outlined): 2 of its 2 patches sent" in captions[1]
+    assert _has_colour(figure, OBJECT_COLOUR) and _has_colour(figure, DROPPED_COLOUR)
 
 
 def test_canvas_examples_are_titled_and_outlined():

@@ -1,4 +1,4 @@
-"""The shipped Fashion-MNIST pair: registered with timm, loads offline, matches its card."""
+"""The shipped pairs: registered with timm, load offline, match their cards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import collabvit.zoo  # noqa: F401 - registers the shipped models
 from collabvit import vit, zoo
-from collabvit.data import FASHION_MNIST_ROOT, FashionMNIST
+from collabvit.data import FASHION_MNIST_ROOT, build_dataset
 from collabvit.train import model_accuracy
 
 SLICE = 2000
@@ -69,8 +69,9 @@ def test_cluttered_teacher_takes_canvases_at_the_cost_of_the_fashion_mnist_one()
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_test_slice_accuracy_matches_the_model_card(name):
-    data = FashionMNIST(split="test")
-    measured = model_accuracy(vit.create_vit(name), data.images[:SLICE], data.labels[:SLICE])
+    model = vit.create_vit(name)
+    data = build_dataset(zoo.FAMILIES[name].data_set, None, model, split="test")
+    measured = model_accuracy(model, data.images[:SLICE], data.labels[:SLICE])
     assert measured == pytest.approx(zoo.model_card(name)[f"test_acc_first_{SLICE}"], abs=0.5)
 
 

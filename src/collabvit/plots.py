@@ -8,7 +8,8 @@ saved as PNG and SVG next to each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -321,79 +322,88 @@ def view_caption(
     return "\n".join(lines)
 
 
-def patch_view_figures(
-    image: torch.Tensor,
-    scores: torch.Tensor,
-    keep: torch.Tensor,
-    patch_size: tuple[int, int],
-    *,
-    label: str | None = None,
-    edge_answer: str | None = None,
-    server_answer: str | None = None,
-    object_patches: torch.Tensor | None = None,
-) -> dict[str, Figure]:
-    """The reference's three views of one image: original, heatmap, masked.
+@dataclass(frozen=True)
+class PatchView:
+    """One image as the edge saw it: what `patch_view_figures` and `patch_view_sheet` draw.
+
+    image: unnormalised [C, H, W]; scores: normalised patch scores [N]; keep: selection [N]
+    bool; label, edge_answer, server_answer: class names, or None to leave them out;
+    object_patches: [N] bool, the object's patches (a cluttered canvas's item), or None.
+    """
+
+    image: torch.Tensor
+    scores: torch.Tensor
+    keep: torch.Tensor
+    patch_size: tuple[int, int]
+    label: str | None = None
+    edge_answer: str | None = None
+    server_answer: str | None = None
+    object_patches: torch.Tensor | None = None
+
+    def caption(self, width: int = 44) -> str:
+        """The label, both answers and, with an object, how many of its patches were sent."""
+        keep = self.keep
+        caption = view_caption(self.label, self.edge_answer, self.server_answer,
+                               int(keep.sum()), keep.numel(), width)  # fmt: skip
+        if self.object_patches is not None:
+            sent = int((keep & self.object_patches).sum())
+            caption += (f"\nitem (outlined): {sent} of its {int(self.object_patches.sum())} "
+                        "patches sent")  # fmt: skip
+        return caption
+
+    def draw(self, axes, view: str, colorbar: bool = True, legend: bool = True) -> None:
+        """Draw one of VIEWS on `axes`, the object's patches outlined where known; the
+        heatmap's colour bar and the masked view's key where asked for."""
+        if view == "original":
+            draw_image(axes, display_image(self.image))
+        elif view == "heatmap":
+            draw_heatmap(axes, self.image, self.scores, self.patch_size, colorbar)
+        else:
+            draw_sent(axes, self.image, self.keep, self.patch_size, legend)
+        if self.object_patches is not None:
+            draw_patch_outline(axes, self.object_patches, tuple(self.image.shape[1:]),
+                               self.patch_size)  # fmt: skip
+
+
+# The reference's three views of an image, and their headings.
+VIEWS = {"original": "original", "heatmap": "patch attention",
+         "masked": "what the server receives"}  # fmt: skip
+
+
+def patch_view_figures(view: PatchView) -> dict[str, Figure]:
+    """The reference's three views of one image, a figure each: original, heatmap, masked.
 
     Each is titled with what it shows, above the label and both answers where given.
-
-    Args:
-        image: unnormalised [C, H, W].
-        scores: normalised patch scores [N].
-        keep: selection [N] bool.
-        label, edge_answer, server_answer: class names, or None to leave them out.
-        object_patches: [N] bool, the object's patches (a cluttered canvas's item): outlined
-            in every view, and the caption says how many of them are sent.
     """
-    caption = view_caption(label, edge_answer, server_answer, int(keep.sum()), keep.numel())
-    if object_patches is not None:
-        sent = int((keep & object_patches).sum())
-        caption += f"\nitem (outlined): {sent} of its {int(object_patches.sum())} patches sent"
-    views: dict[str, tuple[str, Callable]] = {
-        "original": ("original", lambda ax: draw_image(ax, display_image(image))),
-        "heatmap": ("patch attention", lambda ax: draw_heatmap(ax, image, scores, patch_size)),
-        "masked": ("what the server receives", lambda ax: draw_sent(ax, image, keep, patch_size)),
-    }
+    caption = view.caption()
     figures = {}
-    for view, (heading, draw) in views.items():
-        figure = Figure(figsize=(3.6 if view == "heatmap" else 3, 3))
+    for name, heading in VIEWS.items():
+        figure = Figure(figsize=(3.6 if name == "heatmap" else 3, 3))
         axes = figure.add_subplot()
-        draw(axes)
-        if object_patches is not None:
-            draw_patch_outline(axes, object_patches, tuple(image.shape[1:]), patch_size)
+        view.draw(axes, name)
         axes.set_title(f"{heading}\n{caption}" if caption else heading, fontsize=8)
-        figures[view] = figure
+        figures[name] = figure
     return figures
 
 
-def save_patch_views(
-    image: torch.Tensor,
-    scores: torch.Tensor,
-    keep: torch.Tensor,
-    patch_size: tuple[int, int],
-    out_dir: str | Path,
-    name: str,
-    *,
-    label: str | None = None,
-    edge_answer: str | None = None,
-    server_answer: str | None = None,
-    object_patches: torch.Tensor | None = None,
-) -> list[Path]:
-    """`patch_view_figures` as name_original.png, name_heatmap.png and name_masked.png.
+def patch_view_sheet(views: Sequence[PatchView]) -> Figure:
+    """Several images' three views in one figure: a row per image, the caption on its left."""
+    figure = Figure(figsize=(7.2, 2.3 * len(views)), layout="constrained")
+    grid = figure.subplots(len(views), len(VIEWS), squeeze=False)
+    for number, (row, view) in enumerate(zip(grid, views, strict=True), 1):
+        for axes, name in zip(row, VIEWS, strict=True):  # the key once, under the last row
+            view.draw(axes, name, colorbar=False, legend=number == len(views))
+        row[0].text(-0.08, 0.5, view.caption(width=30), transform=row[0].transAxes,
+                    ha="right", va="center", fontsize=7)  # fmt: skip
+    for axes, heading in zip(grid[0], VIEWS.values(), strict=True):
+        axes.set_title(heading, fontsize=8)
+    return figure
 
-    Args:
-        image: unnormalised [C, H, W].
-        scores: normalised patch scores [N].
-        keep: selection [N] bool.
-        label, edge_answer, server_answer: class names for the titles (None: left out).
-        object_patches: [N] bool, the object's patches to outline (None: none).
-    """
-    figures = patch_view_figures(image, scores, keep, patch_size, label=label,
-                                 edge_answer=edge_answer, server_answer=server_answer,
-                                 object_patches=object_patches)  # fmt: skip
-    paths = []
-    for view, figure in figures.items():
-        paths += save(figure, Path(out_dir) / f"{name}_{view}", ("png",))
-    return paths
+
+def save_patch_views(view: PatchView, out_dir: str | Path, name: str) -> list[Path]:
+    """`patch_view_figures` as name_original.png, name_heatmap.png and name_masked.png."""
+    return [path for suffix, figure in patch_view_figures(view).items()
+            for path in save(figure, Path(out_dir) / f"{name}_{suffix}", ("png",))]  # fmt: skip
 
 
 # --- attention over many images ---------------------------------------------------------

@@ -15,26 +15,32 @@ from collabvit.pair import Pair
 def draw_images(
     pair: Pair, config: EdgeConfig, views: VisualizeConfig, out_dir: Path, seed: int = 0
 ) -> Iterator[str]:
-    """Original, heatmap and masked view of each of `views.indices`; yields one line each."""
+    """Original, heatmap and masked view of each of `views.indices`, and all of them on one
+    sheet (views.png); yields one line per image, then one for the sheet."""
     edge, server = pair.edge(config), pair.server()
     names = pair.class_names()
     total = edge.geometry.num_patches
     objects = data.item_masks(pair.dataset)  # cluttered canvases know their item's patches
+    drawn = []
     for index in views.indices:
         image, label = pair.dataset[index]
         result = edge.process(image[None], torch.tensor([index]), seed)
         server_answer = int(server.classify(result.payloads).argmax(1)[0])
         edge_answer = int(result.logits.argmax(1)[0])
         kept = int(result.keep[0].sum())
-        plots.save_patch_views(
-            image, result.scores[0], result.keep[0], edge.geometry.patch_size, out_dir,
-            f"{index:05d}", label=names[int(label)], edge_answer=names[edge_answer],
+        view = plots.PatchView(
+            image, result.scores[0], result.keep[0], edge.geometry.patch_size,
+            label=names[int(label)], edge_answer=names[edge_answer],
             server_answer=names[server_answer],
             object_patches=objects[index] if objects is not None else None,
         )  # fmt: skip
+        plots.save_patch_views(view, out_dir, f"{index:05d}")
+        drawn.append(view)
         yield (f"image {index}: label {names[int(label)]}; edge says {names[edge_answer]}, "
                f"server on {kept}/{total} patches says {names[server_answer]} -> "
                f"{out_dir}/{index:05d}_*.png")  # fmt: skip
+    sheet = plots.save(plots.patch_view_sheet(drawn), out_dir / "views", ("png",))[0]
+    yield f"all {len(drawn)} on one sheet: {sheet}"
 
 
 def draw_attention_histogram(
