@@ -108,7 +108,7 @@ findings: setup data
 
 # The frontier on cluttered canvases: every policy, both attention modes, the three measures,
 # compared at equal cost (README, cluttered findings).
-CLUTTERED_SWEEP := $(SWEEP) --data-set fmnist-cluttered --compare-at 0.05 0.1 0.2
+CLUTTERED_SWEEP := $(SWEEP) --data-set fmnist-cluttered --compare-at 0.05,0.1,0.2
 findings-cluttered: setup data
 	$(CLUTTERED_SWEEP) --out-dir runs/findings/cluttered_frontier --attention-modes mean rollout \
 		--uncer-modes min_entropy shannon_entropy margin \
