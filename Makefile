@@ -40,13 +40,18 @@ test-all: setup data
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
-# The main job: the shipped Fashion-MNIST pair on the Fashion-MNIST test set at the
-# default operating point (chosen on the validation split), six lines + results JSON.
+# The main job, on both built-in data sets: each shipped pair on its 10,000 test images at
+# its default operating point (chosen on the validation split), eight lines + results JSON.
 demo: setup data
-	$(VENV)/bin/collabvit eval --results-file runs/demo/results.json
+	@echo "Fashion-MNIST (a garment fills the frame): the shipped pair, 10,000 test images"
+	@$(VENV)/bin/collabvit eval --results-file runs/demo/results.json
+	@echo
+	@echo "Cluttered Fashion-MNIST (one item among clutter): the shipped pair, 10,000 test canvases"
+	@$(VENV)/bin/collabvit eval --data-set fmnist-cluttered --results-file runs/demo/cluttered_results.json
 
 # The same job over HTTP: `collabvit serve` in the background, `collabvit edge` against it
-# (DEPLOY_PORT, default 8000); prints the demo's lines plus bytes and latency.
+# (DEPLOY_PORT, default 8000); prints the demo's lines plus bytes and latency. EDGE_FLAGS go
+# to the edge (EDGE_FLAGS="--data-set fmnist-cluttered": the cluttered pair).
 demo-deploy: setup data
 	$(PY) scripts/demo_deploy.py $(EDGE_FLAGS)
 
@@ -66,11 +71,16 @@ results: setup data
 	$(PY) scripts/cluttered_examples.py
 
 # The cluttered pair: default point, selection curve, item recall, collaboration; then the
-# bytes per codec at that point, and the bytes target (README, docs/findings/cluttered).
+# bytes per codec at that point, the bytes target, and what the edge sends of the first four
+# test canvases (README, docs/findings/cluttered).
 results-cluttered: setup data
 	$(PY) scripts/cluttered_results.py
 	$(PY) scripts/deploy_table.py --data-set fmnist-cluttered
 	$(PY) scripts/cluttered_results.py --bytes-only
+	$(VENV)/bin/collabvit visualize --data-set fmnist-cluttered --indices 0 1 2 3 --quiet \
+		--output-dir runs/results/cluttered_views
+	cp runs/results/cluttered_views/views.png docs/findings/cluttered/views.png
+	$(PY) scripts/learning_curves.py --data-set fmnist-cluttered
 
 # Each shipped pair's frontier on the validation split, stored in its edge's card: the
 # points `collabvit edge --budget-bps/--budget-cost` moves along (after the pair's results
@@ -118,6 +128,7 @@ findings-cluttered: setup data
 	mkdir -p docs/findings/cluttered_frontier
 	cp runs/findings/cluttered_frontier/sweep.json runs/findings/cluttered_frontier/frontier.png \
 		docs/findings/cluttered_frontier/
+	$(PY) scripts/findings_table.py --table cluttered-findings-table
 
 # The benchmark suite: every benchmark, then the targets, into benchmarks/RESULTS.md.
 bench: setup data

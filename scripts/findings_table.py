@@ -1,11 +1,13 @@
-"""The README's findings table, rendered from the sweeps in docs/findings/*/sweep.json.
+"""The README's findings tables, rendered from the sweeps in docs/findings/*/sweep.json.
 
-    python scripts/findings_table.py [--readme README.md] [--findings docs/findings]
+    python scripts/findings_table.py [--table NAME ...] [--readme README.md]
+        [--findings docs/findings]
 
-`make findings` runs the three sweeps, copies their sweep.json and figures into
-docs/findings/ and then this script, which writes the table between the
-findings markers in README.md. tests/test_readme_numbers.py checks that the
-README's table is exactly what this renders from the committed JSON.
+`make findings` runs the three Fashion-MNIST sweeps and `make findings-cluttered` the one
+on cluttered canvases; each copies its sweep.json and figures into docs/findings/ and then
+runs this script, which writes the table between that table's markers in README.md.
+tests/test_readme_numbers.py checks that README's tables are exactly what this renders from
+the committed JSON.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- findings-table:start -->\n", "<!-- findings-table:end -->"
 # (comparison, sweep folder, [(row label, series label in sweep.json's comparison)])
 ROWS = (
     ("attention (sum threshold, min-entropy)", "attention", (
@@ -31,13 +32,34 @@ ROWS = (
         for measure in ("min_entropy", "shannon_entropy", "margin")
     )),
 )  # fmt: skip
+# The cluttered canvases: one sweep over every attention mode, policy and measure.
+CLUTTERED_ROWS = (
+    ("attention (sum threshold, min-entropy)", "cluttered_frontier", (
+        ("mean", "mean · attention_sum_threshold · min_entropy"),
+        ("rollout", "rollout · attention_sum_threshold · min_entropy"),
+    )),
+    *((f"selection ({mode}, min-entropy)", "cluttered_frontier", tuple(
+        (policy, f"{mode} · {policy} · min_entropy")
+        for policy in ("attention_sum_threshold", "attention_threshold", "topk", "random")
+    )) for mode in ("mean", "rollout")),
+    ("uncertainty (mean, sum threshold)", "cluttered_frontier", tuple(
+        (measure, f"mean · attention_sum_threshold · {measure}")
+        for measure in ("min_entropy", "shannon_entropy", "margin")
+    )),
+)  # fmt: skip
+# README marker name -> the rows of its table
+TABLES = {"findings-table": ROWS, "cluttered-findings-table": CLUTTERED_ROWS}
 
 
-def render(findings: Path) -> str:
+def markers(table: str) -> tuple[str, str]:
+    return f"<!-- {table}:start -->\n", f"<!-- {table}:end -->"
+
+
+def render(findings: Path, table: str = "findings-table") -> str:
     """The markdown table: each series' best accuracy at each cost, the best per group bold."""
     lines = []
     costs = None
-    for comparison, folder, rows in ROWS:
+    for comparison, folder, rows in TABLES[table]:
         report = json.loads((findings / folder / "sweep.json").read_text())
         table = dict(report["comparison"])
         rows = list(rows)
@@ -61,20 +83,23 @@ def render(findings: Path) -> str:
     return "\n".join(lines)
 
 
-def write(readme: Path, block: str) -> None:
+def write(readme: Path, block: str, table: str = "findings-table") -> None:
+    start, end = markers(table)
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no findings-table markers")
-    head, rest = text.split(START, 1)
-    readme.write_text(head + START + block + "\n" + END + rest.split(END, 1)[1])
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {table} markers")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + block + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", nargs="+", choices=sorted(TABLES), default=["findings-table"])
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--findings", type=Path, default=REPO / "docs" / "findings")
     args = parser.parse_args()
-    write(args.readme, render(args.findings))
+    for table in args.table:
+        write(args.readme, render(args.findings, table), table)
 
 
 if __name__ == "__main__":

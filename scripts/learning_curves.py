@@ -1,11 +1,12 @@
-"""The shipped Fashion-MNIST models' learning curves, from their model cards.
+"""A shipped pair's learning curves, from its model cards.
 
-    python scripts/learning_curves.py [--out docs/training/learning_curves]
+    python scripts/learning_curves.py [--data-set fmnist|fmnist-cluttered] [--out STEM]
 
 Validation accuracy per epoch (and training accuracy on the augmented, token-dropped
-batches) of the shipped edge and server, and of the CNN teacher they were distilled
-from when its card is in models/; the test accuracy of each shipped file as a dot.
-Writes OUT.png and OUT.svg.
+batches) of the data set's shipped edge and server, and of the CNN teacher they were
+distilled from when its card is in models/; the test accuracy of each shipped file as a
+dot. Writes STEM.png and STEM.svg (default: docs/training/learning_curves for Fashion-MNIST,
+docs/training/cluttered_learning_curves for the cluttered canvases).
 """
 
 from __future__ import annotations
@@ -14,22 +15,30 @@ import argparse
 from pathlib import Path
 
 from collabvit import zoo
+from collabvit.config import SHIPPED_PAIRS
 from collabvit.plots import plot_learning_curves
 
 REPO = Path(__file__).resolve().parents[1]
-TEACHER_CARD = REPO / "models" / zoo.TEACHER / "model_card.json"
+# data set -> (its CNN teacher, the figure's default stem)
+TEACHERS = {"fmnist": (zoo.TEACHER, "learning_curves"),
+            "fmnist-cluttered": (zoo.CLUTTERED_TEACHER, "cluttered_learning_curves")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "training" / "learning_curves")
+    parser.add_argument("--data-set", choices=sorted(TEACHERS), default="fmnist")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    teacher, stem = TEACHERS[args.data_set]
+    out = args.out or REPO / "docs" / "training" / stem
+    edge, server = SHIPPED_PAIRS[args.data_set]
 
     logs, test_acc = {}, {}
-    for name in (zoo.TEACHER, zoo.SERVER, zoo.EDGE):
-        card = zoo.read_card(TEACHER_CARD) if name == zoo.TEACHER else zoo.model_card(name)
+    for name in (teacher, server, edge):
+        card = (zoo.read_card(REPO / "models" / teacher / "model_card.json") if name == teacher
+                else zoo.model_card(name))  # fmt: skip
         log = card.get("run_card", card).get("log")
         if not log:
             print(f"{name}: no model card with a training log, left out")
@@ -37,7 +46,7 @@ def main() -> None:
         logs[name], test_acc[name] = log, card["test_acc"]
     if not logs:
         raise SystemExit("no model card with a training log")
-    for path in plot_learning_curves(logs, args.out, test_acc):
+    for path in plot_learning_curves(logs, out, test_acc):
         print(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
 

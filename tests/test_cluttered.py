@@ -206,12 +206,29 @@ def test_eval_sweep_and_visualize_run_on_cluttered_canvases(run_cli, cluttered_p
 
 
 @needs_fmnist
-def test_the_cluttered_data_set_names_its_own_pair(run_cli):
+def test_the_cluttered_data_set_runs_its_own_pair_at_its_operating_point(run_cli, tmp_path):
     from collabvit import zoo
 
-    result = run_cli("eval", "--data-set", "fmnist-cluttered", "--limit", "10")
-    if zoo.is_shipped(zoo.CLUTTERED_EDGE):
-        assert result.returncode == 0, result.stderr
-    else:  # a clear error naming the missing weights, never the Fashion-MNIST pair
-        assert result.returncode == 2
-        assert "collabvit_cluttered_edge are missing from the package" in result.stderr
+    result = run_cli("eval", "--data-set", "fmnist-cluttered", "--limit", "200",
+                     "--results-file", str(tmp_path / "eval.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "eval.json").read_text())["config"]
+    assert config["edge_model"]["name"] == zoo.CLUTTERED_EDGE
+    assert config["server_model"]["name"] == zoo.CLUTTERED_SERVER
+    point = zoo.model_card(zoo.CLUTTERED_EDGE)["operating_point"]
+    assert point["server"] == zoo.CLUTTERED_SERVER
+    for field in ("masking_mode", "masking_th", "uncer_mode", "uncer_th"):
+        assert config["edge"][field] == point[field], field
+
+
+def test_a_shipped_model_without_its_weights_is_a_clear_error(monkeypatch, tmp_path):
+    import timm
+
+    from collabvit import vit, zoo
+    from collabvit.vit import ModelError
+
+    config = timm.models.get_pretrained_cfg(zoo.CLUTTERED_EDGE)
+    config.file = str(tmp_path / "gone.safetensors")  # a package whose weights were lost
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name, **_: config)
+    with pytest.raises(ModelError, match="collabvit_cluttered_edge are missing from the package"):
+        vit.create_vit(zoo.CLUTTERED_EDGE)

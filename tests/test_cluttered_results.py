@@ -3,9 +3,11 @@ figure is computed, consistent with its definition, rendered and drawn."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from test_readme_numbers import script
+from test_readme_numbers import REPO, script
 from torch.utils.data import Subset
 
 from collabvit import vit
@@ -66,5 +68,11 @@ def test_results_pipeline_on_a_few_hundred_canvases(tmp_path, monkeypatch):
     results_script.write_block(readme, block)
     start, end = results_script.START, results_script.END
     assert readme.read_text() == f"before\n{start}{block}\n{end}\nafter\n"
+    fmnist = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
+    opening = results_script.render_opening(fmnist, results).splitlines()
+    assert len(opening) == 8 and opening[0].endswith("| Fashion-MNIST | cluttered Fashion-MNIST |")
+    assert opening[3].endswith(f"| {results['server_alone']:.2f} % |")
+    assert opening[4].endswith(f"| **{default['collab_acc']:.2f} %** |")
+    assert f"| {fmnist['edge_alone']:.2f} % |" in opening[2]
     for figure in (results_script.selection_figure(results), results_script.recall_figure(results)):
         assert len(figure.axes[0].lines) >= 4

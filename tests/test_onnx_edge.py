@@ -16,7 +16,7 @@ from conftest import tiny_vit
 
 from collabvit import vit, zoo
 from collabvit.config import EdgeConfig
-from collabvit.data import FashionMNIST
+from collabvit.data import ClutteredFashionMNIST, FashionMNIST
 from collabvit.edge import EdgeDevice
 from collabvit.export import EdgeDecision, export_edge
 from collabvit.onnx_edge import ExportError, OnnxEdge
@@ -87,6 +87,17 @@ def test_the_exported_shipped_edge_decides_as_the_torch_edge(shipped_export, tes
     onnx = OnnxEdge(folder, threads=1)
     assert onnx.config == config
     assert assert_same_decision(onnx, EdgeDevice(model, config), test_images[0]) == 0
+
+
+def test_the_exported_cluttered_edge_decides_as_the_torch_edge(tmp_path):
+    model = vit.create_model(zoo.CLUTTERED_EDGE)
+    config = zoo.default_operating_point(zoo.CLUTTERED_EDGE, zoo.CLUTTERED_SERVER)
+    assert config != EdgeConfig()  # the pair's own point, not the reference's defaults
+    export_edge(model, config, tmp_path, name=zoo.CLUTTERED_EDGE,
+                server_model=zoo.CLUTTERED_SERVER, class_names=list(FashionMNIST.classes))
+    canvases = ClutteredFashionMNIST(split="test").images[:IMAGES]
+    onnx = OnnxEdge(tmp_path, threads=1)
+    assert assert_same_decision(onnx, EdgeDevice(model, config), canvases) == 0
 
 
 @pytest.mark.parametrize("delta, eta", [(0.9, 0.6), (0.5, 1.5), (1.0, 0.05)])

@@ -8,11 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from collabvit.metrics import Summary, format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 RESULTS = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
+CLUTTERED = json.loads((REPO / "benchmarks" / "cluttered_results.json").read_text())
 
 
 def script(name: str):
@@ -35,25 +38,44 @@ def test_results_table_is_the_regenerated_one(tmp_path):
     assert "| token drop | attention_sum_threshold |" in README
 
 
-def test_findings_table_is_the_regenerated_one():
+@pytest.mark.parametrize("name", ["findings-table", "cluttered-findings-table"])
+def test_findings_tables_are_the_regenerated_ones(name):
     findings = script("findings_table")
-    table = between(README, findings.START, findings.END).strip()
-    assert table == findings.render(REPO / "docs" / "findings")
+    table = between(README, *findings.markers(name)).strip()
+    assert table == findings.render(REPO / "docs" / "findings", name)
     assert table.count("\n") >= 10
 
 
-def test_demo_lines_are_the_default_point_on_test():
-    """`make demo` prints the default operating point's test figures, as the results have them."""
+def demo_blocks() -> dict[str, str]:
+    """README's `make demo` output: {its heading line: the eight lines below it}."""
+    block = re.search(r"`make demo` runs.*?```\n(.*?)```", README, re.S)
+    assert block, "README has no demo output block"
+    parts = [part.strip().splitlines() for part in block.group(1).strip().split("\n\n")]
+    return {lines[0]: "\n".join(lines[1:]) for lines in parts}
+
+
+def demo_lines(row: dict) -> str:
+    """`collabvit eval`'s eight lines for a results row."""
+    fields = {name: row[name] for name in Summary.__dataclass_fields__ if name in row}
+    return format_summary(Summary(**fields), row["policy"], row["threshold"], row["measure"],
+                          row["eta"])  # fmt: skip
+
+
+def test_demo_lines_are_the_default_points_on_test():
+    """`make demo` prints each pair's default operating point's test figures, as the results
+    have them: Fashion-MNIST first, then the cluttered canvases, each under its heading."""
     default = RESULTS["default"]
     row = next(r for r in RESULTS["rows"] if r["server"] == "token drop"
                and r["policy"] == "attention_sum_threshold" and r["measure"] == "min_entropy")
     assert (row["threshold"], row["eta"]) == (default["delta"], default["eta"])
-    fields = {name: row[name] for name in Summary.__dataclass_fields__ if name in row}
-    expected = format_summary(Summary(**fields), row["policy"], row["threshold"], row["measure"],
-                              row["eta"])  # fmt: skip
-    block = re.search(r"`make demo` runs.*?```\n(.*?)```", README, re.S)
-    assert block, "README has no demo output block"
-    assert block.group(1).strip() == expected
+    cluttered = CLUTTERED["default_test"]
+    assert (cluttered["threshold"], cluttered["eta"]) == (CLUTTERED["default"]["delta"],
+                                                          CLUTTERED["default"]["eta"])
+    blocks = demo_blocks()
+    recipe = (REPO / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    headings = [line.split('"')[1] for line in recipe.splitlines() if '@echo "' in line]
+    assert list(blocks) == headings
+    assert list(blocks.values()) == [demo_lines(row), demo_lines(cluttered)]
 
 
 def test_shipped_operating_point_is_the_validation_pick():
@@ -74,7 +96,7 @@ def test_deploy_table_is_the_regenerated_one():
 
 def test_deploy_demo_prints_the_demo_lines_then_bytes_and_latency():
     """`make demo-deploy` (raw codec) gives `make demo`'s lines exactly, then the network's."""
-    demo = re.search(r"`make demo` runs.*?```\n(.*?)```", README, re.S).group(1).strip()
+    demo = next(iter(demo_blocks().values()))
     block = between(README, "<!-- deploy-demo:start -->", "<!-- deploy-demo:end -->")
     lines = block.strip().strip("`").strip().splitlines()
     assert "\n".join(lines[:8]) == demo
@@ -98,3 +120,42 @@ def test_onnx_edge_table_is_the_regenerated_one():
         assert pair["int8"]["kept"] == (pair["int8"]["collab_acc_loss"] <= 0.3)
     fmnist = results["pairs"]["fmnist"]["summaries"]["fp32"]
     assert f"{fmnist['collab_acc']:.2f} %" in README.split("## Deploy on a device")[1]
+
+
+def test_cluttered_results_are_the_regenerated_ones():
+    """README's cluttered block is what scripts/cluttered_results.py renders from its JSON,
+    measured at the shipped operating point on every test canvas, bytes target included."""
+    results_script = script("cluttered_results")
+    block = between(README, results_script.START, results_script.END).strip()
+    assert block == results_script.render(CLUTTERED)
+    assert CLUTTERED["bytes"] is not None and len(CLUTTERED["targets"]) == 5
+    card = json.loads((REPO / "src/collabvit/weights/collabvit_cluttered_edge.json").read_text())
+    point = card["operating_point"]
+    assert (point["masking_th"], point["uncer_th"]) == (CLUTTERED["default"]["delta"],
+                                                        CLUTTERED["default"]["eta"])
+    deploy = script("deploy_table")
+    bytes_results = json.loads((REPO / "benchmarks" / "deploy_results_cluttered.json").read_text())
+    assert between(README, *deploy.markers("fmnist-cluttered")).strip() == deploy.render(
+        bytes_results)
+    assert bytes_results["images"] == 10_000
+    assert bytes_results["operating_point"]["masking_th"] == point["masking_th"]
+
+
+def test_opening_table_is_both_demos():
+    """README's opening puts both pairs' default points side by side, from their results."""
+    results_script = script("cluttered_results")
+    table = between(README, *results_script.OPENING).strip()
+    assert table == results_script.render_opening(RESULTS, CLUTTERED)
+
+
+def test_model_tables_are_the_cards():
+    """Every shipped model's README row gives its card's validation and test accuracy."""
+    from collabvit import zoo
+
+    for name in zoo.ARCHITECTURES:
+        card = zoo.model_card(name)
+        rows = [line for line in README.splitlines() if line.startswith(f"| `{name}` |")]
+        assert len(rows) == 1, name
+        cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+        assert cells[-2:] == [f"{card['validation_acc']:.2f} %", f"{card['test_acc']:.2f} %"]
+        assert cells[3].startswith(card["storage"])
