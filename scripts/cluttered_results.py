@@ -158,7 +158,8 @@ def targets(results: dict) -> list[dict]:
          "measured": (f"{best['series']} {best['setting']}: {best['server_acc']:.2f} % at "
                       f"{best['patches']:.1f} patches (whole canvas {server_acc:.2f} %; mean · "
                       f"sum threshold {paper_best['setting']}: {paper_best['server_acc']:.2f} % "
-                      f"at {paper_best['patches']:.1f})") if best and paper_best else "no such point",
+                      f"at {paper_best['patches']:.1f})")
+                     if best and paper_best else "no such point",
          "holds": bool(best and best["server_acc"] >= server_acc - 1)},
         {"target": "random patches at the same count lose >= 10 pt",
          "measured": (f"{random_at(best['patches']):.2f} % at {best['patches']:.1f} patches"
