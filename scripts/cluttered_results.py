@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from readme_block import write_block
 
 from collabvit import plots, versions, vit, zoo
 from collabvit.config import EdgeConfig
@@ -64,8 +65,6 @@ FMNIST_RESULTS = script("fmnist_results")
 CURVE_DELTAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 CURVE_COUNTS = (4, 8, 12, 16, 20, 24, 32, 40, 49)
 RECALL_K = 16
-START, END = "<!-- cluttered-results:start -->\n", "<!-- cluttered-results:end -->"
-OPENING = "<!-- opening:start -->\n", "<!-- opening:end -->"
 
 
 def edge_passes(edge_model, data, batch_size: int = 500) -> dict[str, EdgePass]:
@@ -310,14 +309,6 @@ def render_opening(fmnist: dict, cluttered: dict) -> str:
     return "\n".join(lines)
 
 
-def write_block(readme: Path, block: str, start: str = START, end: str = END) -> None:
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start.strip()} markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + block + "\n" + end + rest.split(end, 1)[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,9 +360,9 @@ def main() -> None:
     args.figures.mkdir(parents=True, exist_ok=True)
     plots.save(selection_figure(results), args.figures / "selection", ("png",))
     plots.save(recall_figure(results), args.figures / "recall", ("png",))
-    write_block(args.readme, render(results))
+    write_block(args.readme, "cluttered-results", render(results))
     fmnist = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
-    write_block(args.readme, render_opening(fmnist, results), *OPENING)
+    write_block(args.readme, "opening", render_opening(fmnist, results))
     for row in results["targets"]:
         print(f"{'holds' if row['holds'] else 'MISSES'}: {row['target']}: {row['measured']}")
 

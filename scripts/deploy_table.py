@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from readme_block import write_block
+
 from collabvit.config import shipped_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +38,6 @@ OUTPUTS = {
 }
 
 
-def markers(data_set: str) -> tuple[str, str]:
-    name = OUTPUTS[data_set][1]
-    return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
-
-
-START, END = markers("fmnist")
 CODECS = ("raw", "png", "jpeg:50", "jpeg:75", "jpeg:90", "jpeg:95")
 FULL_CODECS = ("raw", "jpeg:50", "jpeg:75", "jpeg:90", "jpeg:95")  # png is lossless: raw's accuracy
 TOLERANCE = 0.2  # accuracy points a lossy codec may lose and still count as free
@@ -167,12 +163,7 @@ def png_share(results: dict) -> float:
 
 
 def write_table(readme: Path, results: dict) -> None:
-    start, end = markers(results.get("data_set", "fmnist"))
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start.strip()} markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + render(results) + "\n" + end + rest.split(end, 1)[1])
+    write_block(readme, OUTPUTS[results.get("data_set", "fmnist")][1], render(results))
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from readme_block import write_block
+
 REPO = Path(__file__).resolve().parents[1]
 # (comparison, sweep folder, [(row label, series label in sweep.json's comparison)])
 ROWS = (
@@ -51,10 +53,6 @@ CLUTTERED_ROWS = (
 TABLES = {"findings-table": ROWS, "cluttered-findings-table": CLUTTERED_ROWS}
 
 
-def markers(table: str) -> tuple[str, str]:
-    return f"<!-- {table}:start -->\n", f"<!-- {table}:end -->"
-
-
 def render(findings: Path, table: str = "findings-table") -> str:
     """The markdown table: each series' best accuracy at each cost, the best per group bold."""
     lines = []
@@ -83,15 +81,6 @@ def render(findings: Path, table: str = "findings-table") -> str:
     return "\n".join(lines)
 
 
-def write(readme: Path, block: str, table: str = "findings-table") -> None:
-    start, end = markers(table)
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {table} markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + block + "\n" + end + rest.split(end, 1)[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", nargs="+", choices=sorted(TABLES), default=["findings-table"])
@@ -99,7 +88,7 @@ def main() -> None:
     parser.add_argument("--findings", type=Path, default=REPO / "docs" / "findings")
     args = parser.parse_args()
     for table in args.table:
-        write(args.readme, render(args.findings, table), table)
+        write_block(args.readme, table, render(args.findings, table))
 
 
 if __name__ == "__main__":

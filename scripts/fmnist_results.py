@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from readme_block import write_block
 
 from collabvit import versions, vit, zoo
 from collabvit.config import SWEEP_DELTAS
@@ -190,13 +191,7 @@ def write_table(readme: Path, results: dict) -> None:
             f"| {row['server']} | {row['policy']} | {row['threshold']} | {row['measure']} | "
             f"{row['eta']} | {row['collab_acc']:.2f} % | {row['comm_cost']:.3f} |"
         )
-    block = "\n".join(lines)
-    text = readme.read_text()
-    start, end = "<!-- fmnist-results:start -->\n", "<!-- fmnist-results:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no fmnist-results markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + block + "\n" + end + rest.split(end, 1)[1])
+    write_block(readme, "fmnist-results", "\n".join(lines))
 
 
 if __name__ == "__main__":

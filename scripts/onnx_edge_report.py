@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from readme_block import write_block
 
 from collabvit import versions, vit, zoo
 from collabvit.config import SHIPPED_PAIRS, ModelSpec
@@ -39,7 +40,6 @@ from collabvit.summary import RunningSummary
 from collabvit.uncertainty import uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- onnx-edge:start -->\n", "<!-- onnx-edge:end -->"
 DATA = {"fmnist": FashionMNIST, "fmnist-cluttered": ClutteredFashionMNIST}
 BATCH, MARGIN, CALIBRATION = 256, 1e-5, 1000
 KEEP_IF_WITHIN = 0.3  # collaborative accuracy points int8 may lose and still be kept
@@ -144,10 +144,7 @@ def render(results: dict) -> str:
 
 def write_readme(readme: Path, results: dict) -> None:
     """Put the table between README's onnx-edge markers (when it has them)."""
-    text = readme.read_text()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        readme.write_text(before + START + render(results) + "\n" + END + rest.split(END, 1)[1])
+    write_block(readme, "onnx-edge", render(results), required=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from readme_block import markers
 from test_readme_numbers import REPO, script
 from torch.utils.data import Subset
 
@@ -64,9 +65,9 @@ def test_results_pipeline_on_a_few_hundred_canvases(tmp_path, monkeypatch):
     assert f"**{results['server_alone']:.2f} %**" in block
     assert block.count("\n| ") >= 20
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{results_script.START}old\n{results_script.END}\nafter\n")
-    results_script.write_block(readme, block)
-    start, end = results_script.START, results_script.END
+    start, end = markers("cluttered-results")
+    readme.write_text(f"before\n{start}old\n{end}\nafter\n")
+    results_script.write_block(readme, "cluttered-results", block)
     assert readme.read_text() == f"before\n{start}{block}\n{end}\nafter\n"
     fmnist = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
     opening = results_script.render_opening(fmnist, results).splitlines()

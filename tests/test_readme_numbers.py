@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from readme_block import markers
 
 from collabvit.metrics import Summary, format_summary
 
@@ -41,7 +42,7 @@ def test_results_table_is_the_regenerated_one(tmp_path):
 @pytest.mark.parametrize("name", ["findings-table", "cluttered-findings-table"])
 def test_findings_tables_are_the_regenerated_ones(name):
     findings = script("findings_table")
-    table = between(README, *findings.markers(name)).strip()
+    table = between(README, *markers(name)).strip()
     assert table == findings.render(REPO / "docs" / "findings", name)
     assert table.count("\n") >= 10
 
@@ -89,7 +90,7 @@ def test_deploy_table_is_the_regenerated_one():
     """README's bytes-per-codec table is what scripts/deploy_table.py renders from its JSON."""
     deploy = script("deploy_table")
     results = json.loads((REPO / "benchmarks" / "deploy_results.json").read_text())
-    assert between(README, deploy.START, deploy.END).strip() == deploy.render(results)
+    assert between(README, *markers("deploy-table")).strip() == deploy.render(results)
     assert {row["codec"] for row in results["rows"]} == set(deploy.CODECS)
     assert results["images"] == 10_000
 
@@ -112,7 +113,7 @@ def test_onnx_edge_table_is_the_regenerated_one():
     measured on every test image, with no decision differing away from a threshold."""
     report = script("onnx_edge_report")
     results = json.loads((REPO / "benchmarks" / "onnx_edge_results.json").read_text())
-    assert between(README, report.START, report.END).strip() == report.render(results)
+    assert between(README, *markers("onnx-edge")).strip() == report.render(results)
     assert results["limit"] is None and "fmnist" in results["pairs"]
     for pair in results["pairs"].values():
         assert pair["fp32"]["images"] == 10_000 and pair["fp32"]["differs_clear"] == 0
@@ -126,7 +127,7 @@ def test_cluttered_results_are_the_regenerated_ones():
     """README's cluttered block is what scripts/cluttered_results.py renders from its JSON,
     measured at the shipped operating point on every test canvas, bytes target included."""
     results_script = script("cluttered_results")
-    block = between(README, results_script.START, results_script.END).strip()
+    block = between(README, *markers("cluttered-results")).strip()
     assert block == results_script.render(CLUTTERED)
     assert CLUTTERED["bytes"] is not None and len(CLUTTERED["targets"]) == 5
     card = json.loads((REPO / "src/collabvit/weights/collabvit_cluttered_edge.json").read_text())
@@ -135,7 +136,7 @@ def test_cluttered_results_are_the_regenerated_ones():
                                                         CLUTTERED["default"]["eta"])
     deploy = script("deploy_table")
     bytes_results = json.loads((REPO / "benchmarks" / "deploy_results_cluttered.json").read_text())
-    assert between(README, *deploy.markers("fmnist-cluttered")).strip() == deploy.render(
+    assert between(README, *markers("deploy-table-cluttered")).strip() == deploy.render(
         bytes_results)
     assert bytes_results["images"] == 10_000
     assert bytes_results["operating_point"]["masking_th"] == point["masking_th"]
@@ -144,7 +145,7 @@ def test_cluttered_results_are_the_regenerated_ones():
 def test_opening_table_is_both_demos():
     """README's opening puts both pairs' default points side by side, from their results."""
     results_script = script("cluttered_results")
-    table = between(README, *results_script.OPENING).strip()
+    table = between(README, *markers("opening")).strip()
     assert table == results_script.render_opening(RESULTS, CLUTTERED)
 
 
