@@ -19,19 +19,18 @@ from collabvit.config import SHIPPED_PAIRS
 from collabvit.plots import plot_learning_curves
 
 REPO = Path(__file__).resolve().parents[1]
-# data set -> (its CNN teacher, the figure's default stem)
-TEACHERS = {"fmnist": (zoo.TEACHER, "learning_curves"),
-            "fmnist-cluttered": (zoo.CLUTTERED_TEACHER, "cluttered_learning_curves")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-set", choices=sorted(TEACHERS), default="fmnist")
+    parser.add_argument("--data-set", choices=sorted(SHIPPED_PAIRS), default="fmnist")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    teacher, stem = TEACHERS[args.data_set]
+    teacher = next(name for name, family in zoo.TEACHER_FAMILIES.items()
+                   if family.data_set == args.data_set)  # fmt: skip
+    stem = "learning_curves" if args.data_set == "fmnist" else "cluttered_learning_curves"
     out = args.out or REPO / "docs" / "training" / stem
     edge, server = SHIPPED_PAIRS[args.data_set]
 
