@@ -58,6 +58,32 @@ def test_random_words_are_pinned():
 PINNED_WORDS = "f637866ac33f522df95a42e61f8541901b8664ad927facbe68955fa7551c65d0"
 
 
+def test_the_layout_is_the_documented_formula():
+    """design.md's definition, written out in plain Python integers, gives the same layout."""
+    mask, golden = 2**64 - 1, 0x9E3779B97F4A7C15
+
+    def m(z):
+        z ^= z >> 30
+        z = (z * 0xBF58476D1CE4E5B9) & mask
+        z ^= z >> 27
+        z = (z * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    def u(w, n):
+        return ((w >> 32) * n) >> 32
+
+    spec, items = ClutterSpec(seed=11, fragments=3), 500
+    for split, code, i, draw in (("test", 1, 0, 0), ("val", 3, 4999, 7), ("train-all", 4, 77, 31)):
+        key = m(m(m(m((spec.seed + golden) & mask) ^ code) ^ draw) ^ i)
+        w = [None] + [m((key + k * golden) & mask) for k in range(1, 3 + 5 * spec.fragments)]
+        plan = layout(spec, split, np.array([i]), draw, items, 28)
+        assert plan.item_yx[0].tolist() == [u(w[1], 56 - 28 + 1), u(w[2], 56 - 28 + 1)]
+        for f in range(spec.fragments):
+            assert plan.source[0, f] == u(w[3 + 5 * f], items)
+            assert plan.source_yx[0, f].tolist() == [u(w[4 + 5 * f], 19), u(w[5 + 5 * f], 19)]
+            assert plan.fragment_yx[0, f].tolist() == [u(w[6 + 5 * f], 47), u(w[7 + 5 * f], 47)]
+
+
 def test_layout_stays_inside_canvas_and_items():
     spec = ClutterSpec()
     plan = layout(spec, "train", np.arange(5000), np.arange(5000) % 7, items=123, item_size=28)
@@ -112,11 +138,23 @@ def test_clutter_comes_from_fragments_of_the_splits_items():
 @pytest.mark.parametrize(("changes", "message"), [
     ({"canvas": 20}, "must hold an item"), ({"fragments": -1}, "fragments must be >= 0"),
     ({"fragment": 30}, "their side must lie in"), ({"patch": 5}, "must divide the canvas"),
-    ({"seed": -2}, "seed must be >= 0"),
+    ({"seed": -2}, r"seed must lie in \[0, 2\*\*64\)"), ({"seed": 2**64}, "seed must lie in"),
+    ({"canvas": 56.0}, "canvas must be an integer"), ({"fragments": 2.5}, "fragments must be an"),
+    ({"patch": True}, "patch must be an integer"),
 ])  # fmt: skip
 def test_bad_parameters_are_one_line_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         compose(_items(), np.arange(2), ClutterSpec(**changes), "test")
+
+
+def test_unknown_splits_and_negative_draws_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown split 'dev'; choose one of test, train"):
+        compose(_items(), np.arange(2), ClutterSpec(), "dev")
+    with pytest.raises(ValueError, match="draws are numbered from 0"):
+        compose(_items(), np.arange(2), ClutterSpec(), "test", draw=np.array([0, -1]))
+    # numpy integers are as good as Python's
+    assert compose(_items(), np.arange(2), ClutterSpec(seed=np.int64(3)), "test")[0].shape == (
+        2, 56, 56)
 
 
 def test_indices_outside_the_split_are_refused():
@@ -146,12 +184,49 @@ PINNED_TEST = "c2bd4e9d9a1fdfb63c2a62ba971d3aee876fc25a46774bdaf58226102bf43206"
 
 
 @needs_fmnist
+@pytest.mark.parametrize(("split", "draw", "digest"), [
+    ("val", 0, "74025b7ffa2d40514d12d22f8fd2c51c08274c248438a7cdf00427c6388cd827"),
+    ("train", 0, "bd30ade9b42e307249e7c051c246bdaffcc3c02dc9bca3964b97fc915eb19ddf"),
+    ("train-all", 0, "d4bd26d35c594bed8b5f74139d5b753d98af6afc6fd780038db7359179d1dd74"),
+    ("test", 5, "d9924456df24c869f04110093f27a2df21a51eeae7f0eeb497eedbb2ea2fe26d"),
+])  # fmt: skip
+def test_every_split_and_training_draws_are_pinned(split, draw, digest):
+    """The first 500 canvases of each split and of a training draw: a change to the
+    validation cut (torch's seeded permutation) or to the augmentation fails here."""
+    canvases = ClutteredFashionMNIST(split=split).canvases(np.arange(500), draw)
+    assert hashlib.sha256(canvases.numpy().tobytes()).hexdigest() == digest
+
+
+@needs_fmnist
 def test_build_dataset_and_masks_under_a_limit():
     data = build_dataset("fmnist-cluttered", None, model=None, split="val")
     assert isinstance(data, ClutteredFashionMNIST) and len(data) == 5000
     limited = Subset(data, range(300))
     assert torch.equal(item_masks(limited), data.masks[:300])
     assert item_masks(FashionMNIST(FASHION_MNIST_ROOT, "test")) is None
+
+
+@needs_fmnist
+def test_item_masks_follow_the_models_patch_grid():
+    """A 56 x 56 ViT of 7 x 7 patches gets masks on its 8 x 8 token grid, not the benchmark's
+    7 x 7: they mark the patches its selection keeps or drops."""
+    import timm
+
+    import collabvit.zoo  # noqa: F401 - registers the architectures
+
+    kwargs = {"depth": 1, "embed_dim": 24, "num_heads": 2}
+    fine = timm.create_model("collabvit_cluttered_edge", patch_size=7, **kwargs)
+    data = build_dataset("fmnist-cluttered", None, fine, split="test")
+    _, expected = compose(data.items, np.arange(50), ClutterSpec(patch=7), "test")
+    assert data.masks.shape == (10000, 64)
+    assert torch.equal(data.masks[:50], torch.from_numpy(expected.reshape(50, 64)))
+    # the published canvases are the same whatever the grid
+    published = build_dataset("fmnist-cluttered", None, None, split="test")
+    assert torch.equal(data.images[:50], published.images[:50])
+    assert published.masks.shape == (10000, 49)
+    # patches that do not tile the canvas leave the masks on the benchmark's grid
+    coarse = timm.create_model("collabvit_cluttered_edge", patch_size=16, img_size=64, **kwargs)
+    assert build_dataset("fmnist-cluttered", None, coarse, "test").masks.shape == (10000, 49)
 
 
 def test_a_missing_folder_is_a_data_error(tmp_path):

@@ -4,8 +4,8 @@ One Fashion-MNIST item is pasted at a uniformly random position of a blank canva
 with clutter: fragments cut at random from random items of the same split, each pasted at a
 random position; pixels combine by their maximum. The label is the item's. This is the
 cluttered-MNIST construction of the visual-attention literature (Mnih et al. 2014; the
-spatial transformer paper) on Fashion-MNIST: the object covers about a third of the canvas
-and clutter competes for the model's attention.
+spatial transformer paper) on Fashion-MNIST: the object covers about a quarter of the
+canvas and clutter competes for the model's attention.
 
 Every canvas is a pure function of (seed, split, index, draw): its random numbers come
 from a counter-based hash (splitmix64) of those four integers, not from a random stream, so
@@ -45,6 +45,11 @@ class ClutterSpec:
 
     def check(self, item_size: int) -> None:
         """ValueError with a one-line reason unless canvases of `item_size` items can be made."""
+        for name in ("canvas", "fragments", "fragment", "patch", "seed"):
+            value = getattr(self, name)
+            # numpy's integers are welcome, bools and floats would fail deep inside numpy
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         problems = [
             (self.canvas >= item_size, f"the canvas ({self.canvas}) must hold an item "
              f"({item_size} pixels)"),
@@ -53,7 +58,7 @@ class ClutterSpec:
              f"their side must lie in [1, {item_size}], got {self.fragment}"),
             (self.patch >= 1 and self.canvas % self.patch == 0, f"the patch side "
              f"({self.patch}) must divide the canvas ({self.canvas})"),
-            (self.seed >= 0, f"the seed must be >= 0, got {self.seed}"),
+            (0 <= self.seed < 2**64, f"the seed must lie in [0, 2**64), got {self.seed}"),
         ]  # fmt: skip
         for holds, reason in problems:
             if not holds:
@@ -77,6 +82,10 @@ def random_words(seed: int, split: str, index: np.ndarray, draw: np.ndarray | in
 
     index [B] int, draw [B] int or one int -> [B, count] uint64.
     """
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_CODES)}")
+    if np.any(np.asarray(draw) < 0):
+        raise ValueError("draws are numbered from 0 (the published canvases) up")
     index = np.asarray(index, dtype=np.uint64)
     draw = np.broadcast_to(np.asarray(draw, dtype=np.uint64), index.shape)
     with np.errstate(over="ignore"):

@@ -384,14 +384,15 @@ class TrainConfig:
 
     model: str = field(default="collabvit_fmnist_edge", metadata=flag(
         "timm ViT name or a named collabvit architecture: collabvit_fmnist_edge, "
-        "collabvit_fmnist_server, or the CNN teacher collabvit_fmnist_cnn (default: "
-        "%(default)s)", metavar="NAME"))
+        "collabvit_fmnist_server, or the CNN teacher collabvit_fmnist_cnn; on "
+        "fmnist-cluttered collabvit_cluttered_edge, collabvit_cluttered_server, "
+        "collabvit_cluttered_cnn (default: %(default)s)", metavar="NAME"))
     model_kwargs: dict = field(default_factory=dict, metadata=flag(
         "architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'", type="json",
         metavar="JSON"))
     data_set: str = field(default="fmnist", metadata=flag(
-        "fmnist: Fashion-MNIST; fmnist-cluttered: its cluttered 56x56 canvases, each epoch "
-        "drawing new canvases of the same items (default: %(default)s)",
+        "fmnist: Fashion-MNIST; fmnist-cluttered: its cluttered 56x56 canvases, each step "
+        "drawing one of 32 canvases of each item, maybe flipped (default: %(default)s)",
         choices=TRAIN_DATA_SETS))
     data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
         "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))

@@ -531,6 +531,17 @@ def indexed_loader(
     )
 
 
+def _mask_patch_side(model: nn.Module | None, spec: ClutterSpec) -> int:
+    """The patch side the item masks are given on: the model's, so that they line up with its
+    tokens, where its square patches tile the canvas; else the benchmark's (the image-size
+    check then reports the mismatch)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return spec.patch
+    height, width = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return height if height == width and spec.canvas % height == 0 else spec.patch
+
+
 def build_dataset(
     name: str,
     path: str | Path | None,
@@ -543,14 +554,16 @@ def build_dataset(
     Args:
         name: one of DATA_SETS.
         path: its location (Fashion-MNIST defaults to the Debian package's folder).
-        model: the edge model (its eval transform for ImageNet-style data).
+        model: the edge model (its eval transform for ImageNet-style data; its patch grid
+            for the item masks of cluttered canvases).
         split: Fashion-MNIST split (of the cluttered canvases too).
         crop_pct: centre-crop fraction for ImageNet-style data (default: the reference's).
     """
     if name == "fmnist":
         return FashionMNIST(path or FASHION_MNIST_ROOT, split)
     if name == "fmnist-cluttered":
-        return ClutteredFashionMNIST(path or FASHION_MNIST_ROOT, split)
+        spec = ClutterSpec(patch=_mask_patch_side(model, ClutterSpec()))
+        return ClutteredFashionMNIST(path or FASHION_MNIST_ROOT, split, spec)
     if name == "imagenet":
         if path is None:
             raise DataError("--data-set imagenet needs --data-path ROOT (ROOT/val/<class>/<image>)")
