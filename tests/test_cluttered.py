@@ -12,6 +12,7 @@ from torch.utils.data import Subset
 
 from collabvit.cluttered import ClutterSpec, compose, layout, random_words
 from collabvit.data import (
+    FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     ClutteredFashionMNIST,
     DataError,
@@ -195,6 +196,22 @@ def test_every_split_and_training_draws_are_pinned(split, draw, digest):
     validation cut (torch's seeded permutation) or to the augmentation fails here."""
     canvases = ClutteredFashionMNIST(split=split).canvases(np.arange(500), draw)
     assert hashlib.sha256(canvases.numpy().tobytes()).hexdigest() == digest
+
+
+@needs_fmnist
+def test_torchvision_style_transforms_and_a_readable_repr():
+    plain = ClutteredFashionMNIST(split="val", spec=ClutterSpec(fragments=2))
+    shown = ClutteredFashionMNIST(split="val", spec=ClutterSpec(fragments=2),
+                                  transform=lambda image: image.float() / 255,
+                                  target_transform=FASHION_MNIST_CLASSES.__getitem__)  # fmt: skip
+    image, label = shown[3]
+    assert image.dtype == torch.float32 and torch.equal(image, plain[3][0].float() / 255)
+    assert label == FASHION_MNIST_CLASSES[plain[3][1]]
+    assert repr(plain) == ("ClutteredFashionMNIST(split='val', 5000 canvases of 56x56, "
+                           "2 fragments of 10x10, masks on 8x8 patches, seed 0, draw 0)")  # fmt: skip
+    items = FashionMNIST(FASHION_MNIST_ROOT, "val", transform=lambda image: image.flip(-1))
+    assert repr(items) == "FashionMNIST(split='val', 5000 images)"
+    assert torch.equal(items[0][0], items.images[0].flip(-1))
 
 
 @needs_fmnist

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +156,27 @@ def recorded_training_config(model_name: str, weights_path: str | Path | None) -
     return config if isinstance(config, dict) else None
 
 
-class FashionMNIST(Dataset):
+class _LabelledImages(Dataset):
+    """`images` [n, C, H, W] uint8 and `labels` [n]: dataset[i] is (image, label), through
+    the optional torchvision-style `transform` and `target_transform` (collabvit's own
+    loops read `images` and `labels` directly)."""
+
+    transform: Callable | None = None
+    target_transform: Callable | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        image, label = self.images[index], int(self.labels[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        return image, label
+
+
+class FashionMNIST(_LabelledImages):
     """Fashion-MNIST from its IDX files: uint8 [1, 28, 28] images, labels 0..9.
 
     Splits: ``test`` (10,000), ``train-all`` (60,000), and the training set cut
@@ -166,7 +186,10 @@ class FashionMNIST(Dataset):
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test") -> None:
+    def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test",
+                 transform: Callable | None = None,
+                 target_transform: Callable | None = None) -> None:  # fmt: skip
+        self.split, self.transform, self.target_transform = split, transform, target_transform
         if split not in FASHION_MNIST_SPLITS:
             choices = ", ".join(FASHION_MNIST_SPLITS)
             raise DataError(f"Fashion-MNIST split must be one of {choices}, got {split!r}")
@@ -184,14 +207,11 @@ class FashionMNIST(Dataset):
             keep = train if split == "train" else val
             self.images, self.labels = self.images[keep], self.labels[keep]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+    def __repr__(self) -> str:
+        return f"FashionMNIST(split={self.split!r}, {len(self)} images)"
 
 
-class ClutteredFashionMNIST(Dataset):
+class ClutteredFashionMNIST(_LabelledImages):
     """Cluttered Fashion-MNIST: uint8 [1, 56, 56] canvases, each one Fashion-MNIST item at a
     random position among fragments of other items of its split (collabvit.cluttered).
 
@@ -206,8 +226,11 @@ class ClutteredFashionMNIST(Dataset):
     CHUNK = 4096  # canvases composed at a time: bounds the index arrays' memory
 
     def __init__(self, root: str | Path = FASHION_MNIST_ROOT, split: str = "test",
-                 spec: ClutterSpec | None = None, draw: int = 0) -> None:  # fmt: skip
+                 spec: ClutterSpec | None = None, draw: int = 0,
+                 transform: Callable | None = None,
+                 target_transform: Callable | None = None) -> None:  # fmt: skip
         spec = spec or ClutterSpec()  # the published benchmark's parameters
+        self.transform, self.target_transform = transform, target_transform
         fashion = FashionMNIST(root, split)
         try:
             spec.check(fashion.images.shape[-1])
@@ -249,11 +272,12 @@ class ClutteredFashionMNIST(Dataset):
                  else np.zeros((0, grid, grid), bool))  # fmt: skip
         return images, torch.from_numpy(masks.reshape(len(index), grid * grid))
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+    def __repr__(self) -> str:
+        spec = self.spec
+        return (f"ClutteredFashionMNIST(split={self.split!r}, {len(self)} canvases of "
+                f"{spec.canvas}x{spec.canvas}, {spec.fragments} fragments of "
+                f"{spec.fragment}x{spec.fragment}, masks on {spec.patch}x{spec.patch} patches, "
+                f"seed {spec.seed}, draw {self.draw})")  # fmt: skip
 
 
 def item_masks(dataset: Dataset) -> torch.Tensor | None:
