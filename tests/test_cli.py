@@ -29,7 +29,7 @@ def run_process(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
 
 EVAL_FLAGS = [
     "--model", "--model-weights", "--model-kwargs", "--server-model", "--server-weights",
-    "--server-kwargs", "--data-set", "--data-path", "--split", "--crop-pct", "--limit",
+    "--server-kwargs", "--data-set", "--data-path", "--split", "--crop-pct", "--clutter", "--limit",
     "--inputs-normalized", "--use-ema", "--server-use-ema", "--skip-unreadable",
     "--batch-size", "--num-workers", "--attention-mode", "--masking-mode", "--masking-th",
     "--uncer-mode", "--uncer-th", "--device", "--seed", "--results-file", "--per-image", "--quiet",

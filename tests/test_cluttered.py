@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -207,8 +208,10 @@ def test_torchvision_style_transforms_and_a_readable_repr():
     image, label = shown[3]
     assert image.dtype == torch.float32 and torch.equal(image, plain[3][0].float() / 255)
     assert label == FASHION_MNIST_CLASSES[plain[3][1]]
-    assert repr(plain) == ("ClutteredFashionMNIST(split='val', 5000 canvases of 56x56, "
-                           "2 fragments of 10x10, masks on 8x8 patches, seed 0, draw 0)")  # fmt: skip
+    assert repr(plain) == (
+        "ClutteredFashionMNIST(split='val', 5000 canvases of 56x56, "
+        "2 fragments of 10x10, masks on 8x8 patches, seed 0, draw 0)"
+    )
     items = FashionMNIST(FASHION_MNIST_ROOT, "val", transform=lambda image: image.flip(-1))
     assert repr(items) == "FashionMNIST(split='val', 5000 images)"
     assert torch.equal(items[0][0], items.images[0].flip(-1))
@@ -324,3 +327,50 @@ def test_a_shipped_model_without_its_weights_is_a_clear_error(monkeypatch, tmp_p
     monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name, **_: config)
     with pytest.raises(ModelError, match="collabvit_cluttered_edge are missing from the package"):
         vit.create_vit(zoo.CLUTTERED_EDGE)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data-set", "fmnist", "--clutter", '{"fragments": 3}'],
+     "--clutter changes fmnist-cluttered canvases, not fmnist images"),
+    (["--data-set", "fmnist-cluttered", "--clutter", '{"patch": 4, "fragment": 3}'],
+     "--clutter: clutter parameters are canvas, fragments, fragment, seed; not patch"),
+    (["--data-set", "fmnist-cluttered", "--clutter", '{"fragment": 40}'],
+     r"--clutter: fragments are cut from 28-pixel items: their side must lie in \[1, 28\]"),
+    (["--data-set", "fmnist-cluttered", "--clutter", '{"fragments": 2.5}'],
+     "--clutter: fragments must be an integer, got 2.5"),
+])  # fmt: skip
+def test_bad_clutter_is_one_line_and_status_2(run_cli, args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+
+@needs_fmnist
+def test_clutter_changes_the_canvases_of_every_reader(run_cli, cluttered_pair, tmp_path):
+    """--clutter reaches the evaluated canvases (and their record), the torch-free reader
+    makes the same ones, and a canvas the models cannot take is a clear error."""
+    from collabvit.fashion import read_split_images
+
+    busier = {"fragments": 12, "seed": 5}
+    data = build_dataset("fmnist-cluttered", None, None, "test", clutter=busier)
+    expected = ClutteredFashionMNIST(split="test", spec=ClutterSpec(fragments=12, seed=5))
+    assert torch.equal(data.images[:200], expected.images[:200])
+    assert torch.equal(data.masks[:200], expected.masks[:200])
+    light, labels = read_split_images("fmnist-cluttered", None, "test", 200, busier)
+    assert np.array_equal(light, expected.images[:200].numpy())
+    assert np.array_equal(labels, expected.labels[:200].numpy())
+    # busier canvases light more pixels than the published ones
+    published = ClutteredFashionMNIST(split="test").images[:200]
+    assert (data.images[:200] > 0).sum() > (published > 0).sum()
+
+    flags = ["--data-set", "fmnist-cluttered", "--limit", "100", "--clutter", json.dumps(busier)]
+    result = run_cli("eval", *cluttered_pair, *flags, "--results-file", str(tmp_path / "e.json"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["config"]["data"]["clutter"] == busier
+    larger = run_cli("eval", *cluttered_pair, "--data-set", "fmnist-cluttered", "--limit", "10",
+                     "--clutter", '{"canvas": 64}')  # fmt: skip
+    assert larger.returncode == 2
+    assert "images are 1x64x64 but the edge model takes 1x56x56" in larger.stderr
+    assert "Traceback" not in larger.stderr

@@ -334,7 +334,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         named = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered Fashion-MNIST"}
         title = f"{report.images} images" + (
             f" of {named[data.data_set]} {data.split}" if data.data_set in named else ""
-        )
+        ) + "".join(f", {name} {value}" for name, value in data.clutter.items())
         provenance = _provenance("sweep", edge_model=edge_spec, server_model=server_spec,
                                  data=data, sweep=config, run=run)  # fmt: skip
         provenance["processes"] = processes.world_size
@@ -557,9 +557,11 @@ def run_edge(args: argparse.Namespace) -> int:
         from collabvit.progress import progress_bar
         from collabvit.summary import format_summary, write_results
 
-        # what decides the answers; batch size, workers and --limit do not
+        # what decides the answers; batch size, workers and --limit do not (and no --clutter
+        # is left out, so that records of the published canvases keep their identity)
         same_answers = {k: v for k, v in asdict(data).items()
-                        if k not in ("batch_size", "num_workers", "limit")}  # fmt: skip
+                        if k not in ("batch_size", "num_workers", "limit")
+                        and not (k == "clutter" and not v)}  # fmt: skip
         identity = edge_client.run_identity(edge_model=names["edge_model"], data=same_answers,
                                             server_model=names["server_model"],
                                             edge=asdict(config), codec=str(codec), seed=run.seed,
@@ -711,7 +713,8 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
                          "apply")  # fmt: skip
     server = given_values(ModelSpec, args, SERVER_FLAGS).get("name") or edge.card.get(
         "server_model") or shipped_pair(data.data_set)[1]  # fmt: skip
-    images, labels = read_split_images(data.data_set, data.data_path, data.split, data.limit)
+    images, labels = read_split_images(data.data_set, data.data_path, data.split, data.limit,
+                                       data.clutter)
     if tuple(images.shape[1:]) != (edge.geometry.in_chans, *edge.geometry.img_size):
         raise UsageError(f"{data.data_set} images are {'x'.join(map(str, images.shape[1:]))} "
                          f"but the exported edge takes "

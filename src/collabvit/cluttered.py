@@ -18,7 +18,8 @@ numpy only: no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -63,6 +64,26 @@ class ClutterSpec:
         for holds, reason in problems:
             if not holds:
                 raise ValueError(reason)
+
+
+# What `--clutter` may change; the masks' patch side follows the model instead.
+CHANGEABLE = ("canvas", "fragments", "fragment", "seed")
+ITEM_SIDE = 28  # Fashion-MNIST's
+
+
+def spec_with(changes: Mapping[str, int] | None, patch: int | None = None) -> ClutterSpec:
+    """The published ClutterSpec with `changes` ({name: value} of CHANGEABLE) and the masks'
+    `patch` side; ValueError with a one-line reason for an unknown name or a bad value."""
+    changes = dict(changes or {})
+    unknown = sorted(set(changes) - set(CHANGEABLE))
+    if unknown:
+        raise ValueError(f"clutter parameters are {', '.join(CHANGEABLE)}; "
+                         f"not {', '.join(unknown)}")  # fmt: skip
+    if patch is not None:
+        changes["patch"] = patch
+    spec = replace(ClutterSpec(), **changes)
+    spec.check(ITEM_SIDE)
+    return spec
 
 
 def _mix(values: np.ndarray) -> np.ndarray:

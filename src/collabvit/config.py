@@ -174,6 +174,10 @@ class DataSpec:
         "centre-crop fraction for ImageNet-style data (default: 0.875 = resize 256, crop 224 "
         "for the DeiT-224 models, as the reference; timm's value for other models)",
         type="fraction", metavar="F"))
+    clutter: dict = field(default_factory=dict, metadata=flag(
+        "fmnist-cluttered: change the published canvases' parameters, e.g. '{\"fragments\": "
+        "12}' (canvas, fragments, fragment, seed; default: none, the published 56x56 "
+        "canvases with 6 fragments of 10x10, seed 0)", type="json", metavar="JSON"))
     limit: int | None = field(default=None, metadata=flag(
         "only the first N images", type="positive_int", metavar="N"))
     inputs_normalized: bool = field(default=False, metadata=flag(
@@ -195,7 +199,16 @@ class DataSpec:
             (self.limit is None or self.limit >= 1, "limit must be >= 1"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, f"data loading workers must be >= 0, got {self.num_workers}"),
+            (not self.clutter or self.data_set == "fmnist-cluttered",
+             f"--clutter changes fmnist-cluttered canvases, not {self.data_set} images"),
         ])  # fmt: skip
+        if self.clutter:
+            from collabvit.cluttered import spec_with
+
+            try:
+                spec_with(self.clutter, patch=1)  # the masks' patch follows the model
+            except ValueError as error:
+                raise ValueError(f"--clutter: {error}") from error
 
 
 @dataclass(frozen=True)

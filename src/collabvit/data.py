@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
-from collabvit.cluttered import ClutterSpec, compose
+from collabvit.cluttered import ClutterSpec, compose, spec_with
 from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
 from collabvit.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
     FASHION_MNIST_CLASSES,
@@ -555,15 +555,14 @@ def indexed_loader(
     )
 
 
-def _mask_patch_side(model: nn.Module | None, spec: ClutterSpec) -> int:
+def _mask_patch_side(model: nn.Module | None, canvas: int) -> int:
     """The patch side the item masks are given on: the model's, so that they line up with its
-    tokens, where its square patches tile the canvas; else the benchmark's (the image-size
-    check then reports the mismatch)."""
+    tokens, where its square patches tile the canvas; else the benchmark's 8, or failing
+    that one patch (the image-size check then reports the mismatch)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is None:
-        return spec.patch
-    height, width = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return height if height == width and spec.canvas % height == 0 else spec.patch
+    height, width = (patch, patch) if isinstance(patch, int) else tuple(patch or (0, 1))
+    candidates = ([height] if height == width else []) + [ClutterSpec.patch, canvas]
+    return next(side for side in candidates if side >= 1 and canvas % side == 0)
 
 
 def build_dataset(
@@ -572,6 +571,7 @@ def build_dataset(
     model: nn.Module,
     split: str = "test",
     crop_pct: float | None = None,
+    clutter: Mapping[str, int] | None = None,
 ) -> Dataset:
     """The evaluation dataset named on the command line.
 
@@ -582,11 +582,16 @@ def build_dataset(
             for the item masks of cluttered canvases).
         split: Fashion-MNIST split (of the cluttered canvases too).
         crop_pct: centre-crop fraction for ImageNet-style data (default: the reference's).
+        clutter: changes to the published cluttered canvases (cluttered.CHANGEABLE).
     """
     if name == "fmnist":
         return FashionMNIST(path or FASHION_MNIST_ROOT, split)
     if name == "fmnist-cluttered":
-        spec = ClutterSpec(patch=_mask_patch_side(model, ClutterSpec()))
+        try:
+            canvas = spec_with(clutter, patch=1).canvas
+            spec = spec_with(clutter, patch=_mask_patch_side(model, canvas))
+        except ValueError as error:
+            raise DataError(f"cluttered canvases: {error}") from error
         return ClutteredFashionMNIST(path or FASHION_MNIST_ROOT, split, spec)
     if name == "imagenet":
         if path is None:

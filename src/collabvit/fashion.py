@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,17 @@ def read_fashion_mnist(root: str | Path, part: str) -> tuple[np.ndarray, np.ndar
 UNCUT_SPLITS = ("test", "train-all")
 
 
-def read_split_images(data_set: str, root: str | Path | None, split: str,
-                      limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def read_split_images(
+    data_set: str,
+    root: str | Path | None,
+    split: str,
+    limit: int | None = None,
+    clutter: Mapping[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [n, 1, H, W] and labels int64 [n] of `fmnist` or `fmnist-cluttered`
-    (its published canvases, draw 0) on an uncut split, the first `limit` of them."""
-    from collabvit.cluttered import ClutterSpec, compose
+    (its published canvases, draw 0, with the `clutter` changes) on an uncut split, the
+    first `limit` of them."""
+    from collabvit.cluttered import compose, spec_with
 
     if data_set not in ("fmnist", "fmnist-cluttered"):
         raise DataError(f"without torch only fmnist and fmnist-cluttered are read, not {data_set}")
@@ -93,5 +100,9 @@ def read_split_images(data_set: str, root: str | Path | None, split: str,
     count = len(labels) if limit is None else min(limit, len(labels))
     if data_set == "fmnist":
         return items[:count, None].copy(), labels[:count]
-    canvases, _ = compose(items, np.arange(count), ClutterSpec(), split)
+    try:
+        spec = spec_with(clutter, patch=1)  # the masks are not used here
+    except ValueError as error:
+        raise DataError(f"cluttered canvases: {error}") from error
+    canvases, _ = compose(items, np.arange(count), spec, split)
     return canvases[:, None], labels[:count]

@@ -98,7 +98,8 @@ def load_pair(
     if server_model is not None:
         vit.check_compatible(edge_model, server_model)
     images = data.build_dataset(
-        dataset.data_set, dataset.data_path, edge_model, dataset.split, dataset.crop_pct
+        dataset.data_set, dataset.data_path, edge_model, dataset.split, dataset.crop_pct,
+        dataset.clutter,
     )
     if dataset.limit is not None:
         images = Subset(images, range(min(dataset.limit, len(images))))
