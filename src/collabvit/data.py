@@ -560,9 +560,9 @@ def _mask_patch_side(model: nn.Module | None, canvas: int) -> int:
     tokens, where its square patches tile the canvas; else the benchmark's 8, or failing
     that one patch (the image-size check then reports the mismatch)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    height, width = (patch, patch) if isinstance(patch, int) else tuple(patch or (0, 1))
-    candidates = ([height] if height == width else []) + [ClutterSpec.patch, canvas]
-    return next(side for side in candidates if side >= 1 and canvas % side == 0)
+    sides = (patch, patch) if isinstance(patch, int) else tuple(patch or ())
+    square = [sides[0]] if len(sides) == 2 and sides[0] == sides[1] else []
+    return next(side for side in [*square, ClutterSpec.patch, canvas] if canvas % side == 0)
 
 
 def build_dataset(
