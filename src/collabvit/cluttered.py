@@ -71,19 +71,25 @@ CHANGEABLE = ("canvas", "fragments", "fragment", "seed")
 ITEM_SIDE = 28  # Fashion-MNIST's
 
 
-def spec_with(changes: Mapping[str, int] | None, patch: int | None = None) -> ClutterSpec:
-    """The published ClutterSpec with `changes` ({name: value} of CHANGEABLE) and the masks'
-    `patch` side; ValueError with a one-line reason for an unknown name or a bad value."""
+def mask_patch_side(canvas: int, model_patch: int | None = None) -> int:
+    """The side of the patches the item masks are given on: the model's, so that they line
+    up with its tokens, where they tile the canvas; else the benchmark's 8, or failing that
+    one patch (a model that cannot take the canvas is then refused by the image-size check)."""
+    candidates = ([model_patch] if model_patch else []) + [ClutterSpec.patch, canvas]
+    return next(side for side in candidates if canvas % side == 0)
+
+
+def spec_with(changes: Mapping[str, int] | None, model_patch: int | None = None) -> ClutterSpec:
+    """The published ClutterSpec with `changes` ({name: value} of CHANGEABLE), its masks on
+    `mask_patch_side`; ValueError with a one-line reason for an unknown name or a bad value."""
     changes = dict(changes or {})
     unknown = sorted(set(changes) - set(CHANGEABLE))
     if unknown:
         raise ValueError(f"clutter parameters are {', '.join(CHANGEABLE)}; "
                          f"not {', '.join(unknown)}")  # fmt: skip
-    if patch is not None:
-        changes["patch"] = patch
-    spec = replace(ClutterSpec(), **changes)
-    spec.check(ITEM_SIDE)
-    return spec
+    spec = replace(ClutterSpec(), patch=1, **changes)
+    spec.check(ITEM_SIDE)  # every value but the patch side, which is derived next
+    return replace(spec, patch=mask_patch_side(spec.canvas, model_patch))
 
 
 def _mix(values: np.ndarray) -> np.ndarray:

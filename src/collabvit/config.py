@@ -206,7 +206,7 @@ class DataSpec:
             from collabvit.cluttered import spec_with
 
             try:
-                spec_with(self.clutter, patch=1)  # the masks' patch follows the model
+                spec_with(self.clutter)
             except ValueError as error:
                 raise ValueError(f"--clutter: {error}") from error
 

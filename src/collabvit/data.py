@@ -23,13 +23,14 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
-from collabvit.cluttered import ClutterSpec, compose, spec_with
+from collabvit.cluttered import ClutterSpec, compose
 from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
 from collabvit.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_HINT,
     FASHION_MNIST_ROOT,
     DataError,
+    clutter_spec,
     read_fashion_mnist,
     read_idx,
 )
@@ -555,14 +556,11 @@ def indexed_loader(
     )
 
 
-def _mask_patch_side(model: nn.Module | None, canvas: int) -> int:
-    """The patch side the item masks are given on: the model's, so that they line up with its
-    tokens, where its square patches tile the canvas; else the benchmark's 8, or failing
-    that one patch (the image-size check then reports the mismatch)."""
+def _square_patch(model: nn.Module | None) -> int | None:
+    """The side of a ViT's square patches; None for other models."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     sides = (patch, patch) if isinstance(patch, int) else tuple(patch or ())
-    square = [sides[0]] if len(sides) == 2 and sides[0] == sides[1] else []
-    return next(side for side in [*square, ClutterSpec.patch, canvas] if canvas % side == 0)
+    return sides[0] if len(sides) == 2 and sides[0] == sides[1] else None
 
 
 def build_dataset(
@@ -587,11 +585,7 @@ def build_dataset(
     if name == "fmnist":
         return FashionMNIST(path or FASHION_MNIST_ROOT, split)
     if name == "fmnist-cluttered":
-        try:
-            canvas = spec_with(clutter, patch=1).canvas
-            spec = spec_with(clutter, patch=_mask_patch_side(model, canvas))
-        except ValueError as error:
-            raise DataError(f"cluttered canvases: {error}") from error
+        spec = clutter_spec(clutter, _square_patch(model))
         return ClutteredFashionMNIST(path or FASHION_MNIST_ROOT, split, spec)
     if name == "imagenet":
         if path is None:

@@ -78,6 +78,16 @@ def read_fashion_mnist(root: str | Path, part: str) -> tuple[np.ndarray, np.ndar
 UNCUT_SPLITS = ("test", "train-all")
 
 
+def clutter_spec(changes: Mapping[str, int] | None, model_patch: int | None = None):
+    """cluttered.spec_with, its reasons as DataError: the canvases of --clutter."""
+    from collabvit.cluttered import spec_with
+
+    try:
+        return spec_with(changes, model_patch)
+    except ValueError as error:
+        raise DataError(f"cluttered canvases: {error}") from error
+
+
 def read_split_images(
     data_set: str,
     root: str | Path | None,
@@ -88,7 +98,7 @@ def read_split_images(
     """Images uint8 [n, 1, H, W] and labels int64 [n] of `fmnist` or `fmnist-cluttered`
     (its published canvases, draw 0, with the `clutter` changes) on an uncut split, the
     first `limit` of them."""
-    from collabvit.cluttered import compose, spec_with
+    from collabvit.cluttered import compose
 
     if data_set not in ("fmnist", "fmnist-cluttered"):
         raise DataError(f"without torch only fmnist and fmnist-cluttered are read, not {data_set}")
@@ -100,9 +110,5 @@ def read_split_images(
     count = len(labels) if limit is None else min(limit, len(labels))
     if data_set == "fmnist":
         return items[:count, None].copy(), labels[:count]
-    try:
-        spec = spec_with(clutter, patch=1)  # the masks are not used here
-    except ValueError as error:
-        raise DataError(f"cluttered canvases: {error}") from error
-    canvases, _ = compose(items, np.arange(count), spec, split)
+    canvases, _ = compose(items, np.arange(count), clutter_spec(clutter), split)
     return canvases[:, None], labels[:count]
