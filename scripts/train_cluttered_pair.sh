@@ -35,7 +35,7 @@ run() {  # name threads flags...: skip a finished run, else train (or continue) 
     OMP_NUM_THREADS=$threads $TRAIN --out-dir "$OUT/$name" "$@" 2>&1 | tee -a "$OUT/$name/train.log"
 }
 
-SERVER=(--model collabvit_cluttered_server --epochs 60 --token-drop 0.75 --ema-decay 0.999
+SERVER=(--model collabvit_cluttered_server --epochs 90 --token-drop 0.75 --ema-decay 0.999
         --teacher "$OUT/teacher" --distill hard --bf16)
 EDGE=(--model collabvit_cluttered_edge --epochs 40 --ema-decay 0.999 --teacher "$OUT/teacher"
       --distill hard)
