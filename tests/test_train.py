@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -486,3 +486,57 @@ def test_cluttered_training_draws_new_canvases_and_distils_from_a_canvas_teacher
                    "--out-dir", str(tmp_path / "wrong")])  # fmt: skip
     assert status == 2
     assert "fmnist-cluttered training images are (1, 56, 56)" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_checkpoints(
+    tmp_path, capsys
+):
+    """--clutter: training, validation and test canvases all take the changes, the card and
+    config record them, and a checkpoint made before the field existed still resumes."""
+    from collabvit.cluttered import spec_with
+    from collabvit.data import ClutteredFashionMNIST
+    from collabvit.train import ClutteredTraining
+
+    busy = {"fragments": 12, "seed": 3}
+    data = ClutteredTraining(FMNIST, augmented=True, limit=32, clutter=busy)
+    expected = ClutteredFashionMNIST(FMNIST, "train", spec_with(busy))
+    assert torch.equal(data.batch(torch.tensor([0, 7]), torch.tensor([0, 4])),
+                       torch.stack([expected.canvases([0])[0], expected.canvases([7], 2)[0]]))
+    busy_val = ClutteredFashionMNIST(FMNIST, "val", spec_with(busy)).images
+    assert torch.equal(data.val_images, busy_val)
+    assert not torch.equal(busy_val, ClutteredFashionMNIST(FMNIST, "val").images)
+    assert data.key() != ClutteredTraining(FMNIST, augmented=True, limit=32).key()
+
+    out = tmp_path / "run"
+    common = ["train", "--data-set", "fmnist-cluttered", "--model", "collabvit_cluttered_edge",
+              "--model-kwargs", '{"depth": 1}', "--epochs", "1", "--train-limit", "32",
+              "--batch-size", "32", "--quiet", "--out-dir", str(out)]  # fmt: skip
+    assert main([*common, "--clutter", json.dumps(busy)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["training"]["clutter"] == busy
+    assert card["data"]["clutter"] == {"canvas": 56, "fragments": 12, "fragment": 10, "patch": 8,
+                                       "seed": 3}  # fmt: skip
+    assert "fragments" in card["data"]["dataset"] and "--clutter" in card["data"]["validation"]
+    assert json.loads((out / "config.json").read_text())["clutter"] == busy
+    # other canvases than the checkpoint's: refused, not silently mixed
+    assert main([*common, "--resume", "--epochs", "2"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+    # a checkpoint written before --clutter existed has no such key: it meant the default
+    published = TrainConfig(model="collabvit_cluttered_edge", model_kwargs={"depth": 1},
+                            data_set="fmnist-cluttered", epochs=2, train_limit=32,
+                            batch_size=32)  # fmt: skip
+    old = Trainer(published, tmp_path / "old", progress=False)
+    old.log.append({"epoch": 1})
+    old.save_checkpoint(1)
+    state = torch.load(old.checkpoint_path, weights_only=True)
+    del state["config"]["clutter"]
+    torch.save(state, old.checkpoint_path)
+    assert Trainer(published, tmp_path / "old", progress=False).resume()
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(replace(published, clutter=busy), tmp_path / "old", progress=False).resume()
+
+    # a canvas the model cannot take: the image-size error, one line
+    assert main([*common[:-1], str(tmp_path / "wide"), "--clutter", '{"canvas": 64}']) == 2
+    assert "training images are (1, 64, 64), the model takes (1, 56, 56)" in capsys.readouterr().err

@@ -93,6 +93,21 @@ def _require(checks: list[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
+def _check_clutter(data_set: str, clutter: dict) -> None:
+    """--clutter's checks for every command that takes it: ValueError with one line when the
+    data set has no canvases or a change is unknown or out of range."""
+    if not clutter:
+        return
+    if data_set != "fmnist-cluttered":
+        raise ValueError(f"--clutter changes fmnist-cluttered canvases, not {data_set} images")
+    from collabvit.cluttered import spec_with
+
+    try:
+        spec_with(clutter)
+    except ValueError as error:
+        raise ValueError(f"--clutter: {error}") from error
+
+
 def _valid_port(url: str) -> bool:
     """A URL whose host is given and whose port, if any, is in 1..65535."""
     from urllib.parse import urlsplit
@@ -152,6 +167,11 @@ class ModelSpec:
         "load the checkpoint's EMA weights (model_ema) instead of its model"))
 
 
+CLUTTER_HELP = ("fmnist-cluttered: change the published canvases' parameters, e.g. "
+                "'{\"fragments\": 12}' (canvas, fragments, fragment, seed; default: none, the "
+                "published 56x56 canvases with 6 fragments of 10x10, seed 0)")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Which images, read how."""
@@ -174,10 +194,8 @@ class DataSpec:
         "centre-crop fraction for ImageNet-style data (default: 0.875 = resize 256, crop 224 "
         "for the DeiT-224 models, as the reference; timm's value for other models)",
         type="fraction", metavar="F"))
-    clutter: dict = field(default_factory=dict, metadata=flag(
-        "fmnist-cluttered: change the published canvases' parameters, e.g. '{\"fragments\": "
-        "12}' (canvas, fragments, fragment, seed; default: none, the published 56x56 "
-        "canvases with 6 fragments of 10x10, seed 0)", type="json", metavar="JSON"))
+    clutter: dict = field(default_factory=dict, metadata=flag(CLUTTER_HELP, type="json",
+                                                              metavar="JSON"))
     limit: int | None = field(default=None, metadata=flag(
         "only the first N images", type="positive_int", metavar="N"))
     inputs_normalized: bool = field(default=False, metadata=flag(
@@ -199,16 +217,8 @@ class DataSpec:
             (self.limit is None or self.limit >= 1, "limit must be >= 1"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.num_workers >= 0, f"data loading workers must be >= 0, got {self.num_workers}"),
-            (not self.clutter or self.data_set == "fmnist-cluttered",
-             f"--clutter changes fmnist-cluttered canvases, not {self.data_set} images"),
         ])  # fmt: skip
-        if self.clutter:
-            from collabvit.cluttered import spec_with
-
-            try:
-                spec_with(self.clutter)
-            except ValueError as error:
-                raise ValueError(f"--clutter: {error}") from error
+        _check_clutter(self.data_set, self.clutter)
 
 
 @dataclass(frozen=True)
@@ -409,6 +419,9 @@ class TrainConfig:
         choices=TRAIN_DATA_SETS))
     data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
         "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))
+    clutter: dict = field(default_factory=dict, metadata=flag(
+        CLUTTER_HELP + "; training and validation canvases both take the changes", type="json",
+        metavar="JSON"))
     epochs: int = field(default=30, metadata=flag(
         "(default: %(default)s)", type="positive_int", metavar="N"))
     batch_size: int = field(default=128, metadata=flag(
@@ -470,6 +483,7 @@ class TrainConfig:
             (0 <= self.distill_weight <= 1, "the distillation weight must lie in [0, 1]"),
             (self.distill_temperature > 0, "the distillation temperature must be > 0"),
         ])  # fmt: skip
+        _check_clutter(self.data_set, self.clutter)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from collabvit import cpu_model, versions, vit, zoo
+from collabvit.cluttered import spec_with
 from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
@@ -170,16 +171,20 @@ CLUTTERED_DRAWS = 32
 class ClutteredTraining:
     """Cluttered canvases of the Fashion-MNIST training split: augmentation a shows draw
     a // 2 of the item's canvas (a new position and new clutter; draw 0 is the published
-    canvas), flipped horizontally when a is odd. Validation: the val split's draw 0."""
+    canvas), flipped horizontally when a is odd. Validation: the val split's draw 0. Every
+    split is made with the published parameters changed by `clutter` (cluttered.spec_with)."""
 
-    dataset = "cluttered Fashion-MNIST (collabvit.cluttered, default ClutterSpec)"
-    description = "fmnist-cluttered --split val"
-
-    def __init__(self, root: str | Path, augmented: bool, limit: int | None = None) -> None:
-        self.train = ClutteredFashionMNIST(root, "train")
+    def __init__(self, root: str | Path, augmented: bool, limit: int | None = None,
+                 clutter: dict | None = None) -> None:  # fmt: skip
+        spec = spec_with(clutter)
+        self.train = ClutteredFashionMNIST(root, "train", spec)
         # with a limit, the first canvases; their clutter still comes from the whole split
         self.labels = self.train.labels[:limit]
-        val = ClutteredFashionMNIST(root, "val")
+        val = ClutteredFashionMNIST(root, "val", spec)
+        changes = f" --clutter '{json.dumps(clutter)}'" if clutter else ""
+        spec_text = f"ClutterSpec with {clutter}" if clutter else "default ClutterSpec"
+        self.dataset = f"cluttered Fashion-MNIST (collabvit.cluttered, {spec_text})"
+        self.description = f"fmnist-cluttered{changes} --split val"
         self.val_images, self.val_labels = val.images, val.labels
         self.augmentations = 2 * CLUTTERED_DRAWS if augmented else 1
 
@@ -196,14 +201,16 @@ class ClutteredTraining:
         return torch.where(flip, images.flip(-1), images)
 
     def test(self, root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-        test = ClutteredFashionMNIST(root, "test")
+        test = ClutteredFashionMNIST(root, "test", self.train.spec)
         return test.images, test.labels
 
 
 def training_data(config: TrainConfig):
     """The training set a config names (ShiftedFashionMNIST or ClutteredTraining)."""
-    kind = ClutteredTraining if config.data_set == "fmnist-cluttered" else ShiftedFashionMNIST
-    return kind(config.data_path, config.augment, config.train_limit)
+    if config.data_set == "fmnist-cluttered":
+        return ClutteredTraining(config.data_path, config.augment, config.train_limit,
+                                 config.clutter)  # fmt: skip
+    return ShiftedFashionMNIST(config.data_path, config.augment, config.train_limit)
 
 
 class TeacherOutputs:
@@ -433,7 +440,9 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if state["config"] != asdict(self.config):
+        # a checkpoint older than a config field was made with that field's default
+        saved = {**asdict(TrainConfig()), **state["config"]}
+        if saved != asdict(self.config):
             raise ValueError(f"{self.checkpoint_path} was made with another configuration; "
                              "use a new --out-dir or the same flags")  # fmt: skip
         self.model.load_state_dict(state["model"])
