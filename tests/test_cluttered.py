@@ -374,3 +374,51 @@ def test_clutter_changes_the_canvases_of_every_reader(run_cli, cluttered_pair, t
     assert larger.returncode == 2
     assert "images are 1x64x64 but the edge model takes 1x56x56" in larger.stderr
     assert "Traceback" not in larger.stderr
+
+
+def test_item_boxes_hold_exactly_the_items_pixels():
+    """Without clutter the box is the tight box of the canvas's non-zero pixels; with it, the
+    item's pixels lie inside and its masked patches are the ones the box's pixels reach."""
+    from collabvit.cluttered import item_boxes, item_extents
+
+    items = _items()
+    items[3] = 0  # a blank item: its whole frame
+    items[5, 2, 9] = 7  # one stray pixel widens the box upwards
+    extents = item_extents(items)
+    assert extents[0].tolist() == [6, 4, 22, 24] and extents[3].tolist() == [0, 0, 28, 28]
+    assert extents[5].tolist() == [6, 2, 22, 24]
+    index = np.arange(40)
+    bare_spec = ClutterSpec(fragments=0)
+    bare, _ = compose(items, index, bare_spec, "val", draw=2)
+    boxes = item_boxes(items, index, bare_spec, "val", draw=2)
+    for i in index:
+        if i == 3:
+            continue
+        ys, xs = np.nonzero(bare[i])
+        assert boxes[i].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    # the layout depends on the key, not on the clutter count: the same boxes with clutter
+    canvases, masks = compose(items, index, ClutterSpec(), "val", draw=2)
+    assert np.array_equal(item_boxes(items, index, ClutterSpec(), "val", draw=2), boxes)
+    for i in index:
+        x0, y0, x1, y1 = boxes[i]
+        inside = np.zeros((56, 56), bool)
+        inside[y0:y1, x0:x1] = True
+        reached = inside.reshape(7, 8, 7, 8).any(axis=(1, 3))
+        assert not (masks[i] & ~reached).any()  # every item patch is within the box
+        assert masks[i].any() == (i != 3)  # the blank item has no patch
+
+
+@needs_fmnist
+def test_real_canvases_know_their_items_boxes():
+    data = ClutteredFashionMNIST(FASHION_MNIST_ROOT, "test")
+    boxes = data.boxes
+    assert boxes.shape == (10000, 4) and boxes.dtype == torch.int64
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 56).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+    assert torch.equal(data.item_boxes([9999, 5]), boxes[[9999, 5]])
+    # other draws move the item: the same item, the same size, elsewhere
+    moved = data.item_boxes([0, 1, 2], draw=3)
+    size = lambda b: b[:, 2:] - b[:, :2]  # noqa: E731
+    assert torch.equal(size(moved), size(boxes[:3])) and not torch.equal(moved, boxes[:3])
+    with pytest.raises(IndexError, match=r"\[0, 10000\)"):
+        data.item_boxes([10000])

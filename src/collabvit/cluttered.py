@@ -159,6 +159,32 @@ def layout(spec: ClutterSpec, split: str, index: np.ndarray, draw: np.ndarray | 
     return Layout(item_yx, source, source_yx, fragment_yx)
 
 
+def item_extents(items: np.ndarray) -> np.ndarray:
+    """The tight box of each item's non-zero pixels inside its own frame: items [n, S, S]
+    -> int64 [n, 4] (x0, y0, x1, y1), ends exclusive; a blank item gets its whole frame."""
+    side = items.shape[-1]
+    filled = items > 0
+    ends = []
+    for lines in (filled.any(axis=1), filled.any(axis=2)):  # columns (x), then rows (y)
+        blank = ~lines.any(axis=1)
+        first = np.where(blank, 0, lines.argmax(axis=1))
+        past_last = np.where(blank, side, side - lines[:, ::-1].argmax(axis=1))
+        ends.append((first, past_last))
+    (x0, x1), (y0, y1) = ends
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+
+
+def item_boxes(items: np.ndarray, index: np.ndarray, spec: ClutterSpec, split: str,
+               draw: np.ndarray | int = 0) -> np.ndarray:  # fmt: skip
+    """The item's box on canvases `index` [B] of `split` (as `compose` places it): int64
+    [B, 4] (x0, y0, x1, y1) in canvas pixels, ends exclusive, the tight box of the item's
+    non-zero pixels; clutter inside the box is not the item's."""
+    index = np.asarray(index, dtype=np.int64)
+    plan = layout(spec, split, index, draw, len(items), items.shape[-1])
+    y, x = plan.item_yx[:, 0], plan.item_yx[:, 1]
+    return item_extents(items[index]) + np.stack([x, y, x, y], axis=1)
+
+
 def _paste_max(canvases: np.ndarray, pieces: np.ndarray, corners: np.ndarray) -> None:
     """In place: canvases[b, y:y+h, x:x+w] = max(that, pieces[b]) with (y, x) = corners[b].
 

@@ -23,7 +23,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
-from collabvit.cluttered import ClutterSpec, compose
+from collabvit.cluttered import ClutterSpec, compose, item_boxes
 from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
 from collabvit.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
     FASHION_MNIST_CLASSES,
@@ -219,8 +219,9 @@ class ClutteredFashionMNIST(_LabelledImages):
     Canvas i of a split shows item i of the same Fashion-MNIST split (test, val, train,
     train-all) and has its label; its clutter comes from that split's items only. `masks`
     [n, G * G] bool marks the patches (row-major, spec.patch pixels) holding the item's
-    pixels. `draw` 0 is the published data set; other draws are other canvases of the same
-    items (training's augmentation, via `canvases`).
+    pixels, `boxes` [n, 4] its bounding box in pixels. `draw` 0 is the published data set;
+    other draws are other canvases of the same items (training's augmentation, via
+    `canvases`).
     """
 
     classes = FASHION_MNIST_CLASSES
@@ -255,6 +256,20 @@ class ClutteredFashionMNIST(_LabelledImages):
     def masks(self) -> torch.Tensor:
         """The item masks of all canvases: bool [n, G * G], patches row-major."""
         return self._composed[1]
+
+    @functools.cached_property
+    def boxes(self) -> torch.Tensor:
+        """The item's bounding box on every canvas (this draw): int64 [n, 4] (x0, y0, x1, y1)
+        in canvas pixels, torchvision's XYXY order with exclusive ends (x1 - x0 is the
+        width), around the item's non-zero pixels."""
+        return self.item_boxes(np.arange(len(self.labels)), self.draw)
+
+    def item_boxes(self, index, draw=0) -> torch.Tensor:
+        """The item's boxes on canvases `index` [B] under `draw`: int64 [B, 4], as `boxes`."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self.labels)):
+            raise IndexError(f"canvas indices must lie in [0, {len(self.labels)}) for this split")
+        return torch.from_numpy(item_boxes(self.items, index, self.spec, self.split, draw))
 
     def canvases(self, index, draw=0, with_masks: bool = False):
         """Canvases `index` [B] under `draw` (one int, or one per canvas [B]): uint8
