@@ -162,16 +162,25 @@ def layout(spec: ClutterSpec, split: str, index: np.ndarray, draw: np.ndarray | 
 def item_extents(items: np.ndarray) -> np.ndarray:
     """The tight box of each item's non-zero pixels inside its own frame: items [n, S, S]
     -> int64 [n, 4] (x0, y0, x1, y1), ends exclusive; a blank item gets its whole frame."""
-    side = items.shape[-1]
     filled = items > 0
-    ends = []
-    for lines in (filled.any(axis=1), filled.any(axis=2)):  # columns (x), then rows (y)
-        blank = ~lines.any(axis=1)
-        first = np.where(blank, 0, lines.argmax(axis=1))
-        past_last = np.where(blank, side, side - lines[:, ::-1].argmax(axis=1))
-        ends.append((first, past_last))
-    (x0, x1), (y0, y1) = ends
+    x0, x1 = _filled_span(filled.any(axis=1))  # columns holding a pixel
+    y0, y1 = _filled_span(filled.any(axis=2))  # rows holding one
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+
+
+def _filled_span(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lines [n, S] bool -> the first True [n] and one past the last [n]; (0, S) if none."""
+    side = lines.shape[1]
+    blank = ~lines.any(axis=1)
+    first = np.where(blank, 0, lines.argmax(axis=1))
+    past_last = np.where(blank, side, side - lines[:, ::-1].argmax(axis=1))
+    return first, past_last
+
+
+def _check_indices(index: np.ndarray, count: int) -> None:
+    """IndexError unless every canvas index lies in the split's [0, count)."""
+    if index.size and (index.min() < 0 or index.max() >= count):
+        raise IndexError(f"canvas indices must lie in [0, {count}) for this split")
 
 
 def item_boxes(items: np.ndarray, index: np.ndarray, spec: ClutterSpec, split: str,
@@ -180,6 +189,7 @@ def item_boxes(items: np.ndarray, index: np.ndarray, spec: ClutterSpec, split: s
     [B, 4] (x0, y0, x1, y1) in canvas pixels, ends exclusive, the tight box of the item's
     non-zero pixels; clutter inside the box is not the item's."""
     index = np.asarray(index, dtype=np.int64)
+    _check_indices(index, len(items))
     plan = layout(spec, split, index, draw, len(items), items.shape[-1])
     y, x = plan.item_yx[:, 0], plan.item_yx[:, 1]
     return item_extents(items[index]) + np.stack([x, y, x, y], axis=1)
@@ -209,8 +219,7 @@ def compose(items: np.ndarray, index: np.ndarray, spec: ClutterSpec, split: str,
     index = np.asarray(index, dtype=np.int64)
     count, item_size = len(items), items.shape[-1]
     spec.check(item_size)
-    if index.size and (index.min() < 0 or index.max() >= count):
-        raise IndexError(f"canvas indices must lie in [0, {count}) for this split")
+    _check_indices(index, count)
     plan = layout(spec, split, index, draw, count, item_size)
     batch, side = len(index), spec.canvas
     canvases = np.zeros((batch, side, side), dtype=np.uint8)
