@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = tmp / "edge"
         export_edge(folder)
         process = start_server(server_port, "--threads", "1", "--max-queue-images",
-                               str(args.queue), "--limit-concurrency", "1024")  # fmt: skip
+                               str(args.queue), "--limit-concurrency", "1024",
+                               "--max-connections", "2048")  # fmt: skip
         try:
             alone = asyncio.run(overload(server_port, requests, args.queue, 5 * args.scale))
             capacity = alone["answered"] / alone["seconds"]

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(port, "--max-queue-images", str(args.queue), "--timeout-request-head",
-                           "2", "--timeout-body", "2", "--limit-concurrency", "1024")
+                           "2", "--timeout-body", "2", "--limit-concurrency", "1024", "--max-connections", "2048")
     try:
         rss_before = peak_rss_mb(process.pid)
         # as many back-to-back clients as the queue admits: the server's own rate

@@ -25,7 +25,8 @@ from collabvit.protocol import (
     infer_request_body,
 )
 from collabvit.server import Server
-from collabvit.service import ServiceSettings, create_app, head_timeout_protocol
+from collabvit.guard import guarded_protocol
+from collabvit.service import ServiceSettings, create_app
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))
@@ -202,7 +203,7 @@ def test_work_of_a_client_that_left_is_dropped_before_it_is_computed(server):
 
 
 def test_a_request_head_that_trickles_in_is_cut_off(server):
-    with LiveServer(app_of(server), http=head_timeout_protocol(0.5)) as running:
+    with LiveServer(app_of(server), http=guarded_protocol(0.5)) as running:
         wait_ready(running.url)
         with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -321,7 +322,7 @@ def test_a_refusal_before_the_body_ends_the_connection(server):
     """A request answered early (here 401) must not leave a connection whose body can then
     trickle in under no time-out."""
     app = app_of(server, token="secret")
-    with LiveServer(app, http=head_timeout_protocol(30.0), timeout_keep_alive=30) as running:
+    with LiveServer(app, http=guarded_protocol(30.0), timeout_keep_alive=30) as running:
         wait_ready(running.url)
         answer = answer_until_closed(running.port, UNFINISHED_BODY, timeout=3)
     assert answer.startswith(b"HTTP/1.1 401")  # and then the server closed the connection

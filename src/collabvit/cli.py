@@ -466,6 +466,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_request_images=config.max_request_images,
         max_queue_images=config.max_queue_images,
         max_queue_bytes=int(config.max_queue_mb * 2**20), body_timeout=config.timeout_body,
+        parse_processes=config.parse_processes, max_requests_in_flight=config.limit_concurrency,
         allowed_hosts=None if "*" in hosts else hosts, token=config.token,
     )  # fmt: skip
     scheme = "https" if config.ssl_certfile else "http"
@@ -483,7 +484,7 @@ def run_serve(args: argparse.Namespace) -> int:
     worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
               "bf16": config.bf16}  # what each of --workers processes loads itself
     serve(settings, load_server, config.host, config.port, config.ssl_certfile,
-          config.ssl_keyfile, config.access_log, limit_concurrency=config.limit_concurrency,
+          config.ssl_keyfile, config.access_log, max_connections=config.max_connections,
           timeout_keep_alive=config.timeout_keep_alive,
           timeout_request_head=config.timeout_request_head, workers=config.workers,
           worker=worker)  # fmt: skip

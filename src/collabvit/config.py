@@ -531,11 +531,20 @@ class ServeConfig:
         "images admitted and not yet answered at most; past it requests get 503 with "
         "Retry-After (default: %(default)s)", type="positive_int", metavar="N"))
     max_queue_mb: float = field(default=512.0, metadata=flag(
-        "decoded pixel megabytes admitted at most, the same way (default: %(default)s)",
+        "megabytes that requests hold at most: bodies being read or parsed and the decoded "
+        "pixels of admitted images; past it 503 with Retry-After (default: %(default)s)",
         type="positive", metavar="MB"))
     limit_concurrency: int = field(default=256, metadata=flag(
-        "connections and requests in progress at most; uvicorn answers 503 beyond "
+        "requests in progress at most, past it 503 with Retry-After; health, readiness and "
+        "metrics are not counted (default: %(default)s)", type="positive_int", metavar="N"))
+    max_connections: int = field(default=1024, metadata=flag(
+        "open connections at most; past it the longest-idle one is closed to make room "
+        "(503 with Retry-After only when every one has a request in progress) "
         "(default: %(default)s)", type="positive_int", metavar="N"))
+    parse_processes: int = field(default=1, metadata=flag(
+        "processes that parse request JSON over 64 KiB, so that slow-to-parse bodies never "
+        "stall the server's event loop (default: %(default)s)", type="positive_int",
+        metavar="N"))
     timeout_keep_alive: float = field(default=5.0, metadata=flag(
         "seconds an idle keep-alive connection stays open (default: %(default)s)",
         type="positive", metavar="S"))
@@ -580,6 +589,11 @@ class ServeConfig:
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              "HTTPS needs both --ssl-certfile and --ssl-keyfile"),
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
+            # idle connections make room for new ones, busy ones cannot: with more
+            # connections than requests in progress, a health probe always gets in
+            (self.max_connections > self.limit_concurrency,
+             f"--max-connections ({self.max_connections}) must exceed --limit-concurrency "
+             f"({self.limit_concurrency}), so that health checks always find a connection"),
         ])  # fmt: skip
 
 

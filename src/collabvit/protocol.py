@@ -473,6 +473,14 @@ def parse_infer_request(body: bytes, header_length: int | None,
                         binary_output=_wants_binary_output(header))  # fmt: skip
 
 
+def split_request(body: bytes, header_length: int | None,
+                  max_images: int) -> tuple[InferRequest, list[int]]:  # fmt: skip
+    """The request's elements and the decoded size of each (from their headers alone).
+    A module-level function of a torch-free module: the server runs it in a parser process."""
+    parsed = parse_infer_request(body, header_length, max_images)
+    return parsed, [decoded_size(blob) for blob in parsed.blobs]
+
+
 def declared_images(header: bytes) -> int | None:
     """The image count the JSON header of an infer request declares for its payload input
     (None when the header does not parse or declares none: the full parse says why), so a

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import h11
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -41,26 +40,31 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collabvit import __version__
+from collabvit.guard import (
+    METRICS_STATE,
+    GuardedProtocol,
+    ParsePool,
+    ParserUnavailable,
+    RequestLimit,
+    guarded_protocol,
+)
 from collabvit.protocol import (
     CODECS,
     INFERENCE_HEADER,
     LOGITS_OUTPUT,
     PAYLOAD_INPUT,
     WIRE_VERSION,
-    InferRequest,
     PatchPayload,
     ProtocolError,
     TooManyImages,
     WireGeometry,
     declared_images,
     decode_payload,
-    decoded_size,
     infer_response_body,
     parse_header_length,
-    parse_infer_request,
+    split_request,
 )
 from collabvit.server import Server
 
@@ -117,6 +121,19 @@ class Metrics:
                                      "computing)", registry=r)  # fmt: skip
         self.admitted_bytes = Gauge("collabvit_admitted_bytes",
                                     "Decoded pixel bytes of the admitted images", registry=r)
+        self.receiving_bytes = Gauge("collabvit_receiving_bytes",
+                                     "Bytes of request bodies read and not yet decoded (they "
+                                     "count against the same bound)", registry=r)  # fmt: skip
+        self.open_connections = Gauge("collabvit_open_connections", "Open connections",
+                                      registry=r)  # fmt: skip
+        self.closed_connections = Counter("collabvit_closed_connections",
+                                          "Connections the server closed by reason",
+                                          ["reason"], registry=r)  # fmt: skip
+        for reason in ("head_timeout", "evicted", "refused"):
+            self.closed_connections.labels(reason)
+        self.parsed_in_process = Counter("collabvit_parsed_in_process",
+                                         "Request bodies whose JSON was parsed in the parser "
+                                         "process (larger than 64 KiB)", registry=r)  # fmt: skip
 
 
 @dataclass
@@ -260,24 +277,31 @@ class Batcher:
 
 
 class Admission:
-    """Bounds the work admitted and not yet answered, in images and in decoded pixel bytes.
+    """Bounds the work admitted and not yet answered, in images, and the memory requests
+    hold, in bytes: the bodies being read or parsed and the decoded pixels of the admitted
+    images, against one bound.
 
-    A request that would cross a bound is refused (503 with Retry-After) before its pixels
-    are decoded, so neither the queue nor the server's memory grows without bound under
-    overload. Used from the event loop only (no lock needed).
+    A body chunk that would cross the bytes bound is refused (503 with Retry-After, and the
+    connection closes), so bodies that arrive slowly or stall cannot hold more memory than
+    the bound, whatever the number of connections. A request that would cross a bound is
+    refused the same way before its pixels are decoded, so neither the queue nor the
+    server's memory grows without bound under overload. Used from the event loop only
+    (no lock needed).
     """
 
     def __init__(self, max_images: int, max_bytes: int, metrics: Metrics) -> None:
         self.max_images, self.max_bytes, self.metrics = max_images, max_bytes, metrics
-        self.images = self.bytes = 0
+        self.images = self.bytes = self.receiving = 0
 
-    def reserve(self, images: int, nbytes: int, retry_after: int) -> None:
-        """Count a request in, or raise ServiceError 503 (413 if it could never fit)."""
-        if images > self.max_images or nbytes > self.max_bytes:
+    def reserve(self, images: int, nbytes: int, retry_after: int, own_body: int = 0) -> None:
+        """Count a request's images and decoded bytes in, or raise ServiceError 503 (413 if
+        it could never fit). `own_body`: the bytes of its body held meanwhile (counted by
+        `hold_body` already)."""
+        if images > self.max_images or nbytes + own_body > self.max_bytes:
             raise ServiceError(413, "too_large", f"the request's {images} images decode to "
                                f"{nbytes:,} bytes; this server admits at most {self.max_images}"
                                f" images and {self.max_bytes:,} bytes at a time")  # fmt: skip
-        if self.images + images > self.max_images or self.bytes + nbytes > self.max_bytes:
+        if self.images + images > self.max_images or self.held + nbytes > self.max_bytes:
             raise ServiceError(503, "overloaded", f"the server is busy ({self.images} images "
                                f"queued); retry after {retry_after} s",
                                {"Retry-After": str(retry_after)})  # fmt: skip
@@ -286,17 +310,59 @@ class Admission:
     def release(self, images: int, nbytes: int) -> None:
         self._move(-images, -nbytes)
 
+    def hold_body(self, nbytes: int, retry_after: int) -> None:
+        """Count `nbytes` more of a body being read, or raise ServiceError 503 (the request
+        ends, and its connection: the caller releases what it held)."""
+        if self.held + nbytes > self.max_bytes:
+            raise ServiceError(503, "overloaded", f"the server holds {self.held:,} bytes of "
+                               f"requests (at most {self.max_bytes:,}); retry after "
+                               f"{retry_after} s", {"Retry-After": str(retry_after),
+                                                   "Connection": "close"})  # fmt: skip
+        self.receiving += nbytes
+        self.metrics.receiving_bytes.set(self.receiving)
+
+    def release_body(self, nbytes: int) -> None:
+        self.receiving -= nbytes
+        self.metrics.receiving_bytes.set(self.receiving)
+
+    @property
+    def held(self) -> int:
+        """Bytes counted against the bound: bodies not yet decoded and decoded pixels."""
+        return self.bytes + self.receiving
+
     @property
     def load(self) -> float:
         """The share of the tighter bound in use (0..1): the load hint each answer carries,
         from which adaptive clients lower their share before the server has to refuse."""
-        return max(self.images / self.max_images, self.bytes / self.max_bytes)
+        return max(self.images / self.max_images, self.held / self.max_bytes)
 
     def _move(self, images: int, nbytes: int) -> None:
         self.images += images
         self.bytes += nbytes
         self.metrics.admitted_images.set(self.images)
         self.metrics.admitted_bytes.set(self.bytes)
+
+
+class BodyHold:
+    """The bytes one request's body holds against the admission bound, released at once
+    when the request ends (use as a context manager)."""
+
+    def __init__(self, admission: Admission, retry_after: Callable[[], int]) -> None:
+        self.admission, self.retry_after, self.bytes = admission, retry_after, 0
+
+    def add(self, nbytes: int) -> None:
+        self.admission.hold_body(nbytes, self.retry_after())
+        self.bytes += nbytes
+
+    def release(self) -> None:
+        self.admission.release_body(self.bytes)
+        self.bytes = 0
+
+    def __enter__(self) -> BodyHold:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def is_loopback(host: str) -> bool:
@@ -344,6 +410,8 @@ class ServiceSettings:
     max_queue_bytes: int = 512 * 2**20
     body_timeout: float = 30.0
     decode_threads: int = 2
+    parse_processes: int = 1  # for JSON over 64 KiB (guard.ParsePool)
+    max_requests_in_flight: int = 256  # probes not counted (guard.RequestLimit)
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: any
     token: str | None = field(default=None, repr=False)  # never in a log
 
@@ -406,9 +474,12 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         # batcher keep answering while a large or hostile request is taken apart
         app.state.decoder = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="collabvit-decode")
-        yield
+        app.state.parser = ParsePool(settings.parse_processes, app.state.decoder)
+        # the lifespan state reaches uvicorn's protocol (GuardedProtocol counts connections)
+        yield {METRICS_STATE: metrics}
         # uvicorn has drained the in-flight requests before it gets here
         await batcher.stop()
+        app.state.parser.shutdown()
         app.state.decoder.shutdown(wait=True)
 
     app = FastAPI(title="collabvit", version=__version__, lifespan=lifespan, docs_url=None,
@@ -416,6 +487,8 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
     app.state.metrics = metrics
     app.state.model = state
     app.state.admission = admission
+    app.add_middleware(RequestLimit, limit=settings.max_requests_in_flight,
+                       refused=metrics.errors.labels("overloaded").inc)  # fmt: skip
     if settings.allowed_hosts is not None:  # DNS rebinding: answer only the names we serve
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[
             host_header_form(host) for host in settings.allowed_hosts])
@@ -448,14 +521,16 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         log.exception("internal error")
         return error_response(500, "internal", f"internal error: {type(error).__name__}")
 
+    def authorized(request: Request) -> bool:
+        if not settings.token:
+            return True
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), settings.token.strip().encode())
+
     async def authorize(request: Request) -> None:
         """A FastAPI dependency of every route but the health checks (probes need no token)."""
-        if not settings.token:
-            return
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credentials.strip().encode(), settings.token.strip().encode()
-        ):
+        if not authorized(request):
             raise ServiceError(401, "unauthorized", "missing or wrong bearer token")
 
     protected = [Depends(authorize)]
@@ -484,8 +559,10 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
                 "extensions": ["binary_tensor_data"]}  # fmt: skip
 
     @app.get("/v2/models/{name}/ready")  # a health check (KServe v2): no token
-    async def model_ready(name: str) -> JSONResponse:
-        if name != settings.model_name:
+    async def model_ready(name: str, request: Request) -> JSONResponse:
+        # without the token, every name answers as the served one: a probe learns whether
+        # the server is ready, not which model names it serves
+        if name != settings.model_name and authorized(request):
             raise ServiceError(404, "not_found", f"unknown model {name!r}")
         is_ready = state.ready.is_set()
         return JSONResponse({"name": name, "ready": is_ready},
@@ -532,46 +609,68 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             header_length = parse_header_length(request.headers.get(INFERENCE_HEADER))
         except ProtocolError as error:
             raise ServiceError(400, "bad_request", str(error)) from None
+        batcher, parser = app.state.batcher, app.state.parser
+
+        def retry_after() -> int:
+            return retry_after_seconds(admission.images, batcher.images_per_second)
+
+        async def parse(json_bytes: int, function, *args):
+            """`function(*args)` in the parse pool; JSON over 64 KiB in a parser process."""
+            try:
+                result = await parser.run(json_bytes, function, *args)
+            except ParserUnavailable as error:
+                raise ServiceError(503, "overloaded", f"{error}; retry after 1 s",
+                                   {"Retry-After": "1"}) from None  # fmt: skip
+            if json_bytes > parser.inline_bytes:
+                metrics.parsed_in_process.inc()
+            return result
 
         async def check_header(header: bytes) -> None:
-            count = await loop.run_in_executor(app.state.decoder, declared_images, header)
+            count = await parse(len(header), declared_images, header)
             if count is not None and count > settings.max_request_images:
                 raise ServiceError(413, "too_large", f"{count} images in one request; at most "
                                    f"{settings.max_request_images}", {"Connection": "close"})
 
-        try:
-            body = await asyncio.wait_for(
-                read_limited_body(request, settings.max_request_bytes, header_length,
-                                  check_header), settings.body_timeout)  # fmt: skip
-        except TimeoutError:
-            raise ServiceError(408, "body_timeout", "the request body did not arrive within "
-                               f"{settings.body_timeout:g} s", {"Connection": "close"}) from None
-        metrics.bytes_in.inc(len(body))
-        try:
-            parsed, sizes = await loop.run_in_executor(
-                app.state.decoder, split_request, body, header_length,
-                settings.max_request_images)  # fmt: skip
-        except TooManyImages as error:
-            raise ServiceError(413, "too_large", str(error)) from None
-        except (ProtocolError, ValueError) as error:
-            raise ServiceError(400, "bad_request", str(error)) from None
-        batcher, count, nbytes = app.state.batcher, len(parsed.blobs), sum(sizes)
-        admission.reserve(count, nbytes, retry_after_seconds(admission.images,
-                                                             batcher.images_per_second))
-        try:
+        with BodyHold(admission, retry_after) as held:
             try:
-                payloads = await loop.run_in_executor(app.state.decoder, decode_all,
-                                                      parsed.blobs, state.geometry)  # fmt: skip
+                body = await asyncio.wait_for(
+                    read_limited_body(request, settings.max_request_bytes, header_length,
+                                      check_header, held.add), settings.body_timeout)
+            except TimeoutError:
+                raise ServiceError(408, "body_timeout", "the request body did not arrive "
+                                   f"within {settings.body_timeout:g} s",
+                                   {"Connection": "close"}) from None  # fmt: skip
+            metrics.bytes_in.inc(len(body))
+            try:
+                parsed, sizes = await parse(
+                    len(body) if header_length is None else header_length, split_request,
+                    body, header_length, settings.max_request_images)  # fmt: skip
+            except TooManyImages as error:
+                raise ServiceError(413, "too_large", str(error)) from None
             except (ProtocolError, ValueError) as error:
                 raise ServiceError(400, "bad_request", str(error)) from None
-            logits, queued = await answer_unless_gone(request, batcher.enqueue(payloads))
-        finally:
-            admission.release(count, nbytes)
+            # the elements are copies of the body's bytes: they stand for it in `held` now
+            del body
+            blobs, binary_output, request_id = parsed.blobs, parsed.binary_output, parsed.request_id
+            del parsed
+            count, nbytes = len(blobs), sum(sizes)
+            admission.reserve(count, nbytes, retry_after(), own_body=held.bytes)
+            try:
+                try:
+                    payloads = await loop.run_in_executor(app.state.decoder, decode_all,
+                                                          blobs, state.geometry)
+                except (ProtocolError, ValueError) as error:
+                    raise ServiceError(400, "bad_request", str(error)) from None
+                del blobs  # what the pixels still need of them is counted in `nbytes`
+                held.release()
+                logits, queued = await answer_unless_gone(request, batcher.enqueue(payloads))
+            finally:
+                admission.release(count, nbytes)
         metrics.images.inc(len(payloads))
         elapsed = time.perf_counter() - started
         metrics.latency.observe(elapsed)
         content, header_length = infer_response_body(
-            name, logits, parsed.binary_output, parsed.request_id,
+            name, logits, binary_output, request_id,
             parameters={"queue_ms": round(queued * 1000, 3),
                         "server_ms": round(elapsed * 1000, 3), "load": round(admission.load, 3)},
         )  # fmt: skip
@@ -584,13 +683,6 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def split_request(body: bytes, header_length: int | None,
-                  max_images: int) -> tuple[InferRequest, list[int]]:  # fmt: skip
-    """The request's elements and the decoded size of each (from their headers alone)."""
-    parsed = parse_infer_request(body, header_length, max_images)
-    return parsed, [decoded_size(blob) for blob in parsed.blobs]
 
 
 def decode_all(blobs: list[bytes], geometry: WireGeometry) -> list[PatchPayload]:
@@ -618,12 +710,14 @@ async def _disconnected(request: Request) -> None:
 
 
 async def read_limited_body(request: Request, limit: int, header_length: int | None = None,
-                            check_header: Callable | None = None) -> bytes:  # fmt: skip
+                            check_header: Callable | None = None,
+                            hold: Callable[[int], None] | None = None) -> bytes:  # fmt: skip
     """The request body, refusing (413) one longer than `limit` bytes before reading it all.
 
     With `check_header`, that coroutine sees the first `header_length` bytes (the binary
     extension's JSON header) as soon as they have arrived, before the rest is read, and may
-    refuse the request there.
+    refuse the request there. `hold(n)` is told of each chunk's bytes before it is kept
+    (and may refuse the request: BodyHold.add).
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -639,6 +733,8 @@ async def read_limited_body(request: Request, limit: int, header_length: int | N
         if size > limit:
             raise ServiceError(413, "too_large", f"request body exceeds the limit of {limit} "
                                                  "bytes")  # fmt: skip
+        if hold is not None:
+            hold(len(chunk))
         chunks.append(chunk)
         if pending_check and size >= header_length:
             pending_check = False
@@ -651,31 +747,58 @@ WORKER_ENV = "COLLABVIT_SERVE_WORKER"  # what each --workers process serves, as 
 
 def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: str = "127.0.0.1",
           port: int = 8000, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-          access_log: bool = False, graceful_timeout: float = 30.0, limit_concurrency: int = 256,
+          access_log: bool = False, graceful_timeout: float = 30.0, max_connections: int = 1024,
           timeout_keep_alive: float = 5.0, timeout_request_head: float = 10.0, workers: int = 1,
           worker: dict | None = None) -> None:  # fmt: skip
     """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits.
 
     With `workers` > 1, uvicorn starts that many processes, each loading the model itself
     from `worker` (the model spec, device, threads and precision: worker_app reads them),
-    with the same settings; `load_server` is then not used.
+    with the same settings; `load_server` is then not used. The requests in progress are
+    bounded by the application (settings.max_requests_in_flight, probes exempt), the
+    connections by the protocol (GuardedProtocol), never by uvicorn's limit_concurrency,
+    which counts idle connections and refuses health checks with them.
     """
     import uvicorn
 
+    max_connections = allow_open_files(max_connections)
     options = dict(host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                    access_log=access_log, log_level="info",
                    timeout_graceful_shutdown=graceful_timeout, server_header=False,
-                   limit_concurrency=limit_concurrency, timeout_keep_alive=timeout_keep_alive)
+                   timeout_keep_alive=timeout_keep_alive)  # fmt: skip
     if workers > 1:
         os.environ[WORKER_ENV] = json.dumps({**(worker or {}), "head_timeout":
-                                             timeout_request_head,
+                                             timeout_request_head, "max_connections":
+                                             max_connections,
                                              "settings": settings_to_json(settings)})
         uvicorn.run("collabvit.service:worker_app", factory=True, workers=workers,
-                    http="collabvit.service:HeadTimeoutProtocol", **options)  # fmt: skip
+                    http="collabvit.guard:GuardedProtocol", **options)  # fmt: skip
         return
     config = uvicorn.Config(create_app(settings, load_server),
-                            http=head_timeout_protocol(timeout_request_head), **options)
+                            http=guarded_protocol(timeout_request_head, max_connections),
+                            **options)  # fmt: skip
     uvicorn.Server(config).run()
+
+
+def allow_open_files(max_connections: int, spare: int = 64) -> int:
+    """Raise this process's open-file limit to fit `max_connections` sockets and `spare`
+    other files, as far as the hard limit allows; the connections that then fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + spare
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+        if soft < wanted:
+            log.warning("the open-file limit (%d) fits %d connections, not %d", soft,
+                        max(soft - spare, 1), max_connections)  # fmt: skip
+            return max(soft - spare, 1)
+    return max_connections
 
 
 def settings_to_json(settings: ServiceSettings) -> dict:
@@ -695,7 +818,8 @@ def worker_app() -> FastAPI:
     if values.get("allowed_hosts") is not None:
         values["allowed_hosts"] = tuple(values["allowed_hosts"])
     settings = ServiceSettings(**values)
-    HeadTimeoutProtocol.seconds = spec["head_timeout"]
+    GuardedProtocol.head_timeout = spec["head_timeout"]
+    GuardedProtocol.max_connections = spec["max_connections"]
 
     def load_server() -> Server:
         from collabvit.pair import load_model, resolve_device
@@ -709,56 +833,3 @@ def worker_app() -> FastAPI:
                       max_batch=settings.max_batch)  # fmt: skip
 
     return create_app(settings, load_server)
-
-
-class HeadTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request line and headers have not
-    all arrived `seconds` after it opened or after its last response.
-
-    uvicorn times out idle keep-alive connections, but not a request head that trickles in
-    (slowloris): each byte resets nothing, and the connection stays open for good.
-    """
-
-    seconds = 10.0
-    head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.head_timer is not None and self.conn.their_state is not h11.IDLE:
-            self.head_timer.cancel()  # the request head is complete
-            self.head_timer = None
-
-    def on_response_complete(self) -> None:
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            # answered before its body arrived (a refusal): the rest of the body could
-            # trickle in under no time-out at all, so the connection ends here
-            self.transport.close()
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm()  # the next request's head gets the same time
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-        self.head_timer = self.loop.call_later(self.seconds, self._head_timed_out)
-
-    def _head_timed_out(self) -> None:
-        self.head_timer = None
-        if not self.transport.is_closing():
-            log.info("closed a connection whose request head took over %g s", self.seconds)
-            self.transport.close()
-
-
-def head_timeout_protocol(seconds: float) -> type:
-    """HeadTimeoutProtocol with a time-out of `seconds`."""
-    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"seconds": seconds})
