@@ -16,7 +16,14 @@ c. slow clients: a request head that trickles in, and a body that does: seconds 
    server closes the connection.
 d. departed clients: requests whose client closes the connection while the model is busy;
    the server's counter of dropped images against the images it computed.
-e. bfloat16: in-process `Server.classify` throughput of the float32 and the bfloat16 server
+e. idle sockets: 255 connections that send nothing, reopened as the server closes them, and
+   256 more than --max-connections: liveness probes every 20 ms meanwhile.
+f. JSON bodies built to be slow to parse (16 MiB of two-letter strings): three at once, then
+   clients sending them back to back while one client sends one-image requests: its latency,
+   liveness.
+g. stalled uploads: connections that each send all but the last byte of a 16 MiB body: how
+   they end, and the server's resident memory before and at its peak.
+h. bfloat16: in-process `Server.classify` throughput of the float32 and the bfloat16 server
    on the same payloads, and every accuracy figure of the shipped default point on the test
    set with each (the collaborative figures need the server).
 """
@@ -30,7 +37,9 @@ import json
 import re
 import socket
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -44,12 +53,12 @@ from collabvit.evaluate import evaluate
 from collabvit.protocol import INFERENCE_HEADER, encode_payload, infer_request_body
 
 SERVER = "collabvit_fmnist_server"
+MAX_CONNECTIONS = 2048
 PATH = f"/v2/models/{SERVER}/infer"
 
 
 def peak_rss_mb(pid: int) -> float:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
+    return proc_status(pid, "VmHWM")
 
 
 def raw_requests(payloads, geometry) -> list[bytes]:
@@ -63,9 +72,58 @@ def raw_requests(payloads, geometry) -> list[bytes]:
 
 
 def metric(url: str, name: str) -> float:
+    """A metric's value; `name` may carry its labels: 'x_total{kind="a"}'."""
     text = httpx.get(f"{url}/metrics").text
-    match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+class LivenessProbes:
+    """Liveness probes every `every` seconds, each on a new connection, while the block
+    runs: their latencies and the answers that were not 200 (or no answer)."""
+
+    def __init__(self, url: str, every: float = 0.01) -> None:
+        self.url, self.every = url, every
+        self.latencies: list[float] = []
+        self.failed = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._probe)
+
+    def _probe(self) -> None:
+        while not self.done.is_set():
+            started = time.perf_counter()
+            try:
+                ok = httpx.get(f"{self.url}/v2/health/live", timeout=10).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            self.latencies.append(time.perf_counter() - started)
+            self.failed += not ok
+            self.done.wait(self.every)
+
+    def __enter__(self) -> LivenessProbes:
+        self.thread.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.1)
+        self.done.set()
+        self.thread.join()
+
+    def figures(self) -> dict:
+        array = 1000 * np.array(self.latencies)
+        return {"probes": len(self.latencies), "failed": self.failed,
+                "p50_ms": float(np.percentile(array, 50)), "max_ms": float(array.max())}
+
+
+def proc_status(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status in MB (VmHWM: the peak resident set)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
 
 
 async def overload(port: int, requests: list[bytes], clients: int, seconds: float,
@@ -127,31 +185,140 @@ def hostile_body(url: str) -> dict:
     header = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [count],
                                      "parameters": {"binary_data_size": len(elements)}}]})
     body = header.encode() + elements
-    probes: list[float] = []
-    done = False
-
-    def probe() -> None:
-        with httpx.Client() as client:
-            while not done:
-                started = time.perf_counter()
-                client.get(f"{url}/v2/health/live")
-                probes.append(time.perf_counter() - started)
-                time.sleep(0.01)
-
-    import threading
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    time.sleep(0.1)
-    started = time.perf_counter()
-    response = httpx.post(f"{url}{PATH}", content=body, timeout=60,
-                          headers={INFERENCE_HEADER: str(len(header))})  # fmt: skip
-    answered = time.perf_counter() - started
-    time.sleep(0.1)
-    done = True
-    prober.join()
+    with LivenessProbes(url) as probes:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}{PATH}", content=body, timeout=60,
+                              headers={INFERENCE_HEADER: str(len(header))})  # fmt: skip
+        answered = time.perf_counter() - started
+    figures = probes.figures()
     return {"status": response.status_code, "answer_ms": 1000 * answered,
-            "slowest_probe_ms": 1000 * max(probes), "probes": len(probes)}
+            "slowest_probe_ms": figures["max_ms"], "probes": figures["probes"]}
+
+
+def idle_sockets(port: int, url: str, count: int, seconds: float) -> dict:
+    """`count` connections that send nothing, each reopened as soon as the server closes
+    it, held for `seconds` while liveness is probed every 20 ms; the server's evictions."""
+    evicted_before = metric(url, 'collabvit_closed_connections_total{reason="evicted"}')
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    reopened = 0
+    with LivenessProbes(url, every=0.02) as probes:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for number, sock in enumerate(held):
+                try:
+                    closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed:
+                    sock.close()
+                    held[number] = socket.create_connection(("127.0.0.1", port))
+                    reopened += 1
+            time.sleep(0.05)
+    for sock in held:
+        sock.close()
+    evicted = metric(url, 'collabvit_closed_connections_total{reason="evicted"}')
+    return {"sockets": count, "reopened": reopened, "evicted": evicted - evicted_before,
+            **probes.figures()}
+
+
+def json_flood_body(size: int = 16 * 2**20 - 256) -> bytes:
+    """A JSON infer body of `size` bytes made of about size / 5 two-letter strings."""
+    count = (size - 100) // 5
+    return json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [1],
+                                   "data": ["ab"] * count}]}, separators=(",", ":")).encode()
+
+
+def json_bodies(url: str, request: bytes, port: int, concurrent: int, flooders: int,
+                seconds: float) -> dict:  # fmt: skip
+    """(1) `concurrent` 16 MiB JSON bodies of tiny strings at once: their answers and the
+    slowest liveness probe; (2) `flooders` clients sending such bodies back to back for
+    `seconds` while one client sends one-image binary requests: its latency and liveness."""
+    body = json_flood_body()
+    headers = {"content-type": "application/json"}
+
+    def post(_=None) -> tuple[int, float]:
+        started = time.perf_counter()
+        status = httpx.post(f"{url}{PATH}", content=body, headers=headers,
+                            timeout=120).status_code  # fmt: skip
+        return status, time.perf_counter() - started
+
+    with LivenessProbes(url) as probes, ThreadPoolExecutor(concurrent) as pool:
+        answers = list(pool.map(post, range(concurrent)))
+    at_once = {"bodies": concurrent, "statuses": sorted({s for s, _ in answers}),
+               "slowest_answer_ms": 1000 * max(t for _, t in answers), **probes.figures()}
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def flood(_) -> None:
+        while not stop.is_set():
+            statuses.append(post()[0])
+
+    latencies = []
+    with LivenessProbes(url) as flood_probes, ThreadPoolExecutor(flooders) as pool:
+        floods = [pool.submit(flood, n) for n in range(flooders)]
+        time.sleep(1.0)  # the flood is under way
+        deadline = time.monotonic() + seconds
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                sock.sendall(request)
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer) < answer_length(answer):
+                    answer += sock.recv(65536)
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+        stop.set()
+        for future in floods:
+            future.result()
+    array = 1000 * np.array(latencies)
+    return {"at_once": at_once, "flood": {
+        "flooders": flooders, "seconds": seconds, "bodies": len(statuses),
+        "statuses": sorted(set(statuses)), "requests": len(latencies),
+        "p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
+        "liveness": flood_probes.figures()}}
+
+
+def answer_length(answer: bytes) -> int:
+    """The length of the HTTP answer whose head `answer` starts with (0 before the head)."""
+    head, sep, _ = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return 1 << 62
+    match = re.search(rb"content-length: *(\d+)", head, re.I)
+    return len(head) + 4 + int(match.group(1))
+
+
+def stalled_uploads(port: int, pid: int, connections: int,
+                    size: int = 16 * 2**20) -> dict:  # fmt: skip
+    """`connections` uploads that each send all but the last byte of a `size` body, then
+    stall: how each ended, and the server's resident memory before and at its peak."""
+    reset_peak_rss(pid)
+    before = proc_status(pid, "VmRSS")
+    head = (f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json"
+            f"\r\ncontent-length: {size}\r\n\r\n").encode()
+    payload = b" " * (size - 1)
+
+    def upload(_) -> int:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            try:
+                sock.sendall(head + payload)
+            except OSError:  # refused and closed while sending
+                pass
+            answer = b""
+            try:
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            except OSError:
+                pass
+        match = re.match(rb"HTTP/1.1 (\d+)", answer)
+        return int(match.group(1)) if match else 0
+
+    with ThreadPoolExecutor(connections) as pool:
+        statuses = list(pool.map(upload, range(connections)))
+    return {"connections": connections, "offered_mb": connections * size / 2**20,
+            "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+            "rss_before_mb": before, "rss_peak_mb": proc_status(pid, "VmHWM")}
 
 
 def closed_after(port: int, first: bytes, trickle: bytes, limit: float = 30.0) -> float:
@@ -225,16 +392,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue", type=int, default=32, help="--max-queue-images")
     parser.add_argument("--images", type=int, default=10_000, help="test images for (e)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attack-seconds", type=float, default=10.0,
+                        help="how long the idle-socket and JSON-flood attacks last")
+    parser.add_argument("--flooders", type=int, default=16, help="JSON-flood clients")
+    parser.add_argument("--uploads", type=int, default=48, help="stalled uploads")
     add_suite_arguments(parser)
     args = apply_quick(parser.parse_args(argv), seconds=2.0, clients=8, queue=4, images=300,
-                       repeats=1)  # fmt: skip
+                       repeats=1, attack_seconds=2.0, flooders=4, uploads=8)  # fmt: skip
     began, load_at_start = time.perf_counter(), load_average()
     pair, payloads, geometry, default = payloads_of_test_images(args.images)
     requests = raw_requests(payloads[:2000], geometry)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(port, "--max-queue-images", str(args.queue), "--timeout-request-head",
-                           "2", "--timeout-body", "2", "--limit-concurrency", "1024", "--max-connections", "2048")
+                           "2", "--timeout-body", "2", "--limit-concurrency", "1024",
+                           "--max-connections", str(MAX_CONNECTIONS))  # fmt: skip
     try:
         rss_before = peak_rss_mb(process.pid)
         # as many back-to-back clients as the queue admits: the server's own rate
@@ -251,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
                                    " 100000\r\nContent-Type: application/json\r\n\r\n{").encode(),
                             b"x")  # fmt: skip
         gone = departed(port, url, requests[0], 16)
+        idle = [idle_sockets(port, url, count, args.attack_seconds)
+                for count in (255, MAX_CONNECTIONS + 256)]  # fmt: skip
+        flood = json_bodies(url, requests[0], port, 3, args.flooders, args.attack_seconds)
+        stalled = stalled_uploads(port, process.pid, args.uploads)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -291,7 +467,38 @@ that trickles in after {body:.1f} s (time-outs 2 s).
 {gone['dropped']:.0f} images dropped uncomputed; the model computed {gone['computed']:.0f}
 images in that time (the 8 busy requests').
 
-**e. bfloat16.** In-process `Server.classify`, batches of 32: float32
+**e. Idle sockets.** Connections that send nothing, each reopened as soon as the server closes
+it (the 2 s head time-out), held for {args.attack_seconds:g} s while liveness was probed every
+20 ms on new connections:
+
+| sockets held | reopened | evicted by the server | probes | not 200 | p50 | slowest |
+|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(f"| {i['sockets']:,} | {i['reopened']:,} | {i['evicted']:,.0f} | {i['probes']} | "
+              f"{i['failed']} | {i['p50_ms']:.1f} ms | {i['max_ms']:.1f} ms |" for i in idle)}
+
+The second row holds more sockets than `--max-connections {MAX_CONNECTIONS}`: the longest-idle
+connections made room for the probes.
+
+**f. JSON bodies built to be slow to parse.** {flood['at_once']['bodies']} bodies of 16 MiB
+(3.4 million two-letter strings each) at once: answered {flood['at_once']['statuses']} within
+{flood['at_once']['slowest_answer_ms']:,.0f} ms (parsed in the parser process); the slowest of
+{flood['at_once']['probes']} liveness probes meanwhile took
+{flood['at_once']['max_ms']:.1f} ms. Then {flood['flood']['flooders']} clients sent such bodies
+back to back for {flood['flood']['seconds']:g} s ({flood['flood']['bodies']} bodies, answered
+{flood['flood']['statuses']}) while one client sent one-image binary requests: p50
+{flood['flood']['p50_ms']:.1f} ms, p99 {flood['flood']['p99_ms']:.1f} ms over
+{flood['flood']['requests']} requests; liveness p50 {flood['flood']['liveness']['p50_ms']:.1f} ms,
+slowest {flood['flood']['liveness']['max_ms']:.1f} ms.
+
+**g. Stalled uploads.** {stalled['connections']} connections each sent all but the last byte of a
+16 MiB body ({stalled['offered_mb']:,.0f} MiB in all) and stalled; their answers by status:
+{", ".join(f"{count} × {status}" for status, count in stalled['statuses'].items())} (503: the
+bytes bound of `--max-queue-mb` 512 was reached; 408: the 2 s body time-out). The server's
+resident memory: {stalled['rss_before_mb']:,.0f} MB before, peak
+{stalled['rss_peak_mb']:,.0f} MB (**+{stalled['rss_peak_mb'] - stalled['rss_before_mb']:,.0f}
+MB** against the 512 MB bound).
+
+**h. bfloat16.** In-process `Server.classify`, batches of 32: float32
 {precision['rates']['float32']:,.0f} images/s, bfloat16 {precision['rates']['bfloat16']:,.0f}
 images/s (**{precision['rates']['bfloat16'] / precision['rates']['float32']:.2f}x**). The
 shipped default point on the first {len(pair.dataset):,} test images:
@@ -308,6 +515,7 @@ Largest change of an accuracy figure: {max(changes):.2f} pt."""
         "rss_mb": [rss_before, rss_after], "hostile": hostile,
         "head_closed_s": head, "body_closed_s": body, "departed": gone,
         "bf16": precision, "bf16_largest_change": max(changes), "queue": args.queue,
+        "idle_sockets": idle, "json_bodies": flood, "stalled_uploads": stalled,
     })
 
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import LiveServer, free_port, tiny_vit, wait_ready
 
 from collabvit import service
+from collabvit.guard import guarded_protocol
 from collabvit.protocol import (
     INFERENCE_HEADER,
     PatchPayload,
@@ -25,7 +26,6 @@ from collabvit.protocol import (
     infer_request_body,
 )
 from collabvit.server import Server
-from collabvit.guard import guarded_protocol
 from collabvit.service import ServiceSettings, create_app
 
 NAME = "tiny"
@@ -335,3 +335,236 @@ def test_ipv6_loopback_host_headers_are_answered(server):
         for host in ("[::1]", f"[::1]:{running.port}", f"localhost:{running.port}"):
             answer = httpx.get(f"{running.url}/v2/health/live", headers={"host": host})
             assert answer.status_code == 200, host
+
+
+# ------------------------------------------------------------------ idle and busy connections
+
+
+def open_idle(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that send nothing (the sockets of an idle-connection attack)."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def open_connections(app) -> float:
+    return app.state.metrics.open_connections._value.get()
+
+
+def closed_by_server(sock: socket.socket, wait: float = 2.0) -> bool:
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.01)
+
+
+def test_idle_connections_never_shut_out_health_or_work(server):
+    """255 sockets that send nothing (uvicorn's own limit would answer everything 503)."""
+    app = app_of(server)
+    with LiveServer(app, http=guarded_protocol(10.0, 1024)) as running:
+        wait_ready(running.url)
+        idle = open_idle(running.port, 255)
+        try:
+            for _ in range(5):
+                assert httpx.get(f"{running.url}/v2/health/live").status_code == 200
+            assert httpx.get(f"{running.url}/v2/health/ready").status_code == 200
+            assert httpx.get(f"{running.url}/metrics").status_code == 200
+            assert infer(running.url).status_code == 200
+            wait_for(lambda: open_connections(app) >= 255)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_past_the_connection_cap_the_longest_idle_connection_makes_room(server):
+    app = app_of(server)
+    with LiveServer(app, http=guarded_protocol(10.0, 8)) as running:
+        wait_ready(running.url)
+        idle = []
+        for _ in range(20):  # one at a time, so the server sees them in this order
+            idle.append(socket.create_connection(("127.0.0.1", running.port), timeout=5))
+            wait_for(lambda: open_connections(app) >= min(len(idle), 8))
+        try:
+            assert [closed_by_server(sock, 0.5) for sock in idle[:12]] == [True] * 12
+            for _ in range(5):
+                assert httpx.get(f"{running.url}/v2/health/live").status_code == 200
+            assert not closed_by_server(idle[-1], 0.2)  # the newest idle ones stay open
+        finally:
+            for sock in idle:
+                sock.close()
+    evicted = app.state.metrics.closed_connections.labels("evicted")._value.get()
+    assert evicted == 12 + 1  # the first probe made room for itself; each left after it
+
+
+def hold_unfinished_bodies(port: int, count: int) -> list[socket.socket]:
+    """`count` infer requests whose body never finishes: each holds a request in progress."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(UNFINISHED_BODY)
+        held.append(sock)
+    return held
+
+
+def test_when_every_connection_has_a_request_in_progress_a_new_one_gets_503(server):
+    app = app_of(server, body_timeout=30.0)
+    with LiveServer(app, http=guarded_protocol(10.0, 3)) as running:
+        wait_ready(running.url)
+        held = hold_unfinished_bodies(running.port, 3)
+        try:
+            wait_for(lambda: app.state.admission.receiving == 3)  # one byte of each body
+            answer = answer_until_closed(running.port, b"GET /v2/health/live HTTP/1.1\r\n"
+                                         b"Host: 127.0.0.1\r\n\r\n", timeout=5)  # fmt: skip
+        finally:
+            for sock in held:
+                sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+    assert "request in progress" in json.loads(body)["error"]
+    assert app.state.metrics.closed_connections.labels("refused")._value.get() == 1
+    assert errors(app, "overloaded") == 1
+
+
+def test_requests_past_the_limit_get_503_while_probes_still_answer(server):
+    app = app_of(server, max_requests_in_flight=2, body_timeout=30.0)
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        held = hold_unfinished_bodies(running.port, 2)
+        try:
+            wait_for(lambda: app.state.admission.receiving == 2)
+            refused = infer(running.url)
+            probes = [httpx.get(f"{running.url}{path}").status_code for path in (
+                "/v2/health/live", "/v2/health/ready", f"/v2/models/{NAME}/ready", "/metrics")]
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: app.state.admission.receiving == 0)
+        assert infer(running.url).status_code == 200  # the bound frees with the requests
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "2 requests in progress" in refused.json()["error"]
+    assert probes == [200, 200, 200, 200]
+    assert errors(app, "overloaded") == 1
+
+
+# ------------------------------------------------------------------ bodies: parsing and memory
+
+
+def test_json_over_the_inline_size_is_parsed_in_another_process():
+    import os
+
+    from collabvit.guard import ParsePool
+
+    async def where(json_bytes: int) -> int:
+        return await parser.run(json_bytes, os.getpid)
+
+    with ThreadPoolExecutor(1) as threads:
+        parser = ParsePool(1, threads, inline_bytes=100)
+        try:
+            import asyncio
+
+            assert asyncio.run(where(100)) == os.getpid()
+            assert asyncio.run(where(101)) != os.getpid()
+            assert parser.in_process == 1
+        finally:
+            parser.shutdown()
+
+
+def json_infer_body(blobs: list[bytes]) -> bytes:
+    import base64
+
+    return json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES",
+                                   "shape": [len(blobs)],
+                                   "data": [base64.b64encode(b).decode() for b in blobs]}]
+                       }).encode()  # fmt: skip
+
+
+def test_a_json_flood_body_is_parsed_off_the_loop_and_large_json_answers_as_binary(server):
+    """2 MiB of tiny strings (slow to parse, built to stall the server) and a JSON request
+    over 64 KiB go to the parser process; the answers equal the binary extension's."""
+    app = app_of(server)
+    url = None
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        url = f"{running.url}/v2/models/{NAME}/infer"
+        flood = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [1],
+                                        "data": ["a"] * 400_000}]}).encode()  # fmt: skip
+        refused = httpx.post(url, content=flood, headers={"content-type": "application/json"})
+        blobs = [blob(16)] * 40  # 40 whole images: about 130 KB of JSON
+        answer = httpx.post(url, content=json_infer_body(blobs),
+                            headers={"content-type": "application/json"})  # fmt: skip
+        binary, length = infer_request_body(blobs, binary_output=False)
+        expected = httpx.post(url, content=binary, headers={INFERENCE_HEADER: str(length)})
+        small = httpx.post(url, content=json_infer_body(blobs[:1]),
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert refused.status_code == 400 and "400000 elements" in refused.json()["error"]
+    assert answer.status_code == 200 and small.status_code == 200
+    assert answer.json()["outputs"][0]["data"] == expected.json()["outputs"][0]["data"]
+    assert counter(app.state.metrics.parsed_in_process) == 2  # the flood and the 40 images
+    assert app.state.admission.held == 0
+
+
+def test_a_parser_process_that_dies_costs_one_503_and_is_started_again(server):
+    app = app_of(server)
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        url = f"{running.url}/v2/models/{NAME}/infer"
+        body = json_infer_body([blob(16)] * 40)
+        json_headers = {"content-type": "application/json"}
+        assert httpx.post(url, content=body, headers=json_headers).status_code == 200
+        for process in list(app.state.parser.pool._processes.values()):
+            process.kill()
+            process.join()
+        died = httpx.post(url, content=body, headers=json_headers)
+        again = httpx.post(url, content=body, headers=json_headers)
+    assert died.status_code == 503 and died.headers["retry-after"] == "1"
+    assert again.status_code == 200
+
+
+def test_bodies_still_arriving_count_against_the_bytes_bound(server):
+    """Uploads that stall hold memory: it counts with the admitted pixels against
+    --max-queue-mb, and the upload that would cross it gets 503 and is closed."""
+    bound = 2**20
+    app = app_of(server, max_queue_bytes=bound, body_timeout=30.0)
+    part = 400 * 2**10
+    head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n").encode()
+    with LiveServer(app) as running:
+        wait_ready(running.url)
+        uploads = []
+        try:
+            for number in range(3):
+                sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+                sock.sendall(head + b" " * part)
+                uploads.append(sock)
+                if number < 2:
+                    wait_for(lambda: app.state.admission.receiving == part * len(uploads))
+            refused = b""
+            while chunk := uploads[2].recv(4096):
+                refused += chunk
+            assert app.state.admission.held <= bound
+            assert infer(running.url).status_code == 200  # what is left of the bound admits it
+            assert not closed_by_server(uploads[0], 0.2)  # the others keep waiting
+        finally:
+            for sock in uploads:
+                sock.close()
+        wait_for(lambda: app.state.admission.receiving == 0)
+    head_part, _, body = refused.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 503") and b"retry-after" in head_part.lower()
+    assert "holds" in json.loads(body)["error"]
+
+
+def test_model_ready_without_the_token_tells_no_model_names(server):
+    with LiveServer(app_of(server, token="secret")) as running:
+        wait_ready(running.url)
+        unknown = f"{running.url}/v2/models/other/ready"
+        assert httpx.get(unknown).status_code == 200  # as the served model: ready
+        authorized = httpx.get(unknown, headers={"authorization": "Bearer secret"})
+        assert authorized.status_code == 404

@@ -35,6 +35,7 @@ METRICS_STATE = "collabvit_metrics"
 # routes a probe or a scraper calls: never counted against the request limit
 PROBE_PATHS = re.compile(r"^/(v2/health/(live|ready)|v2/models/[^/]+/ready|metrics)$")
 INLINE_JSON_BYTES = 64 * 2**10
+LINGER_SECONDS = 1.0  # a refused connection drops what it is sent this long before closing
 
 
 def is_probe(path: str) -> bool:
@@ -70,6 +71,7 @@ class GuardedProtocol(H11Protocol):
     head_timeout = 10.0
     max_connections: int | None = None
     head_timer: asyncio.TimerHandle | None = None
+    refused = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -97,10 +99,7 @@ class GuardedProtocol(H11Protocol):
             self._mark_idle()  # the next request's head gets the same time
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        self._idle().pop(self, None)
+        self._forget()
         super().connection_lost(exc)
         self._count_open()
 
@@ -126,13 +125,26 @@ class GuardedProtocol(H11Protocol):
         if oldest is not None:
             oldest._close("evicted")
             return
+        # The client is sending its request already: closing at once would answer its bytes
+        # with a reset that can destroy the 503 before it is read. So the answer goes out,
+        # the sending side closes, and what arrives is dropped until the client closes or
+        # a second passes (a lingering close, as web servers do).
+        self.refused = True
         self.transport.write(refusal_bytes(
             f"the server has {self.max_connections} connections open, each with a request "
             "in progress; retry later"))  # fmt: skip
-        self._close("refused")  # after the answer is written: close() sends it first
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._forget()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
         metrics = self._metrics()
         if metrics is not None:
+            metrics.closed_connections.labels("refused").inc()
             metrics.errors.labels("overloaded").inc()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
@@ -141,11 +153,15 @@ class GuardedProtocol(H11Protocol):
                       self.head_timeout)  # fmt: skip
             self._close("head_timeout")
 
-    def _close(self, reason: str) -> None:
+    def _forget(self) -> None:
+        """No longer idle, no longer timed."""
         self._idle().pop(self, None)
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+
+    def _close(self, reason: str) -> None:
+        self._forget()
         metrics = self._metrics()
         if metrics is not None:
             metrics.closed_connections.labels(reason).inc()
@@ -223,7 +239,7 @@ class ParsePool:
                  inline_bytes: int = INLINE_JSON_BYTES) -> None:  # fmt: skip
         self.processes, self.threads, self.inline_bytes = processes, threads, inline_bytes
         self.pool: ProcessPoolExecutor | None = None
-        self.in_process = 0  # parses done in a parser process (for tests and metrics)
+        self.in_process = 0  # parses sent to a parser process
 
     async def run(self, json_bytes: int, parse: Callable[..., Any], *args) -> Any:
         """`parse(*args)` where it belongs for `json_bytes` of JSON. `parse` must be a
@@ -235,13 +251,12 @@ class ParsePool:
             # spawn, not fork: the server process has model threads whose locks a fork copies
             self.pool = ProcessPoolExecutor(self.processes,
                                             mp_context=multiprocessing.get_context("spawn"))
+        self.in_process += 1
         try:
-            result = await loop.run_in_executor(self.pool, parse, *args)
+            return await loop.run_in_executor(self.pool, parse, *args)
         except BrokenProcessPool:
             self.pool = None
             raise ParserUnavailable("the parser process ended unexpectedly") from None
-        self.in_process += 1
-        return result
 
     def shutdown(self) -> None:
         if self.pool is not None:

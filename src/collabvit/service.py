@@ -616,14 +616,13 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
 
         async def parse(json_bytes: int, function, *args):
             """`function(*args)` in the parse pool; JSON over 64 KiB in a parser process."""
+            if json_bytes > parser.inline_bytes:
+                metrics.parsed_in_process.inc()
             try:
-                result = await parser.run(json_bytes, function, *args)
+                return await parser.run(json_bytes, function, *args)
             except ParserUnavailable as error:
                 raise ServiceError(503, "overloaded", f"{error}; retry after 1 s",
                                    {"Retry-After": "1"}) from None  # fmt: skip
-            if json_bytes > parser.inline_bytes:
-                metrics.parsed_in_process.inc()
-            return result
 
         async def check_header(header: bytes) -> None:
             count = await parse(len(header), declared_images, header)
