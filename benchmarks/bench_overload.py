@@ -78,42 +78,70 @@ def metric(url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-class LivenessProbes:
-    """Liveness probes every `every` seconds, each on a new connection, while the block
-    runs: their latencies and the answers that were not 200 (or no answer)."""
+# Timed requests run in a process of their own: in this one, the threads that send the
+# attack would hold the interpreter lock and add their waits to the latencies measured.
+TIMER_SCRIPT = r"""
+import json, re, select, socket, sys, time
+port, every = int(sys.argv[1]), float(sys.argv[2])
+request = sys.stdin.buffer.read(int(sys.stdin.buffer.readline()))
+latencies, failed = [], 0
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:
+    started, answer = time.perf_counter(), b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request)
+            while True:
+                head, sep, rest = answer.partition(b"\r\n\r\n")
+                size = re.search(rb"content-length: *(\d+)", head, re.I) if sep else None
+                if size and len(rest) >= int(size.group(1)):
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError:
+        pass
+    latencies.append(time.perf_counter() - started)
+    failed += not answer.startswith(b"HTTP/1.1 200")
+    time.sleep(every)
+print(json.dumps({"latencies": latencies, "failed": failed}), flush=True)
+"""
 
-    def __init__(self, url: str, every: float = 0.01) -> None:
-        self.url, self.every = url, every
-        self.latencies: list[float] = []
-        self.failed = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._probe)
 
-    def _probe(self) -> None:
-        while not self.done.is_set():
-            started = time.perf_counter()
-            try:
-                ok = httpx.get(f"{self.url}/v2/health/live", timeout=10).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            self.latencies.append(time.perf_counter() - started)
-            self.failed += not ok
-            self.done.wait(self.every)
+class TimedRequests:
+    """One raw HTTP request (default: liveness) sent again and again, each on a new
+    connection, every `every` seconds while the block runs, from a process of its own:
+    the latencies and the answers that were not 200 (or no answer)."""
 
-    def __enter__(self) -> LivenessProbes:
-        self.thread.start()
+    LIVENESS = b"GET /v2/health/live HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+
+    def __init__(self, port: int, request: bytes = LIVENESS, every: float = 0.01) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-c", TIMER_SCRIPT, str(port),
+                                         str(every)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE)  # fmt: skip
+        self.process.stdin.write(f"{len(request)}\n".encode() + request)
+        self.process.stdin.flush()
+        self.result: dict = {}
+
+    def __enter__(self) -> TimedRequests:
+        assert self.process.stdout.readline().strip() == b"ready"
         time.sleep(0.1)
         return self
 
     def __exit__(self, *exc) -> None:
         time.sleep(0.1)
-        self.done.set()
-        self.thread.join()
+        output, _ = self.process.communicate(b"stop\n", timeout=60)
+        self.result = json.loads(output.decode().strip().splitlines()[-1])
 
     def figures(self) -> dict:
-        array = 1000 * np.array(self.latencies)
-        return {"probes": len(self.latencies), "failed": self.failed,
-                "p50_ms": float(np.percentile(array, 50)), "max_ms": float(array.max())}
+        array = 1000 * np.array(self.result["latencies"])
+        return {"probes": len(array), "failed": self.result["failed"],
+                "p50_ms": float(np.percentile(array, 50)),
+                "p99_ms": float(np.percentile(array, 99)), "max_ms": float(array.max())}
 
 
 def proc_status(pid: int, field: str) -> float:
@@ -178,6 +206,10 @@ async def overload(port: int, requests: list[bytes], clients: int, seconds: floa
             "p99_ms": float(np.percentile(array, 99)), "max_ms": float(array.max())}
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 def hostile_body(url: str) -> dict:
     """The 16 MiB body of zero-length elements: time to its answer, slowest liveness probe."""
     count = 4 * 2**20 - 64  # as many as fit the default 16 MiB body limit with the header
@@ -185,7 +217,7 @@ def hostile_body(url: str) -> dict:
     header = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES", "shape": [count],
                                      "parameters": {"binary_data_size": len(elements)}}]})
     body = header.encode() + elements
-    with LivenessProbes(url) as probes:
+    with TimedRequests(port_of(url)) as probes:
         started = time.perf_counter()
         response = httpx.post(f"{url}{PATH}", content=body, timeout=60,
                               headers={INFERENCE_HEADER: str(len(header))})  # fmt: skip
@@ -199,24 +231,28 @@ def idle_sockets(port: int, url: str, count: int, seconds: float) -> dict:
     """`count` connections that send nothing, each reopened as soon as the server closes
     it, held for `seconds` while liveness is probed every 20 ms; the server's evictions."""
     evicted_before = metric(url, 'collabvit_closed_connections_total{reason="evicted"}')
-    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    import select
+
+    watch = select.poll()
+    held: dict[int, socket.socket] = {}
+
+    def open_one() -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        held[sock.fileno()] = sock
+        watch.register(sock, select.POLLIN | select.POLLRDHUP)
+
+    for _ in range(count):
+        open_one()
     reopened = 0
-    with LivenessProbes(url, every=0.02) as probes:
+    with TimedRequests(port, every=0.02) as probes:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            for number, sock in enumerate(held):
-                try:
-                    closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-                except BlockingIOError:
-                    closed = False
-                except OSError:
-                    closed = True
-                if closed:
-                    sock.close()
-                    held[number] = socket.create_connection(("127.0.0.1", port))
-                    reopened += 1
-            time.sleep(0.05)
-    for sock in held:
+            for fd, _ in watch.poll(50):  # an idle socket turns readable only when closed
+                watch.unregister(fd)
+                held.pop(fd).close()
+                open_one()
+                reopened += 1
+    for sock in held.values():
         sock.close()
     evicted = metric(url, 'collabvit_closed_connections_total{reason="evicted"}')
     return {"sockets": count, "reopened": reopened, "evicted": evicted - evicted_before,
@@ -244,7 +280,7 @@ def json_bodies(url: str, request: bytes, port: int, concurrent: int, flooders: 
                             timeout=120).status_code  # fmt: skip
         return status, time.perf_counter() - started
 
-    with LivenessProbes(url) as probes, ThreadPoolExecutor(concurrent) as pool:
+    with TimedRequests(port) as probes, ThreadPoolExecutor(concurrent) as pool:
         answers = list(pool.map(post, range(concurrent)))
     at_once = {"bodies": concurrent, "statuses": sorted({s for s, _ in answers}),
                "slowest_answer_ms": 1000 * max(t for _, t in answers), **probes.figures()}
@@ -255,38 +291,20 @@ def json_bodies(url: str, request: bytes, port: int, concurrent: int, flooders: 
         while not stop.is_set():
             statuses.append(post()[0])
 
-    latencies = []
-    with LivenessProbes(url) as flood_probes, ThreadPoolExecutor(flooders) as pool:
+    with ThreadPoolExecutor(flooders) as pool:
         floods = [pool.submit(flood, n) for n in range(flooders)]
         time.sleep(1.0)  # the flood is under way
-        deadline = time.monotonic() + seconds
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            while time.monotonic() < deadline:
-                started = time.perf_counter()
-                sock.sendall(request)
-                answer = b""
-                while b"\r\n\r\n" not in answer or len(answer) < answer_length(answer):
-                    answer += sock.recv(65536)
-                latencies.append(time.perf_counter() - started)
-                time.sleep(0.01)
+        with TimedRequests(port) as flood_probes, TimedRequests(port, request) as work:
+            time.sleep(seconds)
         stop.set()
         for future in floods:
             future.result()
-    array = 1000 * np.array(latencies)
+    served = work.figures()
     return {"at_once": at_once, "flood": {
         "flooders": flooders, "seconds": seconds, "bodies": len(statuses),
-        "statuses": sorted(set(statuses)), "requests": len(latencies),
-        "p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
+        "statuses": sorted(set(statuses)), "requests": served["probes"],
+        "failed": served["failed"], "p50_ms": served["p50_ms"], "p99_ms": served["p99_ms"],
         "liveness": flood_probes.figures()}}
-
-
-def answer_length(answer: bytes) -> int:
-    """The length of the HTTP answer whose head `answer` starts with (0 before the head)."""
-    head, sep, _ = answer.partition(b"\r\n\r\n")
-    if not sep:
-        return 1 << 62
-    match = re.search(rb"content-length: *(\d+)", head, re.I)
-    return len(head) + 4 + int(match.group(1))
 
 
 def stalled_uploads(port: int, pid: int, connections: int,

@@ -128,6 +128,38 @@ class LiveServer:
         self.thread.join(timeout=20)
 
 
+class OneConnection:
+    """A socket on 127.0.0.1 that takes one connection, reads its request and hands the
+    connection to `speak(connection, stop)` in a thread; `stop` is set on leaving, and a
+    connection the client closed ends it quietly."""
+
+    def __init__(self, speak) -> None:
+        import socket
+        import threading
+
+        self.speak, self.stop = speak, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.listener.accept()
+            with connection:
+                connection.recv(65536)
+                self.speak(connection, self.stop)
+        except OSError:
+            pass
+
+    def __enter__(self) -> OneConnection:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
 SHIPPED_SERVER = "collabvit_fmnist_server"
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 import trustme
-from conftest import SHIPPED_SERVER, LiveServer, free_port, shipped_app
+from conftest import SHIPPED_SERVER, LiveServer, OneConnection, free_port, shipped_app
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
@@ -112,28 +110,14 @@ def test_the_back_off_is_jittered():
 
 
 def test_a_server_that_trickles_its_answer_is_cut_off_at_the_total_time_out():
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def trickle():
-        connection, _ = listener.accept()
-        connection.recv(65536)
+    def trickle(connection, stop):
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
         while not stop.is_set():  # a byte every 0.3 s: each read is quick, the whole is not
-            try:
-                connection.sendall(b"x")
-            except OSError:
-                break
+            connection.sendall(b"x")
             time.sleep(0.3)
-        connection.close()
 
-    threading.Thread(target=trickle, daemon=True).start()
-    try:
-        answer, seconds, _ = classify(f"http://127.0.0.1:{listener.getsockname()[1]}",
-                                      timeout=1.0)  # fmt: skip
-    finally:
-        stop.set()
-        listener.close()
+    with OneConnection(trickle) as server:
+        answer, seconds, _ = classify(server.url, timeout=1.0)
     assert answer.cause == "timeout" and seconds < 3
 
 

@@ -457,7 +457,8 @@ def run_serve(args: argparse.Namespace) -> int:
     def load_server() -> Server:
         return Server(model, device, max_batch=config.max_batch)
 
-    from collabvit.service import default_allowed_hosts, is_loopback
+    from collabvit.config import is_loopback
+    from collabvit.service import default_allowed_hosts
 
     hosts = config.allowed_hosts or default_allowed_hosts(config.host)
     settings = ServiceSettings(
@@ -518,6 +519,9 @@ def run_edge(args: argparse.Namespace) -> int:
         EdgeConfig(**chosen)
         values = given_values(ClientConfig, args)
         client = ClientConfig(**{**values, "token": _token(values.get("token"))})
+        if client.token_in_clear:
+            _warn("edge", f"the token travels in clear text over HTTP to {client.server}: "
+                  "serve HTTPS and use an https:// URL")  # fmt: skip
         link = LinkConfig(**given_values(LinkConfig, args))
         runtime = EdgeRuntime(**given_values(EdgeRuntime, args))
         budget_flags = given_values(BudgetConfig, args)

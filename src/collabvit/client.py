@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
+import reprlib
 import ssl
 import sys
 import time
@@ -68,15 +70,28 @@ class EdgeRunner(Protocol):
 
 # Why an image kept the edge's answer although it was not confident: no answer within the
 # time-out; connection refused (nothing listens); another network failure; another 5xx;
-# 503/429 (the server is full or not ready); another 4xx; an answer that does not decode;
-# the cool-down after the server proved unreachable or asked to wait (Retry-After). A TLS
-# verification failure, a refused token and an unknown model are not fallbacks: they stop
-# the run.
+# 503/429 (the server is full or not ready); another 4xx; an answer that does not decode
+# (malformed, over its size cap, or holding a logit that is not finite); the cool-down
+# after the server proved unreachable or asked to wait (Retry-After). A TLS verification
+# failure, a refused token and an unknown model are not fallbacks: they stop the run.
 FALLBACK_CAUSES = ("timeout", "refused", "unreachable", "server_error", "unavailable", "rejected",
                    "bad_response", "server_down")  # fmt: skip
 LOSS_STREAM = 0x1055  # separates the loss draws from the `random` policy's draws
 RECORDS_FORMAT = "collabvit-edge-records/3"
 RECORDS_SYNC_LINES = 64  # the records are fsynced every this many lines, and at the end
+# What the edge reads of an answer at most, so that a broken or hostile server cannot make it
+# hold more (times --concurrency). A collabvit server's metadata is under 1 KiB. Its answer
+# for one image is a JSON header of about 200 bytes and 4 bytes a class (binary), or at most
+# about 25 characters a class as JSON (a float's shortest repr and its comma); 64 bytes a
+# class leaves room for either, and 1 MiB for everything else (parameters, timings).
+METADATA_CAP = 2**20
+ANSWER_CAP = 2**20
+ANSWER_CAP_PER_CLASS = 64
+# The content codings the edge decodes (it asks for none, so a server should send none):
+# zlib's inflate at most about 1,000 times, and is fed DECODE_STEP bytes at a time, so one
+# step never holds more than about 1 MiB however the body was made.
+DECODED_CODINGS = ("gzip", "deflate")
+DECODE_STEP = 1024
 
 
 class ClientError(ValueError):
@@ -162,11 +177,50 @@ def request_wire_bytes(request: httpx.Request) -> int:
     return line + headers + 2 + len(request.content)
 
 
-def response_wire_bytes(response: httpx.Response) -> int:
-    """The bytes of an HTTP/1.1 response with a Content-Length: status line, headers, body."""
+def response_wire_bytes(response: httpx.Response, body_bytes: int | None = None) -> int:
+    """The bytes of an HTTP/1.1 response with a Content-Length: status line, headers, body
+    (`body_bytes` of it as received, by default those of the response's content)."""
     line = len(b"HTTP/1.1 ") + 3 + 1 + len(response.reason_phrase) + 2
     headers = sum(len(name) + 2 + len(value) + 2 for name, value in response.headers.raw)
-    return line + headers + 2 + len(response.content)
+    return line + headers + 2 + (len(response.content) if body_bytes is None else body_bytes)
+
+
+def answer_cap(num_classes: int | None) -> int:
+    """The most bytes of an infer answer the edge reads (see ANSWER_CAP)."""
+    return max(ANSWER_CAP, ANSWER_CAP_PER_CLASS * (num_classes or 0))
+
+
+async def read_capped(response: httpx.Response, cap: int) -> bytes | None:
+    """The body of a streamed response, decoded as its Content-Encoding says, or None as
+    soon as more than `cap` bytes have arrived or been decoded: the rest is never read. A
+    chunked body declares no length, and a compressed one may decode to far more than
+    arrived, so neither Content-Length nor the bytes received alone bound it.
+
+    Raises httpx.DecodingError for a body that does not decode, or a coding not in
+    DECODED_CODINGS.
+    """
+    if response.is_stream_consumed:  # read already, by an in-process transport
+        return response.content if len(response.content) <= cap else None
+    raw = bytearray()
+    async for chunk in response.aiter_raw():
+        raw += chunk
+        if len(raw) > cap:
+            return None
+    named = response.headers.get_list("content-encoding", split_commas=True)
+    codings = [c for c in (n.strip().lower() for n in named) if c not in ("", "identity")]
+    if not codings:
+        return bytes(raw)
+    if len(codings) > 1 or codings[0] not in DECODED_CODINGS:
+        raise httpx.DecodingError(f"Content-Encoding {', '.join(codings)} is not one the edge "
+                                  "decodes")  # fmt: skip
+    steps = (bytes(raw[i:i + DECODE_STEP]) for i in range(0, len(raw), DECODE_STEP))
+    decoder = httpx.Response(200, headers={"content-encoding": codings[0]}, content=steps)
+    body = bytearray()
+    for chunk in decoder.iter_bytes():
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
 
 
 def infer_request(client: httpx.Client | httpx.AsyncClient, url: str,
@@ -269,7 +323,7 @@ def connection_refused(error: BaseException) -> bool:
 def retry_after(response: httpx.Response) -> float | None:
     """The seconds a 503/429 answer asks to wait (Retry-After in seconds), else None."""
     value = response.headers.get("retry-after", "").strip()
-    return float(value) if value.isdigit() else None
+    return float(value) if value.isascii() and value.isdigit() else None
 
 
 def backoff_seconds(backoff: float, attempt: int, asked: float | None, rng: random.Random) -> float:
@@ -333,16 +387,31 @@ class ServerLink:
     async def __aexit__(self, *exc) -> None:
         await self.client.aclose()
 
+    async def exchange(self, request: httpx.Request,
+                       cap: int) -> tuple[httpx.Response, bytes | None]:  # fmt: skip
+        """Send `request`; its response and body, read up to `cap` bytes (None beyond)."""
+        response = await self.client.send(request, stream=True)
+        try:
+            return response, await read_capped(response, cap)
+        finally:
+            await response.aclose()
+
     async def metadata(self) -> dict:
         """The served model's metadata. ClientError with a one-line reason when there is no
-        collabvit server serving it at the URL (refused, unreachable, TLS, another server)."""
+        collabvit server serving it at the URL (refused, unreachable, TLS, another server,
+        an answer that does not decode or exceeds METADATA_CAP)."""
         url = self.base
+        asked = f"GET /v2/models/{self.model_name}"
         try:
-            response = await asyncio.wait_for(self.client.get(self.metadata_url),
-                                              self.config.timeout)  # fmt: skip
+            response, content = await asyncio.wait_for(self.exchange(
+                self.client.build_request("GET", self.metadata_url), METADATA_CAP),
+                self.config.timeout)  # fmt: skip
         except (TimeoutError, httpx.TimeoutException):
             raise ServerUnavailable(f"{url} did not answer within {self.config.timeout:g} s; "
                                     f"{ServerUnavailable.HINT}") from None  # fmt: skip
+        except httpx.DecodingError as error:  # it answered: not a server that is missing
+            raise ClientError(f"{url} answered {asked} with a body that could not be decoded "
+                              f"({_first_line(error)})") from None  # fmt: skip
         except httpx.HTTPError as error:
             tls = tls_failure(error)
             if tls and "verif" in tls:
@@ -363,16 +432,21 @@ class ServerLink:
         if response.status_code in (401, 403):
             raise ClientError(f"the server refused the token ({response.status_code}); "
                               "pass --token or set COLLABVIT_TOKEN")  # fmt: skip
-        body = _json_or_none(response)
+        if content is None:
+            raise ClientError(f"{url} answered {asked} with over {METADATA_CAP:,} bytes: not "
+                              "a collabvit server's metadata")  # fmt: skip
+        body = _json_or_none(content)
         if response.status_code == 404 and isinstance(body, dict) and "error" in body:
-            raise ClientError(f"the server does not serve {self.model_name!r}: {body['error']}")
+            raise ClientError(f"the server does not serve {self.model_name!r}: "
+                              f"{_shown(body['error'])}")  # fmt: skip
         if not isinstance(body, dict) or (response.status_code == 200 and "name" not in body):
             kind = response.headers.get("content-type", "no content type").split(";")[0]
-            raise ClientError(f"{url} is not a collabvit server: GET /v2/models/"
-                              f"{self.model_name} answered {response.status_code} ({kind})")
+            raise ClientError(f"{url} is not a collabvit server: {asked} answered "
+                              f"{response.status_code} ({_shown(kind)})")  # fmt: skip
         if response.status_code != 200:
+            why = _shown(body.get("error", ""))
             raise ClientError(f"the server cannot serve {self.model_name!r} now "
-                              f"({response.status_code}): {body.get('error', '')}")
+                              f"({response.status_code}): {why}")  # fmt: skip
         return body
 
     def build_request(self, blob: bytes) -> httpx.Request:
@@ -405,6 +479,7 @@ class ServerLink:
         if time.monotonic() < self.down_until:
             return ServerAnswer(None, "server_down", 0, 0, 0, None, None)
         request = request or self.build_request(blob)  # the same request on every attempt
+        cap = answer_cap(self.num_classes)
         one_request = counted_bytes if counted_bytes is not None else request_wire_bytes(request)
         sent = received = attempts = 0
         cause, asked = "unreachable", None
@@ -416,7 +491,8 @@ class ServerLink:
             attempts += 1
             started = time.perf_counter()
             try:
-                response = await asyncio.wait_for(self.client.send(request), self.config.timeout)
+                response, content = await asyncio.wait_for(self.exchange(request, cap),
+                                                           self.config.timeout)  # fmt: skip
             except httpx.ConnectTimeout:
                 cause = "unreachable"  # nothing went out
                 continue
@@ -437,7 +513,7 @@ class ServerLink:
                 continue
             elapsed = time.perf_counter() - started
             sent += one_request
-            received += response_wire_bytes(response)
+            received += response_wire_bytes(response, response.num_bytes_downloaded)
             status = response.status_code
             if status in (401, 403):
                 raise ClientError(f"the server refused the token ({status}); pass --token or "
@@ -458,25 +534,42 @@ class ServerLink:
                 continue
             if status != 200:
                 return ServerAnswer(None, "rejected", attempts, sent, received, None, None)
-            try:
-                logits, parameters = parse_logits(response.content, parse_header_length(
-                    response.headers.get(INFERENCE_HEADER)))  # fmt: skip
-                if logits.shape[0] != 1:
-                    raise ProtocolError("the answer holds another number of images")
-                if self.num_classes is not None and logits.shape[1] != self.num_classes:
-                    raise ProtocolError("the answer holds another number of classes")
-            except ProtocolError:
+            logits, parameters = self.answer_logits(response, content)
+            if logits is None:
                 return ServerAnswer(None, "bad_response", attempts, sent, received, None, None)
-            delay = self.emulated_delay(one_request, response_wire_bytes(response))
+            delay = self.emulated_delay(one_request, response_wire_bytes(
+                response, response.num_bytes_downloaded))  # fmt: skip
             if delay:
                 await asyncio.sleep(delay)
-            server_ms = _number(parameters.get("server_ms"))
+            # the server's own figures, within what the edge saw: its time within the exchange
+            server_ms = _number(parameters.get("server_ms"), 0.0, 1000.0 * elapsed)
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
-            return ServerAnswer(logits[0], None, attempts, sent, received, transfer_ms,
-                                server_ms, _number(parameters.get("load")))  # fmt: skip
+            return ServerAnswer(logits, None, attempts, sent, received, transfer_ms,
+                                server_ms, _number(parameters.get("load"), 0.0, 1.0))  # fmt: skip
         if cause in ("unreachable", "refused", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
         return ServerAnswer(None, cause, attempts, sent, received, None, None)
+
+    def answer_logits(self, response: httpx.Response,
+                      content: bytes | None) -> tuple[np.ndarray | None, dict]:  # fmt: skip
+        """One image's logits [classes] and the parameters of a 200 answer; (None, {}) for
+        an answer that is not one: over its cap, malformed, of another shape, or holding a
+        logit that is not finite (NaN or infinite, also after the cast to float32)."""
+        if content is None:
+            return None, {}
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a float32 overflow is checked
+                logits, parameters = parse_logits(content, parse_header_length(
+                    response.headers.get(INFERENCE_HEADER)))  # fmt: skip
+            if logits.shape[0] != 1:
+                raise ProtocolError("the answer holds another number of images")
+            if self.num_classes is not None and logits.shape[1] != self.num_classes:
+                raise ProtocolError("the answer holds another number of classes")
+            if not np.isfinite(logits).all():
+                raise ProtocolError("the answer holds logits that are not finite")
+        except (ValueError, OverflowError):  # ProtocolError, or numbers beyond any float
+            return None, {}
+        return logits[0], parameters
 
 
 def _first_line(error: BaseException) -> str:
@@ -484,16 +577,33 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _json_or_none(response: httpx.Response):
+def _json_or_none(content: bytes):
     try:
-        return response.json()
-    except ValueError:
+        return json.loads(content)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python goes
         return None
 
 
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else None  # fmt: skip
+def _number(value, low: float = -math.inf, high: float = math.inf) -> float | None:
+    """A finite number a server sent, brought within [low, high]; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return min(max(number, low), high) if math.isfinite(number) else None
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 160
+
+
+def _shown(value) -> str:
+    """Something a server sent, for a one-line message: a string's text, anything else as
+    Python writes it, escaped (no line breaks or control characters) and cut short."""
+    text = _SHOWN.repr(value)
+    return text[1:-1] if isinstance(value, str) else text
 
 
 def check_server(config: ClientConfig, model_name: str) -> dict:
@@ -512,15 +622,40 @@ def log_warning(message: str) -> None:
     print(f"collabvit edge: warning: {message}", file=sys.stderr)
 
 
+# What the edge reads of the served model's metadata parameters, and how many positive
+# integers each holds (the sizes are [height, width] lists).
+SERVED_GEOMETRY = (("channels", 1), ("patch_size", 2), ("grid_size", 2), ("num_classes", 1))
+
+
+def served_geometry(metadata) -> tuple:
+    """(channels, patch size, grid size, classes) of the served model's metadata; ClientError
+    naming the first that is missing or malformed."""
+    parameters = metadata.get("parameters") if isinstance(metadata, dict) else None
+    if not isinstance(parameters, dict):
+        raise ClientError("the server's model metadata has no parameters object (it has "
+                          f"{_shown(parameters)}): is it a collabvit server?")  # fmt: skip
+    served = []
+    for name, count in SERVED_GEOMETRY:
+        value = parameters.get(name)
+        values = value if count > 1 and isinstance(value, list) else [value]
+        if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool)
+                                           and v > 0 for v in values):  # fmt: skip
+            wanted = "a positive integer" if count == 1 else f"{count} positive integers"
+            given = _shown(value) if name in parameters else "missing"
+            raise ClientError(f"the server's model metadata is malformed: parameters.{name} "
+                              f"must be {wanted}, not {given}")  # fmt: skip
+        served.append(tuple(values) if count > 1 else value)
+    return tuple(served)
+
+
 def check_server_geometry(metadata: dict, geometry: WireGeometry, num_classes: int) -> None:
     """ClientError unless the served model takes the edge's patches and classes."""
-    parameters = metadata.get("parameters") or {}
-    served = (parameters.get("channels"), tuple(parameters.get("patch_size") or ()),
-              tuple(parameters.get("grid_size") or ()), parameters.get("num_classes"))  # fmt: skip
+    served = served_geometry(metadata)
     expected = (geometry.channels, geometry.patch_size, geometry.grid_size, num_classes)
     if served != expected:
+        name = _SHOWN.repr(metadata.get("name"))
         raise ClientError(
-            f"the served model {metadata.get('name')!r} takes {served[0]} channel(s), "
+            f"the served model {name} takes {served[0]} channel(s), "
             f"patches {served[1]} on a grid {served[2]}, {served[3]} classes; the edge sends "
             f"{expected[0]} channel(s), patches {expected[1]} on a grid {expected[2]}, "
             f"{expected[3]} classes"
@@ -995,7 +1130,8 @@ def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None
             response = httpx.get(f"{url}/v2/health/ready", **httpx_options)
             if response.status_code == 200:
                 return
-            if response.status_code != 503 or not isinstance(_json_or_none(response), dict):
+            body = _json_or_none(response.content)
+            if response.status_code != 503 or not isinstance(body, dict):
                 kind = response.headers.get("content-type", "no content type").split(";")[0]
                 raise ClientError(f"{url} is not a collabvit server: GET /v2/health/ready "
                                   f"answered {response.status_code} ({kind})")  # fmt: skip

@@ -120,6 +120,27 @@ def _valid_port(url: str) -> bool:
     return bool(parts.hostname) and (port is None or 1 <= port <= 65535)
 
 
+def _host(url: str) -> str:
+    """The host of a URL as urlsplit gives it (IPv6 without brackets), '' when there is none."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+def is_loopback(host: str) -> bool:
+    """An address or name of this machine's loopback interface (127.0.0.0/8, ::1,
+    localhost): what travels to it never leaves the machine."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -662,6 +683,12 @@ class ClientConfig:
              "images per second must be > 0"),
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
         ])  # fmt: skip
+
+    @property
+    def token_in_clear(self) -> bool:
+        """A token that would travel unencrypted to another machine (http://, not loopback)."""
+        return bool(self.token) and self.server.startswith("http://") and not is_loopback(
+            _host(self.server))  # fmt: skip
 
 
 

@@ -250,7 +250,8 @@ class ParsePool:
         if self.pool is None:
             # spawn, not fork: the server process has model threads whose locks a fork copies
             self.pool = ProcessPoolExecutor(self.processes,
-                                            mp_context=multiprocessing.get_context("spawn"))
+                                            mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_yield_to_the_server)  # fmt: skip
         self.in_process += 1
         try:
             return await loop.run_in_executor(self.pool, parse, *args)
@@ -262,3 +263,15 @@ class ParsePool:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+
+def _yield_to_the_server() -> None:
+    """A parser process runs at a lower priority than the server: on a machine with few
+    cores, a flood of bodies to parse then takes the CPU time the server leaves, not the
+    time its event loop needs."""
+    import os
+
+    try:
+        os.nice(10)
+    except OSError:
+        pass

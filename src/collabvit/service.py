@@ -365,10 +365,6 @@ class BodyHold:
         self.release()
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 def host_header_form(host: str) -> str:
     """A host as a Host header spells it: IPv6 literals in brackets ([::1])."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
