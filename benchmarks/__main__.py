@@ -152,6 +152,7 @@ def target_rows(figures: dict) -> list[str]:
                  f"{verdict(o['departed']['dropped'] == o['departed']['sent'])} | |",
                  f"| bfloat16 server: largest accuracy change | {o['bf16_largest_change']:.2f} pt"
                  f" | informational (default on only if <= 0.1) | | |"]  # fmt: skip
+        rows += overload_attack_rows(o)
     if "bench_adaptive" in figures:
         rows += adaptive_rows(figures["bench_adaptive"]["results"])
     if "bench_onnx_edge" in figures:
@@ -170,6 +171,25 @@ def target_rows(figures: dict) -> list[str]:
                 rows.append(f"| cold start to the first answer, {name} | {seconds:.2f} s | "
                             f"<= 1 s | {verdict(seconds <= 1)} | |")  # fmt: skip
     return rows
+
+
+def overload_attack_rows(o: dict) -> list[str]:
+    """The targets of bench_overload's attacks: idle sockets, JSON built to be slow to
+    parse, stalled uploads."""
+    idle = o["idle_sockets"][0]
+    at_once = o["json_bodies"]["at_once"]
+    stalled = o["stalled_uploads"]
+    growth = stalled["rss_peak_mb"] - stalled["rss_before_mb"]
+    return [f"| liveness probes answered 200 with {idle['sockets']} idle sockets held | "
+            f"{idle['probes'] - idle['failed']} / {idle['probes']} | all | "
+            f"{verdict(idle['failed'] == 0)} | |",
+            f"| slowest of them | {idle['max_ms']:.1f} ms | <= 50 ms | "
+            f"{verdict(idle['max_ms'] <= 50)} | |",
+            f"| slowest liveness probe during three 16 MiB JSON bodies | "
+            f"{at_once['max_ms']:.1f} ms | <= 100 ms | {verdict(at_once['max_ms'] <= 100)} | |",
+            f"| server memory growth under {stalled['connections']} stalled 16 MiB uploads | "
+            f"{growth:,.0f} MB | <= 512 MB (`--max-queue-mb`) | {verdict(growth <= 512)} | "
+            f"{stalled['offered_mb']:,.0f} MiB offered |"]  # fmt: skip
 
 
 def render(figures: dict, args: argparse.Namespace, elapsed: float, load_at_start: str) -> str:

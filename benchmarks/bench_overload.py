@@ -23,7 +23,10 @@ f. JSON bodies built to be slow to parse (16 MiB of two-letter strings): three a
    liveness.
 g. stalled uploads: connections that each send all but the last byte of a 16 MiB body: how
    they end, and the server's resident memory before and at its peak.
-h. bfloat16: in-process `Server.classify` throughput of the float32 and the bfloat16 server
+h. a hostile server, seen from the edge: `collabvit edge` against this server, then against
+   servers answering NaN logits, 200 MB answers, 300 MB of metadata, malformed metadata:
+   exit status, the edge's peak memory, its accuracy and fallbacks.
+i. bfloat16: in-process `Server.classify` throughput of the float32 and the bfloat16 server
    on the same payloads, and every accuracy figure of the shipped default point on the test
    set with each (the collaborative figures need the server).
 """
@@ -50,7 +53,12 @@ from benchmarks.bench_serve import free_port, payloads_of_test_images, start_ser
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit import cpu_model
 from collabvit.evaluate import evaluate
-from collabvit.protocol import INFERENCE_HEADER, encode_payload, infer_request_body
+from collabvit.protocol import (
+    INFERENCE_HEADER,
+    encode_payload,
+    infer_request_body,
+    infer_response_body,
+)
 
 SERVER = "collabvit_fmnist_server"
 MAX_CONNECTIONS = 2048
@@ -380,6 +388,130 @@ def departed(port: int, url: str, request: bytes, count: int) -> dict:
     return {"sent": count, "dropped": dropped, "computed": computed}
 
 
+class HostileServer:
+    """An HTTP server on 127.0.0.1 (its own event loop, in a thread) that answers the shipped
+    server's metadata and infer requests as a broken or hostile server would: `mode` is
+    "nan" (NaN logits), "huge_answer" (a 200 MB answer), "huge_metadata" (300 MB of
+    metadata) or "malformed" ("parameters": [1, 2])."""
+
+    HUGE = {"huge_answer": 200 * 10**6, "huge_metadata": 300 * 10**6}
+
+    def __init__(self, mode: str, metadata: dict) -> None:
+        self.mode, self.metadata = mode, metadata
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostileServer:
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(asyncio.start_server(self._connection, "127.0.0.1",
+                                                          self.port))  # fmt: skip
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _connection(self, reader, writer) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"content-length: *(\d+)", head, re.I)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                await self._answer(head.startswith(b"POST"), writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, infer: bool, writer) -> None:
+        if infer and self.mode == "nan":
+            body, length = infer_response_body(SERVER, np.full((1, 10), np.nan, np.float32), True)
+            extra = f"{INFERENCE_HEADER}: {length}\r\n"
+        elif not infer and self.mode == "malformed":
+            body, extra = json.dumps({**self.metadata, "parameters": [1, 2]}).encode(), ""
+        elif (self.mode == "huge_answer") == infer and self.mode in self.HUGE:
+            size = self.HUGE[self.mode]
+            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         f"content-length: {size}\r\n\r\n".encode())  # fmt: skip
+            chunk = b" " * 2**20
+            for _ in range(size // len(chunk)):  # until the client stops reading
+                writer.write(chunk)
+                await writer.drain()
+            return
+        else:
+            body, extra = json.dumps(self.metadata).encode(), ""
+        writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}"
+                     f"content-length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        await writer.drain()
+
+
+def edge_against(url: str, images: int, scratch: Path) -> dict:
+    """`collabvit edge` (the shipped pair's edge, `images` test images) against `url`: its exit
+    status, seconds, peak resident memory, the last line it printed on stderr, and its
+    results (collaborative and edge-alone accuracy, fallbacks) when it wrote them."""
+    import os
+    import subprocess
+    import sys
+
+    run = scratch / f"edge_{free_port()}"
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "collabvit", "edge", "--server", url,
+                                "--limit", str(images), "--quiet", "--retries", "0",
+                                "--results-file", f"{run}.json", "--records",
+                                f"{run}.jsonl"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    figures = {"exit": process.returncode, "seconds": time.perf_counter() - started,
+               "peak_rss_mb": usage.ru_maxrss / 1024,
+               "stderr": (stderr.strip().splitlines() or [""])[-1][:200]}
+    if Path(f"{run}.json").exists():
+        written = json.loads(Path(f"{run}.json").read_text())
+        figures.update(collab_acc=written["summary"]["collab_acc"],
+                       client_acc=written["summary"]["client_acc"],
+                       fallbacks=written.get("fallbacks", {}))  # fmt: skip
+    return figures
+
+
+def hostile_servers(url: str, images: int) -> dict:
+    """The edge against the real server, then against each kind of HostileServer."""
+    import tempfile
+
+    metadata = httpx.get(f"{url}/v2/models/{SERVER}").json()
+    with tempfile.TemporaryDirectory() as scratch:
+        figures = {"honest": edge_against(url, images, Path(scratch))}
+        for mode in ("nan", "huge_answer", "huge_metadata", "malformed"):
+            with HostileServer(mode, metadata) as hostile:
+                figures[mode] = edge_against(f"http://127.0.0.1:{hostile.port}", images,
+                                             Path(scratch))  # fmt: skip
+    return figures
+
+
+EDGE_TABLE_HEAD = ("| server | exit | seconds | edge peak RSS | collaborative | edge alone | "
+                   "fallbacks | last line on stderr |\n|---|---:|---:|---:|---:|---:|---|---|")
+
+
+def edge_row(name: str, e: dict) -> str:
+    """One row of section h's table."""
+    if "collab_acc" in e:
+        fallbacks = ", ".join(f"{k} {v}" for k, v in e["fallbacks"].items() if v) or "none"
+        figures = f"{e['collab_acc']:.2f} % | {e['client_acc']:.2f} % | {fallbacks}"
+    else:
+        figures = " | | "
+    line = e["stderr"].replace("|", "\\|")
+    return (f"| {name.replace('_', ' ')} | {e['exit']} | {e['seconds']:.1f} | "
+            f"{e['peak_rss_mb']:,.0f} MB | {figures} | {line} |")
+
+
 def bf16_figures(pair, payloads, repeats: int) -> dict:
     """Throughput of the float32 and bfloat16 servers and the default point's figures."""
     fp32 = pair.server()
@@ -414,9 +546,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="how long the idle-socket and JSON-flood attacks last")
     parser.add_argument("--flooders", type=int, default=16, help="JSON-flood clients")
     parser.add_argument("--uploads", type=int, default=48, help="stalled uploads")
+    parser.add_argument("--edge-images", type=int, default=1000,
+                        help="test images of each edge run against a hostile server")
     add_suite_arguments(parser)
     args = apply_quick(parser.parse_args(argv), seconds=2.0, clients=8, queue=4, images=300,
-                       repeats=1, attack_seconds=2.0, flooders=4, uploads=8)  # fmt: skip
+                       repeats=1, attack_seconds=2.0, flooders=4, uploads=8,
+                       edge_images=100)  # fmt: skip
     began, load_at_start = time.perf_counter(), load_average()
     pair, payloads, geometry, default = payloads_of_test_images(args.images)
     requests = raw_requests(payloads[:2000], geometry)
@@ -445,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
                 for count in (255, MAX_CONNECTIONS + 256)]  # fmt: skip
         flood = json_bodies(url, requests[0], port, 3, args.flooders, args.attack_seconds)
         stalled = stalled_uploads(port, process.pid, args.uploads)
+        edges = hostile_servers(url, args.edge_images)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -516,7 +652,15 @@ resident memory: {stalled['rss_before_mb']:,.0f} MB before, peak
 {stalled['rss_peak_mb']:,.0f} MB (**+{stalled['rss_peak_mb'] - stalled['rss_before_mb']:,.0f}
 MB** against the 512 MB bound).
 
-**h. bfloat16.** In-process `Server.classify`, batches of 32: float32
+**h. A hostile server, seen from the edge.** `collabvit edge` on the first
+{args.edge_images:,} test images (the shipped edge, `--retries 0`) against this server, then
+against servers that answer every infer request with NaN logits or with 200 MB, that answer
+the metadata with 300 MB, or with `"parameters": [1, 2]`:
+
+{EDGE_TABLE_HEAD}
+{chr(10).join(edge_row(name, e) for name, e in edges.items())}
+
+**i. bfloat16.** In-process `Server.classify`, batches of 32: float32
 {precision['rates']['float32']:,.0f} images/s, bfloat16 {precision['rates']['bfloat16']:,.0f}
 images/s (**{precision['rates']['bfloat16'] / precision['rates']['float32']:.2f}x**). The
 shipped default point on the first {len(pair.dataset):,} test images:
@@ -534,6 +678,7 @@ Largest change of an accuracy figure: {max(changes):.2f} pt."""
         "head_closed_s": head, "body_closed_s": body, "departed": gone,
         "bf16": precision, "bf16_largest_change": max(changes), "queue": args.queue,
         "idle_sockets": idle, "json_bodies": flood, "stalled_uploads": stalled,
+        "hostile_servers": edges,
     })
 
 

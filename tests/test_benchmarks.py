@@ -61,7 +61,8 @@ def test_the_quick_suite_runs_every_benchmark_and_writes_every_section(tmp_path)
     for measured in ("eval throughput / reference loop, deit", "batch-1 latency",
                      "server forward GFLOP/s", "served / in-process",
                      "composing cluttered canvases", "batch-1 latency / the torch edge's",
-                     "hostile 16 MiB body refused"):
+                     "hostile 16 MiB body refused", "idle sockets held",
+                     "during three 16 MiB JSON bodies", "stalled 16 MiB uploads"):
         assert measured in targets
 
 
