@@ -309,6 +309,13 @@ def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
                                   content=body, headers={INFERENCE_HEADER: str(length)})
             answered += response.status_code == 200
         assert answered == 6
+        whole = encode_payload(PatchPayload(np.arange(49), np.zeros((49, 1, 4, 4), np.uint8)),
+                               fmnist)  # fmt: skip
+        large_json = httpx.post(f"{url}/v2/models/collabvit_fmnist_server/infer",
+                                content=json_infer_body([whole] * 80), timeout=60,
+                                headers={"content-type": "application/json"})  # fmt: skip
+        assert large_json.status_code == 200  # over 64 KiB: a worker's own parser process
+        assert len(large_json.json()["outputs"][0]["data"]) == 80 * 10
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
             assert sock.recv(1024) == b""  # closed after the 1 s head time-out
@@ -568,3 +575,22 @@ def test_model_ready_without_the_token_tells_no_model_names(server):
         assert httpx.get(unknown).status_code == 200  # as the served model: ready
         authorized = httpx.get(unknown, headers={"authorization": "Bearer secret"})
         assert authorized.status_code == 404
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({INFERENCE_HEADER: ""}, 400), ({"content-type": "text/plain"}, 415)])  # fmt: skip
+def test_an_answer_before_the_body_is_read_says_the_connection_closes(server, headers, status):
+    """Otherwise a keep-alive client sends its next request on a closing connection."""
+    body, header_length = infer_request_body([blob()])
+    with LiveServer(app_of(server), http=guarded_protocol(10.0, 64)) as running:
+        wait_ready(running.url)
+        with httpx.Client() as client:
+            refused = client.post(f"{running.url}/v2/models/{NAME}/infer", content=body,
+                                  headers=headers)  # fmt: skip
+            answered = client.post(f"{running.url}/v2/models/{NAME}/infer", content=body,
+                                   headers={"content-type": "application/octet-stream",
+                                            INFERENCE_HEADER: str(header_length)})  # fmt: skip
+            kept = client.get(f"{running.url}/v2/health/live")
+    assert refused.status_code == status and refused.headers["connection"] == "close"
+    assert answered.status_code == 200 and "connection" not in answered.headers
+    assert kept.status_code == 200

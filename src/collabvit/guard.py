@@ -6,6 +6,8 @@
   progress. Idle connections therefore never shut anybody out.
 - `RequestLimit`: ASGI middleware bounding the requests in progress; health, readiness
   and metrics are never counted or refused, so probes answer whatever else is held.
+- `CloseUnreadBodies`: an answer given before its request's body was read says
+  `Connection: close`, since the connection ends after it.
 - `ParsePool`: request JSON larger than a few pages is parsed in a separate process, so
   a body built to be slow to parse (millions of tiny strings) never holds the
   interpreter lock that the event loop, health checks and admitted work need.
@@ -213,6 +215,43 @@ class RequestLimit:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+class CloseUnreadBodies:
+    """ASGI middleware: an answer sent before its request's body has been read whole says
+    `Connection: close`.
+
+    Such an answer (a refusal: 400, 401, 413, 415, 503) leaves body bytes on the
+    connection that nobody will read, so the connection ends after it (GuardedProtocol);
+    saying so in the answer keeps a client from sending its next request on a connection
+    that is closing, which it would see as a server that hung up without answering.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        read = (b"transfer-encoding" not in headers
+                and headers.get(b"content-length", b"0").strip() in (b"0", b""))  # fmt: skip
+
+        async def tracked_receive():
+            nonlocal read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                read = True
+            return message
+
+        async def marked_send(message) -> None:
+            if message["type"] == "http.response.start" and not read:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"connection", b"close")]}  # fmt: skip
+            await send(message)
+
+        await self.app(scope, tracked_receive, marked_send)
 
 
 class ParserUnavailable(RuntimeError):

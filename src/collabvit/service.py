@@ -44,6 +44,7 @@ from starlette.requests import ClientDisconnect
 from collabvit import __version__
 from collabvit.guard import (
     METRICS_STATE,
+    CloseUnreadBodies,
     GuardedProtocol,
     ParsePool,
     ParserUnavailable,
@@ -488,6 +489,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
     if settings.allowed_hosts is not None:  # DNS rebinding: answer only the names we serve
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[
             host_header_form(host) for host in settings.allowed_hosts])
+    app.add_middleware(CloseUnreadBodies)  # the outermost: it sees every early answer
 
     def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
         metrics.errors.labels(kind).inc()
