@@ -6,7 +6,9 @@
     python -m benchmarks --only bench_gpu   # on a machine with a GPU: the GPU comparison
 
 Each benchmark rewrites its own section of the results file and hands its headline figures
-back as JSON; this writes the "Targets" section at the top from them. ``make bench-sweep``
+back as JSON, kept beside the results file (figures/NAME.json); this writes the "Targets"
+section at the top from the latest figures of every benchmark, so that `--only` reruns some
+and keeps the rest. ``make bench-sweep``
 and ``make bench-train`` stay separate (they take long and answer other questions).
 """
 
@@ -197,9 +199,11 @@ def render(figures: dict, args: argparse.Namespace, elapsed: float, load_at_star
         SECTION_START,
         "## Targets (`python -m benchmarks`)",
         "",
-        "Every figure below comes from the sections that follow, all written by one run of "
-        "the suite" + (" in --quick mode (tiny sizes: these figures say nothing about speed)"
-                       if args.quick else "") + ".",  # fmt: skip
+        "Every figure below comes from the sections that follow, each from its benchmark's "
+        "latest run (its section gives the date; `python -m benchmarks --only NAME` reruns one "
+        "and rewrites this table with the stored figures of the rest)" +
+        (" in --quick mode (tiny sizes: these figures say nothing about speed)"
+         if args.quick else "") + ".",  # fmt: skip
         "",
         "| measured | figure | target | | what bounds it (same run) |",
         "|---|---:|---:|---|---|",
@@ -212,6 +216,15 @@ def render(figures: dict, args: argparse.Namespace, elapsed: float, load_at_star
         SECTION_END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def within(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (the commands each
+    section records then hold no machine's folders), else as it is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def write_at_top(path: Path, section: str) -> None:
@@ -246,19 +259,20 @@ def main(argv: list[str] | None = None) -> None:
         args.only = [name for name in SUITE if with_gpu or name != "bench_gpu"]
     threaded = {"bench_forward", "bench_eval", "bench_compute"}
     began, load_at_start = time.perf_counter(), load_average()
-    figures = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.only:
-            json_path = Path(scratch) / f"{name}.json"
-            command = [sys.executable, "-m", f"benchmarks.{name}", "--output", str(args.output),
-                       "--json", str(json_path)]  # fmt: skip
-            command += ["--quick"] if args.quick else []
-            command += ["--threads", str(args.threads)] if name in threaded else []
-            print(f"== {name}", file=sys.stderr, flush=True)
-            started = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            print(f"== {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-            figures[name] = json.loads(json_path.read_text())
+    stored = args.output.parent / "figures"
+    stored.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        json_path = stored / f"{name}.json"
+        command = [sys.executable, "-m", f"benchmarks.{name}", "--output", within(args.output),
+                   "--json", within(json_path)]  # fmt: skip
+        command += ["--quick"] if args.quick else []
+        command += ["--threads", str(args.threads)] if name in threaded else []
+        print(f"== {name}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        print(f"== {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    figures = {path.stem: json.loads(path.read_text()) for path in sorted(stored.glob("*.json"))
+               if path.stem in SUITE}  # fmt: skip
     section = render(figures, args, time.perf_counter() - began, load_at_start)
     write_at_top(args.output, section)
     print(section)

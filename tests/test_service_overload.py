@@ -427,7 +427,8 @@ def test_when_every_connection_has_a_request_in_progress_a_new_one_gets_503(serv
         wait_ready(running.url)
         held = hold_unfinished_bodies(running.port, 3)
         try:
-            wait_for(lambda: app.state.admission.receiving == 3)  # one byte of each body
+            # one byte of each body, and the buffers that carry it
+            wait_for(lambda: app.state.admission.receiving == 3 * (1 + service.BodyHold.BUFFERS))
             answer = answer_until_closed(running.port, b"GET /v2/health/live HTTP/1.1\r\n"
                                          b"Host: 127.0.0.1\r\n\r\n", timeout=5)  # fmt: skip
         finally:
@@ -446,7 +447,7 @@ def test_requests_past_the_limit_get_503_while_probes_still_answer(server):
         wait_ready(running.url)
         held = hold_unfinished_bodies(running.port, 2)
         try:
-            wait_for(lambda: app.state.admission.receiving == 2)
+            wait_for(lambda: app.state.admission.receiving == 2 * (1 + service.BodyHold.BUFFERS))
             refused = infer(running.url)
             probes = [httpx.get(f"{running.url}{path}").status_code for path in (
                 "/v2/health/live", "/v2/health/ready", f"/v2/models/{NAME}/ready", "/metrics")]
@@ -538,12 +539,12 @@ def test_a_parser_process_that_dies_costs_one_503_and_is_started_again(server):
 def test_bodies_still_arriving_count_against_the_bytes_bound(server):
     """Uploads that stall hold memory: it counts with the admitted pixels against
     --max-queue-mb, and the upload that would cross it gets 503 and is closed."""
-    bound = 2**20
+    bound = 3 * 2**20
     app = app_of(server, max_queue_bytes=bound, body_timeout=30.0)
-    part = 400 * 2**10
+    part = 600 * 2**10
     head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n").encode()
-    with LiveServer(app) as running:
+    with LiveServer(app, http=guarded_protocol(10.0, 64)) as running:
         wait_ready(running.url)
         uploads = []
         try:
@@ -552,7 +553,8 @@ def test_bodies_still_arriving_count_against_the_bytes_bound(server):
                 sock.sendall(head + b" " * part)
                 uploads.append(sock)
                 if number < 2:
-                    wait_for(lambda: app.state.admission.receiving == part * len(uploads))
+                    wait_for(lambda: app.state.admission.receiving
+                             == (part + service.BodyHold.BUFFERS) * len(uploads))
             refused = b""
             while chunk := uploads[2].recv(4096):
                 refused += chunk

@@ -73,10 +73,9 @@ class GuardedProtocol(H11Protocol):
     head_timeout = 10.0
     max_connections: int | None = None
     head_timer: asyncio.TimerHandle | None = None
-    refused = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(LingeringTransport(transport, self))
         self._mark_idle()
         # each connection past the cap closes one (itself at worst), so the count of those
         # not yet closed stays at the cap without scanning them
@@ -127,25 +126,18 @@ class GuardedProtocol(H11Protocol):
         if oldest is not None:
             oldest._close("evicted")
             return
-        # The client is sending its request already: closing at once would answer its bytes
-        # with a reset that can destroy the 503 before it is read. So the answer goes out,
-        # the sending side closes, and what arrives is dropped until the client closes or
-        # a second passes (a lingering close, as web servers do).
-        self.refused = True
         self.transport.write(refusal_bytes(
             f"the server has {self.max_connections} connections open, each with a request "
             "in progress; retry later"))  # fmt: skip
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
         self._forget()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.transport.linger()
         metrics = self._metrics()
         if metrics is not None:
             metrics.closed_connections.labels("refused").inc()
             metrics.errors.labels("overloaded").inc()
 
     def data_received(self, data: bytes) -> None:
-        if not self.refused:
+        if not self.transport.lingering:  # what arrives after the last answer is dropped
             super().data_received(data)
 
     def _head_timed_out(self) -> None:
@@ -176,6 +168,40 @@ class GuardedProtocol(H11Protocol):
         metrics = self._metrics()
         if metrics is not None:
             metrics.open_connections.set(len(self.connections))
+
+
+class LingeringTransport:
+    """A connection's transport whose close() lingers while the client may still be sending.
+
+    A client that is sending a body (or a request the server refuses before reading it)
+    would have its next bytes answered with a reset once the socket is closed, and a reset
+    can destroy the answer before the client reads it: the 503 or 413 it should see
+    becomes a connection error. So the sending side closes at once and what arrives is
+    dropped until the client closes or LINGER_SECONDS pass (a lingering close, as web
+    servers do). Everything else is the asyncio transport's own.
+    """
+
+    def __init__(self, transport, protocol: GuardedProtocol) -> None:
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        if self._protocol.conn.their_state is h11.SEND_BODY:  # a body still arriving
+            self.linger()
+        else:
+            self._transport.close()
+
+    def linger(self) -> None:
+        self.lingering = True
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        self._transport.resume_reading()  # drained, not left to fill the socket's buffer
+        self._protocol.loop.call_later(LINGER_SECONDS, self._transport.close)
 
 
 def guarded_protocol(head_timeout: float, max_connections: int | None = None) -> type:
@@ -246,9 +272,10 @@ class CloseUnreadBodies:
             return message
 
         async def marked_send(message) -> None:
-            if message["type"] == "http.response.start" and not read:
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"connection", b"close")]}  # fmt: skip
+            headers = message.get("headers", [])
+            if message["type"] == "http.response.start" and not read and not any(
+                    name.lower() == b"connection" for name, _ in headers):  # fmt: skip
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         await self.app(scope, tracked_receive, marked_send)

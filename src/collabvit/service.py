@@ -346,12 +346,22 @@ class Admission:
 
 class BodyHold:
     """The bytes one request's body holds against the admission bound, released at once
-    when the request ends (use as a context manager)."""
+    when the request ends (use as a context manager).
+
+    A body being read also holds the buffers that carry it (the socket reads of up to
+    256 KiB that uvicorn and h11 keep until the application takes them): the first chunk
+    counts `BUFFERS` more, so that many stalled uploads stay within the bound in resident
+    memory, not only in the bytes the application holds.
+    """
+
+    BUFFERS = 512 * 2**10
 
     def __init__(self, admission: Admission, retry_after: Callable[[], int]) -> None:
         self.admission, self.retry_after, self.bytes = admission, retry_after, 0
 
     def add(self, nbytes: int) -> None:
+        if not self.bytes:
+            nbytes += self.BUFFERS
         self.admission.hold_body(nbytes, self.retry_after())
         self.bytes += nbytes
 
@@ -759,6 +769,7 @@ def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: st
     import uvicorn
 
     max_connections = allow_open_files(max_connections)
+    freeze_what_lives_long()
     options = dict(host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                    access_log=access_log, log_level="info",
                    timeout_graceful_shutdown=graceful_timeout, server_header=False,
@@ -775,6 +786,22 @@ def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: st
                             http=guarded_protocol(timeout_request_head, max_connections),
                             **options)  # fmt: skip
     uvicorn.Server(config).run()
+
+
+def freeze_what_lives_long() -> None:
+    """Exempt every object alive now (torch, timm, the model, the application) from the
+    cyclic garbage collector's passes, for the life of this server process.
+
+    Each connection leaves a little cyclic garbage, and the collector's full passes walk
+    every object of the process: with torch loaded, a pass stalls the event loop for a
+    tenth of a second or more, which a flood of connections triggers again and again.
+    Frozen objects are not walked (the same use as CPython's documentation gives for
+    gc.freeze: objects made before a server starts serving).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def allow_open_files(max_connections: int, spare: int = 64) -> int:
@@ -817,6 +844,7 @@ def worker_app() -> FastAPI:
     settings = ServiceSettings(**values)
     GuardedProtocol.head_timeout = spec["head_timeout"]
     GuardedProtocol.max_connections = spec["max_connections"]
+    freeze_what_lives_long()  # this process's torch and timm (its model loads later)
 
     def load_server() -> Server:
         from collabvit.pair import load_model, resolve_device
