@@ -457,7 +457,6 @@ def edge_against(url: str, images: int, scratch: Path) -> dict:
     """`collabvit edge` (the shipped pair's edge, `images` test images) against `url`: its exit
     status, seconds, peak resident memory, the last line it printed on stderr, and its
     results (collaborative and edge-alone accuracy, fallbacks) when it wrote them."""
-    import os
     import subprocess
     import sys
 
@@ -468,11 +467,22 @@ def edge_against(url: str, images: int, scratch: Path) -> dict:
                                 "--results-file", f"{run}.json", "--records",
                                 f"{run}.jsonl"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    stderr = process.stderr.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    # the edge's own peak, read while it runs (its rusage would also count the pages of
+    # this process that the fork before its exec shared)
+    peak = 0.0
+    errors = []
+    reader = threading.Thread(target=lambda: errors.append(process.stderr.read().decode()))
+    reader.start()
+    while process.poll() is None:
+        try:
+            peak = max(peak, proc_status(process.pid, "VmHWM"))
+        except (OSError, AttributeError):  # between exit and reaping
+            pass
+        time.sleep(0.02)
+    reader.join()
+    stderr = errors[0]
     figures = {"exit": process.returncode, "seconds": time.perf_counter() - started,
-               "peak_rss_mb": usage.ru_maxrss / 1024,
+               "peak_rss_mb": peak,
                "stderr": (stderr.strip().splitlines() or [""])[-1][:200]}
     if Path(f"{run}.json").exists():
         written = json.loads(Path(f"{run}.json").read_text())

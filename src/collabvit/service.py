@@ -348,13 +348,14 @@ class BodyHold:
     """The bytes one request's body holds against the admission bound, released at once
     when the request ends (use as a context manager).
 
-    A body being read also holds the buffers that carry it (the socket reads of up to
-    256 KiB that uvicorn and h11 keep until the application takes them): the first chunk
-    counts `BUFFERS` more, so that many stalled uploads stay within the bound in resident
-    memory, not only in the bytes the application holds.
+    A body being read also holds the buffers that carry it (asyncio reads up to 256 KiB at
+    a time, and h11 and uvicorn each keep what the application has not taken yet, with
+    the allocator's slack around them): the first chunk counts `BUFFERS` more, so that
+    many stalled uploads stay within the bound in resident memory (measured by
+    bench_overload), not only in the bytes the application holds.
     """
 
-    BUFFERS = 512 * 2**10
+    BUFFERS = 2**20
 
     def __init__(self, admission: Admission, retry_after: Callable[[], int]) -> None:
         self.admission, self.retry_after, self.bytes = admission, retry_after, 0
