@@ -284,6 +284,7 @@ def test_too_many_images_are_refused_from_the_header_before_the_body_arrives(ser
     assert answer.startswith(b"HTTP/1.1 413") and b"at most 1024" in answer
 
 
+@pytest.mark.slow  # two server processes that each load torch and the model: about 15 s
 def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
     """`--workers 2`: both processes answer, and the settings reach them (here the head
     time-out, which each worker reads from the environment)."""
