@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collabvit.client import wait_until_served
+from collabvit.guard import guarded_protocol
 from collabvit.protocol import (
     BINARY_CONTENT_TYPE,
     INFERENCE_HEADER,
@@ -287,8 +288,9 @@ def test_https_with_a_certificate_made_here(server, tmp_path):
     certificate.private_key_pem.write_to_path(key_file)
     authority.cert_pem.write_to_path(ca_file)
     blob = encode_payload(payloads(1)[0], GEOMETRY)
-    with LiveServer(make_app(server), ssl_certfile=str(cert_file),
-                    ssl_keyfile=str(key_file)) as running:  # fmt: skip
+    # through the protocol `collabvit serve` uses (its transport wrapper over TLS)
+    with LiveServer(make_app(server), ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
+                    http=guarded_protocol(10.0, 64)) as running:  # fmt: skip
         assert running.url.startswith("https://")
         trusted = ssl.create_default_context(cafile=str(ca_file))
         wait_ready(running.url, verify=trusted)
