@@ -299,11 +299,13 @@ class ParsePool:
         processes: parser processes at most.
         threads: the executor for small parses (and whatever else the caller runs there).
         inline_bytes: JSON up to this size is parsed in `threads`.
+        sent: called for each parse sent to a parser process (the service counts them).
     """
 
-    def __init__(self, processes: int, threads: Executor,
-                 inline_bytes: int = INLINE_JSON_BYTES) -> None:  # fmt: skip
+    def __init__(self, processes: int, threads: Executor, inline_bytes: int = INLINE_JSON_BYTES,
+                 sent: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.processes, self.threads, self.inline_bytes = processes, threads, inline_bytes
+        self.sent = sent
         self.pool: ProcessPoolExecutor | None = None
         self.in_process = 0  # parses sent to a parser process
 
@@ -319,6 +321,8 @@ class ParsePool:
                                             mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_yield_to_the_server)  # fmt: skip
         self.in_process += 1
+        if self.sent is not None:
+            self.sent()
         try:
             return await loop.run_in_executor(self.pool, parse, *args)
         except BrokenProcessPool:

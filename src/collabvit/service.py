@@ -317,8 +317,7 @@ class Admission:
         if self.held + nbytes > self.max_bytes:
             raise ServiceError(503, "overloaded", f"the server holds {self.held:,} bytes of "
                                f"requests (at most {self.max_bytes:,}); retry after "
-                               f"{retry_after} s", {"Retry-After": str(retry_after),
-                                                   "Connection": "close"})  # fmt: skip
+                               f"{retry_after} s", {"Retry-After": str(retry_after)})
         self.receiving += nbytes
         self.metrics.receiving_bytes.set(self.receiving)
 
@@ -482,7 +481,8 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
         # batcher keep answering while a large or hostile request is taken apart
         app.state.decoder = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                                thread_name_prefix="collabvit-decode")
-        app.state.parser = ParsePool(settings.parse_processes, app.state.decoder)
+        app.state.parser = ParsePool(settings.parse_processes, app.state.decoder,
+                                     sent=metrics.parsed_in_process.inc)  # fmt: skip
         # the lifespan state reaches uvicorn's protocol (GuardedProtocol counts connections)
         yield {METRICS_STATE: metrics}
         # uvicorn has drained the in-flight requests before it gets here
@@ -625,8 +625,6 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
 
         async def parse(json_bytes: int, function, *args):
             """`function(*args)` in the parse pool; JSON over 64 KiB in a parser process."""
-            if json_bytes > parser.inline_bytes:
-                metrics.parsed_in_process.inc()
             try:
                 return await parser.run(json_bytes, function, *args)
             except ParserUnavailable as error:
@@ -637,7 +635,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
             count = await parse(len(header), declared_images, header)
             if count is not None and count > settings.max_request_images:
                 raise ServiceError(413, "too_large", f"{count} images in one request; at most "
-                                   f"{settings.max_request_images}", {"Connection": "close"})
+                                   f"{settings.max_request_images}")
 
         with BodyHold(admission, retry_after) as held:
             try:
@@ -646,8 +644,7 @@ def create_app(settings: ServiceSettings, load_server: Callable[[], Server]) -> 
                                       check_header, held.add), settings.body_timeout)
             except TimeoutError:
                 raise ServiceError(408, "body_timeout", "the request body did not arrive "
-                                   f"within {settings.body_timeout:g} s",
-                                   {"Connection": "close"}) from None  # fmt: skip
+                                   f"within {settings.body_timeout:g} s") from None
             metrics.bytes_in.inc(len(body))
             try:
                 parsed, sizes = await parse(
