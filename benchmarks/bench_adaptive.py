@@ -38,7 +38,7 @@ from tempfile import TemporaryDirectory
 import numpy as np
 
 from benchmarks.bench_overload import metric, overload, raw_requests
-from benchmarks.bench_serve import free_port, payloads_of_test_images, start_server
+from benchmarks.bench_serve import ServerThread, free_port, payloads_of_test_images, start_server
 from benchmarks.harness import (
     RESULTS,
     add_suite_arguments,
@@ -59,42 +59,17 @@ PHASES = (("steady", 30, 1.0), ("link at a tenth", 20, 0.1), ("link back", 30, 1
           (BURST, 20, 1.0))  # fmt: skip
 
 
-class SharedLink:
+class SharedLink(ServerThread):
     """A TCP relay to `target_port` that emulates one link shared by all its connections:
     each chunk read waits for the chunks before it (of any connection) to be transmitted at
     `bandwidth` bit/s, in its direction, then `delay` seconds more; `bandwidth` may change at
     any time (from another thread). Runs its own event loop in a thread."""
 
     def __init__(self, target_port: int, bandwidth: float, delay: float = 0.005) -> None:
+        super().__init__()
         self.target_port, self.bandwidth, self.delay = target_port, bandwidth, delay
         self.free_at = {"up": 0.0, "down": 0.0}
         self.carried = {"up": 0, "down": 0}
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SharedLink:
-        self.thread.start()
-        self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024))
-        self.ready.set()
-        self.loop.run_forever()
-        server.close()  # stopped: end the connections' pipes while the loop can still run
-        pipes = asyncio.all_tasks(self.loop)
-        for task in pipes:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pipes, return_exceptions=True))
-        self.loop.close()
 
     async def _pipe(self, reader, writer, direction: str) -> None:
         try:

@@ -49,8 +49,22 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.bench_serve import free_port, payloads_of_test_images, start_server
-from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
+from benchmarks.bench_serve import (
+    ServerThread,
+    free_port,
+    payloads_of_test_images,
+    start_server,
+)
+from benchmarks.harness import (
+    add_suite_arguments,
+    apply_quick,
+    current_rss_mb,
+    load_average,
+    peak_rss_mb,
+    publish,
+    reset_peak_rss,
+    section,
+)
 from collabvit import cpu_model
 from collabvit.evaluate import evaluate
 from collabvit.protocol import (
@@ -63,10 +77,6 @@ from collabvit.protocol import (
 SERVER = "collabvit_fmnist_server"
 MAX_CONNECTIONS = 2048
 PATH = f"/v2/models/{SERVER}/infer"
-
-
-def peak_rss_mb(pid: int) -> float:
-    return proc_status(pid, "VmHWM")
 
 
 def raw_requests(payloads, geometry) -> list[bytes]:
@@ -150,16 +160,6 @@ class TimedRequests:
         return {"probes": len(array), "failed": self.result["failed"],
                 "p50_ms": float(np.percentile(array, 50)),
                 "p99_ms": float(np.percentile(array, 99)), "max_ms": float(array.max())}
-
-
-def proc_status(pid: int, field: str) -> float:
-    """A memory figure of /proc/PID/status in MB (VmHWM: the peak resident set)."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
-
-
-def reset_peak_rss(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
 
 
 async def overload(port: int, requests: list[bytes], clients: int, seconds: float,
@@ -320,7 +320,7 @@ def stalled_uploads(port: int, pid: int, connections: int,
     """`connections` uploads that each send all but the last byte of a `size` body, then
     stall: how each ended, and the server's resident memory before and at its peak."""
     reset_peak_rss(pid)
-    before = proc_status(pid, "VmRSS")
+    before = current_rss_mb(pid)
     head = (f"POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json"
             f"\r\ncontent-length: {size}\r\n\r\n").encode()
     payload = b" " * (size - 1)
@@ -344,7 +344,7 @@ def stalled_uploads(port: int, pid: int, connections: int,
         statuses = list(pool.map(upload, range(connections)))
     return {"connections": connections, "offered_mb": connections * size / 2**20,
             "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "rss_before_mb": before, "rss_peak_mb": proc_status(pid, "VmHWM")}
+            "rss_before_mb": before, "rss_peak_mb": peak_rss_mb(pid)}
 
 
 def closed_after(port: int, first: bytes, trickle: bytes, limit: float = 30.0) -> float:
@@ -388,7 +388,7 @@ def departed(port: int, url: str, request: bytes, count: int) -> dict:
     return {"sent": count, "dropped": dropped, "computed": computed}
 
 
-class HostileServer:
+class HostileServer(ServerThread):
     """An HTTP server on 127.0.0.1 (its own event loop, in a thread) that answers the shipped
     server's metadata and infer requests as a broken or hostile server would: `mode` is
     "nan" (NaN logits), "huge_answer" (a 200 MB answer), "huge_metadata" (300 MB of
@@ -397,27 +397,8 @@ class HostileServer:
     HUGE = {"huge_answer": 200 * 10**6, "huge_metadata": 300 * 10**6}
 
     def __init__(self, mode: str, metadata: dict) -> None:
+        super().__init__()
         self.mode, self.metadata = mode, metadata
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> HostileServer:
-        self.thread.start()
-        self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(asyncio.start_server(self._connection, "127.0.0.1",
-                                                          self.port))  # fmt: skip
-        self.ready.set()
-        self.loop.run_forever()
 
     async def _connection(self, reader, writer) -> None:
         try:
@@ -475,8 +456,8 @@ def edge_against(url: str, images: int, scratch: Path) -> dict:
     reader.start()
     while process.poll() is None:
         try:
-            peak = max(peak, proc_status(process.pid, "VmHWM"))
-        except (OSError, AttributeError):  # between exit and reaping
+            peak = max(peak, peak_rss_mb(process.pid))
+        except OSError:  # between exit and reaping
             pass
         time.sleep(0.02)
     reader.join()

@@ -36,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -90,6 +91,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class ServerThread:
+    """A TCP server on 127.0.0.1 with its own event loop in a thread, for the duration of a
+    `with` block; a subclass answers each connection in `_connection(reader, writer)`.
+    Leaving the block stops the loop and cancels the connections still open."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    async def _connection(self, reader, writer) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024))
+        self.ready.set()
+        self.loop.run_forever()
+        server.close()  # stopped: end the connections while the loop can still run
+        connections = asyncio.all_tasks(self.loop)
+        for task in connections:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*connections, return_exceptions=True))
+        self.loop.close()
 
 
 def start_server(port: int, *flags: str) -> subprocess.Popen:

@@ -142,33 +142,36 @@ def write_section(path: Path, section: str, start_marker: str, end_marker: str) 
     path.write_text(text)
 
 
-def _status_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status, in KiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status_kib(field: str, pid: int | str = "self") -> int:
+    """A memory figure of a process (default: this one) from /proc/PID/status, in KiB
+    (Linux); OSError when it has none (a process that has exited)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+    raise OSError(f"/proc/{pid}/status has no {field}")
 
 
-def current_rss_mb() -> float:
-    """Resident memory of this process now, in MB (Linux)."""
-    return _status_kib("VmRSS") / 1024
+def current_rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (default: this one) now, in MB (Linux)."""
+    return _status_kib("VmRSS", pid) / 1024
 
 
-def reset_peak_rss() -> bool:
-    """Start the peak-RSS record afresh from the current RSS (Linux >= 4.0: clear_refs 5), so
-    that the peak of a measured section is not the peak of loading models before it. False
-    where the kernel does not allow it (the peak then includes the loading)."""
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Start the peak-RSS record of a process (default: this one) afresh from its current
+    RSS (Linux >= 4.0: clear_refs 5), so that the peak of a measured section is not the peak
+    of loading models before it. False where the kernel does not allow it (the peak then
+    includes the loading)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
         return False
     return True
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since start or the last reset_peak_rss, in MB."""
-    return _status_kib("VmHWM") / 1024
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory of a process (default: this one) since it started or the last
+    reset_peak_rss, in MB."""
+    return _status_kib("VmHWM", pid) / 1024
 
 
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
