@@ -78,7 +78,7 @@ results-cluttered: setup data
 	$(PY) scripts/deploy_table.py --data-set fmnist-cluttered
 	$(PY) scripts/cluttered_results.py --bytes-only
 	$(VENV)/bin/collabvit visualize --data-set fmnist-cluttered --indices 0 1 2 3 --quiet \
-		--output-dir runs/results/cluttered_views
+		--uncer-mode none --output-dir runs/results/cluttered_views
 	cp runs/results/cluttered_views/views.png docs/findings/cluttered/views.png
 	$(PY) scripts/learning_curves.py --data-set fmnist-cluttered
 

@@ -1,7 +1,8 @@
 """`make demo-deploy`: the shipped server in the background, the edge client over the test set.
 
 Starts `collabvit serve` (its log goes to runs/deploy/server.log) with the server the
-edge's flags name (`EDGE_FLAGS="--data-set fmnist-cluttered"`: the cluttered pair's),
+edge's flags name (`EDGE_FLAGS="--data-set fmnist-cluttered"`: `collabvit serve --data-set
+fmnist-cluttered`, the cluttered pair's server),
 waits until it is ready, runs `collabvit edge` against it with the given extra flags, and stops the
 server (SIGTERM: in-flight requests finish first), whatever happens.
 """
@@ -16,20 +17,21 @@ import sys
 from pathlib import Path
 
 from collabvit.client import ClientError, wait_until_served
-from collabvit.config import shipped_pair
 
 PORT = os.environ.get("DEPLOY_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"
 
 
-def served_model(extra: list[str]) -> str:
-    """The server model the edge's flags ask for: --server-model, else the shipped pair's
-    server of --data-set (fmnist-cluttered's pair for the cluttered canvases)."""
+def serve_flags(extra: list[str]) -> list[str]:
+    """What `collabvit serve` needs of the edge's flags to serve the model the edge asks
+    for: its --server-model, else its --data-set (whose shipped server serve picks)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--data-set", "--data_set", default="fmnist")
     parser.add_argument("--server-model", "--server_model", default=None)
     known, _ = parser.parse_known_args(extra)
-    return known.server_model or shipped_pair(known.data_set)[1]
+    if known.server_model:
+        return ["--server-model", known.server_model]
+    return ["--data-set", known.data_set]
 
 
 def main(extra: list[str]) -> int:
@@ -37,7 +39,7 @@ def main(extra: list[str]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "server.log").open("w") as log:
         server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", PORT,
-                                   "--server-model", served_model(extra)],
+                                   *serve_flags(extra)],
                                   stderr=log, stdout=log)  # fmt: skip
         try:
             try:

@@ -37,8 +37,6 @@ from collabvit.config import (
 )
 from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 
-# `collabvit serve` names no data set: it serves the Fashion-MNIST server unless told.
-SHIPPED_SERVER = shipped_pair("fmnist")[1]
 TRAIN_FLAGS = {"augment": "--no-augment"}
 # What `pip install 'collabvit[full]'` adds to the torch-free base install.
 FULL_INSTALL = ("torch", "torchvision", "timm", "safetensors", "matplotlib", "fastapi", "uvicorn",
@@ -90,15 +88,21 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pair_arguments(parser)
-    add_config_arguments(parser.add_argument_group("selection"), EdgeConfig,
-                         exclude=("uncer_mode", "uncer_th"))  # fmt: skip
+    add_config_arguments(parser.add_argument_group("selection and gate"), EdgeConfig)
     add_config_arguments(parser.add_argument_group("what to draw"), VisualizeConfig)
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser.add_argument_group("served model"), ModelSpec, SERVER_FLAGS)
-    add_config_arguments(parser.add_argument_group("service"), ServeConfig)
+    model = parser.add_argument_group("served model")
+    add_config_arguments(model, ModelSpec, SERVER_FLAGS)
+    add_config_arguments(model, ServeConfig, exclude=SERVE_FIELDS)
+    add_config_arguments(parser.add_argument_group("service"), ServeConfig,
+                         exclude=("data_set",))  # fmt: skip
+
+
+# ServeConfig's fields but --data-set, which names the served model
+SERVE_FIELDS = tuple(f.name for f in fields(ServeConfig) if f.name != "data_set")
 
 
 def _add_edge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -294,9 +298,9 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
     shown = config if controller is None else _last_point(config, controller)
     print(format_summary(result.summary, shown.masking_mode, shown.masking_th,
                          shown.uncer_mode, shown.uncer_th))  # fmt: skip
+    rate = result.wire_bytes / result.seconds if result.seconds else 0.0
     if controller is not None:
-        print(_budget_text(budget, controller, result.summary, result.withheld,
-                           result.wire_bytes / result.seconds if result.seconds else 0.0,
+        print(_budget_text(budget, controller, result.summary, result.withheld, rate,
                            result.seconds))  # fmt: skip
     if result.skipped:
         _warn("eval", f"skipped {result.skipped} unreadable images")
@@ -305,8 +309,10 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
                                  data=data, edge=config, run=run, budget=budget,
                                  stream=stream)  # fmt: skip
         provenance["processes"] = processes.world_size
+        held = {} if controller is None else {"budget": _budget_record(
+            controller, result.summary, result.withheld, rate, result.seconds)}  # fmt: skip
         write_results(outputs.results_file, result.summary, provenance,
-                      skipped_images=result.skipped)  # fmt: skip
+                      skipped_images=result.skipped, **held)  # fmt: skip
     if outputs.per_image:
         write_per_image(outputs.per_image, result.records)
     return 0
@@ -390,7 +396,7 @@ def run_visualize(args: argparse.Namespace) -> int:
             if not 0 <= index < len(pair.dataset):
                 last = len(pair.dataset) - 1
                 raise UsageError(f"index {index} is outside the dataset (0..{last})")
-        config = replace(pair.default_config(), **chosen, uncer_mode="none")
+        config = replace(pair.default_config(), **chosen)
         from collabvit.visualize import draw_attention_histogram, draw_images
 
         for line in draw_images(pair, config, views, out_dir, run.seed):
@@ -414,9 +420,10 @@ def _check_input_file(path: str | None, what: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        spec = ModelSpec(**{"name": SHIPPED_SERVER, **given_values(ModelSpec, args, SERVER_FLAGS)})
         values = given_values(ServeConfig, args)
         config = ServeConfig(**{**values, "token": _token(values.get("token"))})
+        given = given_values(ModelSpec, args, SERVER_FLAGS)
+        spec = ModelSpec(**{**given, "name": config.served_model(given.get("name"))})
         _check_input_file(config.ssl_certfile, "certificate")
         _check_input_file(config.ssl_keyfile, "key file")
         if config.ssl_certfile:  # ssl.SSLError is an OSError: one line, before the model loads
@@ -599,6 +606,9 @@ def run_edge(args: argparse.Namespace) -> int:
             provenance.update(edge_model=names["edge_model"], server_model=names["server_model"])
             extra = report.as_dict()
             extra.pop("summary")
+            if controller is not None:
+                extra["budget"] = _budget_record(controller, report.summary, report.withheld,
+                                                 report.wire_bytes_per_second, report.seconds)
             write_results(client.results_file, report.summary, provenance,
                           skipped_images=skipped, **extra)  # fmt: skip
         if report.none_delivered and not client.allow_edge_only:
@@ -641,7 +651,8 @@ def _last_point(config: EdgeConfig, controller) -> EdgeConfig:
 
 def _budget_text(budget: BudgetConfig, controller, summary, withheld: int,
                  bytes_per_second: float, seconds: float) -> str:  # fmt: skip
-    """What the budget held, for people."""
+    """What the budget held, for people: what was spent, how far from the budget against
+    the tolerance the controller holds, what it withheld and where it ended."""
     point = controller.point
     last = f"last point: {point.masking_th:g} with a send share of {controller.share:.3f}"
     if budget.budget_bps is not None:
@@ -649,7 +660,18 @@ def _budget_text(budget: BudgetConfig, controller, summary, withheld: int,
                 f"over {seconds:.1f} s")  # fmt: skip
     else:
         held = f"Budget cost {budget.budget_cost:g}: communication cost {summary.comm_cost:.4f}"
-    return f"{held}; {withheld} images the gate would send were answered at the edge; {last}"
+    outcome = controller.outcome(summary.comm_cost, summary.images, bytes_per_second, seconds)
+    return (f"{held}, {outcome.text()}; {withheld} images the gate would send were answered "
+            f"at the edge; {last}")  # fmt: skip
+
+
+def _budget_record(controller, summary, withheld: int, bytes_per_second: float,
+                   seconds: float) -> dict:  # fmt: skip
+    """What the budget held, for the results file: _budget_text's figures."""
+    outcome = controller.outcome(summary.comm_cost, summary.images, bytes_per_second, seconds)
+    delta, eta = controller.operating_point()
+    return {**outcome.as_dict(), "withheld": withheld,
+            "last_point": {"masking_th": delta, "uncer_th": eta, "send_share": controller.share}}
 
 
 def shipped_frontier(edge: ModelSpec) -> dict | None:
@@ -832,7 +854,8 @@ COMMANDS = {
         "Serve the server model with the Open Inference Protocol v2 (REST, binary tensor "
         "extension): health, metadata, infer with dynamic batching, Prometheus /metrics; "
         "optional bearer token and HTTPS. Without arguments it serves the shipped "
-        "Fashion-MNIST server on 127.0.0.1:8000.",
+        "Fashion-MNIST server on 127.0.0.1:8000; with --data-set fmnist-cluttered, the shipped "
+        "cluttered one.",
         _add_serve_arguments, run_serve,
     ),
     "edge": (

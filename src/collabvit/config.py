@@ -530,8 +530,13 @@ DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How `collabvit serve` listens, batches and protects itself."""
+    """Which shipped server `collabvit serve` serves, and how it listens, batches and
+    protects itself."""
 
+    data_set: str | None = field(default=None, metadata=flag(
+        "serve the shipped server of this data set: fmnist collabvit_fmnist_server, "
+        "fmnist-cluttered collabvit_cluttered_server; --server-model names any other "
+        "(default: fmnist's, unless --server-model is given)", choices=DATA_SETS))
     host: str = field(default="127.0.0.1", metadata=flag(
         "address to listen on; 0.0.0.0 for every interface (default: %(default)s)"))
     port: int = field(default=8000, metadata=flag(
@@ -615,7 +620,24 @@ class ServeConfig:
             (self.max_connections > self.limit_concurrency,
              f"--max-connections ({self.max_connections}) must exceed --limit-concurrency "
              f"({self.limit_concurrency}), so that health checks always find a connection"),
+            (self.data_set is None or self.data_set in DATA_SETS,
+             f"unknown data set {self.data_set!r}; choose one of {', '.join(DATA_SETS)}"),
         ])  # fmt: skip
+
+    def served_model(self, server_model: str | None) -> str:
+        """The model to serve: `server_model` (--server-model) when given, else the shipped
+        server of the data set (Fashion-MNIST's without one). ValueError, one line, when the
+        data set ships no server, or when both are given and name different models."""
+        if self.data_set is None:
+            return server_model or SHIPPED_PAIRS["fmnist"][1]
+        if self.data_set not in SHIPPED_PAIRS:
+            raise ValueError(f"no server is shipped for --data-set {self.data_set} (only for "
+                             f"{', '.join(SHIPPED_PAIRS)}): name the model with --server-model")
+        shipped = SHIPPED_PAIRS[self.data_set][1]
+        if server_model is not None and server_model.split(".")[0] != shipped:
+            raise ValueError(f"--data-set {self.data_set} serves {shipped}, but --server-model "
+                             f"says {server_model}: give one of them")
+        return server_model or shipped
 
 
 

@@ -14,6 +14,7 @@ points, not only at them.
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -147,6 +148,77 @@ def best_within(points: list[FrontierPoint], cost: float) -> FrontierPoint:
     if not fitting:
         return min(points, key=lambda p: p.comm_cost)
     return max(fitting, key=lambda p: (p.collab_acc, -p.comm_cost))
+
+
+# What a budget promises. A cost is held by sending a share s of the images, η following the
+# recent uncertainties, so over n images the count sent strays by chance with a relative
+# spread of sqrt((1 - s) / (n s)) (each image sent or not as its uncertainty falls); the
+# patches per sent image come from the frontier, measured on validation at its points' own
+# shares, which on test images puts a few per cent on top. A CostController holds the cost
+# within three of those spreads and at least 3 % (scripts/budget_tolerance.py measures it).
+COST_SPREADS = 3.0
+COST_FLOOR = 0.03
+
+
+def cost_tolerance(share: float, images: int) -> float:
+    """The relative deviation from its budget that CostController's cost keeps within over
+    `images` images sending a share `share` of them: max(3 %, 3 sqrt((1 - s) / (n s)));
+    infinite before any image (nothing to hold yet)."""
+    if images < 1:
+        return math.inf
+    if share <= 0:
+        return COST_FLOOR
+    return max(COST_FLOOR, COST_SPREADS * math.sqrt(max(1.0 - share, 0.0) / (images * share)))
+
+
+def bytes_tolerance(burst: float, seconds: float) -> float:
+    """How far over its budget BytesController's bytes/s can end over a run of `seconds`:
+    its bucket starts with `burst` seconds of budget and only ever gains the budget's rate,
+    so by burst / seconds of it at most (infinite for an instant)."""
+    return burst / seconds if seconds > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class BudgetOutcome:
+    """How a run kept its budget: `spent` against `budget` (a communication cost, or bytes
+    per second), and the relative `tolerance` its controller holds: both ways for a cost,
+    only over it for bytes (`two_sided` False: a bucket bounds what goes out, not what the
+    images ask for). `basis` says what the tolerance rests on, e.g. 'on 600 images'."""
+
+    budget: float
+    spent: float
+    tolerance: float
+    two_sided: bool
+    basis: str
+
+    @property
+    def deviation(self) -> float:
+        """spent / budget - 1 (for a budget of 0: 0 when nothing was spent, else inf)."""
+        if self.budget > 0:
+            return self.spent / self.budget - 1.0
+        return 0.0 if self.spent <= 0 else math.inf
+
+    @property
+    def within(self) -> bool:
+        """The run ended within the tolerance."""
+        deviation = self.deviation
+        return deviation <= self.tolerance and (not self.two_sided
+                                                or deviation >= -self.tolerance)  # fmt: skip
+
+    def text(self) -> str:
+        """E.g. 'over the budget by 5.0 %, within the ±19.7 % this controller holds on 600
+        images', or '..., beyond the ±3.0 % ...'."""
+        deviation = self.deviation
+        side = "over" if deviation > 0 else "under"
+        if math.isinf(self.tolerance):
+            return f"{side} the budget by {100 * abs(deviation):.1f} %"
+        band = f"{'±' if self.two_sided else '+'}{100 * self.tolerance:.1f} %"
+        return (f"{side} the budget by {100 * abs(deviation):.1f} %, "
+                f"{'within' if self.within else 'beyond'} the {band} this controller holds "
+                f"{self.basis}")  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "deviation": self.deviation, "within": self.within}
 
 
 class Backpressure:
@@ -342,6 +414,12 @@ class CostController(_FollowsFrontier):
         wait."""
         return now >= self.paused_until
 
+    def outcome(self, comm_cost: float, images: int, bytes_per_second: float,
+                seconds: float) -> BudgetOutcome:  # fmt: skip
+        """How a run of `images` images at `comm_cost` kept this budget (bytes unused)."""
+        return BudgetOutcome(self.cost, comm_cost, cost_tolerance(self.full_share, images),
+                             True, f"on {images:,} images")  # fmt: skip
+
 
 class BytesController(_FollowsFrontier):
     """Holds bytes per second on the wire: a token bucket decides each send, and the share
@@ -426,6 +504,12 @@ class BytesController(_FollowsFrontier):
             return True
         self.refused += 1
         return False
+
+    def outcome(self, comm_cost: float, images: int, bytes_per_second: float,
+                seconds: float) -> BudgetOutcome:  # fmt: skip
+        """How a run of `seconds` at `bytes_per_second` on the wire kept this budget."""
+        return BudgetOutcome(self.budget, bytes_per_second, bytes_tolerance(self.burst, seconds),
+                             False, f"over {seconds:,.1f} s")  # fmt: skip
 
     @property
     def capacity(self) -> float:
