@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, load_average, machine_lines
+from benchmarks.harness import REPO, RESULTS, load_average, machine_lines, within
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
          "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_gpu")
@@ -218,15 +218,6 @@ def render(figures: dict, args: argparse.Namespace, elapsed: float, load_at_star
     return "\n".join(lines) + "\n"
 
 
-def within(path: Path) -> str:
-    """`path` relative to the working directory when it lies inside it (the commands each
-    section records then hold no machine's folders), else as it is."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def write_at_top(path: Path, section: str) -> None:
     """Replace the targets section, or put it right after the file's opening paragraph."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
@@ -269,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         command += ["--threads", str(args.threads)] if name in threaded else []
         print(f"== {name}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
         print(f"== {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     figures = {path.stem: json.loads(path.read_text()) for path in sorted(stored.glob("*.json"))
                if path.stem in SUITE}  # fmt: skip

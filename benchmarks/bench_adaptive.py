@@ -46,6 +46,7 @@ from benchmarks.harness import (
     load_average,
     publish,
     section,
+    within,
 )
 from collabvit import cpu_model
 from collabvit.client import ImageRecord
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                    time.perf_counter() - began_at)  # fmt: skip
     publish(args, "bench_adaptive", body,
             {"results": results, "offline": offline, "windows": table,
-             "figure": [str(p) for p in figure] if figure else None})  # fmt: skip
+             "figure": [within(p) for p in figure] if figure else None})  # fmt: skip
 
 
 def summarise(args, table: dict, runs: dict, frontiers: dict, budget: float,

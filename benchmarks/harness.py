@@ -23,6 +23,7 @@ import torch
 from collabvit import cpu_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+REPO = RESULTS.parents[1]
 
 
 @dataclass
@@ -97,12 +98,42 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start (written by benchmarks/{name}.py) -->", f"<!-- {name}:end -->"
 
 
+def within(path: Path | str) -> str:
+    """`path` relative to the repository's root when it lies inside it (the commands each
+    section records then hold no machine's folders), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def rerun_command(name: str, argv: list[str]) -> str:
+    """The command that reruns benchmark `name` from the repository's root with the
+    arguments `argv`: paths inside the repository relative to it, and an option whose file
+    lies outside it (a temporary file of that run, such as the suite's --json) left out,
+    so that the command holds no machine's folders."""
+    kept: list[str] = []
+    for argument in argv:
+        option, equals, value = argument.partition("=") if argument.startswith("--") \
+            else ("", "", argument)  # fmt: skip
+        if not value.startswith("/"):
+            kept.append(argument)
+            continue
+        relative = within(value)
+        if relative.startswith("/"):  # outside the repository: drop it with its option
+            if not equals and kept and kept[-1].startswith("--"):
+                kept.pop()
+            continue
+        kept.append(f"{option}={relative}" if equals else relative)
+    return shlex.join(["python", "-m", f"benchmarks.{name}", *kept])
+
+
 def section(name: str, title: str, body: list[str], load_at_start: str,
             elapsed: float | None = None) -> str:  # fmt: skip
     """Benchmark `name`'s results section: its title and body, then how to rerun it (this
-    process's own arguments) and the machine it ran on."""
+    process's own arguments, rerun_command) and the machine it ran on."""
     start, end = markers(name)
-    command = shlex.join(["python", "-m", f"benchmarks.{name}", *sys.argv[1:]])
+    command = rerun_command(name, sys.argv[1:])
     lines = [start, f"## {title} (`{name}.py`)", "", *body, "", "Regenerate with:", "", "```",
              command, "```", "", "Machine:", "",
              *machine_lines(torch.get_num_threads(), load_at_start)]  # fmt: skip

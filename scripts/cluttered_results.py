@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from readme_block import write_block
+from readme_block import opening_blocks, write_block, write_blocks
 
 from collabvit import plots, versions, vit, zoo
 from collabvit.config import EdgeConfig
@@ -363,6 +363,7 @@ def main() -> None:
     write_block(args.readme, "cluttered-results", render(results))
     fmnist = json.loads((REPO / "benchmarks" / "fmnist_results.json").read_text())
     write_block(args.readme, "opening", render_opening(fmnist, results))
+    write_blocks(args.readme, opening_blocks(default_row(fmnist["rows"]), fmnist, results))
     for row in results["targets"]:
         print(f"{'holds' if row['holds'] else 'MISSES'}: {row['target']}: {row['measured']}")
 

@@ -202,3 +202,24 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models_built_once():
+    """Each model spec becomes a model once in the module that asks for this (building a
+    ViT, its weight initialisation, costs more than a few images through it); every command
+    still loads and checks its pair through load_pair. For commands that do not change
+    their models."""
+    from collabvit import pair
+
+    built, load_model = {}, pair.load_model
+
+    def once(spec, server=False):
+        key = (repr(spec), server)
+        if key not in built:
+            built[key] = load_model(spec, server)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pair, "load_model", once)
+        yield

@@ -20,30 +20,11 @@ def between(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-@pytest.fixture(scope="module")
-def shared_models():
-    """Each model loads once for this module's commands: building a ViT costs more than
-    what these commands then do with a few images, and no command changes its models."""
-    from collabvit import pair
-
-    loaded, load = {}, pair.load_model
-
-    def load_once(spec, server=False):
-        key = (repr(spec), server)
-        if key not in loaded:
-            loaded[key] = load(spec, server)
-        return loaded[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pair, "load_model", load_once)
-        yield
-
-
 # ------------------------------------------------------------------ serve --data-set
 
 
 def test_serve_data_set_serves_that_data_sets_shipped_server(run_cli, monkeypatch,
-                                                             shared_models):
+                                                             models_built_once):
     """`collabvit serve --data-set fmnist-cluttered` loads and serves the cluttered server
     (the listening itself is replaced: the model is what the flag chooses)."""
     import collabvit.service
@@ -83,7 +64,7 @@ def test_serve_help_and_readme_name_the_data_set_flag(run_cli):
 
 
 def test_visualize_prints_the_gates_decision_and_the_items_patches(run_cli, tmp_path,
-                                                                   shared_models):
+                                                                   models_built_once):
     """At the pair's operating point canvas 0 stays at the edge and canvas 6 is sent: only
     the sent one gets a server's answer, both say how much of their item the selection
     kept; README's example is this very output."""
@@ -147,7 +128,7 @@ def test_readme_shows_the_budget_line_the_controller_writes():
     assert f"Budget cost 0.05: communication cost 0.0525, {line.text()}; ..." in section
 
 
-def test_a_run_that_ends_beyond_the_tolerance_says_so(run_cli, tmp_path, shared_models):
+def test_a_run_that_ends_beyond_the_tolerance_says_so(run_cli, tmp_path, models_built_once):
     """A frontier that understates the patches a sent canvas takes (10 of 49 for all 49)
     makes the cost controller send five times what its budget pays for: the budget line and
     the results file say the run ended beyond what the controller holds."""
@@ -170,3 +151,28 @@ def test_a_run_that_ends_beyond_the_tolerance_says_so(run_cli, tmp_path, shared_
     assert held["within"] is False and held["deviation"] > held["tolerance"] > 0
     assert held["spent"] == json.loads((tmp_path / "eval.json").read_text())["summary"][
         "comm_cost"]
+
+
+# ------------------------------------------------------------------ benchmark commands
+
+
+def test_benchmark_results_hold_no_machines_folders():
+    """RESULTS.md's 'Regenerate with' commands run from any checkout: no absolute path,
+    no temporary folder of the run that wrote them."""
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    assert not [folder for folder in ("/tmp/", "/work/", "/home/") if folder in text]
+    commands = re.findall(r"Regenerate with:\n\n```\n(.*?)\n```", text)
+    assert len(commands) >= 10 and all(c.startswith("python -m benchmarks.") for c in commands)
+    assert not [c for c in commands if any(w.lstrip("-").split("=")[-1].startswith("/")
+                                           for w in c.split())]  # fmt: skip
+
+
+def test_a_benchmarks_rerun_command_is_repository_relative():
+    from benchmarks.harness import rerun_command
+
+    argv = ["--output", str(REPO / "benchmarks" / "RESULTS.md"), "--json",
+            "/tmp/collabvit-bench-x/bench_eval.json", f"--extra={REPO}/runs/x", "--threads",
+            "2"]  # fmt: skip
+    assert rerun_command("bench_eval", argv) == ("python -m benchmarks.bench_eval --output "
+                                                 "benchmarks/RESULTS.md --extra=runs/x "
+                                                 "--threads 2")  # fmt: skip

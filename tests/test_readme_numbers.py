@@ -160,3 +160,19 @@ def test_model_tables_are_the_cards():
         cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
         assert cells[-2:] == [f"{card['validation_acc']:.2f} %", f"{card['test_acc']:.2f} %"]
         assert cells[3].startswith(card["storage"])
+
+
+def test_opening_prose_is_the_regenerated_one():
+    """The sentences beside the opening table and below the demo lines are rendered from the
+    same results, so a changed figure changes them; the random patches they compare with are
+    the cluttered results' own row at the default point's sent canvases and patch count."""
+    rows = script("cluttered_results").default_row(RESULTS["rows"])
+    blocks = script("readme_block").opening_blocks(rows, RESULTS, CLUTTERED)
+    for name, text in blocks.items():
+        assert between(README, *markers(name)).strip() == text, f"README's {name} drifted"
+    random = next(r for r in CLUTTERED["rows"] if r["policy"] == "random"
+                  and r["measure"] == "min_entropy")  # fmt: skip
+    assert f"with {random['threshold']} random patches would give " \
+           f"{random['collab_acc']:.2f} %" in blocks["opening-prose"]  # fmt: skip
+    drifted = {**CLUTTERED, "edge_alone": CLUTTERED["edge_alone"] + 1}
+    assert script("readme_block").opening_blocks(rows, RESULTS, drifted) != blocks
