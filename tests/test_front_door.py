@@ -140,13 +140,13 @@ def test_a_run_that_ends_beyond_the_tolerance_says_so(run_cli, tmp_path, models_
                                                 "policy": "attention_sum_threshold",
                                                 "measure": "min_entropy", "images": 100,
                                                 "points": [point]}]}))  # fmt: skip
-    result = run_cli("eval", "--data-set", "fmnist-cluttered", "--limit", "300", "--quiet",
+    result = run_cli("eval", "--data-set", "fmnist-cluttered", "--limit", "128", "--quiet",
                      "--budget-cost", "0.02", "--frontier", str(frontier),
                      "--results-file", str(tmp_path / "eval.json"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
     assert re.match(r"Budget cost 0\.02: communication cost 0\.\d+, over the budget by "
-                    r"[\d.]+ %, beyond the ±[\d.]+ % this controller holds on 300 images;", line)
+                    r"[\d.]+ %, beyond the ±[\d.]+ % this controller holds on 128 images;", line)
     held = json.loads((tmp_path / "eval.json").read_text())["budget"]
     assert held["within"] is False and held["deviation"] > held["tolerance"] > 0
     assert held["spent"] == json.loads((tmp_path / "eval.json").read_text())["summary"][
