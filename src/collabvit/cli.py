@@ -139,6 +139,29 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("run"), TrainRun)
 
 
+def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    """The paper's models, data set, crop and operating point are fixed: only the weights
+    files, the images' folder, how to run and what to write can be given."""
+    from collabvit.config import ReproduceConfig
+
+    weights = parser.add_argument_group("the paper's weights (default: timm's hub)")
+    only_weights = tuple(f.name for f in fields(ModelSpec) if f.name != "weights")
+    add_config_arguments(weights, ModelSpec, EDGE_FLAGS, exclude=only_weights)
+    add_config_arguments(weights, ModelSpec, SERVER_FLAGS, exclude=only_weights)
+    images = parser.add_argument_group("ImageNet val")
+    add_config_arguments(images, ReproduceConfig, exclude=REPRODUCE_RUN_FIELDS)
+    add_config_arguments(images, DataSpec, exclude=("data_set", "data_path", "split", "crop_pct",
+                                                    "clutter", "inputs_normalized"))  # fmt: skip
+    add_config_arguments(parser.add_argument_group("run"), RunConfig)
+    outputs = parser.add_argument_group("outputs and saved progress")
+    add_config_arguments(outputs, EvalOutputs, exclude=("per_image",))
+    add_config_arguments(outputs, ReproduceConfig, exclude=("data_path",))
+
+
+# ReproduceConfig's fields but --data-path: what the run saves and draws
+REPRODUCE_RUN_FIELDS = ("state_file", "resume", "chunk_images", "sweep")
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -315,6 +338,82 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
                       skipped_images=result.skipped, **held)  # fmt: skip
     if outputs.per_image:
         write_per_image(outputs.per_image, result.records)
+    return 0
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from collabvit import reproduce
+    from collabvit.config import ReproduceConfig
+
+    settings = None
+    try:
+        settings = ReproduceConfig(**given_values(ReproduceConfig, args))
+        outputs = EvalOutputs(**given_values(EvalOutputs, args))
+        run = RunConfig(**given_values(RunConfig, args))
+        reading = {k: v for k, v in given_values(DataSpec, args).items() if k != "data_path"}
+        data = reproduce.paper_data(settings.data_path, **reading)
+        edge_spec, server_spec = reproduce.PAPER.model_specs(
+            given_values(ModelSpec, args, EDGE_FLAGS).get("weights"),
+            given_values(ModelSpec, args, SERVER_FLAGS).get("weights"))  # fmt: skip
+        config = reproduce.PAPER.edge_config()
+        _check_output_file(outputs.results_file)
+        _check_output_file(settings.state_file)
+        if settings.sweep:
+            from collabvit.sweep import OUTPUT_FILES
+
+            _check_output_dir(settings.sweep, (*OUTPUT_FILES, "frontier.png", "frontier.svg"))
+        left = None if settings.resume else reproduce.unfinished(settings.state_file)
+        if left:
+            raise UsageError(f"{settings.state_file} holds an unfinished run ({left[0]:,} of "
+                             f"{left[1]:,} images): pass --resume to continue it, or another "
+                             "--state-file")  # fmt: skip
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("reproduce runs in one process, not under torchrun")
+        for spec in (edge_spec, server_spec):
+            _check_input_file(spec.weights, "weights file")
+        problem = reproduce.missing_weights(edge_spec, server_spec)
+        if problem:
+            raise UsageError(problem)
+        identity = reproduce.run_identity(edge_spec, server_spec, data, config, run.seed)
+        if settings.resume:  # a state from other settings is refused before any model loads
+            reproduce.load_state(settings.state_file, identity)
+        pair = _load_pair("reproduce", edge_spec, server_spec, data, run)
+        result = reproduce.run(pair, config, settings.state_file, identity, settings.resume,
+                               settings.chunk_images, run.seed, _progress(run))  # fmt: skip
+        summary = result.summary
+        from collabvit.metrics import format_summary
+
+        print(format_summary(summary, config.masking_mode, config.masking_th, config.uncer_mode,
+                             config.uncer_th))  # fmt: skip
+        rows = reproduce.compare(summary)
+        print(reproduce.format_comparison(rows, summary.images))
+        if result.skipped:
+            _warn("reproduce", f"skipped {result.skipped} unreadable images")
+        provenance = _provenance("reproduce", edge_model=edge_spec, server_model=server_spec,
+                                 data=data, edge=config, run=run, reproduce=settings)  # fmt: skip
+        provenance["weights_sha256"] = {role: identity[f"{role}_model"]["sha256"]
+                                        for role in ("edge", "server")}  # fmt: skip
+        extra = {"skipped_images": result.skipped, "published": asdict(reproduce.PAPER),
+                 "comparison": [row.as_dict() for row in rows]}  # fmt: skip
+        if settings.sweep:
+            report, sweep_config, figures = reproduce.sweep_frontier(
+                pair, settings.sweep, provenance, run.seed, _progress(run))  # fmt: skip
+            _print_sweep(report, sweep_config, Path(settings.sweep))
+            print(f"frontier with the paper's point: {figures[0]}")
+            extra["sweep"] = {"out_dir": settings.sweep, "figures": [str(p) for p in figures],
+                              "published_point": asdict(reproduce.reference_point())}
+        if outputs.results_file:
+            from collabvit.evaluate import write_results
+
+            write_results(outputs.results_file, summary, provenance, **extra)
+    except KeyboardInterrupt:
+        left = reproduce.unfinished(settings.state_file) if settings else None
+        where = (f" after {left[0]:,} of {left[1]:,} images; --resume continues from "
+                 f"{settings.state_file}" if left else "")  # fmt: skip
+        print(f"collabvit reproduce: interrupted{where}", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, OSError) as error:  # ModelError, DataError, StateError
+        return _fail("reproduce", error)
     return 0
 
 
@@ -831,6 +930,17 @@ COMMANDS = {
         "Run edge + server collaborative inference over a dataset and print the reference's "
         "six summary lines, then top-5.",
         _add_eval_arguments, run_eval,
+    ),
+    "reproduce": (
+        "the paper's ImageNet run (DeiT-Tiny edge, DeiT-Base server), compared with its "
+        "published figures",
+        "Run `collabvit eval` at the paper's setting (deit_tiny_patch16_224 edge, "
+        "deit_base_patch16_224 server, ImageNet val with DeiT's crop, attention_sum_threshold "
+        "0.97, min_entropy 1.0, mean attention), print its eight lines and each figure beside "
+        "the published one. The run saves its progress after every chunk of images; --resume "
+        "continues an interrupted one. --sweep DIR also draws the accuracy/cost frontier with "
+        "the paper's point.",
+        _add_reproduce_arguments, run_reproduce,
     ),
     "train": (
         "train a small ViT on Fashion-MNIST or its cluttered canvases (optionally with token "

@@ -307,6 +307,34 @@ class EvalOutputs:
         "write one CSV row per image", metavar="FILE"))
 
 
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """The images of `collabvit reproduce`, how it saves its progress, and what it draws
+    besides its figures."""
+
+    data_path: str = field(default="", metadata=flag(
+        "ImageNet val (ILSVRC2012, 50,000 images): ROOT/val/<synset>/<image> or "
+        "ROOT/<synset>/<image>, the folders named n01440764, ...", required=True,
+        metavar="ROOT"))
+    state_file: str = field(default="runs/reproduce/state.json", metadata=flag(
+        "the figures so far, saved after every chunk of images, so that an interrupted run "
+        "can be continued (default: %(default)s)", metavar="FILE"))
+    resume: bool = field(default=False, metadata=flag(
+        "continue the run saved in --state-file (refused when it was made with other data, "
+        "weights or settings)"))
+    chunk_images: int = field(default=1000, metadata=flag(
+        "images between two saves of the state file, rounded up to whole batches "
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    sweep: str | None = field(default=None, metadata=flag(
+        "also sweep accuracy against communication cost on the same images (as `collabvit "
+        "sweep` does) and draw the frontier with the paper's point into DIR", metavar="DIR"))
+
+    def __post_init__(self) -> None:
+        _require([(bool(self.data_path), "reproduce needs ImageNet val: --data-path ROOT"),
+                  (self.chunk_images >= 1, "chunk images must be >= 1"),
+                  (bool(self.state_file), "the state file needs a name")])  # fmt: skip
+
+
 # The sweep's default grid: thirteen deltas of the paper's policy, twenty etas per measure.
 # Fine steps just below 1: on small images the last few per cent of attention sit on a
 # handful of background patches, and which of them a point drops decides its accuracy.

@@ -82,6 +82,24 @@ def _draw_series(axes, label: str, members: Sequence[SweepPoint], style: dict) -
     axes.plot(*zip(*front, strict=True), lw=1.4, label=label, **style)
 
 
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A result measured elsewhere (e.g. a paper's), marked on the frontier."""
+
+    label: str
+    comm_cost: float
+    collab_acc: float
+
+
+def _draw_reference_point(axes, reference: ReferencePoint) -> None:
+    """A red diamond with its label beside it (the legend repeats the label)."""
+    axes.plot(reference.comm_cost, reference.collab_acc, "D", ms=8, color="tab:red",
+              mec="black", mew=0.8, zorder=7, label=reference.label)  # fmt: skip
+    axes.annotate(reference.label, (reference.comm_cost, reference.collab_acc),
+                  textcoords="offset points", xytext=(7, -11), fontsize=7,
+                  color="tab:red")  # fmt: skip
+
+
 def _draw_references(axes, edge_acc: float, server_acc: float | None) -> None:
     """Edge-alone and server-alone accuracies as horizontal lines in neutral tones."""
     axes.axhline(edge_acc, color="tab:gray", ls="--", lw=1, label=f"edge alone {edge_acc:.2f} %")
@@ -90,12 +108,12 @@ def _draw_references(axes, edge_acc: float, server_acc: float | None) -> None:
                      label=f"server alone {server_acc:.2f} %")  # fmt: skip
 
 
-def _zoom(axes, points, overall, edge_acc, server_acc, pick) -> None:
-    """Zoom on the frontier, the reference lines and the pick; say how many points fall below."""
-    high = max(max(p.collab_acc for p in points), server_acc or -math.inf)
+def _zoom(axes, points, overall, edge_acc, server_acc, marked: Sequence[float]) -> None:
+    """Zoom on the frontier, the reference lines and the `marked` accuracies (the pick,
+    reference points); say how many points fall below."""
+    high = max(max(p.collab_acc for p in points), server_acc or -math.inf, *marked)
     shown = overall or points  # without pareto flags, nothing is singled out
-    low = min(min(p.collab_acc for p in shown), edge_acc,
-              pick.collab_acc if pick is not None else math.inf)  # fmt: skip
+    low = min(min(p.collab_acc for p in shown), edge_acc, *marked)
     span = max(high - low, 1.0)
     bottom = low - 0.5 * span
     axes.set_ylim(bottom, high + 0.15 * span)
@@ -113,6 +131,7 @@ def frontier_figure(
     title: str = "",
     pick: SweepPoint | None = None,
     pick_label: str = "pick",
+    references: Sequence[ReferencePoint] = (),
 ) -> Figure:
     """Collaborative accuracy against communication cost, as the paper plots it.
 
@@ -121,7 +140,8 @@ def frontier_figure(
     a line. The points' `pareto` flags (frontier.mark_pareto over all of them) are
     drawn in black, so figure and CSV agree; the edge-alone and server-alone
     accuracies are horizontal reference lines; `pick` (a budget or target pick) is
-    a star whose legend entry starts with `pick_label`.
+    a star whose legend entry starts with `pick_label`; each of `references` (e.g. a
+    published result) is a red diamond labelled beside it and in the legend.
     """
     figure = Figure(figsize=(7.5, 5))
     axes = figure.add_subplot()
@@ -136,7 +156,11 @@ def frontier_figure(
     if pick is not None:
         axes.plot(pick.comm_cost, pick.collab_acc, "*", ms=16, color="gold", mec="black",
                   mew=0.9, zorder=6, label=pick_legend(pick, pick_label))  # fmt: skip
-    _zoom(axes, points, overall, edge_acc, server_acc, pick)
+    for reference in references:
+        _draw_reference_point(axes, reference)
+    marked = [pick.collab_acc] if pick is not None else []
+    _zoom(axes, points, overall, edge_acc, server_acc,
+          marked + [r.collab_acc for r in references])  # fmt: skip
     axes.set_xlabel("communication cost (sent patches / all patches)")
     axes.set_ylabel("collaborative top-1 accuracy (%)")
     axes.set_title(title or "Accuracy against communication cost")
@@ -154,9 +178,11 @@ def plot_frontier(
     title: str = "",
     pick: SweepPoint | None = None,
     pick_label: str = "pick",
+    references: Sequence[ReferencePoint] = (),
 ) -> list[Path]:
     """`frontier_figure` saved as stem.png and stem.svg; returns the paths."""
-    return save(frontier_figure(points, edge_acc, server_acc, title, pick, pick_label), stem)
+    return save(frontier_figure(points, edge_acc, server_acc, title, pick, pick_label,
+                                references), stem)  # fmt: skip
 
 
 # --- one image and its patches ---------------------------------------------------------
