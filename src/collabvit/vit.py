@@ -275,16 +275,29 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.
     return _pick_state_dict(checkpoint, use_ema, path)
 
 
-def build_model(name: str, model_kwargs: Mapping | None = None) -> nn.Module:
-    """Any timm model by name, randomly initialised and not yet checked (ModelError with a
-    one-line reason for an unknown name or arguments it does not take)."""
+def build_model(name: str, model_kwargs: Mapping | None = None,
+                initialise: bool = True) -> nn.Module:  # fmt: skip
+    """Any timm model by name, not yet checked (ModelError with a one-line reason for an
+    unknown name or arguments it does not take).
+
+    With `initialise` False its parameters and persistent buffers are left uninitialised, for
+    a caller that loads all of them; a model with buffers outside its state dict (which no
+    load would fill) is initialised all the same.
+    """
     kwargs = dict(model_kwargs or {})
     if not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r} (see timm.list_models('*vit*'))")
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        if initialise:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as error:
         raise ModelError(f"cannot create {name} with {kwargs}: {error}") from error
+    loaded = set(model.state_dict())
+    if any(buffer not in loaded for buffer, _ in model.named_buffers()):
+        return build_model(name, kwargs)
+    return model.to_empty(device="cpu")
 
 
 def create_vit(
@@ -323,11 +336,13 @@ def create_model(
     package (shipped models) or from timm's hub; `check` vets the architecture before any
     weights are read. Arguments as for `create_vit`."""
     kwargs = dict(model_kwargs or {})
-    model = build_model(name, kwargs)
-    if check is not None:
-        check(model)
     if weights is None and pretrained:
         weights = _local_pretrained_file(name)  # shipped models: no second construction
+    # Weights from a file overwrite every parameter, so the random initialisation (most of
+    # the time it takes to build a model) is skipped: the model is built without storage.
+    model = build_model(name, kwargs, initialise=weights is None)
+    if check is not None:
+        check(model)
     if weights is not None:
         state = read_state_dict(weights, use_ema=use_ema)
         try:
