@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -187,12 +190,93 @@ def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
     wait_until_served(url, timeout, **client_options)
 
 
+class ServeProcess:
+    """`collabvit serve` with the shipped Fashion-MNIST server, as its own process on a free
+    port of 127.0.0.1 (`url`, `port`); its output goes to `log`."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        with log.open("w") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "collabvit", "serve", "--port", str(self.port)],
+                stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def wait_ready(self) -> bool:
+        """Poll its readiness; False when the process stopped first (e.g. the free port was
+        taken between choosing and binding it)."""
+        from collabvit.client import ClientError
+
+        try:
+            wait_ready(self.url, 120, alive=lambda: self.process.poll() is None)
+        except ClientError:
+            if self.process.poll() is None:
+                raise
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+SERVE = pytest.StashKey[ServeProcess]()
+
+
+def start_serve() -> ServeProcess:
+    return ServeProcess(Path(tempfile.mkdtemp(prefix="collabvit-serve-")) / "serve.log")
+
+
+def pytest_collection_finish(session) -> None:
+    """Start `collabvit serve` as soon as the run knows a test needs it: its start-up
+    (torch, the model, the warm-up) overlaps the tests that come before."""
+    if session.config.option.collectonly:
+        return
+    if any("shipped_live" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[SERVE] = start_serve()
+
+
+def pytest_sessionfinish(session) -> None:
+    running = session.config.stash.get(SERVE, None)
+    if running is not None:
+        running.stop()
+        shutil.rmtree(running.log.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def shipped_live(shipped_server):
-    """The shipped server behind the service on 127.0.0.1, for the whole session."""
-    with LiveServer(shipped_app(shipped_server)) as running:
-        wait_ready(running.url)
-        yield running
+def shipped_live(request):
+    """The real `collabvit serve` process of the shipped Fashion-MNIST server, one for the
+    whole session (a process of its own: the edge under test does not share its
+    interpreter with the server, as on two machines)."""
+    running = request.config.stash.get(SERVE, None)
+    for _ in range(3):
+        if running is None:
+            running = request.config.stash[SERVE] = start_serve()
+        if running.wait_ready():
+            return running
+        failed, running = running, None
+    pytest.fail(f"collabvit serve did not start:\n{failed.log.read_text()}", pytrace=False)
+
+
+SHIPPED_IMAGES = 200  # test images on which runs of the shipped pair are compared with eval
+
+
+@pytest.fixture(scope="session")
+def shipped_eval(tmp_path_factory):
+    """`collabvit eval` of the shipped pair on the first SHIPPED_IMAGES test images, in this
+    process: (its stdout lines, its results file's summary)."""
+    out = tmp_path_factory.mktemp("eval") / "eval.json"
+    status, lines = cli_in_process("eval", "--limit", str(SHIPPED_IMAGES), "--quiet",
+                                   "--results-file", str(out))  # fmt: skip
+    assert status == 0
+    return lines, json.loads(out.read_text())["summary"]
 
 
 def free_port() -> int:
@@ -223,3 +307,16 @@ def models_built_once():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pair, "load_model", once)
         yield
+
+
+def cli_in_process(*args: str) -> tuple[int, list[str]]:
+    """`collabvit ARGS` in this process, for session fixtures: (exit status, stdout lines)."""
+    import contextlib
+    import io
+
+    from collabvit.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(list(args))
+    return status, printed.getvalue().splitlines()

@@ -24,7 +24,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -903,6 +903,8 @@ async def run_edge(
     count: int | None = None,
     metadata: dict | None = None,
     controller: Any = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> EdgeReport:
     """Run the edge over batches, offloading uncertain images to the server.
 
@@ -923,6 +925,9 @@ async def run_edge(
             withholds each send, and hears back each answer's bytes, time on the wire and
             the server's load; a 503 or 429 then pauses the sends for the Retry-After
             asked instead of being retried.
+        clock, sleep: the run's clock (seconds) and how it waits for a camera's next images
+            (images_per_second); the images' arrival times and the controller's times are on
+            this clock. Simulated ones run a paced run without waiting for it.
     """
     codec = Codec.parse(config.codec)
     g = edge.geometry
@@ -934,10 +939,11 @@ async def run_edge(
                    if c.carries(geometry.channels)}  # fmt: skip
     slots = asyncio.Semaphore(config.concurrency)
     tasks: set[asyncio.Task] = set()
-    began, began_counter = time.monotonic(), time.perf_counter()
+    began, began_counter = clock(), time.perf_counter()
 
-    def clock() -> float:
-        return time.monotonic() - began
+    def now() -> float:
+        """Seconds since the run began, on the run's clock."""
+        return clock() - began
 
     def finish(record: ImageRecord) -> None:
         records.append(record)
@@ -979,7 +985,7 @@ async def run_edge(
                                 None if answer.transfer_ms is None else answer.transfer_ms / 1000,
                                 answer.load)  # fmt: skip
         elif answer.retry_after is not None:
-            controller.pause(clock() + answer.retry_after)
+            controller.pause(now() + answer.retry_after)
         elif answer.cause == "timeout":
             controller.timed_out()
         else:
@@ -1019,7 +1025,7 @@ async def run_edge(
                     times = [(taken + row + 1) / config.images_per_second
                              for row in range(images.shape[0])]  # fmt: skip
                     taken += images.shape[0]
-                    await asyncio.sleep(max(0.0, times[-1] - clock()))
+                    await sleep(max(0.0, times[-1] - now()))
                     arrived = min(time.perf_counter(), began_counter + times[-1])  # late: waited
                 if controller is not None:
                     edge.set_operating_point(*controller.operating_point())
@@ -1028,7 +1034,7 @@ async def run_edge(
                 edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
                 if controller is not None:  # paced, it sees each image at its arrival
                     uncertainties = as_array(result.uncertainty)
-                    controller.observe(uncertainties, times[0] if times else clock())
+                    controller.observe(uncertainties, times[0] if times else now())
                 full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
                                                full_codecs)  # fmt: skip
                 size, minimum, total = result.selection_statistics()
@@ -1051,7 +1057,7 @@ async def run_edge(
                                 and slots.locked():  # fmt: skip
                             withheld = "busy"  # a budget never lets a camera wait
                         elif controller is not None and not controller.admit(
-                                times[row_index] if times else clock(),
+                                times[row_index] if times else now(),
                                 request_wire_bytes(request) + response_bytes,
                                 float(uncertainties[row_index])):  # fmt: skip
                             withheld = "budget"
@@ -1067,7 +1073,7 @@ async def run_edge(
                     await slots.acquire()
                     settle(tasks)
                     if controller is not None:
-                        controller.sent(clock())
+                        controller.sent(now())
                     tasks.add(asyncio.create_task(offload(row, payload, blob, request,
                                                           arrived)))  # fmt: skip
             await asyncio.gather(*tasks)
