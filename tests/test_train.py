@@ -33,6 +33,10 @@ from collabvit.train import (
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
+# a one-block ViT at a quarter of the shipped edge's width: every epoch validates on 5,000
+# images, and the width decides what that costs
+TINY = {"depth": 1, "embed_dim": 24}
+TINY_FLAG = json.dumps(TINY)
 
 
 def _rates(total_steps: int, warmup_steps: int, steps) -> list[float]:
@@ -136,7 +140,7 @@ def test_config_has_no_validation_size_to_disagree_with_the_split():
 @needs_fmnist
 def test_training_holds_out_the_val_split_whatever_the_seed(tmp_path):
     """Seed 1 trains on images of `--split train` and validates on exactly `--split val`."""
-    config = TrainConfig(model_kwargs={"depth": 1}, train_limit=300, seed=1)
+    config = TrainConfig(model_kwargs=TINY, train_limit=300, seed=1)
     trainer = Trainer(config, tmp_path, progress=False)
     val, train = FashionMNIST(FMNIST, "val"), FashionMNIST(FMNIST, "train")
     assert torch.equal(trainer.val_images, val.images)
@@ -148,7 +152,7 @@ def test_training_holds_out_the_val_split_whatever_the_seed(tmp_path):
 @needs_fmnist
 def test_short_run_resume_and_export_loadable(tmp_path):
     """A few hundred images, one epoch; resuming for a second epoch equals training two at once."""
-    kwargs = dict(model="collabvit_fmnist_edge", model_kwargs={"depth": 1}, train_limit=256,
+    kwargs = dict(model="collabvit_fmnist_edge", model_kwargs=TINY, train_limit=256,
                   batch_size=64, seed=5)  # fmt: skip
     straight = Trainer(TrainConfig(epochs=2, **kwargs), tmp_path / "straight", progress=False)
     straight.fit()
@@ -176,39 +180,58 @@ def test_short_run_resume_and_export_loadable(tmp_path):
         assert json.loads(handle.metadata()["config"]) == card["training"]
     assert recorded_training_config("collabvit_fmnist_edge", weights) == card["training"]
     assert val_overlap(card["training"]) == 0
-    loaded = vit.create_vit("collabvit_fmnist_edge", weights, {"depth": 1})
+    loaded = vit.create_vit("collabvit_fmnist_edge", weights, TINY)
     x = torch.rand(3, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), straight.model.eval()(x), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="another configuration"):
         Trainer(TrainConfig(epochs=3, **kwargs), tmp_path / "straight", progress=False).resume()
+    # a checkpoint written before a config field existed was made with its default
+    state = torch.load(second.checkpoint_path, weights_only=True)
+    del state["config"]["clutter"]
+    torch.save(state, second.checkpoint_path)
+    assert second.resume() and second.start_epoch == 2
 
 
 @needs_fmnist
-def test_train_command_writes_a_checkpoint_the_eval_loader_accepts(tmp_path, capsys):
+def test_train_command_stops_resumes_and_writes_weights_the_eval_loader_accepts(tmp_path,
+                                                                              capsys):  # fmt: skip
+    """`collabvit train --stop-after 1` of a 2-epoch schedule, refused again without --resume,
+    resumed to the schedule's end; eval loads the weights."""
     out = tmp_path / "run"
-    args = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
-            "--out-dir", str(out), "--epochs", "1", "--train-limit", "300",
+    args = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", TINY_FLAG,
+            "--out-dir", str(out), "--epochs", "2", "--train-limit", "300",
             "--token-drop", "0.5", "--quiet"]  # fmt: skip
-    assert main(args) == 0
+    assert main([*args, "--stop-after", "1"]) == 0
     assert "validation" in capsys.readouterr().out
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and 0 <= log[0]["val_acc"] <= 100
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["epochs_trained"] == 1 and card["training"]["epochs"] == 2
     assert main(args) == 2  # refuses to overwrite without --resume
     assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume", "--stop-after", "3"]) == 2
+    assert "beyond the schedule's 2 epochs" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # on to the end of the schedule
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["epochs_trained"] == 2 and [r["epoch"] for r in card["log"]] == [1, 2]
+    assert main([*args, "--resume", "--stop-after", "1"]) == 2
+    assert "past --stop-after 1" in capsys.readouterr().err
     status = main(["eval", "--data-set", "fmnist", "--limit", "64", "--quiet",
-                   "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
+                   "--model", "collabvit_fmnist_edge", "--model-kwargs", TINY_FLAG,
                    "--model-weights", str(out / "model.safetensors"),
-                   "--server-model", "collabvit_fmnist_edge", "--server-kwargs", '{"depth": 1}',
+                   "--server-model", "collabvit_fmnist_edge", "--server-kwargs", TINY_FLAG,
                    "--server-weights", str(out / "model.safetensors")])  # fmt: skip
     assert status == 0
     assert "Collaborative accuracy" in capsys.readouterr().out
 
 
 @needs_fmnist
+@pytest.mark.slow  # four runs; the command's stop, refusals and resume run by default above
 def test_stop_after_ends_a_schedule_early_and_resume_finishes_it(tmp_path, capsys):
-    """--stop-after N trains the first N epochs of the whole schedule (not an N-epoch one)."""
-    base = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", '{"depth": 1}',
+    """--stop-after N trains the first N epochs of the whole schedule (not an N-epoch one):
+    stopped and resumed, it ends with the weights of a run that was never stopped."""
+    base = ["train", "--model", "collabvit_fmnist_edge", "--model-kwargs", TINY_FLAG,
             "--epochs", "2", "--warmup-epochs", "0", "--train-limit", "256", "--batch-size",
             "64", "--seed", "5", "--quiet"]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -275,7 +298,7 @@ def test_distilled_student_records_its_teacher(tmp_path):
     teacher = Trainer(teacher_config, tmp_path / "teacher", progress=False)
     teacher.fit()
     teacher.export(*_test_set(200))
-    student = Trainer(TrainConfig(model_kwargs={"depth": 1}, epochs=1, train_limit=128,
+    student = Trainer(TrainConfig(model_kwargs=TINY, epochs=1, train_limit=128,
                                   batch_size=64, token_drop=0.5, teacher=str(tmp_path / "teacher"),
                                   distill="soft"), tmp_path / "student", progress=False)
     assert student.teacher is not None and not student.teacher.training
@@ -347,13 +370,14 @@ def test_the_teacher_table_returns_the_teachers_logits_and_runs_it_once_per_pair
 
 
 @needs_fmnist
+@pytest.mark.slow  # three runs; the table's saving and keying are checked by default above
 def test_a_distilled_run_keeps_its_teacher_table_across_a_resume(tmp_path):
     teacher = Trainer(TrainConfig(model="collabvit_fmnist_cnn", model_kwargs={"width": 4},
                                   epochs=1, train_limit=64, batch_size=64), tmp_path / "teacher",
                       progress=False)  # fmt: skip
     teacher.fit()
     teacher.export()
-    config = TrainConfig(model_kwargs={"depth": 1}, epochs=2, train_limit=64, batch_size=32,
+    config = TrainConfig(model_kwargs=TINY, epochs=2, train_limit=64, batch_size=32,
                          teacher=str(tmp_path / "teacher"))  # fmt: skip
     first = Trainer(config, tmp_path / "student", progress=False)
     record = next(first.epochs())
@@ -445,31 +469,56 @@ def test_a_teacher_file_that_is_not_safetensors_is_a_clear_error(tmp_path):
 
 
 @needs_fmnist
-def test_cluttered_training_draws_new_canvases_and_distils_from_a_canvas_teacher(tmp_path, capsys):
+def test_cluttered_training_draws_canvases_of_its_items_with_the_clutter_asked(tmp_path, capsys):
+    """Augmentation a of a training canvas is draw a // 2 of its item's canvas, flipped when a
+    is odd (draw 0: the published canvas); --clutter changes every draw; a model of another
+    image size is a one-line error."""
+    from collabvit.cluttered import spec_with
+    from collabvit.data import ClutteredFashionMNIST
+    from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
+
+    data = ClutteredTraining(FMNIST, augmented=True, limit=32)
+    assert data.augmentations == 2 * CLUTTERED_DRAWS and len(data.labels) == 32
+    published = ClutteredFashionMNIST(FMNIST, "train")
+    images = data.batch(torch.tensor([0, 5, 5, 31]), torch.tensor([0, 0, 1, 6]))
+    assert images.shape == (4, 1, 56, 56) and images.dtype == torch.uint8
+    first, last = published.canvases([0, 31])  # the published canvases: draw 0
+    assert torch.equal(images[0], first)  # draw 0 is the published canvas
+    assert torch.equal(images[2], images[1].flip(-1))  # odd: the same draw, flipped
+    assert not torch.equal(images[3], last)  # draw 3: another canvas
+    assert torch.equal(images[3], published.canvases([31], 3)[0])
+
+    busy = {"fragments": 12, "seed": 3}
+    changed = ClutteredTraining(FMNIST, augmented=True, limit=32, clutter=busy)
+    expected = ClutteredFashionMNIST(FMNIST, "train", spec_with(busy))
+    assert torch.equal(changed.batch(torch.tensor([0, 7]), torch.tensor([0, 4])),
+                       torch.stack([expected.canvases([0])[0], expected.canvases([7], 2)[0]]))
+    assert changed.key() != data.key()  # a teacher table of other canvases is not taken
+
+    # a Fashion-MNIST model cannot train on canvases
+    status = main(["train", "--model", "collabvit_fmnist_edge", "--data-set",
+                   "fmnist-cluttered", "--train-limit", "32", "--quiet", "--out-dir",
+                   str(tmp_path)])  # fmt: skip
+    assert status == 2
+    assert "fmnist-cluttered training images are (1, 56, 56)" in capsys.readouterr().err
+
+
+@needs_fmnist
+@pytest.mark.slow  # two runs on canvases; the canvases' draws are checked by default above
+def test_cluttered_training_distils_from_a_canvas_teacher(tmp_path, capsys):
     """A tiny run on fmnist-cluttered: the teacher and a distilled student train, export and
-    record the data set; augmentation a is canvas draw a // 2, flipped when a is odd."""
+    record the data set; validation is on the val split's published canvases."""
     from collabvit.data import ClutteredFashionMNIST
     from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=64)
-    assert data.augmentations == 2 * CLUTTERED_DRAWS and len(data.labels) == 64
-    published = ClutteredFashionMNIST(FMNIST, "train")
-    index = torch.tensor([0, 5, 5, 63])
-    images = data.batch(index, torch.tensor([0, 0, 1, 6]))
-    assert images.shape == (4, 1, 56, 56) and images.dtype == torch.uint8
-    first, last = published.canvases([0, 63])  # the published canvases: draw 0
-    assert torch.equal(images[0], first)  # draw 0 is the published canvas
-    assert torch.equal(images[2], images[1].flip(-1))  # odd: the same draw, flipped
-    assert not torch.equal(images[3], last)  # draw 3: another canvas
-    assert torch.equal(images[3], published.canvases([63], 3)[0])
-    val = ClutteredFashionMNIST(FMNIST, "val")
-    assert torch.equal(data.val_images, val.images)
+    assert torch.equal(data.val_images, ClutteredFashionMNIST(FMNIST, "val").images)
 
     teacher = ["--model", "collabvit_cluttered_cnn", "--model-kwargs", '{"width": 4}']
     common = ["--data-set", "fmnist-cluttered", "--epochs", "1", "--train-limit", "64",
               "--batch-size", "32", "--quiet"]  # fmt: skip
     assert main(["train", *teacher, *common, "--out-dir", str(tmp_path / "teacher")]) == 0
-    student = ["--model", "collabvit_cluttered_edge", "--model-kwargs", '{"depth": 1}',
+    student = ["--model", "collabvit_cluttered_edge", "--model-kwargs", TINY_FLAG,
                "--teacher", str(tmp_path / "teacher"), "--token-drop", "0.5"]  # fmt: skip
     assert main(["train", *student, *common, "--out-dir", str(tmp_path / "student")]) == 0
     assert "test" in capsys.readouterr().out
@@ -481,14 +530,10 @@ def test_cluttered_training_draws_new_canvases_and_distils_from_a_canvas_teacher
     table = TeacherOutputs.FILE
     with safe_open(str(tmp_path / "student" / table), framework="pt") as handle:
         assert handle.get_tensor("logits").shape == (64, 2 * CLUTTERED_DRAWS, 10)
-    # a Fashion-MNIST model cannot train on canvases: a one-line error
-    status = main(["train", "--model", "collabvit_fmnist_edge", *common,
-                   "--out-dir", str(tmp_path / "wrong")])  # fmt: skip
-    assert status == 2
-    assert "fmnist-cluttered training images are (1, 56, 56)" in capsys.readouterr().err
 
 
 @needs_fmnist
+@pytest.mark.slow  # three runs' set-ups on canvases; --clutter's training draws run by default
 def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_checkpoints(
     tmp_path, capsys
 ):
@@ -500,17 +545,13 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
 
     busy = {"fragments": 12, "seed": 3}
     data = ClutteredTraining(FMNIST, augmented=True, limit=32, clutter=busy)
-    expected = ClutteredFashionMNIST(FMNIST, "train", spec_with(busy))
-    assert torch.equal(data.batch(torch.tensor([0, 7]), torch.tensor([0, 4])),
-                       torch.stack([expected.canvases([0])[0], expected.canvases([7], 2)[0]]))
     busy_val = ClutteredFashionMNIST(FMNIST, "val", spec_with(busy)).images
     assert torch.equal(data.val_images, busy_val)
     assert not torch.equal(busy_val, ClutteredFashionMNIST(FMNIST, "val").images)
-    assert data.key() != ClutteredTraining(FMNIST, augmented=True, limit=32).key()
 
     out = tmp_path / "run"
     common = ["train", "--data-set", "fmnist-cluttered", "--model", "collabvit_cluttered_edge",
-              "--model-kwargs", '{"depth": 1}', "--epochs", "1", "--train-limit", "32",
+              "--model-kwargs", TINY_FLAG, "--epochs", "1", "--train-limit", "32",
               "--batch-size", "32", "--quiet", "--out-dir", str(out)]  # fmt: skip
     assert main([*common, "--clutter", json.dumps(busy)]) == 0
     card = json.loads((out / "model_card.json").read_text())
@@ -524,7 +565,7 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
     assert "another configuration" in capsys.readouterr().err
 
     # a checkpoint written before --clutter existed has no such key: it meant the default
-    published = TrainConfig(model="collabvit_cluttered_edge", model_kwargs={"depth": 1},
+    published = TrainConfig(model="collabvit_cluttered_edge", model_kwargs=TINY,
                             data_set="fmnist-cluttered", epochs=2, train_limit=32,
                             batch_size=32)  # fmt: skip
     old = Trainer(published, tmp_path / "old", progress=False)
