@@ -115,9 +115,13 @@ def test_a_model_that_fails_to_load_says_why(server):
         raise RuntimeError("weights are corrupt")
 
     with LiveServer(create_app(ServiceSettings(model_name=NAME), broken)) as running:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 20  # the load fails in the background, soon
+        while "weights are corrupt" not in (answer := infer(running.url, [b"x"])).text:
+            assert_error(answer, 503, "not ready")  # still loading
+            assert time.monotonic() < deadline, "the failure was never reported"
+            time.sleep(0.01)
+        assert_error(answer, 503, "weights are corrupt")
         assert httpx.get(f"{running.url}/v2/health/ready").status_code == 503
-        assert_error(infer(running.url, [b"x"]), 503, "weights are corrupt")
 
 
 def test_server_and_model_metadata(live, server):
@@ -377,7 +381,11 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
             pending = pool.submit(httpx.post, f"{url}/v2/models/collabvit_fmnist_server/infer",
                                   content=body, headers={INFERENCE_HEADER: str(header_length)},
                                   timeout=30)  # fmt: skip
-            time.sleep(0.5)  # the request now waits for its batch to fill
+            deadline = time.monotonic() + 30
+            while "collabvit_admitted_images 1.0" not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline, "the request never reached the server"
+                time.sleep(0.01)
+            # the request now waits for its batch to fill
             process.send_signal(signal.SIGTERM)
             response = pending.result()
         assert response.status_code == 200
@@ -440,7 +448,7 @@ def test_edge_user_mistakes_are_one_line_errors(run_cli, args, words):
 
 
 def test_the_readme_curl_call_works(shipped_live):
-    """The README's curl example, sent as written, gets logits from the shipped server."""
+    """The README's curl example, sent as written, gets logits from `collabvit serve`."""
     import re
     from pathlib import Path
 
