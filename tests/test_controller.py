@@ -192,7 +192,7 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     from collabvit.evaluate import evaluate
     from collabvit.pair import load_pair
 
-    swept = run_cli("sweep", "--limit", "384", "--quiet", "--out-dir", str(tmp_path),
+    swept = run_cli("sweep", "--limit", "384", "--quiet", "--no-plots", "--out-dir", str(tmp_path),
                     "--attention-modes", "mean", "--uncer-modes", "min_entropy",
                     "--policy", "attention_sum_threshold=0.95,0.999", "--etas",
                     "0.1,0.2,0.3,0.5,1.0")  # fmt: skip
@@ -206,8 +206,6 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     held = evaluate(edge, pair.server(), pair.loader(), progress=False, controller=controller)
     assert held.summary.comm_cost == pytest.approx(0.1, rel=0.15), held.summary.comm_cost
     assert edge.config == pair.default_config()  # the edge's own point is back
-    plain = evaluate(edge, pair.server(), pair.loader(), progress=False)
-    assert plain.summary.comm_cost == pytest.approx(0.2434, abs=0.03)  # the shipped point
 
 
 # ------------------------------------------------------------------ back-pressure
