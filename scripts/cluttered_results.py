@@ -1,6 +1,6 @@
 """Cluttered Fashion-MNIST results: the paper's claims, measured where *which* patches matter.
 
-    python scripts/cluttered_results.py [--budget 0.1] [--limit N]
+    python scripts/cluttered_results.py [--budget 0.1] [--bytes-only | --slice-only]
 
 1. Default operating point, on the validation canvases: the most accurate (delta, eta) of
    attention_sum_threshold + min_entropy whose validation communication cost is at most
@@ -15,6 +15,9 @@
 4. Collaboration at the default point (test): edge alone, server alone, every policy and
    uncertainty measure calibrated on validation to the default's sent share and patch count.
 5. The targets the paper's idea predicts, measured.
+6. `collabvit eval` on the first test canvases (`slice`, as scripts/fmnist_results.py
+   measures them), which tests/test_shipped_slices.py measures again; --slice-only
+   measures them alone into the JSON of an earlier run.
 
 Writes benchmarks/cluttered_results.json, the figures in docs/findings/cluttered/ and the
 table between the cluttered-results markers in README.md (tests/test_readme_numbers.py
@@ -325,7 +328,14 @@ def main() -> None:
     parser.add_argument("--bytes-only", action="store_true",
                         help="only take the bytes from --deploy into the results already in "
                         "--json (the deploy table runs at the point the full run ships)")
+    parser.add_argument("--slice-only", action="store_true",
+                        help="only measure the test slice into the results already in --json")
     args = parser.parse_args()
+    if args.slice_only:
+        results = json.loads(args.json.read_text())
+        results["slice"] = FMNIST_RESULTS.eval_slice("fmnist-cluttered")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
 
     if args.bytes_only:
         results = json.loads(args.json.read_text())
@@ -338,6 +348,7 @@ def main() -> None:
         FMNIST_RESULTS.ship_operating_point(
             results["default"], args.budget, zoo.CLUTTERED_EDGE, zoo.CLUTTERED_SERVER,
             "scripts/cluttered_results.py", "the validation canvases")
+        results["slice"] = FMNIST_RESULTS.eval_slice("fmnist-cluttered")
         results["provenance"] = {
             "script": "scripts/cluttered_results.py", "edge": zoo.CLUTTERED_EDGE,
             "server": zoo.CLUTTERED_SERVER, "seed": 0,

@@ -1,6 +1,7 @@
 """Fashion-MNIST results: choose the default operating point on validation, report on test.
 
     python scripts/fmnist_results.py [--no-drop-server runs/train/server_nodrop/model.safetensors]
+        [--slice-only]
 
 1. On the validation split (5,000 training images held out by training), sweep
    delta of attention_sum_threshold and eta of min_entropy for the shipped pair
@@ -12,7 +13,11 @@
    calibrated on validation to the default's operating point (same sent
    fraction for every measure; for the policies the same mean patch count),
    with the token-drop server and, given --no-drop-server, one trained without it.
-3. Write the table between the results markers in README.md and the raw
+3. `collabvit eval` on the first SLICE_IMAGES test images, at the default point and
+   with every patch of every image sent (the server alone): these figures
+   (`slice`) are what tests/test_shipped_slices.py measures again in the default
+   test suite. --slice-only measures them alone into the JSON of an earlier run.
+4. Write the table between the results markers in README.md and the raw
    numbers to benchmarks/fmnist_results.json (tests/test_readme_numbers.py checks
    that the two agree).
 """
@@ -20,7 +25,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,6 +55,32 @@ from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURES = ("min_entropy", "shannon_entropy", "margin")
+# The first test images of each shipped pair that the default test suite evaluates again
+# (eval's default batch size, 64, both times: float sums depend on the batching), and the
+# `collabvit eval` flags of each run on them.
+SLICE_IMAGES = 200
+SLICE_RUNS = {"default point": (),
+              "server alone": ("--uncer-mode", "none", "--masking-th", "1.0")}  # fmt: skip
+
+
+def eval_slice(data_set: str, images: int = SLICE_IMAGES) -> dict:
+    """`collabvit eval --data-set DATA_SET --limit IMAGES` in this process, once per SLICE_RUNS
+    entry: {"images", "runs": {name: {"flags", "results": its results file (summary,
+    config with seed, data and versions)}}}."""
+    from collabvit.cli import main as collabvit
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, flags) in enumerate(SLICE_RUNS.items()):
+            out = Path(folder) / f"run{index}.json"
+            argv = ["eval", "--data-set", data_set, "--limit", str(images), "--quiet",
+                    "--results-file", str(out), *flags]  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):
+                status = collabvit(argv)
+            if status:
+                raise SystemExit(f"collabvit {' '.join(argv)} failed (exit {status})")
+            runs[name] = {"flags": list(flags), "results": json.loads(out.read_text())}
+    return {"images": images, "runs": runs}
 
 
 def edge_pass(edge_model, split: str) -> EdgePass:
@@ -136,7 +170,14 @@ def main() -> None:
     )
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "fmnist_results.json")
+    parser.add_argument("--slice-only", action="store_true",
+                        help="only measure the test slice into the results already in --json")
     args = parser.parse_args()
+    if args.slice_only:
+        results = json.loads(args.json.read_text())
+        results["slice"] = eval_slice("fmnist")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
 
     edge_model = vit.create_vit(zoo.EDGE)
     servers = {"token drop": vit.create_vit(zoo.SERVER, server=True)}
@@ -169,6 +210,7 @@ def main() -> None:
         "edge_alone": edge_alone,
         "budget": args.budget,
         "rows": rows,
+        "slice": eval_slice("fmnist"),
         "provenance": {"script": "scripts/fmnist_results.py", "edge": zoo.EDGE,
                        "servers": {name: getattr(m, "default_cfg", {}).get("architecture")
                                    for name, m in servers.items()},

@@ -10,9 +10,10 @@ and counts: the largest logit difference, the images whose gate or kept patches 
 and how many of those had a deciding quantity within 1e-5 of its threshold (float32 sums
 in another order may fall either side there). For int8 it runs the shipped server on the
 int8 edge's payloads: edge accuracy, gate agreement with fp32, collaborative accuracy and
-communication cost against fp32's. Writes the figures with their provenance to the JSON
-and the table between the onnx-edge markers in README.md (tests/test_readme_numbers.py
-checks that they agree).
+communication cost against fp32's, and the same on the first SLICE test images alone
+(`slice`, which tests/test_shipped_slices.py measures again with a fresh export). Writes
+the figures with their provenance to the JSON and the table between the onnx-edge markers
+in README.md (tests/test_readme_numbers.py checks that they agree).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = {"fmnist": FashionMNIST, "fmnist-cluttered": ClutteredFashionMNIST}
 BATCH, MARGIN, CALIBRATION = 256, 1e-5, 1000
 KEEP_IF_WITHIN = 0.3  # collaborative accuracy points int8 may lose and still be kept
+SLICE = 200  # the first test images whose int8 figures the default test suite measures again
 
 
 def near_threshold(scores: np.ndarray, measure: np.ndarray, config) -> np.ndarray:
@@ -56,8 +58,7 @@ def near_threshold(scores: np.ndarray, measure: np.ndarray, config) -> np.ndarra
     return close
 
 
-def collaborative(edge_out, server: Server, labels: np.ndarray, images: np.ndarray,
-                  running: RunningSummary) -> None:  # fmt: skip
+def collaborative(edge_out, server: Server, labels: np.ndarray, running: RunningSummary) -> None:
     """Add one batch of an edge's decisions, answered by the server where sent."""
     final = edge_out.logits.copy()
     sent = np.flatnonzero(~edge_out.confident)
@@ -105,8 +106,8 @@ def report_pair(data_set: str, limit: int | None, folder: Path) -> dict:
         int8_counts["gate_agrees"] += int((small.confident == ours.confident).sum())
         int8_counts["keep_agrees"] += int((small.keep == ours.keep).all(axis=1).sum())
         int8_counts["edge_correct"] += int((small.logits.argmax(axis=1) == labels).sum())
-        collaborative(ours, server, labels, images.numpy(), summaries["fp32"])
-        collaborative(small, server, labels, images.numpy(), summaries["int8"])
+        collaborative(ours, server, labels, summaries["fp32"])
+        collaborative(small, server, labels, summaries["int8"])
     figures = {name: running.summary().as_dict() for name, running in summaries.items()}
     loss = figures["fp32"]["collab_acc"] - figures["int8"]["collab_acc"]
     return {
@@ -119,7 +120,22 @@ def report_pair(data_set: str, limit: int | None, folder: Path) -> dict:
                  "graph_mb": (folder / "edge.int8.onnx").stat().st_size / 1e6},
         "graph_mb": (folder / "edge.onnx").stat().st_size / 1e6,
         "summaries": figures,
+        "int8_card": json.loads((folder / "edge.json").read_text())["int8"],
+        "slice": int8_slice(folder, test, server),
     }  # fmt: skip
+
+
+def int8_slice(folder: Path, test, server: Server, images: int = SLICE) -> dict:
+    """The int8 graph of the export in `folder` with `server` on the first `images` images of
+    the `test` data set, in one batch on one thread: {"images", "graph_sha256" (fp32 and
+    int8 graphs), "int8": the run's summary}."""
+    edge = OnnxEdge(folder, threads=1, int8=True)
+    card, running = edge.card, RunningSummary(edge.geometry.num_patches)
+    collaborative(edge.process(test.images[:images].numpy()), server,
+                  test.labels[:images].numpy(), running)  # fmt: skip
+    return {"images": images, "threads": 1,
+            "graph_sha256": {"fp32": card["graph_sha256"], "int8": card["int8"]["graph_sha256"]},
+            "int8": running.summary().as_dict()}  # fmt: skip
 
 
 def render(results: dict) -> str:

@@ -320,3 +320,39 @@ def cli_in_process(*args: str) -> tuple[int, list[str]]:
     with contextlib.redirect_stdout(printed):
         status = main(list(args))
     return status, printed.getvalue().splitlines()
+
+
+SERVER_ALONE = ("--uncer-mode", "none", "--masking-th", "1.0")  # every patch of every image sent
+
+
+@pytest.fixture(scope="session")
+def shipped_slices(shipped_eval, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    """Both shipped pairs on their first SHIPPED_IMAGES test images as `collabvit eval`
+    measures them now: {data set: {"default point": summary, "server alone": summary with
+    SERVER_ALONE}}; Fashion-MNIST's default point is shipped_eval's run."""
+    folder = tmp_path_factory.mktemp("slices")
+
+    def summary(data_set: str, *flags: str) -> dict:
+        out = folder / f"{data_set}-{len(flags)}.json"
+        status, _ = cli_in_process("eval", "--data-set", data_set, "--limit",
+                                   str(SHIPPED_IMAGES), "--quiet", "--results-file", str(out),
+                                   *flags)  # fmt: skip
+        assert status == 0
+        return json.loads(out.read_text())["summary"]
+
+    return {"fmnist": {"default point": shipped_eval[1],
+                       "server alone": summary("fmnist", *SERVER_ALONE)},
+            "fmnist-cluttered": {"default point": summary("fmnist-cluttered"),
+                                 "server alone": summary("fmnist-cluttered", *SERVER_ALONE)}}
+
+
+@pytest.fixture(scope="session")
+def cluttered_export(tmp_path_factory) -> tuple[Path, list[str]]:
+    """`collabvit export --data-set fmnist-cluttered --int8` in this process: the shipped
+    cluttered edge at its default point, with its int8 graph calibrated as by default (the
+    first 1,000 validation canvases): (its folder, its stdout lines)."""
+    folder = tmp_path_factory.mktemp("cluttered-export") / "export"
+    status, lines = cli_in_process("export", "--data-set", "fmnist-cluttered", "--int8",
+                                   "--out-dir", str(folder))  # fmt: skip
+    assert status == 0
+    return folder, lines

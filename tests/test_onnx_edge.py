@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,13 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import SHIPPED_IMAGES, tiny_vit
 
 from collabvit import vit, zoo
 from collabvit.config import EdgeConfig
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
 from collabvit.edge import EdgeDevice
-from collabvit.export import EdgeDecision, export_edge
+from collabvit.export import (
+    RANGE_BITS,
+    EdgeDecision,
+    calibration_ranges,
+    coarse_ranges,
+    export_edge,
+    prepare_for_quantization,
+    quantize_with_ranges,
+    round_outward,
+)
 from collabvit.onnx_edge import ExportError, OnnxEdge
 from collabvit.uncertainty import uncertainty
 
@@ -89,14 +99,13 @@ def test_the_exported_shipped_edge_decides_as_the_torch_edge(shipped_export, tes
     assert assert_same_decision(onnx, EdgeDevice(model, config), test_images[0]) == 0
 
 
-def test_the_exported_cluttered_edge_decides_as_the_torch_edge(tmp_path):
+def test_the_exported_cluttered_edge_decides_as_the_torch_edge(cluttered_export):
     model = vit.create_model(zoo.CLUTTERED_EDGE)
     config = zoo.default_operating_point(zoo.CLUTTERED_EDGE, zoo.CLUTTERED_SERVER)
     assert config != EdgeConfig()  # the pair's own point, not the reference's defaults
-    export_edge(model, config, tmp_path, name=zoo.CLUTTERED_EDGE,
-                server_model=zoo.CLUTTERED_SERVER, class_names=list(FashionMNIST.classes))
     canvases = ClutteredFashionMNIST(split="test").images[:IMAGES]
-    onnx = OnnxEdge(tmp_path, threads=1)
+    onnx = OnnxEdge(cluttered_export[0], threads=1)
+    assert onnx.config == config
     assert assert_same_decision(onnx, EdgeDevice(model, config), canvases) == 0
 
 
@@ -112,21 +121,19 @@ def test_thresholds_are_graph_inputs(shipped_export, test_images, delta, eta):
 
 
 @pytest.mark.parametrize("config", [
-    EdgeConfig(attention_mode="rollout", masking_mode="topk", masking_th=7.5,
-               uncer_mode="margin", uncer_th=0.3),
     EdgeConfig(attention_mode="mean", masking_mode="attention_threshold", masking_th=0.02,
                uncer_mode="shannon_entropy", uncer_th=0.9),
     EdgeConfig(masking_mode="attention_sum_threshold", masking_th=0.8, uncer_mode="none"),
-], ids=["rollout-topk-margin", "mean-threshold-shannon", "sum-none"])  # fmt: skip
+], ids=["mean-threshold-shannon", "sum-none"])  # fmt: skip
 def test_every_exported_policy_and_measure_matches_torch(tmp_path, config):
+    """On another geometry (3 channels, 16 patches); rollout, top-k and the margin are
+    test_a_non_default_export_runs_as_exported's."""
     torch.manual_seed(0)
     model = tiny_vit(img_size=32, patch_size=8, num_classes=10)  # random weights, 16 patches
     export_edge(model, config, tmp_path)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     onnx = OnnxEdge(tmp_path)
     assert assert_same_decision(onnx, EdgeDevice(model, config), images) <= 1
-    if config.masking_mode == "topk":
-        assert (onnx.process(images.numpy()).kept == 7).all()  # k = floor(7.5)
 
 
 def test_dynamic_batch_and_an_empty_batch(shipped_export, test_images):
@@ -190,12 +197,61 @@ def test_a_broken_export_is_a_clear_error(shipped_export, tmp_path):
 # ------------------------------------------------------------------ the command line
 
 
-def test_export_command_writes_both_files(run_cli, tmp_path):
-    result = run_cli("export", "--out-dir", str(tmp_path / "out"), "--masking-th", "0.9")
-    assert result.returncode == 0, result.stderr
-    assert "edge.onnx" in result.stdout and "masking_th 0.9" in result.stdout
-    card = json.loads((tmp_path / "out" / "edge.json").read_text())
-    assert card["operating_point"]["masking_th"] == 0.9 and card["model"] == EDGE
+def test_export_command_writes_the_graphs_and_their_card(cluttered_export):
+    folder, lines = cluttered_export
+    written = [line.split()[1].rstrip(":") for line in lines[:3]]
+    assert written == [str(folder / name) for name in ("edge.onnx", "edge.int8.onnx", "edge.json")]
+    card = json.loads((folder / "edge.json").read_text())
+    assert card["model"] == zoo.CLUTTERED_EDGE and card["server_model"] == zoo.CLUTTERED_SERVER
+    assert card["geometry"]["img_size"] == [56, 56]
+    for entry in (card, card["int8"]):
+        assert hashlib.sha256((folder / entry["graph"]).read_bytes()).hexdigest() == \
+            entry["graph_sha256"]  # fmt: skip
+    assert card["int8"]["calibration"] == {
+        "images": 1000, "source": "fmnist-cluttered --split val, the first 1000 images"}
+    assert f"rounded outward to {RANGE_BITS} significant bits" in \
+        card["int8"]["quantization"]["ranges"]  # fmt: skip
+
+
+def test_int8_ranges_round_outward_to_a_grid_that_last_bits_do_not_move():
+    rng = np.random.default_rng(0)
+    highs = rng.uniform(1e-3, 50, 500).astype(np.float32)
+    for values, upward in ((highs, True), (-highs, False)):
+        rounded = round_outward(values, upward)
+        assert rounded.dtype == np.float32
+        assert ((rounded >= values) if upward else (rounded <= values)).all()  # outward
+        assert (np.abs(rounded - values) < np.abs(values) / 8).all()  # less than 1/8 wider
+        mantissa, _ = np.frexp(rounded)
+        assert np.array_equal(mantissa * 2**RANGE_BITS, np.round(mantissa * 2**RANGE_BITS))
+        for direction in (np.inf, -np.inf):  # a few ulps, as another CPU's kernels may give
+            nudged = values
+            for _ in range(3):
+                nudged = np.nextafter(nudged, np.float32(direction))
+            assert np.array_equal(round_outward(nudged, upward), rounded)
+    grid = np.float32([0.0, 0.75, -3.5, 4.0, 2.0**-20])
+    assert np.array_equal(round_outward(grid, True), grid)
+    assert np.array_equal(round_outward(grid, False), grid)
+
+
+def test_the_int8_graph_does_not_follow_the_last_bits_of_its_ranges(cluttered_export,
+                                                                    tmp_path):  # fmt: skip
+    """Ranges a few ulps off, as another CPU's float32 kernels may calibrate them, give the
+    same int8 graph once rounded; unrounded, the quantiser follows them."""
+    prepared = prepare_for_quantization(cluttered_export[0] / "edge.onnx", tmp_path / "p.onnx")
+    canvases = ClutteredFashionMNIST(split="val").images[:20].numpy()
+    point = zoo.default_operating_point(zoo.CLUTTERED_EDGE, zoo.CLUTTERED_SERVER)
+    thresholds = {"masking_th": np.array(point.masking_th, dtype=np.float32),
+                  "uncer_th": np.array(point.uncer_th, dtype=np.float32)}  # fmt: skip
+    ranges = calibration_ranges(prepared, canvases, thresholds, tmp_path)
+    nudged = {name: (np.nextafter(low, np.float32(0)), np.nextafter(high, np.float32(0)))
+              for name, (low, high) in ranges.items()}  # fmt: skip
+    graphs = {}
+    for name, chosen in {"rounded": coarse_ranges(ranges), "nudged, rounded":
+                         coarse_ranges(nudged), "unrounded": ranges, "nudged": nudged}.items():
+        quantize_with_ranges(prepared, tmp_path / "int8.onnx", chosen, tmp_path)
+        graphs[name] = (tmp_path / "int8.onnx").read_bytes()
+    assert graphs["rounded"] == graphs["nudged, rounded"]
+    assert graphs["unrounded"] != graphs["nudged"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -232,22 +288,30 @@ def test_edge_onnx_int8_needs_an_int8_graph(run_cli, shipped_export, tmp_path):
     assert result.returncode == 2 and "has no edge.int8.onnx" in result.stderr
 
 
-def test_a_non_default_export_runs_as_exported(run_cli, shipped_live, tmp_path):
-    """The policy, attention and measure of the export apply; flags not typed do not
-    count as asking for other ones."""
+def test_a_non_default_export_runs_as_exported(run_cli, shipped_live, test_images, tmp_path):
+    """The policy, attention and measure of the export apply, as the torch edge's (rollout,
+    top-k with k = floor(20.5), margin); flags not typed do not count as asking for other
+    ones."""
     export = run_cli("export", "--out-dir", str(tmp_path / "x"), "--attention-mode",
-                     "rollout", "--masking-mode", "topk", "--masking-th", "20",
+                     "rollout", "--masking-mode", "topk", "--masking-th", "20.5",
                      "--uncer-mode", "margin", "--uncer-th", "0.5")  # fmt: skip
     assert export.returncode == 0, export.stderr
+    config = EdgeConfig(attention_mode="rollout", masking_mode="topk", masking_th=20.5,
+                        uncer_mode="margin", uncer_th=0.5)  # fmt: skip
+    exported = OnnxEdge(tmp_path / "x")
+    assert exported.config == config
+    device = EdgeDevice(vit.create_model(EDGE), config)
+    assert assert_same_decision(exported, device, test_images[0][:100]) <= 1
+    assert (exported.process(test_images[0][:20].numpy()).kept == 20).all()
     flags = ("--server", shipped_live.url, "--limit", "40", "--quiet")
     onnx = run_cli("edge", "--onnx", str(tmp_path / "x"), *flags, "--records",
                    str(tmp_path / "onnx.jsonl"))  # fmt: skip
     assert onnx.returncode == 0, onnx.stderr
     torch_edge = run_cli("edge", *flags, "--attention-mode", "rollout", "--masking-mode",
-                         "topk", "--masking-th", "20", "--uncer-mode", "margin", "--uncer-th",
+                         "topk", "--masking-th", "20.5", "--uncer-mode", "margin", "--uncer-th",
                          "0.5", "--records", str(tmp_path / "torch.jsonl"))  # fmt: skip
     assert onnx.stdout.splitlines()[:8] == torch_edge.stdout.splitlines()[:8]
-    assert "topk, 20.0" in onnx.stdout
+    assert "topk, 20.5" in onnx.stdout
 
 
 def test_an_export_that_could_not_run_is_refused(run_cli, tmp_path):
@@ -276,21 +340,20 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_light_edge_imports_no_torch_and_answers_as_eval(shipped_export, shipped_live,
-                                                             run_cli, tmp_path):  # fmt: skip
+                                                             shipped_eval, tmp_path):  # fmt: skip
     folder = shipped_export[0]
     records, results = tmp_path / "onnx.jsonl", tmp_path / "onnx.json"
     light = run_without_torch(f"""
         import sys
         from collabvit.cli import main
         status = main(["edge", "--onnx", {str(folder)!r}, "--server", {shipped_live.url!r},
-                       "--limit", "{IMAGES}", "--quiet", "--records", {str(records)!r},
+                       "--limit", "{SHIPPED_IMAGES}", "--quiet", "--records", {str(records)!r},
                        "--results-file", {str(results)!r}])
         assert not {{"torch", "timm", "torchvision"}} & set(sys.modules), "torch was imported"
         sys.exit(status)
     """)
     assert light.returncode == 0, light.stderr
-    evaluated = run_cli("eval", "--limit", str(IMAGES), "--quiet")
-    assert light.stdout.splitlines()[:8] == evaluated.stdout.splitlines()
+    assert light.stdout.splitlines()[:8] == shipped_eval[0]
     written = json.loads(results.read_text())
     assert "torch" not in written["config"] and "onnxruntime" in written["config"]
     assert written["config"]["edge_model"]["model"] == EDGE

@@ -119,6 +119,8 @@ def test_onnx_edge_table_is_the_regenerated_one():
         assert pair["fp32"]["images"] == 10_000 and pair["fp32"]["differs_clear"] == 0
         assert pair["fp32"]["max_logit_difference"] < 1e-4
         assert pair["int8"]["kept"] == (pair["int8"]["collab_acc_loss"] <= 0.3)
+        # the slice that tests/test_shipped_slices.py measures again ran the same int8 graph
+        assert pair["slice"]["graph_sha256"]["int8"] == pair["int8_card"]["graph_sha256"]
     fmnist = results["pairs"]["fmnist"]["summaries"]["fp32"]
     assert f"{fmnist['collab_acc']:.2f} %" in README.split("## Deploy on a device")[1]
 
@@ -140,6 +142,18 @@ def test_cluttered_results_are_the_regenerated_ones():
         bytes_results)
     assert bytes_results["images"] == 10_000
     assert bytes_results["operating_point"]["masking_th"] == point["masking_th"]
+
+
+@pytest.mark.parametrize("results", [RESULTS, CLUTTERED], ids=["fmnist", "fmnist-cluttered"])
+def test_the_re_measured_slice_ran_with_the_headline_figures(results):
+    """The test slice (measured again by tests/test_shipped_slices.py) was taken at the default
+    point of README's figures, by the same software as they were."""
+    run = results["slice"]["runs"]["default point"]["results"]["config"]
+    assert (run["edge"]["masking_th"], run["edge"]["uncer_th"]) == (results["default"]["delta"],
+                                                                    results["default"]["eta"])
+    assert run["edge_model"]["name"] == results["provenance"]["edge"]
+    assert {name: run[name] for name in ("collabvit", "torch", "timm")} == \
+        {name: results["provenance"][name] for name in ("collabvit", "torch", "timm")}  # fmt: skip
 
 
 def test_opening_table_is_both_demos():

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import SHIPPED_IMAGES
 
 import collabvit.zoo  # noqa: F401 - registers the shipped models
 from collabvit import vit, zoo
-from collabvit.data import FASHION_MNIST_ROOT, build_dataset
-from collabvit.train import model_accuracy
+from collabvit.metrics import Summary, format_summary
 
-SLICE = 2000
 pytestmark = pytest.mark.skipif(
     not (zoo.is_shipped(zoo.EDGE) and zoo.is_shipped(zoo.SERVER)),
     reason="the Fashion-MNIST pair is not in src/collabvit/weights yet (scripts/ship_model.py)",
@@ -66,36 +65,13 @@ def test_cluttered_teacher_takes_canvases_at_the_cost_of_the_fashion_mnist_one()
     assert teacher.features(canvases).shape == small.features(torch.rand(2, 1, 28, 28)).shape
 
 
-@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
-@pytest.mark.parametrize("name", SHIPPED)
-def test_test_slice_accuracy_matches_the_model_card(name):
-    model = vit.create_vit(name)
-    data = build_dataset(zoo.FAMILIES[name].data_set, None, model, split="test")
-    measured = model_accuracy(model, data.images[:SLICE], data.labels[:SLICE])
-    assert measured == pytest.approx(zoo.model_card(name)[f"test_acc_first_{SLICE}"], abs=0.5)
-
-
-@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
-def test_eval_without_arguments_runs_the_shipped_pair_on_fashion_mnist(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    out = tmp_path / "results.json"
-    command = [sys.executable, "-m", "collabvit", "eval", "--limit", "1000"]
-    command += ["--results-file", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("* Masking mode:: attention_sum_threshold")
-    assert "min_entropy" in lines[0] and len(lines) == 8
-    saved = json.loads(out.read_text())
-    assert saved["config"]["edge_model"]["name"] == zoo.EDGE
-    assert saved["config"]["data"]["data_set"] == "fmnist"
-    point = zoo.model_card(zoo.EDGE)["operating_point"]  # the shipped default
-    assert saved["config"]["edge"]["masking_th"] == point["masking_th"]
-    assert saved["config"]["edge"]["uncer_th"] == point["uncer_th"]
-    summary = saved["summary"]
-    assert summary["images"] == 1000 and summary["num_patches"] == 49
-    assert summary["collab_acc"] > summary["client_acc"]
-    assert summary["comm_cost"] < 0.35
+def test_eval_without_arguments_runs_the_shipped_pair_on_fashion_mnist(shipped_eval):
+    """`collabvit eval` alone: the shipped Fashion-MNIST pair at its card's operating point,
+    eight lines that are its results file's figures (tests/test_shipped_slices.py compares
+    those figures with the stored ones)."""
+    lines, summary = shipped_eval
+    point = zoo.model_card(zoo.EDGE)["operating_point"]
+    assert lines == format_summary(Summary(**summary), "attention_sum_threshold",
+                                   point["masking_th"], "min_entropy",
+                                   point["uncer_th"]).splitlines()  # fmt: skip
+    assert summary["images"] == SHIPPED_IMAGES and summary["num_patches"] == 49

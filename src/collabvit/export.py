@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ from collabvit.uncertainty import confident_by, uncertainty
 # Pinned: an export reads the same on every onnxruntime that implements this opset.
 OPSET = 18
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+# Significant bits kept of each calibrated activation bound, rounded outward. Float32
+# kernels of different CPUs move a min-max bound in its last bits and the int8 scales and
+# zero points follow the bounds exactly, so unrounded ranges make the int8 graph depend on
+# the machine that calibrates it. 4 bits widen a range by less than 1/8.
+RANGE_BITS = 4
 
 
 class EdgeDecision(torch.nn.Module):
@@ -135,6 +141,13 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
                       input_names=list(GRAPH_INPUTS), output_names=list(GRAPH_OUTPUTS),
                       dynamic_shapes=({0: batch}, {}, {}), external_data=False,
                       verbose=False)  # fmt: skip
+    # The exporter annotates every node with the trace's debugging records, Python stack
+    # traces included (this install's paths, the tracer's counters): without them an
+    # export's bytes depend on the model and the versions alone.
+    proto = onnx.load(str(graph))
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.save(proto, str(graph))
     onnx.checker.check_model(str(graph), full_check=True)
     names = class_names or [str(i) for i in range(geometry.num_classes)]
     contents = {
@@ -168,52 +181,115 @@ def export_edge(model: torch.nn.Module, config: EdgeConfig, out_dir: str | Path,
     return ExportedEdge(graph, card, contents)
 
 
-def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
-                  batch_size: int = 100) -> ExportedEdge:  # fmt: skip
-    """Add an int8 graph of an export: ONNX Runtime's static quantisation in QDQ format
-    (int8 weights and activations, per tensor, of MatMul, Gemm and Conv; everything
-    else, the scores, the gate and the selection included, stays float32), calibrated
-    with min-max ranges on `calibration` uint8 [n, C, H, W] at the card's operating point.
+def round_outward(values: np.ndarray, upward: bool, bits: int = RANGE_BITS) -> np.ndarray:
+    """Each value rounded to `bits` significant bits, toward +inf (upward) or -inf.
 
-    The card gains an `int8` entry (file, SHA-256, calibration); OnnxEdge(int8=True) runs it.
+    values float [...] -> float32 [...]: for 2^(e-1) <= |value| < 2^e, the nearest multiple of
+    2^(e - bits) on that side (0 stays 0). Such numbers are exact in float32.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    exact = np.asarray(values, dtype=np.float64)
+    _, exponent = np.frexp(exact)  # |value| = m · 2^exponent with 0.5 <= m < 1
+    step = np.ldexp(1.0, exponent - bits)
+    return ((np.ceil if upward else np.floor)(exact / step) * step).astype(np.float32)
 
-    point = exported.contents["operating_point"]
-    thresholds = {"masking_th": np.array(point["masking_th"], dtype=np.float32),
-                  "uncer_th": np.array(point["uncer_th"], dtype=np.float32)}  # fmt: skip
+
+def coarse_ranges(ranges: dict[str, tuple[np.ndarray, np.ndarray]],
+                  bits: int = RANGE_BITS) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Calibrated ranges {tensor: (lowest [k], highest [k])}, each widened to the grid of
+    round_outward: the lowest bound rounded down, the highest up."""
+    return {name: (round_outward(low, False, bits), round_outward(high, True, bits))
+            for name, (low, high) in ranges.items()}  # fmt: skip
+
+
+def calibration_ranges(prepared: Path, calibration: np.ndarray, thresholds: dict[str, np.ndarray],
+                       work: Path, batch_size: int = 100) -> dict[str, tuple[np.ndarray, ...]]:
+    """ONNX Runtime's min-max ranges {tensor: (lowest [1], highest [1]) float32} of every
+    tensor that quantising `prepared`'s QUANTIZED_OPS needs, over `calibration` uint8
+    [n, C, H, W] fed in batches with `thresholds` (the graph's other inputs); `work` holds
+    ONNX Runtime's augmented copy of the graph."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(range(0, len(calibration), batch_size))
+            self.starts = iter(range(0, len(calibration), batch_size))
 
         def get_next(self) -> dict | None:
-            start = next(self.batches, None)
+            start = next(self.starts, None)
             if start is None:
                 return None
             return {"images": calibration[start : start + batch_size], **thresholds}
 
-    folder = exported.graph.parent
-    prepared, target = folder / "edge.prepared.onnx", folder / INT8_FILE
-    try:
-        quant_pre_process(str(exported.graph), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=False, op_types_to_quantize=list(QUANTIZED_OPS))  # fmt: skip
-    finally:
-        prepared.unlink(missing_ok=True)
+    calibrator = create_calibrator(prepared, list(QUANTIZED_OPS),
+                                   augmented_model_path=str(work / "edge.augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    calibrator.collect_data(Batches())
+    return {name: data.range_value for name, data in calibrator.compute_data().data.items()}
+
+
+def quantize_with_ranges(prepared: Path, target: Path,
+                         ranges: dict[str, tuple[np.ndarray, np.ndarray]], work: Path) -> None:
+    """Write `prepared`'s int8 graph to `target`: ONNX Runtime's static quantisation (QDQ,
+    int8 weights and activations, per tensor, of QUANTIZED_OPS) with these activation ranges,
+    handed to it as its calibration cache (in `work`) instead of calibrating again."""
+    import inspect
+
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        TensorsData,
+        quantize_static,
+        save_tensors_data,
+    )
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise ValueError("an int8 export needs onnxruntime >= 1.32 (to hand its rounded "
+                         "ranges to the quantiser): pip install -U onnxruntime")  # fmt: skip
+    cache = work / "edge.ranges.json"
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
+    quantize_static(str(prepared), str(target), None, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=False, op_types_to_quantize=list(QUANTIZED_OPS),
+                    calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=cache)  # fmt: skip
+
+
+def prepare_for_quantization(graph: Path, prepared: Path) -> Path:
+    """ONNX Runtime's pre-processing of an exported graph before it is calibrated and
+    quantised (shape inference, graph optimisation); returns `prepared`."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
+def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
+                  batch_size: int = 100, bits: int = RANGE_BITS) -> ExportedEdge:  # fmt: skip
+    """Add an int8 graph of an export: ONNX Runtime's static quantisation in QDQ format
+    (int8 weights and activations, per tensor, of MatMul, Gemm and Conv; everything
+    else, the scores, the gate and the selection included, stays float32), calibrated
+    with min-max ranges on `calibration` uint8 [n, C, H, W] at the card's operating point,
+    each range widened to `bits` significant bits (coarse_ranges) so that the graph is the
+    same whichever CPU calibrates it.
+
+    The card gains an `int8` entry (file, SHA-256, calibration); OnnxEdge(int8=True) runs it.
+    """
+    point = exported.contents["operating_point"]
+    thresholds = {"masking_th": np.array(point["masking_th"], dtype=np.float32),
+                  "uncer_th": np.array(point["uncer_th"], dtype=np.float32)}  # fmt: skip
+    target = exported.graph.parent / INT8_FILE
+    with tempfile.TemporaryDirectory(prefix="collabvit-int8-") as folder:
+        work = Path(folder)
+        prepared = prepare_for_quantization(exported.graph, work / "edge.prepared.onnx")
+        ranges = calibration_ranges(prepared, calibration, thresholds, work, batch_size)
+        quantize_with_ranges(prepared, target, coarse_ranges(ranges, bits), work)
     contents = {**exported.contents, "int8": {
         "graph": INT8_FILE,
         "graph_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "quantization": {"format": "QDQ", "weights": "int8 per tensor",
                          "activations": "int8", "ops": list(QUANTIZED_OPS),
-                         "calibration": "min-max"},
+                         "calibration": "min-max",
+                         "ranges": f"each bound rounded outward to {bits} significant bits"},
         "calibration": {"images": int(len(calibration)), "source": source},
     }}  # fmt: skip
     exported.card.write_text(json.dumps(contents, indent=2) + "\n")
