@@ -13,10 +13,10 @@ GOLDEN ?= tests/golden
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[full,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[full,test]'
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian; install it when missing and we can (root + apt).
