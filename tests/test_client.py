@@ -134,6 +134,8 @@ class CountingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for end in (client, upstream):  # relay each piece at once, as the ends wrote it
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for pump in (threading.Thread(target=self._pump, args=(client, upstream, "up")),
                          threading.Thread(target=self._pump, args=(upstream, client, "down"))):
                 pump.daemon = True
