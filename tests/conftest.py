@@ -107,8 +107,9 @@ class LiveServer:
 
         import uvicorn
 
+        # as `collabvit serve`: no server header (the bytes tests count every header)
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                **uvicorn_options)  # fmt: skip
+                                **{"server_header": False, **uvicorn_options})  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"

@@ -633,14 +633,12 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
     assert max(c.pressure.factor for c in controllers) < 0.5  # and a tenth of it did not
 
 
-def test_offline_send_bytes_are_those_of_a_live_run(run_cli, shipped_server, tmp_path):
-    """What an offline bytes budget charges a send: the request exactly, the answer within
-    the few bytes a server's timings vary by."""
+def test_offline_send_bytes_are_those_of_a_live_run(run_cli, live, tmp_path):
+    """What an offline bytes budget charges a send: the request exactly, the answer of the
+    real `collabvit serve` within the few bytes its timings vary by."""
     from collabvit.client import offload_bytes
 
-    with LiveServer(shipped_app(shipped_server)) as live:
-        wait_ready(live.url)
-        assert run_cli(*edge_args(live.url, tmp_path)).returncode == 0
+    assert run_cli(*edge_args(live.url, tmp_path)).returncode == 0
     records = {r.index: r for r in read_records(tmp_path / "run.jsonl") if r.route == "server"}
     config = ClientConfig(server=live.url)
     charge = offload_bytes(config, SERVER_NAME, GEOMETRY, 10)

@@ -235,8 +235,9 @@ def offload_bytes(config: ClientConfig, model_name: str, geometry: WireGeometry,
                   num_classes: int) -> Callable[[PatchPayload], int]:  # fmt: skip
     """The bytes on the wire of offloading one image as `collabvit edge` does, for offline
     budgets: its request as ServerLink sends it (exact), and a collabvit server's answer
-    (binary logits with the timings and load it reports, and uvicorn's date, server, length
-    and type headers; within a few bytes of a real one, whose timings vary in length)."""
+    (binary logits with the timings and load it reports, and the date, length and type
+    headers `collabvit serve` sends, no server header; within a few bytes of a real one,
+    whose timings vary in length)."""
     codec = Codec.parse(config.codec)
     builder = httpx.Client()  # builds requests only: it never connects
     trimmed_client_headers(builder, config.token)
@@ -245,8 +246,8 @@ def offload_bytes(config: ClientConfig, model_name: str, geometry: WireGeometry,
                                        parameters={"queue_ms": 0.123, "server_ms": 1.234,
                                                    "load": 0.125})  # fmt: skip
     answer = response_wire_bytes(httpx.Response(200, content=body, headers=[
-        ("date", "Sun, 06 Dec 2026 09:00:00 GMT"), ("server", "uvicorn"),
-        ("content-length", str(len(body))), ("content-type", "application/octet-stream"),
+        ("date", "Sun, 06 Dec 2026 09:00:00 GMT"), ("content-length", str(len(body))),
+        ("content-type", "application/octet-stream"),
         (INFERENCE_HEADER, str(length))]))  # fmt: skip
 
     def wire_bytes(payload: PatchPayload) -> int:
