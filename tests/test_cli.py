@@ -54,7 +54,8 @@ def test_help_lists_every_flag():
     }
 
 
-@pytest.mark.parametrize("command", ["eval", "sweep", "visualize", "train"])
+@pytest.mark.parametrize("command", ["eval", "reproduce", "sweep", "visualize", "serve", "edge",
+                                     "export", "train"])  # fmt: skip
 def test_every_command_answers_help(run_cli, command):
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
