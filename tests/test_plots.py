@@ -243,9 +243,12 @@ def test_object_patches_are_outlined_and_counted_in_every_view():
     item[[15, 16, 22, 23, 30]] = True  # 2 of the 5 among the first 20
     figures = patch_view_figures(PatchView(image, torch.rand(49), keep, (8, 8), label="Coat",
                                            object_patches=item))
-    for figure in figures.values():
-        assert "item (outlined): 2 of its 5 patches sent" in figure.axes[0].get_title()
+    for figure in figures.values():  # no server answer: the gate kept it, nothing was sent
+        assert "item (outlined): 2 of its 5 patches selected" in figure.axes[0].get_title()
         assert _has_colour(figure, OBJECT_COLOUR)
+    sent = patch_view_figures(PatchView(image, torch.rand(49), keep, (8, 8), label="Coat",
+                                        server_answer="Coat", object_patches=item))
+    assert "item (outlined): 2 of its 5 patches sent" in sent["masked"].axes[0].get_title()
     plain = patch_view_figures(PatchView(image, torch.rand(49), keep, (8, 8), label="Coat"))
     assert not _has_colour(plain["original"], OBJECT_COLOUR)
 

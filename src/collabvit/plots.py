@@ -367,14 +367,16 @@ class PatchView:
     object_patches: torch.Tensor | None = None
 
     def caption(self, width: int = 44) -> str:
-        """The label, both answers and, with an object, how many of its patches were sent."""
+        """The label, both answers and, with an object, how many of its patches were sent
+        (or only selected, for an image without a server answer: one the gate kept)."""
         keep = self.keep
         caption = view_caption(self.label, self.edge_answer, self.server_answer,
                                int(keep.sum()), keep.numel(), width)  # fmt: skip
         if self.object_patches is not None:
-            sent = int((keep & self.object_patches).sum())
-            caption += (f"\nitem (outlined): {sent} of its {int(self.object_patches.sum())} "
-                        "patches sent")  # fmt: skip
+            kept = int((keep & self.object_patches).sum())
+            verb = "sent" if self.server_answer is not None else "selected"
+            caption += (f"\nitem (outlined): {kept} of its {int(self.object_patches.sum())} "
+                        f"patches {verb}")  # fmt: skip
         return caption
 
     def draw(self, axes, view: str, colorbar: bool = True, legend: bool = True) -> None:
