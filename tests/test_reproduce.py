@@ -349,6 +349,8 @@ def test_the_frontier_marks_and_labels_a_reference_point():
     assert [text.get_text() for text in axes.texts] == [paper.label]  # labelled beside it
     low, high = axes.get_ylim()
     assert low < 60.0 and high > 80.23  # zoomed to show it
+    far = plots.frontier_figure([point(0.5, 0.0)], 0.0, 0.0, references=[paper]).axes[0]
+    assert far.get_ylim()[0] == 0.0  # a random pair far below the paper: no negative accuracy
     assert asdict(paper) == {"label": paper.label, "comm_cost": 0.2707, "collab_acc": 80.23}
 
 

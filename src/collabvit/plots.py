@@ -115,8 +115,8 @@ def _zoom(axes, points, overall, edge_acc, server_acc, marked: Sequence[float]) 
     shown = overall or points  # without pareto flags, nothing is singled out
     low = min(min(p.collab_acc for p in shown), edge_acc, *marked)
     span = max(high - low, 1.0)
-    bottom = low - 0.5 * span
-    axes.set_ylim(bottom, high + 0.15 * span)
+    bottom = max(low - 0.5 * span, 0.0)  # an accuracy axis has nothing below 0 % or above 100 %
+    axes.set_ylim(bottom, min(high + 0.15 * span, 100.0 + 0.02 * span))
     hidden = sum(p.collab_acc < bottom for p in points)
     if hidden:
         note = f"{hidden} point{'s' if hidden > 1 else ''} below the axis"
