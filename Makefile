@@ -39,6 +39,7 @@ test-all: setup data
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 # The main job, on both built-in data sets: each shipped pair on its 10,000 test images at
 # its default operating point (chosen on the validation split), eight lines + results JSON.

@@ -49,8 +49,8 @@ from benchmarks.harness import (
     within,
 )
 from collabvit import cpu_model
-from collabvit.client import ImageRecord
-from collabvit.controller import best_within, read_frontier
+from collabvit.lite.client import ImageRecord
+from collabvit.lite.controller import best_within, read_frontier
 
 SERIES = ("attention_sum_threshold", "min_entropy", "mean")
 NUM_PATCHES = 49
@@ -246,7 +246,7 @@ OFFLINE_DELTAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 1.
 
 
 def test_pair(count: int):
-    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.lite.config import DataSpec, ModelSpec
     from collabvit.pair import load_pair
 
     return load_pair(ModelSpec(name="collabvit_fmnist_edge"),
@@ -261,7 +261,7 @@ def offline_frontiers(pair, subsets: dict[str, list[int]]) -> dict[str, list]:
     compared)."""
     import torch
 
-    from collabvit.controller import frontier_document
+    from collabvit.lite.controller import frontier_document
     from collabvit.passes import Grid, gate_grid, run_edge, sweep_points
 
     edge_pass = run_edge(pair.edge(pair.default_config()), pair.loader(), progress=False)
@@ -291,11 +291,11 @@ def offline_budgets(pair, oracle: list, rate: float) -> list[dict]:
     and against the shipped frontier's own pick at that cost used as a fixed point."""
     from dataclasses import replace
 
-    from collabvit.client import offload_bytes
-    from collabvit.config import ClientConfig
-    from collabvit.controller import BytesController, CostController
     from collabvit.evaluate import evaluate
-    from collabvit.protocol import WireGeometry
+    from collabvit.lite.client import offload_bytes
+    from collabvit.lite.config import ClientConfig
+    from collabvit.lite.controller import BytesController, CostController
+    from collabvit.lite.protocol import WireGeometry
     from collabvit.zoo import model_card
 
     shipped = read_frontier(model_card("collabvit_fmnist_edge")["frontier"], *SERIES)

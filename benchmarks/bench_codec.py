@@ -1,4 +1,4 @@
-"""Wire codecs: encode and decode speed of one image's payload (``collabvit.protocol``).
+"""Wire codecs: encode and decode speed of one image's payload (``collabvit.lite.protocol``).
 
 Payloads hold half of an image's patches (the best-scoring half by the pixels' own
 variance, so the kept patches carry content as the edge's selections do). Images:
@@ -30,7 +30,7 @@ from benchmarks.harness import (
     section,
 )
 from collabvit.data import FashionMNIST
-from collabvit.protocol import (
+from collabvit.lite.protocol import (
     Codec,
     PatchPayload,
     WireGeometry,

@@ -41,10 +41,10 @@ from benchmarks.harness import (
     section,
 )
 from collabvit import vit
-from collabvit.config import EdgeConfig, ModelSpec
 from collabvit.edge import EdgeDevice
+from collabvit.lite.config import EdgeConfig, ModelSpec
+from collabvit.lite.protocol import PatchPayload, patchify
 from collabvit.pair import load_model
-from collabvit.protocol import PatchPayload, patchify
 from collabvit.server import Server
 
 KEPT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)

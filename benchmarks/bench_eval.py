@@ -53,9 +53,9 @@ from benchmarks.harness import (
 )
 from benchmarks.reference_loop import reference_evaluate
 from collabvit import vit
-from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.edge import EdgeDevice
 from collabvit.evaluate import evaluate
+from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.metrics import Summary, format_summary
 from collabvit.pair import load_pair
 from collabvit.server import Server

@@ -52,7 +52,7 @@ from benchmarks.harness import (
     publish,
     section,
 )
-from collabvit.protocol import PatchPayload, patchify
+from collabvit.lite.protocol import PatchPayload, patchify
 from collabvit.server import Server, plan_batches
 from collabvit.vit import forward_with_scores
 

@@ -40,7 +40,7 @@ from collabvit import vit, zoo
 from collabvit.data import FashionMNIST
 from collabvit.edge import EdgeDevice
 from collabvit.export import export_edge, quantize_edge
-from collabvit.onnx_edge import OnnxEdge
+from collabvit.lite.onnx_edge import OnnxEdge
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
@@ -48,7 +48,7 @@ CPU_TORCH = "torch==2.13.0"  # the CPU build this workplace keeps on disk
 
 LIGHT_FIRST_ANSWER = """
 import sys, numpy as np
-from collabvit.onnx_edge import OnnxEdge
+from collabvit.lite.onnx_edge import OnnxEdge
 OnnxEdge(sys.argv[1], threads=1).process(np.zeros((1, 1, 28, 28), np.uint8))
 """
 TORCH_FIRST_ANSWER = f"""

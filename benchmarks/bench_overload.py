@@ -67,7 +67,7 @@ from benchmarks.harness import (
 )
 from collabvit import cpu_model
 from collabvit.evaluate import evaluate
-from collabvit.protocol import (
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     encode_payload,
     infer_request_body,

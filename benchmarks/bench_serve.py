@@ -45,10 +45,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
-from collabvit.client import wait_until_served
-from collabvit.config import DataSpec, EdgeConfig, ModelSpec
-from collabvit.pair import load_pair
-from collabvit.protocol import (
+from collabvit.lite.client import wait_until_served
+from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     ProtocolError,
     WireGeometry,
@@ -57,6 +56,7 @@ from collabvit.protocol import (
     infer_request_body,
     parse_infer_request,
 )
+from collabvit.pair import load_pair
 
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
 

@@ -38,9 +38,9 @@ from benchmarks.harness import (
     section,
 )
 from collabvit import vit, zoo
-from collabvit.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.data import FashionMNIST, indexed_loader
 from collabvit.edge import EdgeConfig, EdgeDevice
+from collabvit.lite.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.passes import Grid, gate_grid, run_edge, selections, server_logits, sweep_points
 from collabvit.server import Server
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
-from collabvit.config import TrainConfig
+from collabvit.lite.config import TrainConfig
 from collabvit.train import Trainer, augment
 
 MODELS = (

@@ -25,8 +25,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
-from collabvit.config import COUNT_MODES, EdgeConfig
 from collabvit.edge import gate, select
+from collabvit.lite.config import COUNT_MODES, EdgeConfig
 from collabvit.metrics import RunningSummary, Summary
 from collabvit.scoring import mean_scores, rollout_scores
 from collabvit.selection import selection_statistics

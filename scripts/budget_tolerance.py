@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from collabvit import versions, zoo
-from collabvit.config import DataSpec, EdgeConfig, ModelSpec, shipped_pair
-from collabvit.controller import CostController, cost_tolerance, read_frontier
+from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec, shipped_pair
+from collabvit.lite.controller import CostController, cost_tolerance, read_frontier
 from collabvit.pair import load_pair
 from collabvit.passes import run_edge, selections
 from collabvit.uncertainty import confident_by, uncertainty

@@ -37,9 +37,10 @@ from matplotlib.figure import Figure
 from readme_block import opening_blocks, write_block, write_blocks
 
 from collabvit import plots, versions, vit, zoo
-from collabvit.config import EdgeConfig
 from collabvit.data import ClutteredFashionMNIST, indexed_loader
 from collabvit.edge import EdgeDevice
+from collabvit.lite.config import EdgeConfig
+from collabvit.lite.protocol import patchify
 from collabvit.metrics import accuracy
 from collabvit.passes import (
     EdgePass,
@@ -47,7 +48,6 @@ from collabvit.passes import (
     selections,
     server_logits,
 )
-from collabvit.protocol import patchify
 from collabvit.selection import object_recall, select_random, select_topk, selection_composition
 from collabvit.server import Server
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from collabvit.client import ClientError, wait_until_served
+from collabvit.lite.client import ClientError, wait_until_served
 
 PORT = os.environ.get("DEPLOY_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"

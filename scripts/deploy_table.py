@@ -27,7 +27,7 @@ from pathlib import Path
 
 from readme_block import write_block
 
-from collabvit.config import shipped_pair
+from collabvit.lite.config import shipped_pair
 
 REPO = Path(__file__).resolve().parents[1]
 # data set -> (results file, README marker name, what its images are called)
@@ -66,7 +66,7 @@ def measure(limit: int | None, data_set: str = "fmnist") -> dict:
                                "--server-model", shipped_pair(data_set)[1]],
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        from collabvit.client import wait_until_served
+        from collabvit.lite.client import wait_until_served
 
         wait_until_served(url, 120, alive=lambda: server.poll() is None)
         with tempfile.TemporaryDirectory() as scratch:

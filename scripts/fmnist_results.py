@@ -35,10 +35,10 @@ import torch
 from readme_block import write_block
 
 from collabvit import versions, vit, zoo
-from collabvit.config import SWEEP_DELTAS
 from collabvit.data import FashionMNIST, indexed_loader
 from collabvit.edge import EdgeConfig, EdgeDevice
-from collabvit.frontier import pick_point
+from collabvit.lite.config import SWEEP_DELTAS
+from collabvit.lite.frontier import pick_point
 from collabvit.metrics import accuracy
 from collabvit.passes import (
     EdgePass,

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from collabvit import zoo
-from collabvit.config import SHIPPED_PAIRS
+from collabvit.lite.config import SHIPPED_PAIRS
 from collabvit.plots import plot_learning_curves
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,14 +30,14 @@ import torch
 from readme_block import write_block
 
 from collabvit import versions, vit, zoo
-from collabvit.config import SHIPPED_PAIRS, ModelSpec
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
 from collabvit.edge import EdgeDevice
 from collabvit.export import export_edge, quantize_edge
-from collabvit.onnx_edge import OnnxEdge
+from collabvit.lite.config import SHIPPED_PAIRS, ModelSpec
+from collabvit.lite.onnx_edge import OnnxEdge
+from collabvit.lite.summary import RunningSummary
 from collabvit.pair import load_model
 from collabvit.server import Server
-from collabvit.summary import RunningSummary
 from collabvit.uncertainty import uncertainty
 
 REPO = Path(__file__).resolve().parents[1]

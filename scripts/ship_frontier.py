@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from collabvit import zoo
-from collabvit.controller import FRONTIER_FORMAT
+from collabvit.lite.controller import FRONTIER_FORMAT
 
 
 def main() -> None:

@@ -170,7 +170,7 @@ SHIPPED_SERVER = "collabvit_fmnist_server"
 @pytest.fixture(scope="session")
 def shipped_server():
     """The shipped Fashion-MNIST server model in a Server."""
-    from collabvit.config import ModelSpec
+    from collabvit.lite.config import ModelSpec
     from collabvit.pair import load_model
     from collabvit.server import Server
 
@@ -186,7 +186,7 @@ def shipped_app(server, **options):
 
 def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
     """Poll /v2/health/ready until it answers 200."""
-    from collabvit.client import wait_until_served
+    from collabvit.lite.client import wait_until_served
 
     wait_until_served(url, timeout, **client_options)
 
@@ -207,7 +207,7 @@ class ServeProcess:
     def wait_ready(self) -> bool:
         """Poll its readiness; False when the process stopped first (e.g. the free port was
         taken between choosing and binding it)."""
-        from collabvit.client import ClientError
+        from collabvit.lite.client import ClientError
 
         try:
             wait_ready(self.url, 120, alive=lambda: self.process.poll() is None)

@@ -21,15 +21,15 @@ import torch
 from conftest import SHIPPED_IMAGES, LiveServer, free_port, shipped_app, wait_ready
 from conftest import SHIPPED_SERVER as SERVER_NAME
 
-from collabvit.client import (
+from collabvit.lite.client import (
     ImageRecord,
     ServerLink,
     link_delay,
     lose_patches,
     request_wire_bytes,
 )
-from collabvit.config import ClientConfig, DataSpec, LinkConfig, ModelSpec
-from collabvit.protocol import Codec, PatchPayload, WireGeometry, encode_payload, patchify
+from collabvit.lite.config import ClientConfig, DataSpec, LinkConfig, ModelSpec
+from collabvit.lite.protocol import Codec, PatchPayload, WireGeometry, encode_payload, patchify
 
 GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
 EDGE_NAME = "collabvit_fmnist_edge"
@@ -67,7 +67,7 @@ def shipped_pair(count: int, batch_size: int = 64):
 
 def shipped_frontier():
     """The shipped edge's frontier (its model card's) of its own series."""
-    from collabvit.controller import read_frontier
+    from collabvit.lite.controller import read_frontier
     from collabvit.zoo import model_card
 
     return read_frontier(model_card(EDGE_NAME)["frontier"], "attention_sum_threshold",
@@ -485,8 +485,8 @@ class SimulatedTime:
 def test_a_bytes_budget_never_lets_more_onto_the_wire_than_its_bucket_holds(live, tmp_path):
     """300 images at 150 a second against 3,000 B/s, on a simulated clock: the camera's 2 s,
     and the bucket (one second of budget) caps the bytes at the budget times 3 s."""
-    from collabvit.client import run_edge
-    from collabvit.controller import BytesController
+    from collabvit.lite.client import run_edge
+    from collabvit.lite.controller import BytesController
 
     count, rate, batch, budget = 300, 150.0, 10, 3000.0
     edge, batches = shipped_pair(count, batch)
@@ -589,7 +589,7 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
     more on the wire than its bucket allows, the drop lowers what they spend, and no sent
     image waits past its deadline."""
     from benchmarks.bench_adaptive import SharedLink
-    from collabvit.controller import BytesController
+    from collabvit.lite.controller import BytesController
     from collabvit.pair import load_pair
 
     count, rate, budget, deadline = 400, 100.0, 6000.0, 1.5
@@ -598,7 +598,7 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
     frontier = shipped_frontier()
 
     async def scenario(port: int, link: SharedLink):
-        from collabvit.client import run_edge
+        from collabvit.lite.client import run_edge
 
         controllers = [BytesController(frontier, "min_entropy", budget) for _ in range(2)]
         runs = [run_edge(pair.edge(pair.default_config()), pair.loader(),
@@ -636,7 +636,7 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
 def test_offline_send_bytes_are_those_of_a_live_run(run_cli, live, tmp_path):
     """What an offline bytes budget charges a send: the request exactly, the answer of the
     real `collabvit serve` within the few bytes its timings vary by."""
-    from collabvit.client import offload_bytes
+    from collabvit.lite.client import offload_bytes
 
     assert run_cli(*edge_args(live.url, tmp_path)).returncode == 0
     records = {r.index: r for r in read_records(tmp_path / "run.jsonl") if r.route == "server"}

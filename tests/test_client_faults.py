@@ -15,15 +15,15 @@ from conftest import SHIPPED_SERVER, LiveServer, OneConnection, free_port, shipp
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
-from collabvit.client import (
+from collabvit.lite.client import (
     ClientError,
     RecordsLock,
     RecordWriter,
     ServerLink,
     backoff_seconds,
 )
-from collabvit.config import ClientConfig, LinkConfig
-from collabvit.protocol import (
+from collabvit.lite.config import ClientConfig, LinkConfig
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     PatchPayload,
     WireGeometry,
@@ -185,11 +185,11 @@ def test_two_runs_on_one_records_file_cannot_interleave(tmp_path):
 
 def test_records_are_fsynced(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr("collabvit.client.os.fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr("collabvit.lite.client.os.fsync", lambda fd: synced.append(fd))
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps({"format": "x"}) + "\n")
     writer = RecordWriter(path)
-    from collabvit.client import RECORDS_SYNC_LINES, ImageRecord
+    from collabvit.lite.client import RECORDS_SYNC_LINES, ImageRecord
 
     record = ImageRecord(index=0, label=0, edge_top=[0], final_top=[0], confident=True,
                          route="edge", cause=None, selected=0, delivered=0, selection_min=0.0,
@@ -216,7 +216,7 @@ def test_the_server_is_checked_before_the_edge_model_loads(run_cli, tmp_path, mo
 def record_line(index: int, route: str) -> str:
     from dataclasses import asdict
 
-    from collabvit.client import ImageRecord
+    from collabvit.lite.client import ImageRecord
 
     return json.dumps(asdict(ImageRecord(
         index=index, label=0, edge_top=[0], final_top=[0], confident=route == "edge",
@@ -227,7 +227,7 @@ def record_line(index: int, route: str) -> str:
 
 
 def test_resuming_sends_the_images_that_did_not_reach_the_server_again(tmp_path):
-    from collabvit.client import RECORDS_FORMAT, open_records
+    from collabvit.lite.client import RECORDS_FORMAT, open_records
 
     path = tmp_path / "records.jsonl"
     identity = {"run": 1}
@@ -240,7 +240,7 @@ def test_resuming_sends_the_images_that_did_not_reach_the_server_again(tmp_path)
 
 
 def test_a_records_file_of_an_older_version_is_named_as_such(tmp_path):
-    from collabvit.client import open_records
+    from collabvit.lite.client import open_records
 
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps({"format": "collabvit-edge-records/1", "run": {}}) + "\n")

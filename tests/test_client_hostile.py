@@ -15,7 +15,7 @@ from conftest import SHIPPED_SERVER, LiveServer, OneConnection
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from collabvit.client import (
+from collabvit.lite.client import (
     ANSWER_CAP,
     METADATA_CAP,
     ClientError,
@@ -27,8 +27,8 @@ from collabvit.client import (
     response_wire_bytes,
     retry_after,
 )
-from collabvit.config import ClientConfig, LinkConfig, is_loopback
-from collabvit.protocol import (
+from collabvit.lite.config import ClientConfig, LinkConfig, is_loopback
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     PatchPayload,
     WireGeometry,
@@ -318,7 +318,7 @@ def test_a_token_over_plain_http_to_another_machine_is_warned_about(run_cli, tmp
     def stop(*args):
         raise ClientError("stopped before the network")
 
-    monkeypatch.setattr("collabvit.client.check_server", stop)
+    monkeypatch.setattr("collabvit.lite.client.check_server", stop)
     monkeypatch.delenv("COLLABVIT_TOKEN", raising=False)
     warned = {}
     for url, token in [("http://203.0.113.7:8000", "secret"), ("http://127.0.0.1:8000", "secret"),

@@ -1,4 +1,4 @@
-"""Tests for collabvit.cluttered and the fmnist-cluttered data set."""
+"""Tests for collabvit.lite.cluttered and the fmnist-cluttered data set."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from collabvit.cluttered import ClutterSpec, compose, layout, random_words
 from collabvit.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
@@ -21,6 +20,7 @@ from collabvit.data import (
     build_dataset,
     item_masks,
 )
+from collabvit.lite.cluttered import ClutterSpec, compose, layout, random_words
 
 needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(),
                                   reason=f"{FASHION_MNIST_ROOT} not installed")  # fmt: skip
@@ -350,7 +350,7 @@ def test_bad_clutter_is_one_line_and_status_2(run_cli, args, message):
 def test_clutter_changes_the_canvases_of_every_reader(run_cli, cluttered_pair, tmp_path):
     """--clutter reaches the evaluated canvases (and their record), the torch-free reader
     makes the same ones, and a canvas the models cannot take is a clear error."""
-    from collabvit.fashion import read_split_images
+    from collabvit.lite.fashion import read_split_images
 
     busier = {"fragments": 12, "seed": 5}
     data = build_dataset("fmnist-cluttered", None, None, "test", clutter=busier)
@@ -380,7 +380,7 @@ def test_clutter_changes_the_canvases_of_every_reader(run_cli, cluttered_pair, t
 def test_item_boxes_hold_exactly_the_items_pixels():
     """Without clutter the box is the tight box of the canvas's non-zero pixels; with it, the
     item's pixels lie inside and its masked patches are the ones the box's pixels reach."""
-    from collabvit.cluttered import item_boxes, item_extents
+    from collabvit.lite.cluttered import item_boxes, item_extents
 
     items = _items()
     items[3] = 0  # a blank item: its whole frame

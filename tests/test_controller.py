@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from collabvit.controller import (
+from collabvit.lite.controller import (
     CostController,
     FrontierPoint,
     RecentValues,
@@ -91,7 +91,7 @@ def test_bad_budgets_are_refused(cost, message):
 def stream(controller, seconds, difficulty, patch_bytes, start=0.0, rate=100, step=0.05,
            seed=3):  # fmt: skip
     """Images at `rate` per second through a BytesController; bytes sent per 10 s window."""
-    from collabvit.controller import BytesController  # noqa: F401 - the type driven here
+    from collabvit.lite.controller import BytesController  # noqa: F401 - the type driven here
 
     rng = np.random.default_rng(seed)
     tokens_of = {p.masking_th: p.sent_tokens for p in POINTS}
@@ -116,7 +116,7 @@ def stream(controller, seconds, difficulty, patch_bytes, start=0.0, rate=100, st
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_bytes_budget_is_held_in_every_window_through_harder_images_and_dearer_sends(seed):
     """1,000 images/s (about 70 sends/s: one send is a 700th of a window's bytes)."""
-    from collabvit.controller import BytesController
+    from collabvit.lite.controller import BytesController
 
     budget = 30000.0  # eta follows the last 5 s of uncertainties
     controller = BytesController(POINTS, "min_entropy", bytes_per_second=budget, recent=5000)
@@ -130,7 +130,7 @@ def test_a_bytes_budget_is_held_in_every_window_through_harder_images_and_dearer
 
 
 def test_a_larger_bytes_budget_buys_a_more_accurate_point():
-    from collabvit.controller import BytesController
+    from collabvit.lite.controller import BytesController
 
     small = BytesController(POINTS, "min_entropy", bytes_per_second=1500.0)
     large = BytesController(POINTS, "min_entropy", bytes_per_second=20000.0)
@@ -140,8 +140,8 @@ def test_a_larger_bytes_budget_buys_a_more_accurate_point():
 
 
 def sweep_point(policy, threshold, measure, eta, sent, tokens, accuracy):
-    from collabvit.frontier import SweepPoint
-    from collabvit.summary import Summary
+    from collabvit.lite.frontier import SweepPoint
+    from collabvit.lite.summary import Summary
 
     figures = Summary(images=1000, num_patches=N, confident_images=1000 - sent, sent_images=sent,
                       sent_tokens=tokens, avg_min_attention=0.0, avg_sum_attention=0.9,
@@ -155,7 +155,7 @@ def test_the_frontier_file_holds_each_series_pareto_points(tmp_path):
     time, from the file or from the document a model card carries."""
     import json
 
-    from collabvit.controller import CostController, frontier_document, read_frontier
+    from collabvit.lite.controller import CostController, frontier_document, read_frontier
 
     points = [sweep_point("attention_sum_threshold", 0.9, "min_entropy", 0.5, 100, 12, 90.0),
               sweep_point("attention_sum_threshold", 0.99, "min_entropy", 0.5, 100, 30, 91.0),
@@ -187,9 +187,9 @@ def test_the_frontier_file_holds_each_series_pareto_points(tmp_path):
 def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     """The frontier of a sweep over some images; an in-process evaluation of the same images
     held at a cost between its points spends about that cost."""
-    from collabvit.config import DataSpec, ModelSpec
-    from collabvit.controller import CostController, read_frontier
     from collabvit.evaluate import evaluate
+    from collabvit.lite.config import DataSpec, ModelSpec
+    from collabvit.lite.controller import CostController, read_frontier
     from collabvit.pair import load_pair
 
     swept = run_cli("sweep", "--limit", "384", "--quiet", "--no-plots", "--out-dir", str(tmp_path),
@@ -212,7 +212,7 @@ def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
 
 
 def test_a_queue_building_on_the_link_drops_the_spend_to_what_it_delivered_then_recovers():
-    from collabvit.controller import Backpressure
+    from collabvit.lite.controller import Backpressure
 
     pressure = Backpressure(latency_target=0.2)
     for _ in range(5):  # a clear link: 0.05 s on the wire, the whole budget delivered
@@ -235,7 +235,7 @@ def test_a_queue_building_on_the_link_drops_the_spend_to_what_it_delivered_then_
 
 @pytest.mark.parametrize("signal", ["load", "wait", "timeout"])
 def test_a_loaded_server_a_retry_after_or_a_time_out_each_lower_the_spend(signal):
-    from collabvit.controller import Backpressure
+    from collabvit.lite.controller import Backpressure
 
     pressure = Backpressure(load_limit=0.5)
     pressure.answered(1000.0, 0.05, 0.9 if signal == "load" else 0.1)
@@ -249,7 +249,7 @@ def test_a_loaded_server_a_retry_after_or_a_time_out_each_lower_the_spend(signal
 
 
 def test_a_paused_controller_withholds_every_send_until_the_server_said():
-    from collabvit.controller import BytesController
+    from collabvit.lite.controller import BytesController
 
     for controller in (CostController(POINTS, "min_entropy", cost=0.05),
                        BytesController(POINTS, "min_entropy", bytes_per_second=1e6)):
@@ -301,7 +301,7 @@ def test_eval_holds_a_budget_offline(run_cli, tmp_path):
 def test_a_bytes_budget_refuses_the_least_uncertain_of_the_images_asked_for():
     """The bucket pays for fewer sends than eta asks for: the refused images are the less
     uncertain ones, without the priority's budget being exceeded."""
-    from collabvit.controller import BytesController
+    from collabvit.lite.controller import BytesController
 
     rng = np.random.default_rng(5)
     controller = BytesController(POINTS, "min_entropy", bytes_per_second=20000.0)
@@ -325,7 +325,7 @@ def test_a_bytes_budget_refuses_the_least_uncertain_of_the_images_asked_for():
 
 
 def test_sends_that_get_no_answer_count_as_congestion():
-    from collabvit.controller import Backpressure
+    from collabvit.lite.controller import Backpressure
 
     pressure = Backpressure(latency_target=0.2)
     pressure.sent(0.0)

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_vit
 
 from collabvit.edge import EdgeConfig, EdgeDevice
-from collabvit.protocol import patchify
+from collabvit.lite.protocol import patchify
 
 
 @pytest.fixture(scope="module")

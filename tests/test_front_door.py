@@ -99,7 +99,7 @@ def test_a_cost_budget_states_its_tolerance_and_says_when_a_run_ends_beyond_it(s
     """600 cluttered canvases at a cost of 0.05 send a share of 0.279: chance alone moves
     the cost by a relative sqrt((1 - s) / (n s)) = 6.6 %, and the controller holds three of
     those."""
-    from collabvit.controller import BudgetOutcome, cost_tolerance
+    from collabvit.lite.controller import BudgetOutcome, cost_tolerance
 
     tolerance = cost_tolerance(0.2787, 600)
     assert tolerance == pytest.approx(3 * ((1 - 0.2787) / (600 * 0.2787)) ** 0.5)
@@ -110,7 +110,7 @@ def test_a_cost_budget_states_its_tolerance_and_says_when_a_run_ends_beyond_it(s
 
 
 def test_a_bytes_budget_bounds_only_the_excess_by_the_buckets_head_start():
-    from collabvit.controller import BudgetOutcome, bytes_tolerance
+    from collabvit.lite.controller import BudgetOutcome, bytes_tolerance
 
     tolerance = bytes_tolerance(1.0, 50.0)  # one second of budget ahead over 50 s
     assert tolerance == pytest.approx(0.02)
@@ -121,7 +121,7 @@ def test_a_bytes_budget_bounds_only_the_excess_by_the_buckets_head_start():
 
 
 def test_readme_shows_the_budget_line_the_controller_writes():
-    from collabvit.controller import BudgetOutcome, cost_tolerance
+    from collabvit.lite.controller import BudgetOutcome, cost_tolerance
 
     section = README.split("## Budgets that follow the link", 1)[1].split("\n## ", 1)[0]
     line = BudgetOutcome(0.05, 0.0525, cost_tolerance(0.2787, 600), True, "on 600 images")

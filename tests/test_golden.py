@@ -10,7 +10,7 @@ from collabvit import vit
 from collabvit.cli import main
 from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.evaluate import evaluate
-from collabvit.protocol import PatchPayload, patchify
+from collabvit.lite.protocol import PatchPayload, patchify
 from collabvit.selection import select_patches
 from collabvit.server import Server
 from collabvit.uncertainty import is_confident, uncertainty

@@ -9,7 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb, to_rgba
 from PIL import Image
 
-from collabvit import frontier, metrics
+from collabvit import metrics
+from collabvit.lite import frontier
 from collabvit.plots import (
     DROPPED_COLOUR,
     OBJECT_COLOUR,

@@ -10,7 +10,7 @@ from conftest import tiny_vit
 
 from collabvit import vit
 from collabvit.edge import EdgeConfig, EdgeDevice
-from collabvit.protocol import patchify
+from collabvit.lite.protocol import patchify
 from collabvit.server import Server
 
 # loose: float16 keeps ~3 significant digits, bfloat16 ~2

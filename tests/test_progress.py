@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from collabvit.progress import progress_bar, progress_line
+from collabvit.lite.progress import progress_bar, progress_line
 
 
 def test_progress_line_reads_like_a_log_entry():

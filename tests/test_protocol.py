@@ -1,4 +1,4 @@
-"""Tests for collabvit.protocol: patchify, PatchPayload validation, the wire format of one
+"""Tests for collabvit.lite.protocol: patchify, PatchPayload validation, the wire format of one
 offloaded image and the Open Inference Protocol v2 bodies."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collabvit.protocol import (
+from collabvit.lite.protocol import (
     Codec,
     PatchPayload,
     ProtocolError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.evaluate import evaluate
+from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.metrics import format_summary
 from collabvit.pair import load_pair
 

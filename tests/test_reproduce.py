@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 from collabvit import plots, reproduce
 from collabvit.cli import main
-from collabvit.frontier import SweepPoint, mark_pareto
-from collabvit.summary import RunningSummary, Summary
+from collabvit.lite.frontier import SweepPoint, mark_pareto
+from collabvit.lite.summary import RunningSummary, Summary
 
 SYNSETS = ("n01440764", "n01443537")  # ImageNet classes 0 and 1
 

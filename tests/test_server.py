@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_vit
 
 from collabvit import vit
-from collabvit.protocol import PatchPayload, patchify
+from collabvit.lite.protocol import PatchPayload, patchify
 from collabvit.server import Server, pack_payloads, plan_batches
 
 

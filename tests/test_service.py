@@ -20,9 +20,9 @@ from conftest import LiveServer, free_port, tiny_vit, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collabvit.client import wait_until_served
 from collabvit.guard import guarded_protocol
-from collabvit.protocol import (
+from collabvit.lite.client import wait_until_served
+from collabvit.lite.protocol import (
     BINARY_CONTENT_TYPE,
     INFERENCE_HEADER,
     Codec,
@@ -32,7 +32,7 @@ from collabvit.protocol import (
     parse_logits,
     patchify,
 )
-from collabvit.protocol import PatchPayload as Payload
+from collabvit.lite.protocol import PatchPayload as Payload
 from collabvit.server import Server
 from collabvit.service import ServiceSettings, create_app
 

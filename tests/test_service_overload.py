@@ -19,7 +19,7 @@ from conftest import LiveServer, free_port, tiny_vit, wait_ready
 
 from collabvit import service
 from collabvit.guard import guarded_protocol
-from collabvit.protocol import (
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     PatchPayload,
     WireGeometry,
@@ -108,7 +108,7 @@ def test_a_declared_image_count_over_the_limit_is_refused_before_any_element_is_
     def never(*args):
         raise AssertionError("an element was split")
 
-    monkeypatch.setattr("collabvit.protocol._split_elements", never)
+    monkeypatch.setattr("collabvit.lite.protocol._split_elements", never)
     elements = struct.pack("<I", 0) * (4 * 2**20)  # 16 MiB of zero-length elements
     header = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES",
                                      "shape": [4 * 2**20],
@@ -300,7 +300,7 @@ def test_workers_each_serve_the_model_with_the_same_limits(tmp_path):
     import subprocess
     import sys
 
-    from collabvit.client import wait_until_served
+    from collabvit.lite.client import wait_until_served
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),

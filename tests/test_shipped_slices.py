@@ -11,8 +11,8 @@ import onnx_edge_report
 from conftest import SERVER_ALONE, SHIPPED_IMAGES
 
 from collabvit import zoo
-from collabvit.config import SHIPPED_PAIRS, DataSpec, ModelSpec
 from collabvit.data import ClutteredFashionMNIST
+from collabvit.lite.config import SHIPPED_PAIRS, DataSpec, ModelSpec
 from collabvit.pair import load_model
 from collabvit.server import Server
 

@@ -14,7 +14,7 @@ from collabvit import vit
 from collabvit.calibration import expected_calibration_error, fit_temperature, split_calibration
 from collabvit.edge import EdgeConfig, EdgeDevice, gate
 from collabvit.evaluate import evaluate
-from collabvit.frontier import SweepPoint, pareto_optimal, pick_point
+from collabvit.lite.frontier import SweepPoint, pareto_optimal, pick_point
 from collabvit.metrics import Summary
 from collabvit.passes import (
     Grid,

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from collabvit import cpu_model, vit
 from collabvit.cli import main
-from collabvit.config import TrainConfig
 from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
-from collabvit.protocol import patchify
+from collabvit.lite.config import TrainConfig
+from collabvit.lite.protocol import patchify
 from collabvit.train import (
     TeacherOutputs,
     Trainer,
@@ -477,8 +477,8 @@ def test_cluttered_training_draws_canvases_of_its_items_with_the_clutter_asked(t
     """Augmentation a of a training canvas is draw a // 2 of its item's canvas, flipped when a
     is odd (draw 0: the published canvas); --clutter changes every draw; a model of another
     image size is a one-line error."""
-    from collabvit.cluttered import spec_with
     from collabvit.data import ClutteredFashionMNIST
+    from collabvit.lite.cluttered import spec_with
     from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=32)
@@ -543,8 +543,8 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
 ):
     """--clutter: training, validation and test canvases all take the changes, the card and
     config record them, and a checkpoint made before the field existed still resumes."""
-    from collabvit.cluttered import spec_with
     from collabvit.data import ClutteredFashionMNIST
+    from collabvit.lite.cluttered import spec_with
     from collabvit.train import ClutteredTraining
 
     busy = {"fragments": 12, "seed": 3}

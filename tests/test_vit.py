@@ -99,7 +99,7 @@ def test_rollout_equals_the_reference_definition(model):
 
 
 def test_server_forward_on_all_patches_equals_plain_model(model):
-    from collabvit.protocol import patchify
+    from collabvit.lite.protocol import patchify
 
     x = images()
     with torch.inference_mode():
@@ -109,7 +109,7 @@ def test_server_forward_on_all_patches_equals_plain_model(model):
 
 
 def test_server_forward_ignores_patch_order(model):
-    from collabvit.protocol import patchify
+    from collabvit.lite.protocol import patchify
 
     x = images(batch=1)
     patches = patchify(x, (8, 8))
@@ -123,7 +123,7 @@ def test_server_forward_ignores_patch_order(model):
 
 def ragged_batch(x, sizes, seed=0):
     """Padded subsets of x's patches: (patches [B, L, C, 8, 8], positions [B, L], valid [B, L])."""
-    from collabvit.protocol import patchify
+    from collabvit.lite.protocol import patchify
 
     generator = torch.Generator().manual_seed(seed)
     every = patchify(x, (8, 8))

@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "DataSpec": "config",
-    "EdgeConfig": "config",
-    "ModelSpec": "config",
-    "SweepConfig": "config",
+    "DataSpec": "lite.config",
+    "EdgeConfig": "lite.config",
+    "ModelSpec": "lite.config",
+    "SweepConfig": "lite.config",
     "EdgeDevice": "edge",
     "EdgeResult": "edge",
-    "PatchPayload": "protocol",
+    "PatchPayload": "lite.protocol",
     "Server": "server",
     "Normalization": "vit",
     "create_vit": "vit",

@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from collabvit import __version__
-from collabvit.config import (
+from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
+from collabvit.lite.config import (
     TOKEN_ENV,
     BudgetConfig,
     ClientConfig,
@@ -35,7 +36,6 @@ from collabvit.config import (
     VisualizeConfig,
     shipped_pair,
 )
-from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 
 TRAIN_FLAGS = {"augment": "--no-augment"}
 # What `pip install 'collabvit[full]'` adds to the torch-free base install.
@@ -133,7 +133,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from collabvit.config import TrainConfig, TrainRun
+    from collabvit.lite.config import TrainConfig, TrainRun
 
     add_config_arguments(parser.add_argument_group("recipe"), TrainConfig, TRAIN_FLAGS)
     add_config_arguments(parser.add_argument_group("run"), TrainRun)
@@ -142,7 +142,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     """The paper's models, data set, crop and operating point are fixed: only the weights
     files, the images' folder, how to run and what to write can be given."""
-    from collabvit.config import ReproduceConfig
+    from collabvit.lite.config import ReproduceConfig
 
     weights = parser.add_argument_group("the paper's weights (default: timm's hub)")
     only_weights = tuple(f.name for f in fields(ModelSpec) if f.name != "weights")
@@ -303,8 +303,8 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
     if budget.held:
         names = {"server_model": server_spec.name, "frontier": shipped_frontier(edge_spec)}
         controller = _controller(budget, config, names)
-        from collabvit.client import offload_bytes
-        from collabvit.protocol import WireGeometry
+        from collabvit.lite.client import offload_bytes
+        from collabvit.lite.protocol import WireGeometry
 
         send_bytes = offload_bytes(stream, server_spec.name, WireGeometry.of(edge.geometry),
                                    edge.geometry.num_classes)  # fmt: skip
@@ -343,7 +343,7 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
 
 def run_reproduce(args: argparse.Namespace) -> int:
     from collabvit import reproduce
-    from collabvit.config import ReproduceConfig
+    from collabvit.lite.config import ReproduceConfig
 
     settings = None
     try:
@@ -563,7 +563,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def load_server() -> Server:
         return Server(model, device, max_batch=config.max_batch)
 
-    from collabvit.config import is_loopback
+    from collabvit.lite.config import is_loopback
     from collabvit.service import default_allowed_hosts
 
     hosts = config.allowed_hosts or default_allowed_hosts(config.host)
@@ -636,7 +636,7 @@ def run_edge(args: argparse.Namespace) -> int:
             raise UsageError("--frontier and --latency-target go with --budget-bps or "
                              "--budget-cost")  # fmt: skip
         _check_input_file(budget.frontier, "frontier")
-        from collabvit.protocol import Codec
+        from collabvit.lite.protocol import Codec
 
         codec = Codec.parse(client.codec)
         _check_input_file(client.ca_file, "CA certificate")
@@ -648,7 +648,7 @@ def run_edge(args: argparse.Namespace) -> int:
 
         def check_server(name: str) -> None:
             """The server, its certificate and the token, before the edge's model loads."""
-            from collabvit.client import check_server, tls_verification, wait_until_served
+            from collabvit.lite.client import check_server, tls_verification, wait_until_served
 
             if client.wait:  # the health checks need no token
                 wait_until_served(client.server.rstrip("/"), client.wait,
@@ -664,9 +664,9 @@ def run_edge(args: argparse.Namespace) -> int:
             edge, batches, count, names = _torch_edge(args, data, run, chosen, check_server)
         config = edge.config
         controller = _controller(budget, config, names) if budget.held else None
-        from collabvit import client as edge_client
-        from collabvit.progress import progress_bar
-        from collabvit.summary import format_summary, write_results
+        from collabvit.lite import client as edge_client
+        from collabvit.lite.progress import progress_bar
+        from collabvit.lite.summary import format_summary, write_results
 
         # what decides the answers; batch size, workers and --limit do not (and no --clutter
         # is left out, so that records of the published canvases keep their identity)
@@ -725,7 +725,12 @@ def run_edge(args: argparse.Namespace) -> int:
 
 def _controller(budget: BudgetConfig, config: EdgeConfig, names: dict):
     """The controller holding `budget` along the frontier of the edge's series."""
-    from collabvit.controller import Backpressure, BytesController, CostController, read_frontier
+    from collabvit.lite.controller import (
+        Backpressure,
+        BytesController,
+        CostController,
+        read_frontier,
+    )
 
     mode = config.uncer_mode  # canonical already
     if mode == "none":
@@ -823,8 +828,8 @@ def _onnx_edge(args: argparse.Namespace, data: DataSpec, chosen: dict, runtime: 
     if model_flags:
         flags = ", ".join(f"--{EDGE_FLAGS.get(name, name).lstrip('-')}" for name in model_flags)
         raise UsageError(f"--onnx runs an exported edge: {flags} do not apply")
-    from collabvit.fashion import read_split_images
-    from collabvit.onnx_edge import OnnxEdge
+    from collabvit.lite.fashion import read_split_images
+    from collabvit.lite.onnx_edge import OnnxEdge
 
     edge = OnnxEdge(runtime.onnx, chosen.get("masking_th"), chosen.get("uncer_th"),
                     runtime.threads, runtime.int8)  # fmt: skip
@@ -865,7 +870,7 @@ def run_export(args: argparse.Namespace) -> int:
         if data.inputs_normalized:
             raise UsageError("the exported edge takes uint8 images and normalises them itself: "
                              "--inputs-normalized does not apply")  # fmt: skip
-        from collabvit.onnx_edge import CARD_FILE, GRAPH_FILE, INT8_FILE
+        from collabvit.lite.onnx_edge import CARD_FILE, GRAPH_FILE, INT8_FILE
 
         out_dir = _check_output_dir(export.out_dir, (GRAPH_FILE, CARD_FILE, INT8_FILE))
         from collabvit.pair import load_pair
@@ -900,7 +905,7 @@ def _uint8_images(dataset, count: int):
     rounded to 0..255, as a device would hold them)."""
     import numpy as np
 
-    from collabvit.arrays import as_array
+    from collabvit.lite.arrays import as_array
 
     images = [as_array(dataset[i][0]) for i in range(min(count, len(dataset)))]
     stacked = np.stack(images)
@@ -910,7 +915,7 @@ def _uint8_images(dataset, count: int):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from collabvit.config import TrainConfig, TrainRun
+    from collabvit.lite.config import TrainConfig, TrainRun
 
     try:
         config = TrainConfig(**given_values(TrainConfig, args, TRAIN_FLAGS))

@@ -23,9 +23,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
 from collabvit import zoo
-from collabvit.cluttered import ClutterSpec, compose, item_boxes
-from collabvit.config import DATA_SETS, FASHION_MNIST_SPLITS
-from collabvit.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
+from collabvit.lite.cluttered import ClutterSpec, compose, item_boxes
+from collabvit.lite.config import DATA_SETS, FASHION_MNIST_SPLITS
+from collabvit.lite.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_HINT,
     FASHION_MNIST_ROOT,
@@ -214,7 +214,7 @@ class FashionMNIST(_LabelledImages):
 
 class ClutteredFashionMNIST(_LabelledImages):
     """Cluttered Fashion-MNIST: uint8 [1, 56, 56] canvases, each one Fashion-MNIST item at a
-    random position among fragments of other items of its split (collabvit.cluttered).
+    random position among fragments of other items of its split (collabvit.lite.cluttered).
 
     Canvas i of a split shows item i of the same Fashion-MNIST split (test, val, train,
     train-all) and has its label; its clutter comes from that split's items only. `masks`

@@ -8,9 +8,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
-from collabvit.config import EdgeConfig
 from collabvit.data import check_images
-from collabvit.protocol import PatchPayload, build_payloads
+from collabvit.lite.config import EdgeConfig
+from collabvit.lite.protocol import PatchPayload, build_payloads
 from collabvit.selection import select_patches, selection_statistics, validate_masking
 from collabvit.uncertainty import gate_measure, is_confident
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from collabvit import vit
-from collabvit.controller import BytesController
 from collabvit.data import check_labels
 from collabvit.edge import EdgeDevice
-from collabvit.progress import progress_bar
-from collabvit.protocol import PatchPayload
+from collabvit.lite.controller import BytesController
+from collabvit.lite.progress import progress_bar
+from collabvit.lite.protocol import PatchPayload
+from collabvit.lite.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
 from collabvit.server import Server
-from collabvit.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

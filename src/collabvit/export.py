@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from collabvit import vit
-from collabvit.config import EdgeConfig, canonical_uncertainty_mode, validate_masking
-from collabvit.onnx_edge import (
+from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode, validate_masking
+from collabvit.lite.onnx_edge import (
     CARD_FILE,
     EXPORT_FORMAT,
     GRAPH_FILE,

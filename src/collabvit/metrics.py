@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from collabvit.arrays import as_array
-from collabvit.summary import (  # noqa: F401 - re-exported
+from collabvit.lite.arrays import as_array
+from collabvit.lite.summary import (  # noqa: F401 - re-exported
     RunningSummary,
     Summary,
     exact_sum,

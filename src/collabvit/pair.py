@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from collabvit import data, vit, zoo
-from collabvit.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.edge import EdgeDevice
+from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.server import Server
 
 

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from collabvit.config import EdgeConfig, canonical_uncertainty_mode
 from collabvit.distributed import BLOCK_IMAGES, Processes
 from collabvit.edge import EdgeDevice, gate, select
-from collabvit.frontier import SweepPoint
-from collabvit.progress import progress_bar
-from collabvit.protocol import build_payloads
+from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode
+from collabvit.lite.frontier import SweepPoint
+from collabvit.lite.progress import progress_bar
+from collabvit.lite.protocol import build_payloads
+from collabvit.lite.summary import RunningSummary, Summary
 from collabvit.selection import selection_statistics
 from collabvit.server import Server
-from collabvit.summary import RunningSummary, Summary
 from collabvit.uncertainty import uncertainty
 
 

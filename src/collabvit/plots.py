@@ -18,7 +18,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from collabvit.frontier import SERIES_FIELDS, SweepPoint, pareto_optimal, series_label
+from collabvit.lite.frontier import SERIES_FIELDS, SweepPoint, pareto_optimal, series_label
 
 FORMATS = ("png", "svg")
 

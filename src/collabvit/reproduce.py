@@ -21,8 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from collabvit.config import PAPER_DELTA, PAPER_ETA, DataSpec, EdgeConfig, ModelSpec
-from collabvit.summary import RunningSummary, Summary
+from collabvit.lite.config import PAPER_DELTA, PAPER_ETA, DataSpec, EdgeConfig, ModelSpec
+from collabvit.lite.summary import RunningSummary, Summary
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not with this module
     from collabvit.evaluate import EvalResult
@@ -141,7 +141,7 @@ def run_identity(edge: ModelSpec, server: ModelSpec, data: DataSpec, config: Edg
     """What must match for a saved run to be continued: the weights' content (None: the
     hub's), the images and how they are read, the operating point and the seed. The batch
     size and workers do not change the figures' meaning, so they may differ."""
-    from collabvit.client import run_identity as as_json
+    from collabvit.lite.client import run_identity as as_json
 
     def model(spec: ModelSpec) -> dict:
         return {"name": spec.name,
@@ -330,7 +330,7 @@ def run(pair: Pair, config: EdgeConfig, state_file: str | Path, identity: dict,
     A KeyboardInterrupt leaves the state of the last whole chunk.
     """
     from collabvit.evaluate import EvalResult, evaluate, merge_results
-    from collabvit.progress import progress_bar
+    from collabvit.lite.progress import progress_bar
 
     images = len(pair.dataset)
     edge, server = pair.edge(config), pair.server()
@@ -378,7 +378,7 @@ def sweep_frontier(pair: Pair, out_dir: str | Path, provenance: dict, seed: int 
     Returns (SweepReport, SweepConfig, the figure's paths).
     """
     from collabvit import plots, sweep
-    from collabvit.config import SweepConfig
+    from collabvit.lite.config import SweepConfig
 
     config = SweepConfig(out_dir=str(out_dir))
     report = sweep.run(pair, config, seed=seed, progress=progress)

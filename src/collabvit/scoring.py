@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from collabvit.config import ATTENTION_MODES  # noqa: F401 - re-exported
+from collabvit.lite.config import ATTENTION_MODES  # noqa: F401 - re-exported
 
 
 def attention_probabilities(

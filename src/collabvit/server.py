@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from collabvit import vit
-from collabvit.protocol import PatchPayload
+from collabvit.lite.protocol import PatchPayload
 
 
 def pack_payloads(

@@ -51,7 +51,7 @@ from collabvit.guard import (
     RequestLimit,
     guarded_protocol,
 )
-from collabvit.protocol import (
+from collabvit.lite.protocol import (
     CODECS,
     INFERENCE_HEADER,
     LOGITS_OUTPUT,
@@ -833,7 +833,7 @@ def settings_to_json(settings: ServiceSettings) -> dict:
 def worker_app() -> FastAPI:
     """The application of one `collabvit serve --workers N` process: what it serves comes
     from the environment (WORKER_ENV), and it loads the model itself."""
-    from collabvit.config import ModelSpec
+    from collabvit.lite.config import ModelSpec
 
     spec = json.loads(os.environ[WORKER_ENV])
     values = spec["settings"]

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from collabvit import calibration, frontier, passes
-from collabvit.config import EdgeConfig, SweepConfig, validate_masking
-from collabvit.controller import FRONTIER_FILE, frontier_document
+from collabvit import calibration, passes
 from collabvit.distributed import Processes, shard_block
-from collabvit.frontier import SweepPoint
+from collabvit.lite import frontier
+from collabvit.lite.config import EdgeConfig, SweepConfig, validate_masking
+from collabvit.lite.controller import FRONTIER_FILE, frontier_document
+from collabvit.lite.frontier import SweepPoint
 from collabvit.metrics import accuracy
 from collabvit.pair import Pair
 

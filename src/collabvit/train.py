@@ -33,16 +33,16 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from collabvit import cpu_model, versions, vit, zoo
-from collabvit.cluttered import spec_with
-from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
     ClutteredFashionMNIST,
     FashionMNIST,
     validation_split,
 )
+from collabvit.lite.cluttered import spec_with
+from collabvit.lite.config import TrainConfig, TrainRun
+from collabvit.lite.protocol import patchify
 from collabvit.metrics import accuracy
-from collabvit.protocol import patchify
 
 
 def training_record(config: TrainConfig) -> dict:
@@ -183,7 +183,7 @@ class ClutteredTraining:
         val = ClutteredFashionMNIST(root, "val", spec)
         changes = f" --clutter '{json.dumps(clutter)}'" if clutter else ""
         spec_text = f"ClutterSpec with {clutter}" if clutter else "default ClutterSpec"
-        self.dataset = f"cluttered Fashion-MNIST (collabvit.cluttered, {spec_text})"
+        self.dataset = f"cluttered Fashion-MNIST (collabvit.lite.cluttered, {spec_text})"
         self.description = f"fmnist-cluttered{changes} --split val"
         self.val_images, self.val_labels = val.images, val.labels
         self.augmentations = 2 * CLUTTERED_DRAWS if augmented else 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from collabvit import data, passes, plots
-from collabvit.config import EdgeConfig, VisualizeConfig
+from collabvit.lite.config import EdgeConfig, VisualizeConfig
 from collabvit.pair import Pair
 
 

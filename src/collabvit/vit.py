@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from collabvit import zoo  # noqa: F401 - registers the shipped models with timm
-from collabvit.config import Geometry
+from collabvit.lite.config import Geometry
 from collabvit.scoring import ATTENTION_MODES, attention_probabilities, mean_scores, rollout_scores
 
 SUPPORTED = (

@@ -80,7 +80,7 @@ UNCUT_SPLITS = ("test", "train-all")
 
 def clutter_spec(changes: Mapping[str, int] | None, model_patch: int | None = None):
     """cluttered.spec_with, its reasons as DataError: the canvases of --clutter."""
-    from collabvit.cluttered import spec_with
+    from collabvit.lite.cluttered import spec_with
 
     try:
         return spec_with(changes, model_patch)
@@ -98,7 +98,7 @@ def read_split_images(
     """Images uint8 [n, 1, H, W] and labels int64 [n] of `fmnist` or `fmnist-cluttered`
     (its published canvases, draw 0, with the `clutter` changes) on an uncut split, the
     first `limit` of them."""
-    from collabvit.cluttered import compose
+    from collabvit.lite.cluttered import compose
 
     if data_set not in ("fmnist", "fmnist-cluttered"):
         raise DataError(f"without torch only fmnist and fmnist-cluttered are read, not {data_set}")

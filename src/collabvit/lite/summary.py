@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from collabvit.arrays import Array, as_array
+from collabvit.lite.arrays import Array, as_array
 
 TOP_K = 5
 

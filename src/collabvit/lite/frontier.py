@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from collabvit.summary import Summary
+from collabvit.lite.summary import Summary
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def _check_clutter(data_set: str, clutter: dict) -> None:
         return
     if data_set != "fmnist-cluttered":
         raise ValueError(f"--clutter changes fmnist-cluttered canvases, not {data_set} images")
-    from collabvit.cluttered import spec_with
+    from collabvit.lite.cluttered import spec_with
 
     try:
         spec_with(clutter)

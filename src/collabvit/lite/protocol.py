@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from collabvit.arrays import Array, as_array
+from collabvit.lite.arrays import Array, as_array
 
 
 def patchify(images: Array, patch_size: tuple[int, int]) -> Array:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from collabvit.frontier import pareto_optimal
+from collabvit.lite.frontier import pareto_optimal
 
 
 class RecentValues:

@@ -32,9 +32,9 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from collabvit.arrays import as_array
-from collabvit.config import ClientConfig, LinkConfig
-from collabvit.protocol import (
+from collabvit.lite.arrays import as_array
+from collabvit.lite.config import ClientConfig, LinkConfig
+from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     Codec,
     PatchPayload,
@@ -47,7 +47,7 @@ from collabvit.protocol import (
     parse_header_length,
     parse_logits,
 )
-from collabvit.summary import RunningSummary, Summary, ranked_classes
+from collabvit.lite.summary import RunningSummary, Summary, ranked_classes
 
 
 class EdgeRunner(Protocol):
