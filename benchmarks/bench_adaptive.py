@@ -247,7 +247,7 @@ OFFLINE_DELTAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 1.
 
 def test_pair(count: int):
     from collabvit.lite.config import DataSpec, ModelSpec
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
 
     return load_pair(ModelSpec(name="collabvit_fmnist_edge"),
                      ModelSpec(name="collabvit_fmnist_server"),
@@ -262,7 +262,7 @@ def offline_frontiers(pair, subsets: dict[str, list[int]]) -> dict[str, list]:
     import torch
 
     from collabvit.lite.controller import frontier_document
-    from collabvit.passes import Grid, gate_grid, run_edge, sweep_points
+    from collabvit.research.passes import Grid, gate_grid, run_edge, sweep_points
 
     edge_pass = run_edge(pair.edge(pair.default_config()), pair.loader(), progress=False)
     grid = Grid(tuple((SERIES[0], delta) for delta in OFFLINE_DELTAS),
@@ -291,12 +291,12 @@ def offline_budgets(pair, oracle: list, rate: float) -> list[dict]:
     and against the shipped frontier's own pick at that cost used as a fixed point."""
     from dataclasses import replace
 
-    from collabvit.evaluate import evaluate
     from collabvit.lite.client import offload_bytes
     from collabvit.lite.config import ClientConfig
     from collabvit.lite.controller import BytesController, CostController
     from collabvit.lite.protocol import WireGeometry
-    from collabvit.zoo import model_card
+    from collabvit.models.zoo import model_card
+    from collabvit.research.evaluate import evaluate
 
     shipped = read_frontier(model_card("collabvit_fmnist_edge")["frontier"], *SERIES)
     edge, server = pair.edge(pair.default_config()), pair.server()
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         offline, len(pair.dataset), args.rate)  # fmt: skip
     figure = None
     if not args.quick:
-        from collabvit.plots import plot_scenario
+        from collabvit.research.plots import plot_scenario
 
         spans = [phase_span(args.scale, n) for n in range(len(PHASES))]
         figure = plot_scenario(table, [(name, start, end, args.link * share / 8 / args.clients)

@@ -40,12 +40,12 @@ from benchmarks.harness import (
     publish,
     section,
 )
-from collabvit import vit
-from collabvit.edge import EdgeDevice
 from collabvit.lite.config import EdgeConfig, ModelSpec
 from collabvit.lite.protocol import PatchPayload, patchify
-from collabvit.pair import load_model
-from collabvit.server import Server
+from collabvit.models import vit
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.pair import load_model
+from collabvit.models.server import Server
 
 KEPT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 MIN_SECONDS = 0.3  # per timed repetition: many calls of a forward of a few ms

@@ -21,7 +21,7 @@ import torch
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.data import ClutteredFashionMNIST
 from collabvit.lite.config import TrainConfig
-from collabvit.train import Trainer
+from collabvit.research.train import Trainer
 
 STEP_MODELS = (
     ("collabvit_cluttered_server", {"token_drop": 0.5, "bf16": True}),

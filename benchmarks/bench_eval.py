@@ -9,7 +9,7 @@ Two workloads, each on identical data, weights and operating point for both loop
 
 Per workload:
 
-1. **Throughput**: ``collabvit.evaluate.evaluate`` (what ``collabvit eval`` runs) and
+1. **Throughput**: ``collabvit.research.evaluate.evaluate`` (what ``collabvit eval`` runs) and
    ``benchmarks.reference_loop.reference_evaluate`` interleaved repetition by repetition in
    this process; their summary figures are asserted equal first.
 2. **Peak memory**: each loop alone in a fresh process per batch size (a process's peak
@@ -52,13 +52,13 @@ from benchmarks.harness import (
     section,
 )
 from benchmarks.reference_loop import reference_evaluate
-from collabvit import vit
-from collabvit.edge import EdgeDevice
-from collabvit.evaluate import evaluate
+from collabvit.algo.metrics import Summary, format_summary
 from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
-from collabvit.metrics import Summary, format_summary
-from collabvit.pair import load_pair
-from collabvit.server import Server
+from collabvit.models import vit
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.pair import load_pair
+from collabvit.models.server import Server
+from collabvit.research.evaluate import evaluate
 
 DEIT_EDGE, DEIT_SERVER = "deit_tiny_patch16_224", "deit_base_patch16_224"
 DEIT_CONFIG = EdgeConfig(attention_mode="mean", masking_mode="attention_sum_threshold",
@@ -151,7 +151,7 @@ WORKLOADS = {"deit": deit_workload, "fmnist": fmnist_workload}
 
 @contextmanager
 def time_inside(functions: list[str]) -> Iterator[list[float]]:
-    """Accumulate the wall time spent inside the named functions of collabvit.vit.
+    """Accumulate the wall time spent inside the named functions of collabvit.models.vit.
 
     The library calls them through the module (``vit.forward_with_scores``), so wrapping the
     module attribute for the duration sees every call; the originals are put back after.
@@ -280,12 +280,12 @@ def render(results: dict, args: argparse.Namespace, elapsed: float, load_at_star
                      f"{r['memory_images']} images. Both loops give these figures: "
                      + "; ".join(r["figures"].splitlines()[:3]) + ".")  # fmt: skip
     return section("bench_eval", "Whole evaluation against the reference loop", [
-        "`collabvit eval`'s loop (`collabvit.evaluate.evaluate`: fused attention with only the "
-        "last block's class-token row, embedding only the kept patches, every sent image of a "
-        "batch in size-planned ragged forwards) against a re-creation of the paper's loop "
-        "structure (`benchmarks/reference_loop.py`: every block's full attention map kept, the "
-        "server embedding whole images and gathering the kept tokens, one server call per image "
-        "under the threshold policies). Same models, images and operating point; the summary "
+        "`collabvit eval`'s loop (`collabvit.research.evaluate.evaluate`: fused attention with "
+        "only the last block's class-token row, embedding only the kept patches, every sent "
+        "image of a batch in size-planned ragged forwards) against a re-creation of the paper's "
+        "loop structure (`benchmarks/reference_loop.py`: every block's full attention map kept, "
+        "the server embedding whole images and gathering the kept tokens, one server call per "
+        "image under the threshold policies). Same models, images and operating point; the summary "
         "figures of the two are asserted equal before timing. Speed-up = reference median time "
         f"/ collabvit median time, the two interleaved ({args.repeats} repetitions each, after "
         "the check run). Time in model forwards: the share of `evaluate`'s wall time inside "

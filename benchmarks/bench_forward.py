@@ -4,7 +4,7 @@ Two comparisons, each as a ratio of median wall-clock times measured in the
 same process, with the compared variants interleaved repetition by
 repetition (these machines are noisy; absolute times are only context):
 
-1. Edge: ``collabvit.vit.forward_with_scores(model, x, "mean")`` over plain
+1. Edge: ``collabvit.models.vit.forward_with_scores(model, x, "mean")`` over plain
    ``model(x)`` for a randomly initialised ``deit_tiny_patch16_224`` at a batch
    of random 3x224x224 inputs, under ``torch.inference_mode()``. ``rollout``
    over plain is reported too (informational).
@@ -53,8 +53,8 @@ from benchmarks.harness import (
     section,
 )
 from collabvit.lite.protocol import PatchPayload, patchify
-from collabvit.server import Server, plan_batches
-from collabvit.vit import forward_with_scores
+from collabvit.models.server import Server, plan_batches
+from collabvit.models.vit import forward_with_scores
 
 EDGE_MODEL = "deit_tiny_patch16_224"
 SERVER_MODEL = "deit_base_patch16_224"
@@ -219,11 +219,11 @@ def render(
         "medians, the run was noisy. Models are "
         "randomly initialised (`pretrained=False`), inputs random; CPU, float32.",
         "",
-        f"- Edge: `collabvit.vit.forward_with_scores(model, x, mode)` versus `model(x)`, "
+        f"- Edge: `collabvit.models.vit.forward_with_scores(model, x, mode)` versus `model(x)`, "
         f"{EDGE_MODEL}, x = randn({args.batch_size}, 3, 224, 224), under `torch.inference_mode()`; "
         "each mode is interleaved with plain in its own pair (plain is timed twice); "
         f"timed repetitions: {args.repeats} per pair, warm-up runs: {args.warmup}.",
-        f"- Server: `collabvit.server.Server(model, 'cpu', max_batch={args.batch_size})` on "
+        f"- Server: `collabvit.models.server.Server(model, 'cpu', max_batch={args.batch_size})` on "
         f"{args.batch_size} `PatchPayload`s of uint8 patches, sizes uniform in "
         f"{MIN_PATCHES}..{MAX_PATCHES} of 196 at random distinct positions (seed {args.seed}); "
         f"ragged = `server.classify(payloads)`, loop = `[server.classify([p]) for p in "

@@ -30,11 +30,11 @@ from benchmarks.harness import (
     section,
 )
 from benchmarks.reference_loop import reference_evaluate
-from collabvit.edge import EdgeDevice
-from collabvit.evaluate import evaluate
-from collabvit.metrics import format_summary
-from collabvit.pair import resolve_device
-from collabvit.server import Server
+from collabvit.algo.metrics import format_summary
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.pair import resolve_device
+from collabvit.models.server import Server
+from collabvit.research.evaluate import evaluate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -36,11 +36,11 @@ from benchmarks.harness import (
     publish,
     section,
 )
-from collabvit import vit, zoo
 from collabvit.data import FashionMNIST
-from collabvit.edge import EdgeDevice
-from collabvit.export import export_edge, quantize_edge
 from collabvit.lite.onnx_edge import OnnxEdge
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.export import export_edge, quantize_edge
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
@@ -54,8 +54,8 @@ OnnxEdge(sys.argv[1], threads=1).process(np.zeros((1, 1, 28, 28), np.uint8))
 TORCH_FIRST_ANSWER = f"""
 import torch
 torch.set_num_threads(1)
-from collabvit import vit, zoo
-from collabvit.edge import EdgeDevice
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
 model = vit.create_model("{EDGE}")
 EdgeDevice(model, zoo.default_operating_point("{EDGE}", "{SERVER}")).process(
     torch.zeros(1, 1, 28, 28, dtype=torch.uint8))

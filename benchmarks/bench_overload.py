@@ -66,13 +66,13 @@ from benchmarks.harness import (
     section,
 )
 from collabvit import cpu_model
-from collabvit.evaluate import evaluate
 from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     encode_payload,
     infer_request_body,
     infer_response_body,
 )
+from collabvit.research.evaluate import evaluate
 
 SERVER = "collabvit_fmnist_server"
 MAX_CONNECTIONS = 2048
@@ -507,7 +507,7 @@ def bf16_figures(pair, payloads, repeats: int) -> dict:
     """Throughput of the float32 and bfloat16 servers and the default point's figures."""
     fp32 = pair.server()
     bf16_model = copy.deepcopy(pair.server_model).to(torch.bfloat16)
-    from collabvit.server import Server
+    from collabvit.models.server import Server
 
     bf16 = Server(bf16_model)
     rates = {}

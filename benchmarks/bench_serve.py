@@ -56,7 +56,7 @@ from collabvit.lite.protocol import (
     infer_request_body,
     parse_infer_request,
 )
-from collabvit.pair import load_pair
+from collabvit.models.pair import load_pair
 
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
 

@@ -37,12 +37,19 @@ from benchmarks.harness import (
     publish,
     section,
 )
-from collabvit import vit, zoo
 from collabvit.data import FashionMNIST, indexed_loader
-from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.lite.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
-from collabvit.passes import Grid, gate_grid, run_edge, selections, server_logits, sweep_points
-from collabvit.server import Server
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeConfig, EdgeDevice
+from collabvit.models.server import Server
+from collabvit.research.passes import (
+    Grid,
+    gate_grid,
+    run_edge,
+    selections,
+    server_logits,
+    sweep_points,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.lite.config import TrainConfig
-from collabvit.train import Trainer, augment
+from collabvit.research.train import Trainer, augment
 
 MODELS = (
     ("collabvit_fmnist_cnn", {}),

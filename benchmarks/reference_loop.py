@@ -24,12 +24,12 @@ from contextlib import contextmanager
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from collabvit import vit
-from collabvit.edge import gate, select
+from collabvit.algo.metrics import RunningSummary, Summary
+from collabvit.algo.scoring import mean_scores, rollout_scores
+from collabvit.algo.selection import selection_statistics
 from collabvit.lite.config import COUNT_MODES, EdgeConfig
-from collabvit.metrics import RunningSummary, Summary
-from collabvit.scoring import mean_scores, rollout_scores
-from collabvit.selection import selection_statistics
+from collabvit.models import vit
+from collabvit.models.edge import gate, select
 
 
 @contextmanager

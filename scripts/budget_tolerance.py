@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collabvit import versions, zoo
+from collabvit import versions
+from collabvit.algo.uncertainty import confident_by, uncertainty
 from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec, shipped_pair
 from collabvit.lite.controller import CostController, cost_tolerance, read_frontier
-from collabvit.pair import load_pair
-from collabvit.passes import run_edge, selections
-from collabvit.uncertainty import confident_by, uncertainty
+from collabvit.models import zoo
+from collabvit.models.pair import load_pair
+from collabvit.research.passes import run_edge, selections
 
 MEASURE = "min_entropy"
 POLICY = "attention_sum_threshold"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collabvit import plots
 from collabvit.data import ClutteredFashionMNIST
+from collabvit.research import plots
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,20 +36,27 @@ import torch
 from matplotlib.figure import Figure
 from readme_block import opening_blocks, write_block, write_blocks
 
-from collabvit import plots, versions, vit, zoo
+from collabvit import versions
+from collabvit.algo.metrics import accuracy
+from collabvit.algo.selection import (
+    object_recall,
+    select_random,
+    select_topk,
+    selection_composition,
+)
 from collabvit.data import ClutteredFashionMNIST, indexed_loader
-from collabvit.edge import EdgeDevice
 from collabvit.lite.config import EdgeConfig
 from collabvit.lite.protocol import patchify
-from collabvit.metrics import accuracy
-from collabvit.passes import (
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.server import Server
+from collabvit.research import plots
+from collabvit.research.passes import (
     EdgePass,
     run_edge,
     selections,
     server_logits,
 )
-from collabvit.selection import object_recall, select_random, select_topk, selection_composition
-from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 

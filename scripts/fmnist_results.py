@@ -34,13 +34,16 @@ from pathlib import Path
 import torch
 from readme_block import write_block
 
-from collabvit import versions, vit, zoo
+from collabvit import versions
+from collabvit.algo.metrics import accuracy
+from collabvit.algo.selection import selection_statistics
 from collabvit.data import FashionMNIST, indexed_loader
-from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.lite.config import SWEEP_DELTAS
 from collabvit.lite.frontier import pick_point
-from collabvit.metrics import accuracy
-from collabvit.passes import (
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeConfig, EdgeDevice
+from collabvit.models.server import Server
+from collabvit.research.passes import (
     EdgePass,
     Grid,
     eta_grid,
@@ -50,8 +53,6 @@ from collabvit.passes import (
     summarize_decisions,
     sweep_points,
 )
-from collabvit.selection import selection_statistics
-from collabvit.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURES = ("min_entropy", "shannon_entropy", "margin")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collabvit import zoo
 from collabvit.lite.config import SHIPPED_PAIRS
-from collabvit.plots import plot_learning_curves
+from collabvit.models import zoo
+from collabvit.research.plots import plot_learning_curves
 
 REPO = Path(__file__).resolve().parents[1]
 

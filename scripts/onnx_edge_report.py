@@ -29,16 +29,17 @@ import numpy as np
 import torch
 from readme_block import write_block
 
-from collabvit import versions, vit, zoo
+from collabvit import versions
+from collabvit.algo.uncertainty import uncertainty
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
-from collabvit.edge import EdgeDevice
-from collabvit.export import export_edge, quantize_edge
 from collabvit.lite.config import SHIPPED_PAIRS, ModelSpec
 from collabvit.lite.onnx_edge import OnnxEdge
 from collabvit.lite.summary import RunningSummary
-from collabvit.pair import load_model
-from collabvit.server import Server
-from collabvit.uncertainty import uncertainty
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.export import export_edge, quantize_edge
+from collabvit.models.pair import load_model
+from collabvit.models.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"fmnist": FashionMNIST, "fmnist-cluttered": ClutteredFashionMNIST}

@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from collabvit import zoo
 from collabvit.lite.controller import FRONTIER_FORMAT
+from collabvit.models import zoo
 
 
 def main() -> None:

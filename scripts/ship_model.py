@@ -21,9 +21,10 @@ from pathlib import Path
 import timm
 from safetensors.torch import save_file
 
-from collabvit import __version__, versions, vit, zoo
+from collabvit import __version__, versions
 from collabvit.data import build_dataset
-from collabvit.train import model_accuracy
+from collabvit.models import vit, zoo
+from collabvit.research.train import model_accuracy
 
 SLICE = 2000
 MAX_FP16_CHANGE = 0.05
@@ -59,7 +60,8 @@ def main() -> None:
 
     card = {
         "name": args.name,
-        "load": f'import collabvit.zoo, timm; timm.create_model("{args.name}", pretrained=True)',
+        "load": f'import collabvit.models.zoo, timm; '
+                f'timm.create_model("{args.name}", pretrained=True)',
         "storage": storage,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "test_acc": shipped_acc,

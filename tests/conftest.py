@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from collabvit import vit
+from collabvit.models import vit
 
 REPO = Path(__file__).resolve().parents[1]
 # The reference's outputs on a tiny ViT pair (tests/golden/README.md); COLLABVIT_GOLDEN
@@ -171,15 +171,15 @@ SHIPPED_SERVER = "collabvit_fmnist_server"
 def shipped_server():
     """The shipped Fashion-MNIST server model in a Server."""
     from collabvit.lite.config import ModelSpec
-    from collabvit.pair import load_model
-    from collabvit.server import Server
+    from collabvit.models.pair import load_model
+    from collabvit.models.server import Server
 
     return Server(load_model(ModelSpec(name=SHIPPED_SERVER), server=True))
 
 
 def shipped_app(server, **options):
     """The service app for the shipped server (options: ServiceSettings fields)."""
-    from collabvit.service import ServiceSettings, create_app
+    from collabvit.serve.service import ServiceSettings, create_app
 
     return create_app(ServiceSettings(model_name=SHIPPED_SERVER, **options), lambda: server)
 
@@ -295,7 +295,7 @@ def models_built_once():
     ViT, its weight initialisation, costs more than a few images through it); every command
     still loads and checks its pair through load_pair. For commands that do not change
     their models."""
-    from collabvit import pair
+    from collabvit.models import pair
 
     built, load_model = {}, pair.load_model
 

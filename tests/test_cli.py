@@ -104,7 +104,7 @@ def test_missing_data_path_with_golden_models(run_cli, golden):
 
 def test_offline_without_weights_explains_how_to_pass_a_file(run_cli, monkeypatch):
     # Whatever the network: the hub looks unreachable, so no test ever calls it.
-    monkeypatch.setattr("collabvit.vit._hub_reachable", lambda: False)
+    monkeypatch.setattr("collabvit.models.vit._hub_reachable", lambda: False)
     deit = ["--model", "deit_tiny_patch16_224", "--server-model", "deit_base_patch16_224"]
     result = run_cli("eval", *deit, "--data-set", "imagenet", "--data-path", "/tmp")
     assert result.returncode == 2
@@ -399,7 +399,7 @@ def test_the_real_entry_point_runs_an_evaluation(golden, tmp_path):
 
 def test_val_split_warns_when_a_model_trained_on_it(run_cli, tmp_path):
     """Weights from an older run that held out another validation split (its own seed)."""
-    from collabvit import vit
+    from collabvit.models import vit
 
     state = vit.create_vit("collabvit_fmnist_edge").state_dict()
     config = {"model": "collabvit_fmnist_edge", "val_size": 5000, "seed": 1, "train_limit": None}

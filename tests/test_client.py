@@ -58,7 +58,7 @@ def edge_args(url: str, tmp_path: Path, *extra: str, name: str = "run",
 def shipped_pair(count: int, batch_size: int = 64):
     """The shipped pair's edge (at its operating point) on the first `count` test images,
     and their batches."""
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
 
     pair = load_pair(ModelSpec(name=EDGE_NAME), ModelSpec(name=SERVER_NAME),
                      DataSpec(limit=count, batch_size=batch_size), with_server=False)  # fmt: skip
@@ -68,7 +68,7 @@ def shipped_pair(count: int, batch_size: int = 64):
 def shipped_frontier():
     """The shipped edge's frontier (its model card's) of its own series."""
     from collabvit.lite.controller import read_frontier
-    from collabvit.zoo import model_card
+    from collabvit.models.zoo import model_card
 
     return read_frontier(model_card(EDGE_NAME)["frontier"], "attention_sum_threshold",
                          "min_entropy")  # fmt: skip
@@ -388,7 +388,7 @@ def test_retried_attempts_count_their_bytes(shipped_server):
         never.wait(30)
         return shipped_server
 
-    from collabvit.service import ServiceSettings, create_app
+    from collabvit.serve.service import ServiceSettings, create_app
 
     app = create_app(ServiceSettings(model_name=SERVER_NAME), never_ready)
     blob = encode_payload(PatchPayload(torch.arange(3), torch.zeros(3, 1, 4, 4,
@@ -434,7 +434,7 @@ def test_a_records_file_is_continued_or_refused_never_emptied(run_cli, live, tmp
 def frontier_file(tmp_path_factory):
     """The shipped edge's frontier (its model card's) in a file, as `collabvit sweep` writes
     it for --frontier."""
-    from collabvit.zoo import model_card
+    from collabvit.models.zoo import model_card
 
     path = tmp_path_factory.mktemp("frontier") / "frontier.json"
     path.write_text(json.dumps(model_card(EDGE_NAME)["frontier"]))
@@ -590,7 +590,7 @@ def test_a_short_scenario_two_budgeted_clients_on_a_shared_link_that_drops(live,
     image waits past its deadline."""
     from benchmarks.bench_adaptive import SharedLink
     from collabvit.lite.controller import BytesController
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
 
     count, rate, budget, deadline = 400, 100.0, 6000.0, 1.5
     pair = load_pair(ModelSpec(name=EDGE_NAME), ModelSpec(name=SERVER_NAME),

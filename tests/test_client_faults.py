@@ -207,7 +207,7 @@ def test_the_server_is_checked_before_the_edge_model_loads(run_cli, tmp_path, mo
     def never(*args, **kwargs):
         raise AssertionError("the edge model was loaded before the server was checked")
 
-    monkeypatch.setattr("collabvit.pair.load_pair", never)
+    monkeypatch.setattr("collabvit.models.pair.load_pair", never)
     port = free_port()
     result = run_cli(*edge_args(f"http://127.0.0.1:{port}", tmp_path))
     assert result.returncode == 2 and "nothing answers at" in result.stderr

@@ -232,7 +232,7 @@ def test_item_masks_follow_the_models_patch_grid():
     7 x 7: they mark the patches its selection keeps or drops."""
     import timm
 
-    import collabvit.zoo  # noqa: F401 - registers the architectures
+    import collabvit.models.zoo  # noqa: F401 - registers the architectures
 
     kwargs = {"depth": 1, "embed_dim": 24, "num_heads": 2}
     fine = timm.create_model("collabvit_cluttered_edge", patch_size=7, **kwargs)
@@ -260,7 +260,7 @@ def cluttered_pair(tmp_path_factory):
     import timm
     from safetensors.torch import save_file
 
-    import collabvit.zoo  # noqa: F401 - registers the architectures
+    import collabvit.models.zoo  # noqa: F401 - registers the architectures
 
     folder = tmp_path_factory.mktemp("pair")
     flags = []
@@ -302,7 +302,7 @@ def test_eval_sweep_and_visualize_run_on_cluttered_canvases(run_cli, cluttered_p
 
 @needs_fmnist
 def test_the_cluttered_data_set_runs_its_own_pair_at_its_operating_point(run_cli, tmp_path):
-    from collabvit import zoo
+    from collabvit.models import zoo
 
     result = run_cli("eval", "--data-set", "fmnist-cluttered", "--limit", "200",
                      "--results-file", str(tmp_path / "eval.json"))  # fmt: skip
@@ -319,8 +319,8 @@ def test_the_cluttered_data_set_runs_its_own_pair_at_its_operating_point(run_cli
 def test_a_shipped_model_without_its_weights_is_a_clear_error(monkeypatch, tmp_path):
     import timm
 
-    from collabvit import vit, zoo
-    from collabvit.vit import ModelError
+    from collabvit.models import vit, zoo
+    from collabvit.models.vit import ModelError
 
     config = timm.models.get_pretrained_cfg(zoo.CLUTTERED_EDGE)
     config.file = str(tmp_path / "gone.safetensors")  # a package whose weights were lost

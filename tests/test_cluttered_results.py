@@ -11,8 +11,8 @@ from readme_block import markers
 from test_readme_numbers import REPO, script
 from torch.utils.data import Subset
 
-from collabvit import vit
 from collabvit.data import FASHION_MNIST_ROOT, ClutteredFashionMNIST
+from collabvit.models import vit
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST missing")
 

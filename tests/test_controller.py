@@ -187,10 +187,10 @@ def test_the_frontier_file_holds_each_series_pareto_points(tmp_path):
 def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     """The frontier of a sweep over some images; an in-process evaluation of the same images
     held at a cost between its points spends about that cost."""
-    from collabvit.evaluate import evaluate
     from collabvit.lite.config import DataSpec, ModelSpec
     from collabvit.lite.controller import CostController, read_frontier
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
+    from collabvit.research.evaluate import evaluate
 
     swept = run_cli("sweep", "--limit", "384", "--quiet", "--no-plots", "--out-dir", str(tmp_path),
                     "--attention-modes", "mean", "--uncer-modes", "min_entropy",

@@ -28,9 +28,9 @@ from collabvit.data import (
     indexed_loader,
     label_fit_problem,
     read_idx,
-    recorded_training_config,
     val_overlap,
 )
+from collabvit.models.zoo import recorded_training_config
 
 HINT = "dataset-fashion-mnist"
 
@@ -480,7 +480,7 @@ def test_check_labels_names_the_offending_label(targets, message):
 def test_eval_crop_pct_is_256_224_only_for_deit_at_224(name, expected):
     import timm
 
-    import collabvit.zoo  # noqa: F401 - registers collabvit_fmnist_edge
+    import collabvit.models.zoo  # noqa: F401 - registers collabvit_fmnist_edge
 
     # depth 1 keeps the large variants cheap; the crop depends on the architecture name only
     model = timm.create_model(name, pretrained=False, depth=1)
@@ -521,7 +521,7 @@ def test_recorded_training_config_of_shipped_models():
         record = recorded_training_config(name, None)
         assert record["seed"] == 0 and record["validation_split"] == {"size": 5000, "seed": 0}
         assert val_overlap(record) == 0
-    from collabvit.zoo import weights_file
+    from collabvit.models.zoo import weights_file
 
     shipped = weights_file("collabvit_fmnist_edge")
     assert recorded_training_config("collabvit_fmnist_edge", shipped)["seed"] == 0

@@ -11,9 +11,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from collabvit.distributed import Processes, block_span, shard_block
-from collabvit.metrics import RunningSummary
-from collabvit.passes import ServerPasses, server_logits
+from collabvit.algo.metrics import RunningSummary
+from collabvit.research.distributed import Processes, block_span, shard_block
+from collabvit.research.passes import ServerPasses, server_logits
 
 
 @pytest.mark.parametrize("count", [0, 1, 255, 256, 257, 1001, 10_000])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.lite.protocol import patchify
+from collabvit.models.edge import EdgeConfig, EdgeDevice
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from collabvit import vit
+from collabvit.algo.selection import select_patches
+from collabvit.algo.uncertainty import is_confident, uncertainty
 from collabvit.cli import main
-from collabvit.edge import EdgeConfig, EdgeDevice
-from collabvit.evaluate import evaluate
 from collabvit.lite.protocol import PatchPayload, patchify
-from collabvit.selection import select_patches
-from collabvit.server import Server
-from collabvit.uncertainty import is_confident, uncertainty
+from collabvit.models import vit
+from collabvit.models.edge import EdgeConfig, EdgeDevice
+from collabvit.models.server import Server
+from collabvit.research.evaluate import evaluate
 
 ATOL = 1e-4
 

@@ -1,4 +1,4 @@
-"""Tests for collabvit.metrics (DESIGN.md section 1, "Summary metrics")."""
+"""Tests for collabvit.algo.metrics (DESIGN.md section 1, "Summary metrics")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabvit.metrics import RunningSummary, Summary, format_summary, topk_correct
+from collabvit.algo.metrics import RunningSummary, Summary, format_summary, topk_correct
 
 INF = math.inf
 

@@ -15,10 +15,13 @@ import pytest
 import torch
 from conftest import SHIPPED_IMAGES, tiny_vit
 
-from collabvit import vit, zoo
+from collabvit.algo.uncertainty import uncertainty
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
-from collabvit.edge import EdgeDevice
-from collabvit.export import (
+from collabvit.lite.config import EdgeConfig
+from collabvit.lite.onnx_edge import ExportError, OnnxEdge
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.export import (
     RANGE_BITS,
     EdgeDecision,
     calibration_ranges,
@@ -28,9 +31,6 @@ from collabvit.export import (
     quantize_with_ranges,
     round_outward,
 )
-from collabvit.lite.config import EdgeConfig
-from collabvit.lite.onnx_edge import ExportError, OnnxEdge
-from collabvit.uncertainty import uncertainty
 
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"
 IMAGES = 300

@@ -9,9 +9,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb, to_rgba
 from PIL import Image
 
-from collabvit import metrics
+from collabvit.algo import metrics
 from collabvit.lite import frontier
-from collabvit.plots import (
+from collabvit.research.plots import (
     DROPPED_COLOUR,
     OBJECT_COLOUR,
     VIEWS,
@@ -283,7 +283,7 @@ def test_canvas_examples_are_titled_and_outlined():
 
 
 def test_the_scenario_figure_draws_each_kind_of_client_over_the_phases(tmp_path):
-    from collabvit.plots import plot_scenario
+    from collabvit.research.plots import plot_scenario
 
     rows = [{"second": t, "accuracy": 92.0 - (t >= 3), "on_time_accuracy": 91.0,
              "bytes_per_client": 3000.0 / (1 + 9 * (3 <= t < 5)), "p99_ms": 100.0 + t,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from collabvit import vit
-from collabvit.edge import EdgeConfig, EdgeDevice
 from collabvit.lite.protocol import patchify
-from collabvit.server import Server
+from collabvit.models import vit
+from collabvit.models.edge import EdgeConfig, EdgeDevice
+from collabvit.models.server import Server
 
 # loose: float16 keeps ~3 significant digits, bfloat16 ~2
 LOGIT_ATOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}

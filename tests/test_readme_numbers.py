@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from readme_block import markers
 
-from collabvit.metrics import Summary, format_summary
+from collabvit.algo.metrics import Summary, format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -165,7 +165,7 @@ def test_opening_table_is_both_demos():
 
 def test_model_tables_are_the_cards():
     """Every shipped model's README row gives its card's validation and test accuracy."""
-    from collabvit import zoo
+    from collabvit.models import zoo
 
     for name in zoo.ARCHITECTURES:
         card = zoo.model_card(name)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from collabvit.evaluate import evaluate
+from collabvit.algo.metrics import format_summary
 from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
-from collabvit.metrics import format_summary
-from collabvit.pair import load_pair
+from collabvit.models.pair import load_pair
+from collabvit.research.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("reference_loop",

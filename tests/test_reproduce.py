@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from collabvit import plots, reproduce
 from collabvit.cli import main
 from collabvit.lite.frontier import SweepPoint, mark_pareto
 from collabvit.lite.summary import RunningSummary, Summary
+from collabvit.research import plots, reproduce
 
 SYNSETS = ("n01440764", "n01443537")  # ImageNet classes 0 and 1
 
@@ -224,7 +224,7 @@ def test_without_weights_offline_one_line_names_the_files(case, files, monkeypat
     args = ["reproduce", "--data-path", str(files["images"]), "--state-file",
             str(tmp_path / "state.json")]
     if case == "unreachable":
-        monkeypatch.setattr("collabvit.vit._hub_reachable", lambda: False)
+        monkeypatch.setattr("collabvit.models.vit._hub_reachable", lambda: False)
     else:  # HF_HUB_OFFLINE=1 over an empty hub cache
         import huggingface_hub
 
@@ -263,14 +263,14 @@ def test_the_release_files_named_are_timms_own():
 
 def test_an_interrupted_run_resumes_to_the_same_figures(files, paper_run, monkeypatch,
                                                         tmp_path):  # fmt: skip
-    import collabvit.evaluate
+    import collabvit.research.evaluate
 
     monkeypatch.setattr(reproduce, "PAPER", replace(reproduce.PAPER,
                                                     server_model="deit_tiny_patch16_224"))
     state, results = tmp_path / "state.json", tmp_path / "results.json"
     args = paper_args(files, "--chunk-images", "1", "--state-file", str(state),
                       "--results-file", str(results))  # fmt: skip
-    evaluate, calls = collabvit.evaluate.evaluate, []
+    evaluate, calls = collabvit.research.evaluate.evaluate, []
 
     def interrupted_second_chunk(*a, **k):  # Ctrl-C while the second chunk runs
         calls.append(1)
@@ -278,12 +278,12 @@ def test_an_interrupted_run_resumes_to_the_same_figures(files, paper_run, monkey
             raise KeyboardInterrupt
         return evaluate(*a, **k)
 
-    monkeypatch.setattr(collabvit.evaluate, "evaluate", interrupted_second_chunk)
+    monkeypatch.setattr(collabvit.research.evaluate, "evaluate", interrupted_second_chunk)
     status, out, err = cli(*args)
     assert status == 130 and out == ""
     assert err.strip() == (f"collabvit reproduce: interrupted after 1 of 2 images; --resume "
                            f"continues from {state}")  # fmt: skip
-    monkeypatch.setattr(collabvit.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(collabvit.research.evaluate, "evaluate", evaluate)
     saved = json.loads(state.read_text())
     assert (saved["done"], saved["running"]["images"]) == (1, 1)
 

@@ -1,4 +1,4 @@
-"""Tests for collabvit.scoring (DESIGN.md section 1, "Attention scores")."""
+"""Tests for collabvit.algo.scoring (DESIGN.md section 1, "Attention scores")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabvit.scoring import (
+from collabvit.algo.scoring import (
     attention_probabilities,
     mean_scores,
     normalize_scores,

@@ -1,4 +1,4 @@
-"""Tests for collabvit.selection (DESIGN.md section 1, "Patch selection")."""
+"""Tests for collabvit.algo.selection (DESIGN.md section 1, "Patch selection")."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from collabvit.selection import (
+from collabvit.algo.selection import (
     MASKING_MODES,
     object_recall,
     select_attention_sum_threshold,
@@ -350,7 +350,7 @@ def test_selection_composition_splits_the_kept_patches_three_ways():
 
 def test_pairwise_ranks_are_the_stable_sort_ranks_ties_nan_and_infinities_included():
     """The exported graph counts ranks pairwise; eager mode sorts: the same ranks."""
-    from collabvit.selection import descending_ranks, pairwise_descending_ranks
+    from collabvit.algo.selection import descending_ranks, pairwise_descending_ranks
 
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):

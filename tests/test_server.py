@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from collabvit import vit
 from collabvit.lite.protocol import PatchPayload, patchify
-from collabvit.server import Server, pack_payloads, plan_batches
+from collabvit.models import vit
+from collabvit.models.server import Server, pack_payloads, plan_batches
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from conftest import LiveServer, free_port, tiny_vit, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collabvit.guard import guarded_protocol
 from collabvit.lite.client import wait_until_served
 from collabvit.lite.protocol import (
     BINARY_CONTENT_TYPE,
@@ -33,8 +32,9 @@ from collabvit.lite.protocol import (
     patchify,
 )
 from collabvit.lite.protocol import PatchPayload as Payload
-from collabvit.server import Server
-from collabvit.service import ServiceSettings, create_app
+from collabvit.models.server import Server
+from collabvit.serve.guard import guarded_protocol
+from collabvit.serve.service import ServiceSettings, create_app
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from conftest import LiveServer, free_port, tiny_vit, wait_ready
 
-from collabvit import service
-from collabvit.guard import guarded_protocol
 from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     PatchPayload,
@@ -26,8 +24,10 @@ from collabvit.lite.protocol import (
     encode_payload,
     infer_request_body,
 )
-from collabvit.server import Server
-from collabvit.service import ServiceSettings, create_app
+from collabvit.models.server import Server
+from collabvit.serve import service
+from collabvit.serve.guard import guarded_protocol
+from collabvit.serve.service import ServiceSettings, create_app
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))
@@ -498,7 +498,7 @@ def test_requests_past_the_limit_get_503_while_probes_still_answer(server):
 def test_json_over_the_inline_size_is_parsed_in_another_process():
     import os
 
-    from collabvit.guard import ParsePool
+    from collabvit.serve.guard import ParsePool
 
     async def where(json_bytes: int) -> int:
         return await parser.run(json_bytes, os.getpid)

@@ -10,11 +10,11 @@ from pathlib import Path
 import onnx_edge_report
 from conftest import SERVER_ALONE, SHIPPED_IMAGES
 
-from collabvit import zoo
 from collabvit.data import ClutteredFashionMNIST
 from collabvit.lite.config import SHIPPED_PAIRS, DataSpec, ModelSpec
-from collabvit.pair import load_model
-from collabvit.server import Server
+from collabvit.models import zoo
+from collabvit.models.pair import load_model
+from collabvit.models.server import Server
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = {"fmnist": "fmnist_results.json", "fmnist-cluttered": "cluttered_results.json"}

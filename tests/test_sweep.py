@@ -10,13 +10,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from collabvit import vit
-from collabvit.calibration import expected_calibration_error, fit_temperature, split_calibration
-from collabvit.edge import EdgeConfig, EdgeDevice, gate
-from collabvit.evaluate import evaluate
+from collabvit.algo.metrics import Summary
+from collabvit.algo.selection import selection_statistics
+from collabvit.algo.uncertainty import is_confident
 from collabvit.lite.frontier import SweepPoint, pareto_optimal, pick_point
-from collabvit.metrics import Summary
-from collabvit.passes import (
+from collabvit.models import vit
+from collabvit.models.edge import EdgeConfig, EdgeDevice, gate
+from collabvit.models.server import Server
+from collabvit.research.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    split_calibration,
+)
+from collabvit.research.evaluate import evaluate
+from collabvit.research.passes import (
     Grid,
     eta_grid,
     gate_decisions,
@@ -28,9 +35,6 @@ from collabvit.passes import (
     summarize_decisions,
     sweep_points,
 )
-from collabvit.selection import selection_statistics
-from collabvit.server import Server
-from collabvit.uncertainty import is_confident
 
 
 def indexed(images, targets, ids=None):

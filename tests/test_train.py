@@ -12,12 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from collabvit import cpu_model, vit
+from collabvit import cpu_model
 from collabvit.cli import main
-from collabvit.data import FashionMNIST, recorded_training_config, split_indices, val_overlap
+from collabvit.data import FashionMNIST, split_indices, val_overlap
 from collabvit.lite.config import TrainConfig
 from collabvit.lite.protocol import patchify
-from collabvit.train import (
+from collabvit.models import vit
+from collabvit.models.zoo import recorded_training_config
+from collabvit.research.train import (
     TeacherOutputs,
     Trainer,
     apply_augmentations,
@@ -442,7 +444,7 @@ def test_a_teacher_by_name_is_the_shipped_model(monkeypatch):
 
 @needs_fmnist
 def test_a_teacher_that_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
-    from collabvit.train import create_trainable
+    from collabvit.research.train import create_trainable
 
     kwargs = {"width": 4, "num_classes": 5}
     state = create_trainable("collabvit_fmnist_cnn", kwargs).state_dict()
@@ -455,7 +457,7 @@ def test_a_teacher_that_does_not_fit_the_student_is_a_clear_error(tmp_path, caps
 
 
 def test_a_vit_starts_from_the_weights_its_seed_gave_before_cnns_were_trainable():
-    from collabvit.train import create_trainable
+    from collabvit.research.train import create_trainable
 
     torch.manual_seed(7)
     trained_here = create_trainable("collabvit_fmnist_edge", {"depth": 1})
@@ -479,7 +481,7 @@ def test_cluttered_training_draws_canvases_of_its_items_with_the_clutter_asked(t
     image size is a one-line error."""
     from collabvit.data import ClutteredFashionMNIST
     from collabvit.lite.cluttered import spec_with
-    from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
+    from collabvit.research.train import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=32)
     assert data.augmentations == 2 * CLUTTERED_DRAWS and len(data.labels) == 32
@@ -513,7 +515,7 @@ def test_cluttered_training_distils_from_a_canvas_teacher(tmp_path, capsys):
     """A tiny run on fmnist-cluttered: the teacher and a distilled student train, export and
     record the data set; validation is on the val split's published canvases."""
     from collabvit.data import ClutteredFashionMNIST
-    from collabvit.train import CLUTTERED_DRAWS, ClutteredTraining
+    from collabvit.research.train import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=64)
     assert torch.equal(data.val_images, ClutteredFashionMNIST(FMNIST, "val").images)
@@ -545,7 +547,7 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
     config record them, and a checkpoint made before the field existed still resumes."""
     from collabvit.data import ClutteredFashionMNIST
     from collabvit.lite.cluttered import spec_with
-    from collabvit.train import ClutteredTraining
+    from collabvit.research.train import ClutteredTraining
 
     busy = {"fragments": 12, "seed": 3}
     data = ClutteredTraining(FMNIST, augmented=True, limit=32, clutter=busy)

@@ -1,4 +1,4 @@
-"""Tests for collabvit.uncertainty (DESIGN.md section 1, the transmission gate)."""
+"""Tests for collabvit.algo.uncertainty (DESIGN.md section 1, the transmission gate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from collabvit.uncertainty import (
+from collabvit.algo.uncertainty import (
     UNCERTAINTY_MODES,
     canonical_uncertainty_mode,
     is_confident,

@@ -14,8 +14,8 @@ from conftest import tiny_vit
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from collabvit import vit
-from collabvit.scoring import normalize_scores
+from collabvit.algo.scoring import normalize_scores
+from collabvit.models import vit
 
 ARCHITECTURES = {
     "vit": dict(),

@@ -7,9 +7,9 @@ import timm
 import torch
 from conftest import SHIPPED_IMAGES
 
-import collabvit.zoo  # noqa: F401 - registers the shipped models
-from collabvit import vit, zoo
-from collabvit.metrics import Summary, format_summary
+import collabvit.models.zoo  # noqa: F401 - registers the shipped models
+from collabvit.algo.metrics import Summary, format_summary
+from collabvit.models import vit, zoo
 
 pytestmark = pytest.mark.skipif(
     not (zoo.is_shipped(zoo.EDGE) and zoo.is_shipped(zoo.SERVER)),

@@ -5,7 +5,7 @@ Collaborative Inference", IEEE Internet of Things Journal, 2024.
 
 The names below load on first use, so ``import collabvit`` (and the command
 line's help) does not pay for torch and timm until they are needed.
-Submodules keep their own names: ``collabvit.evaluate.evaluate(...)``.
+Submodules keep their own names: ``collabvit.research.evaluate.evaluate(...)``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ _EXPORTS = {
     "EdgeConfig": "lite.config",
     "ModelSpec": "lite.config",
     "SweepConfig": "lite.config",
-    "EdgeDevice": "edge",
-    "EdgeResult": "edge",
+    "EdgeDevice": "models.edge",
+    "EdgeResult": "models.edge",
     "PatchPayload": "lite.protocol",
-    "Server": "server",
-    "Normalization": "vit",
-    "create_vit": "vit",
-    "Pair": "pair",
-    "load_pair": "pair",
+    "Server": "models.server",
+    "Normalization": "models.vit",
+    "create_vit": "models.vit",
+    "Pair": "models.pair",
+    "load_pair": "models.pair",
 }
 
 __all__ = ["__version__", "versions", "cpu_model", *_EXPORTS]

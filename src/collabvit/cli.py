@@ -224,7 +224,7 @@ def _specs(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec, DataSpec, Ru
 
 def _load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec, run: RunConfig,
                warn: bool = True):  # fmt: skip
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
 
     pair = load_pair(edge, server, data, run.device)
     for note in pair.warnings if warn else ():
@@ -273,7 +273,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError("--budget-bps offline needs the images' pace: "
                              "--images-per-second N")  # fmt: skip
         _check_input_file(budget.frontier, "frontier")
-        from collabvit.distributed import Processes
+        from collabvit.research.distributed import Processes
 
         with Processes(run.device) as processes:
             if budget.held and processes.distributed:
@@ -289,9 +289,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
           stream) -> int:  # fmt: skip
     """`collabvit eval` in this process: its shard under torchrun, else every image."""
-    from collabvit.distributed import shard_block
-    from collabvit.evaluate import evaluate, merge_results, write_per_image, write_results
-    from collabvit.metrics import format_summary
+    from collabvit.algo.metrics import format_summary
+    from collabvit.research.distributed import shard_block
+    from collabvit.research.evaluate import evaluate, merge_results, write_per_image, write_results
 
     main = processes.is_main
     pair = _load_pair("eval", edge_spec, server_spec, data, run, warn=main)
@@ -342,8 +342,8 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from collabvit import reproduce
     from collabvit.lite.config import ReproduceConfig
+    from collabvit.research import reproduce
 
     settings = None
     try:
@@ -359,7 +359,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         _check_output_file(outputs.results_file)
         _check_output_file(settings.state_file)
         if settings.sweep:
-            from collabvit.sweep import OUTPUT_FILES
+            from collabvit.research.sweep import OUTPUT_FILES
 
             _check_output_dir(settings.sweep, (*OUTPUT_FILES, "frontier.png", "frontier.svg"))
         left = None if settings.resume else reproduce.unfinished(settings.state_file)
@@ -381,7 +381,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         result = reproduce.run(pair, config, settings.state_file, identity, settings.resume,
                                settings.chunk_images, run.seed, _progress(run))  # fmt: skip
         summary = result.summary
-        from collabvit.metrics import format_summary
+        from collabvit.algo.metrics import format_summary
 
         print(format_summary(summary, config.masking_mode, config.masking_th, config.uncer_mode,
                              config.uncer_th))  # fmt: skip
@@ -403,7 +403,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
             extra["sweep"] = {"out_dir": settings.sweep, "figures": [str(p) for p in figures],
                               "published_point": asdict(reproduce.reference_point())}
         if outputs.results_file:
-            from collabvit.evaluate import write_results
+            from collabvit.research.evaluate import write_results
 
             write_results(outputs.results_file, summary, provenance, **extra)
     except KeyboardInterrupt:
@@ -421,10 +421,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         edge_spec, server_spec, data, run = _specs(args)
         config = SweepConfig(**given_values(SweepConfig, args))
-        from collabvit import sweep
+        from collabvit.research import sweep
 
         out_dir = _check_output_dir(config.out_dir, sweep.OUTPUT_FILES)
-        from collabvit.distributed import Processes
+        from collabvit.research.distributed import Processes
 
         with Processes(run.device) as processes:
             run = replace(run, device=processes.device)
@@ -496,7 +496,7 @@ def run_visualize(args: argparse.Namespace) -> int:
                 last = len(pair.dataset) - 1
                 raise UsageError(f"index {index} is outside the dataset (0..{last})")
         config = replace(pair.default_config(), **chosen)
-        from collabvit.visualize import draw_attention_histogram, draw_images
+        from collabvit.research.visualize import draw_attention_histogram, draw_images
 
         for line in draw_images(pair, config, views, out_dir, run.seed):
             print(line)
@@ -538,8 +538,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                  f"{config.ssl_keyfile}{detail}: give the certificate to "
                                  "--ssl-certfile and its private key to --ssl-keyfile, both "
                                  "PEM") from None  # fmt: skip
-        from collabvit.pair import load_model, resolve_device
-        from collabvit.service import ServiceSettings, serve
+        from collabvit.models.pair import load_model, resolve_device
+        from collabvit.serve.service import ServiceSettings, serve
 
         _check_port_free(config.host, config.port)
         device = resolve_device(config.device)
@@ -558,13 +558,13 @@ def run_serve(args: argparse.Namespace) -> int:
             model = model.to(torch.bfloat16)
     except (UsageError, ValueError, OSError) as error:
         return _fail("serve", error)
-    from collabvit.server import Server
+    from collabvit.models.server import Server
 
     def load_server() -> Server:
         return Server(model, device, max_batch=config.max_batch)
 
     from collabvit.lite.config import is_loopback
-    from collabvit.service import default_allowed_hosts
+    from collabvit.serve.service import default_allowed_hosts
 
     hosts = config.allowed_hosts or default_allowed_hosts(config.host)
     settings = ServiceSettings(
@@ -781,7 +781,7 @@ def _budget_record(controller, summary, withheld: int, bytes_per_second: float,
 def shipped_frontier(edge: ModelSpec) -> dict | None:
     """The frontier shipped in an edge model's card (None for other weights); which server
     it was swept with, read_frontier checks."""
-    from collabvit import zoo
+    from collabvit.models import zoo
 
     return None if edge.weights is not None else \
         zoo.model_card(edge.name.split(".")[0]).get("frontier")  # fmt: skip
@@ -792,7 +792,7 @@ def _torch_edge(args: argparse.Namespace, data: DataSpec, run: RunConfig, chosen
     """The torch edge of `collabvit edge`: (EdgeDevice, batches, image count, names)."""
     edge_spec, server_spec = _model_specs(args, data)
     check_server(server_spec.name)
-    from collabvit.pair import load_pair
+    from collabvit.models.pair import load_pair
 
     pair = load_pair(edge_spec, server_spec, data, run.device, with_server=False)
     for note in pair.warnings:
@@ -873,11 +873,11 @@ def run_export(args: argparse.Namespace) -> int:
         from collabvit.lite.onnx_edge import CARD_FILE, GRAPH_FILE, INT8_FILE
 
         out_dir = _check_output_dir(export.out_dir, (GRAPH_FILE, CARD_FILE, INT8_FILE))
-        from collabvit.pair import load_pair
+        from collabvit.models.pair import load_pair
 
         pair = load_pair(edge_spec, server_spec, data, with_server=False)
         config = replace(pair.default_config(), **chosen)
-        from collabvit.export import export_edge, quantize_edge
+        from collabvit.models.export import export_edge, quantize_edge
 
         provenance = _provenance("export", edge_model=edge_spec, server_model=server_spec,
                                  data=data, edge=config, export=export)  # fmt: skip
@@ -920,7 +920,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(**given_values(TrainConfig, args, TRAIN_FLAGS))
         run = TrainRun(**given_values(TrainRun, args))
-        from collabvit.train import train
+        from collabvit.research.train import train
 
         for line in train(config, run):
             print(line, flush=True)

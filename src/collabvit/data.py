@@ -6,7 +6,6 @@ Each model normalises with its own mean/std (see vit.Normalization).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,12 @@ import numpy as np
 import timm.data
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
-from collabvit import zoo
 from collabvit.lite.cluttered import ClutterSpec, compose, item_boxes
 from collabvit.lite.config import DATA_SETS, FASHION_MNIST_SPLITS
 from collabvit.lite.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
@@ -133,28 +130,6 @@ def val_overlap(training_config: dict) -> int:
         trained = trained[: int(limit)]
     _, val = validation_split(FASHION_MNIST_TRAIN_SIZE)
     return int(torch.isin(trained, val).sum())
-
-
-def recorded_training_config(model_name: str, weights_path: str | Path | None) -> dict | None:
-    """The training config recorded for a model: None when unknown.
-
-    Without a weights file: the shipped model card's ``run_card.training``;
-    with one: the JSON under the safetensors metadata key "config" (what
-    Trainer.export writes). Other files (.pth, foreign safetensors) give None.
-    """
-    name = model_name.split(".")[0]  # "name.tag" -> the card of name
-    shipped = zoo.weights_file(name)
-    if weights_path is None or (shipped.is_file() and Path(weights_path).resolve() == shipped):
-        card = zoo.model_card(name)
-        training = card.get("run_card", {}).get("training")
-        return training if isinstance(training, dict) else None
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        config = json.loads(metadata["config"])
-    except (OSError, SafetensorError, KeyError, ValueError):  # JSONDecodeError is a ValueError
-        return None
-    return config if isinstance(config, dict) else None
 
 
 class _LabelledImages(Dataset):

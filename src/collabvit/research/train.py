@@ -32,7 +32,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from collabvit import cpu_model, versions, vit, zoo
+from collabvit import cpu_model, versions
+from collabvit.algo.metrics import accuracy
 from collabvit.data import (
     VALIDATION_SPLIT,
     ClutteredFashionMNIST,
@@ -42,7 +43,7 @@ from collabvit.data import (
 from collabvit.lite.cluttered import spec_with
 from collabvit.lite.config import TrainConfig, TrainRun
 from collabvit.lite.protocol import patchify
-from collabvit.metrics import accuracy
+from collabvit.models import vit, zoo
 
 
 def training_record(config: TrainConfig) -> dict:

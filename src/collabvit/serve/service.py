@@ -42,15 +42,6 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from collabvit import __version__
-from collabvit.guard import (
-    METRICS_STATE,
-    CloseUnreadBodies,
-    GuardedProtocol,
-    ParsePool,
-    ParserUnavailable,
-    RequestLimit,
-    guarded_protocol,
-)
 from collabvit.lite.protocol import (
     CODECS,
     INFERENCE_HEADER,
@@ -67,7 +58,16 @@ from collabvit.lite.protocol import (
     parse_header_length,
     split_request,
 )
-from collabvit.server import Server
+from collabvit.models.server import Server
+from collabvit.serve.guard import (
+    METRICS_STATE,
+    CloseUnreadBodies,
+    GuardedProtocol,
+    ParsePool,
+    ParserUnavailable,
+    RequestLimit,
+    guarded_protocol,
+)
 
 log = logging.getLogger("collabvit.serve")
 
@@ -777,8 +777,8 @@ def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: st
                                              timeout_request_head, "max_connections":
                                              max_connections,
                                              "settings": settings_to_json(settings)})
-        uvicorn.run("collabvit.service:worker_app", factory=True, workers=workers,
-                    http="collabvit.guard:GuardedProtocol", **options)  # fmt: skip
+        uvicorn.run("collabvit.serve.service:worker_app", factory=True, workers=workers,
+                    http="collabvit.serve.guard:GuardedProtocol", **options)  # fmt: skip
         return
     config = uvicorn.Config(create_app(settings, load_server),
                             http=guarded_protocol(timeout_request_head, max_connections),
@@ -845,7 +845,7 @@ def worker_app() -> FastAPI:
     freeze_what_lives_long()  # this process's torch and timm (its model loads later)
 
     def load_server() -> Server:
-        from collabvit.pair import load_model, resolve_device
+        from collabvit.models.pair import load_model, resolve_device
 
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])

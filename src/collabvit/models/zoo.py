@@ -1,8 +1,9 @@
 """The models collabvit ships, registered with timm.
 
-After ``import collabvit.zoo``, ``timm.create_model("collabvit_fmnist_edge", pretrained=True)``
-loads the shipped Fashion-MNIST edge ViT offline from the package (timm's
-``file`` pretrained source), and likewise ``collabvit_fmnist_server`` (trained
+After ``import collabvit.models.zoo``,
+``timm.create_model("collabvit_fmnist_edge", pretrained=True)`` loads the shipped
+Fashion-MNIST edge ViT offline from the package (timm's ``file`` pretrained source),
+and likewise ``collabvit_fmnist_server`` (trained
 with token drop). With ``pretrained=False`` they are the architectures to train.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from collabvit.lite.config import SHIPPED_PAIRS, EdgeConfig  # noqa: F401 - the pairs, by data set
 
 EDGE_CONFIG_FIELDS = tuple(item.name for item in fields(EdgeConfig))
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # collabvit/weights: package data
 
 # Training-set pixel statistics (on [0, 1]) of each data set the shipped models know.
 FMNIST_MEAN = (0.2860,)
@@ -219,3 +221,25 @@ def collabvit_cluttered_cnn(pretrained: bool = False, **kwargs) -> FashionCNN:
     return build_model_with_cfg(FashionCNN, CLUTTERED_TEACHER, pretrained,
                                 **{"in_chans": 1, "num_classes": 10, "stem_stride": 2,
                                    **kwargs})  # fmt: skip
+
+
+def recorded_training_config(model_name: str, weights_path: str | Path | None) -> dict | None:
+    """The training config recorded for a model: None when unknown.
+
+    Without a weights file: the shipped model card's ``run_card.training``;
+    with one: the JSON under the safetensors metadata key "config" (what
+    Trainer.export writes). Other files (.pth, foreign safetensors) give None.
+    """
+    name = model_name.split(".")[0]  # "name.tag" -> the card of name
+    shipped = weights_file(name)
+    if weights_path is None or (shipped.is_file() and Path(weights_path).resolve() == shipped):
+        card = model_card(name)
+        training = card.get("run_card", {}).get("training")
+        return training if isinstance(training, dict) else None
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        config = json.loads(metadata["config"])
+    except (OSError, SafetensorError, KeyError, ValueError):  # JSONDecodeError is a ValueError
+        return None
+    return config if isinstance(config, dict) else None

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from collabvit.distributed import BLOCK_IMAGES, Processes
-from collabvit.edge import EdgeDevice, gate, select
+from collabvit.algo.selection import selection_statistics
+from collabvit.algo.uncertainty import uncertainty
 from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode
 from collabvit.lite.frontier import SweepPoint
 from collabvit.lite.progress import progress_bar
 from collabvit.lite.protocol import build_payloads
 from collabvit.lite.summary import RunningSummary, Summary
-from collabvit.selection import selection_statistics
-from collabvit.server import Server
-from collabvit.uncertainty import uncertainty
+from collabvit.models.edge import EdgeDevice, gate, select
+from collabvit.models.server import Server
+from collabvit.research.distributed import BLOCK_IMAGES, Processes
 
 
 @dataclass(frozen=True)

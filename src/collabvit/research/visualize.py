@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from collabvit import data, passes, plots
+from collabvit import data
 from collabvit.lite.config import EdgeConfig, VisualizeConfig
-from collabvit.pair import Pair
+from collabvit.models.pair import Pair
+from collabvit.research import passes, plots
 
 
 def gate_text(measure: str, value: float, eta: float, sent: bool) -> str:

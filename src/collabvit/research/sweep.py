@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from collabvit import calibration, passes
-from collabvit.distributed import Processes, shard_block
+from collabvit.algo.metrics import accuracy
 from collabvit.lite import frontier
 from collabvit.lite.config import EdgeConfig, SweepConfig, validate_masking
 from collabvit.lite.controller import FRONTIER_FILE, frontier_document
 from collabvit.lite.frontier import SweepPoint
-from collabvit.metrics import accuracy
-from collabvit.pair import Pair
+from collabvit.models.pair import Pair
+from collabvit.research import calibration, passes
+from collabvit.research.distributed import Processes, shard_block
 
 OUTPUT_FILES = ("points.jsonl", "points.csv", "sweep.json", FRONTIER_FILE)
 
@@ -201,7 +201,7 @@ def write_report(
     written = [jsonl, csv_path, summary, frontier_path]
     document = report_dict(report, provenance)
     if plot_title is not None:
-        from collabvit import plots  # matplotlib only when a figure is drawn
+        from collabvit.research import plots  # matplotlib only when a figure is drawn
 
         figures = plots.plot_frontier(list(report.points), report.edge_acc, report.server_acc,
                                       out_dir / "frontier", plot_title, pick=report.pick,

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from collabvit import data, vit, zoo
-from collabvit.edge import EdgeDevice
+from collabvit import data
 from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
-from collabvit.server import Server
+from collabvit.models import vit, zoo
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.server import Server
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,7 +113,7 @@ def load_pair(
         notes.append(problem)
     if dataset.data_set in ("fmnist", "fmnist-cluttered") and dataset.split == "val":
         for role, spec in (("edge", edge), ("server", server)):
-            recorded = data.recorded_training_config(spec.name, spec.weights)
+            recorded = zoo.recorded_training_config(spec.name, spec.weights)
             overlap = data.val_overlap(recorded) if recorded else 0
             if overlap:
                 notes.append(

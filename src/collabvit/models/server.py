@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from collabvit import vit
 from collabvit.lite.protocol import PatchPayload
+from collabvit.models import vit
 
 
 def pack_payloads(

@@ -25,8 +25,8 @@ from collabvit.lite.config import PAPER_DELTA, PAPER_ETA, DataSpec, EdgeConfig, 
 from collabvit.lite.summary import RunningSummary, Summary
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not with this module
-    from collabvit.evaluate import EvalResult
-    from collabvit.pair import Pair
+    from collabvit.models.pair import Pair
+    from collabvit.research.evaluate import EvalResult
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def hub_can_give(name: str) -> bool:
     import timm
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from collabvit import vit
+    from collabvit.models import vit
 
     if not vit._hub_reachable():
         return False
@@ -237,7 +237,7 @@ def format_comparison(rows: Sequence[Comparison], images: int,
 
 def reference_point(published: Published = PAPER):
     """The published operating point, to mark on the frontier (plots.ReferencePoint)."""
-    from collabvit.plots import ReferencePoint
+    from collabvit.research.plots import ReferencePoint
 
     return ReferencePoint(f"paper ({published.citation}): {published.collab_acc:.2f} % at "
                           f"cost {published.comm_cost:.4f}", published.comm_cost,
@@ -329,8 +329,8 @@ def run(pair: Pair, config: EdgeConfig, state_file: str | Path, identity: dict,
     Returns the result over all the images (`skipped` counts the unreadable ones left out).
     A KeyboardInterrupt leaves the state of the last whole chunk.
     """
-    from collabvit.evaluate import EvalResult, evaluate, merge_results
     from collabvit.lite.progress import progress_bar
+    from collabvit.research.evaluate import EvalResult, evaluate, merge_results
 
     images = len(pair.dataset)
     edge, server = pair.edge(config), pair.server()
@@ -377,8 +377,8 @@ def sweep_frontier(pair: Pair, out_dir: str | Path, provenance: dict, seed: int 
 
     Returns (SweepReport, SweepConfig, the figure's paths).
     """
-    from collabvit import plots, sweep
     from collabvit.lite.config import SweepConfig
+    from collabvit.research import plots, sweep
 
     config = SweepConfig(out_dir=str(out_dir))
     report = sweep.run(pair, config, seed=seed, progress=progress)

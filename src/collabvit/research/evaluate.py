@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from collabvit import vit
 from collabvit.data import check_labels
-from collabvit.edge import EdgeDevice
 from collabvit.lite.controller import BytesController
 from collabvit.lite.progress import progress_bar
 from collabvit.lite.protocol import PatchPayload
 from collabvit.lite.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
-from collabvit.server import Server
+from collabvit.models import vit
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.server import Server
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,14 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from collabvit import zoo  # noqa: F401 - registers the shipped models with timm
+from collabvit.algo.scoring import (
+    ATTENTION_MODES,
+    attention_probabilities,
+    mean_scores,
+    rollout_scores,
+)
 from collabvit.lite.config import Geometry
-from collabvit.scoring import ATTENTION_MODES, attention_probabilities, mean_scores, rollout_scores
+from collabvit.models import zoo  # noqa: F401 - registers the shipped models with timm
 
 SUPPORTED = (
     "timm VisionTransformer models with a class token and learned absolute position "

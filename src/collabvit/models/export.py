@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collabvit import vit
+from collabvit.algo.selection import (
+    select_attention_sum_threshold,
+    select_attention_threshold,
+    select_topk,
+    selection_statistics,
+)
+from collabvit.algo.uncertainty import confident_by, uncertainty
 from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode, validate_masking
 from collabvit.lite.onnx_edge import (
     CARD_FILE,
@@ -35,13 +41,7 @@ from collabvit.lite.onnx_edge import (
     GRAPH_POLICIES,
     INT8_FILE,
 )
-from collabvit.selection import (
-    select_attention_sum_threshold,
-    select_attention_threshold,
-    select_topk,
-    selection_statistics,
-)
-from collabvit.uncertainty import confident_by, uncertainty
+from collabvit.models import vit
 
 # Pinned: an export reads the same on every onnxruntime that implements this opset.
 OPSET = 18
