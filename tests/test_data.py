@@ -709,3 +709,27 @@ def test_a_file_given_for_a_data_folder(tmp_path, deit_tiny):
 def test_a_folder_given_for_a_tensor_file(tmp_path):
     with pytest.raises(DataError, match=f"^{tmp_path} is a folder, not a file: --data-set tensors"):
         build_dataset("tensors", tmp_path, model=None)
+
+
+@pytest.mark.parametrize("count, seed", [(0, 0), (1, 3), (10, 0), (1000, 123), (60000, 0),
+                                         (60000, 7)])  # fmt: skip
+def test_the_numpy_permutation_is_torchs_randperm(count, seed):
+    """The split is cut without torch, yet is the one collabvit's models were trained and
+    chosen on: torch.randperm's order, for the validation seed and others (old records)."""
+    from collabvit.lite.fashion import permutation
+
+    expected = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    np.testing.assert_array_equal(permutation(count, seed), expected.numpy())
+
+
+def test_the_validation_split_is_pinned():
+    """The 5,000 validation images of the 60,000 (seed 0), as every shipped model and
+    operating point has used them."""
+    from collabvit.lite.fashion import validation_split
+
+    train, val = validation_split(60000)
+    order = torch.randperm(60000, generator=torch.Generator().manual_seed(0))
+    assert val.tolist() == order[:5000].sort().values.tolist()
+    assert train.tolist() == order[5000:].sort().values.tolist()
+    # and pinned by value, should torch's randperm ever change
+    assert val[:5].tolist() == [1, 3, 47, 49, 80] and int(val.sum()) == 149911330

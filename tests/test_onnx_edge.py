@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHIPPED_IMAGES, tiny_vit
+from conftest import SHIPPED_IMAGES, cli_in_process, tiny_vit
 
 from collabvit.algo.uncertainty import uncertainty
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
@@ -268,7 +268,6 @@ def test_export_usage_errors_are_one_line(run_cli, tmp_path, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (("--model", EDGE), "--model do not apply"),
     (("--attention-mode", "rollout"), "fixes attention_mode = mean"),
-    (("--split", "val"), "split is cut by torch"),
 ])  # fmt: skip
 def test_edge_onnx_usage_errors(run_cli, shipped_export, tmp_path, flags, message):
     result = run_cli("edge", "--onnx", str(shipped_export[0]), "--server", "http://127.0.0.1:9",
@@ -357,6 +356,41 @@ def test_the_light_edge_imports_no_torch_and_answers_as_eval(shipped_export, shi
     written = json.loads(results.read_text())
     assert "torch" not in written["config"] and "onnxruntime" in written["config"]
     assert written["config"]["edge_model"]["model"] == EDGE
+
+
+@pytest.mark.parametrize("data_set", ["fmnist", "fmnist-cluttered"])
+def test_without_torch_the_validation_split_is_the_one_torch_reads(data_set, tmp_path):
+    """The light edge cuts --split val itself: the same images, in the same order, as the
+    torch side's data sets (cluttered canvases drawn from the same items)."""
+    from collabvit.data import ClutteredFashionMNIST, FashionMNIST
+
+    saved = tmp_path / "val.npz"
+    light = run_without_torch(f"""
+        import numpy as np
+        from collabvit.lite.fashion import read_split_images
+        images, labels = read_split_images({data_set!r}, None, "val", limit=64)
+        np.savez({str(saved)!r}, images=images, labels=labels)
+    """)
+    assert light.returncode == 0, light.stderr
+    torch_side = (FashionMNIST if data_set == "fmnist" else ClutteredFashionMNIST)(split="val")
+    with np.load(saved) as read:
+        np.testing.assert_array_equal(read["images"], torch_side.images[:64].numpy())
+        np.testing.assert_array_equal(read["labels"], torch_side.labels[:64].numpy())
+
+
+def test_the_light_edge_runs_the_validation_split_as_eval(shipped_export, shipped_live,
+                                                           tmp_path):  # fmt: skip
+    split = ("--split", "val", "--limit", "48", "--quiet")
+    light = run_without_torch(f"""
+        import sys
+        from collabvit.cli import main
+        sys.exit(main(["edge", "--onnx", {str(shipped_export[0])!r}, "--server",
+                       {shipped_live.url!r}, "--records", {str(tmp_path / "r.jsonl")!r},
+                       *{split!r}]))
+    """)
+    assert light.returncode == 0, light.stderr
+    status, lines = cli_in_process("eval", *split)
+    assert status == 0 and light.stdout.splitlines()[:8] == lines
 
 
 def test_without_torch_a_full_command_says_what_to_install():

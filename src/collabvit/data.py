@@ -20,12 +20,17 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 
+from collabvit.lite import fashion
 from collabvit.lite.cluttered import ClutterSpec, compose, item_boxes
 from collabvit.lite.config import DATA_SETS, FASHION_MNIST_SPLITS
-from collabvit.lite.fashion import (  # noqa: F401 - DataError and read_idx are part of this API
+from collabvit.lite.fashion import (  # noqa: F401 - DataError, read_idx, the split's constants: API
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_HINT,
     FASHION_MNIST_ROOT,
+    FASHION_MNIST_TRAIN_SIZE,
+    FASHION_MNIST_VAL_SEED,
+    FASHION_MNIST_VAL_SIZE,
+    VALIDATION_SPLIT,
     DataError,
     clutter_spec,
     read_fashion_mnist,
@@ -88,28 +93,15 @@ def check_labels(targets: torch.Tensor, num_classes: int) -> None:
         )
 
 
-# collabvit's training runs hold out these training images for every choice
-# (model selection, operating points); the test set is only reported. This is
-# the one definition of the cut: `--split val`, `--split train` and training use it.
-FASHION_MNIST_VAL_SIZE = 5000
-FASHION_MNIST_VAL_SEED = 0
-FASHION_MNIST_TRAIN_SIZE = 60000
-VALIDATION_SPLIT = {"size": FASHION_MNIST_VAL_SIZE, "seed": FASHION_MNIST_VAL_SEED}
-
-
 def split_indices(count: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random train/validation split of range(count): (train [count - v], val [v])."""
-    if val_size >= count:
-        raise ValueError(f"validation size {val_size} leaves no training images out of {count}")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return order[val_size:].sort().values, order[:val_size].sort().values
+    """fashion.split_indices as tensors: sorted int64 (train [count - v], val [v])."""
+    train, val = fashion.split_indices(count, val_size, seed)
+    return torch.from_numpy(train), torch.from_numpy(val)
 
 
 def validation_split(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """collabvit's train/validation cut of a `count`-image training set (VALIDATION_SPLIT).
-
-    Returns sorted int64 indices: train [count - 5000], val [5000].
-    """
+    """collabvit's train/validation cut (fashion.VALIDATION_SPLIT) as tensors: sorted int64
+    train [count - 5000], val [5000]."""
     return split_indices(count, FASHION_MNIST_VAL_SIZE, FASHION_MNIST_VAL_SEED)
 
 
@@ -169,19 +161,10 @@ class FashionMNIST(_LabelledImages):
         if split not in FASHION_MNIST_SPLITS:
             choices = ", ".join(FASHION_MNIST_SPLITS)
             raise DataError(f"Fashion-MNIST split must be one of {choices}, got {split!r}")
-        images, labels = read_fashion_mnist(root, "test" if split == "test" else "train")
-        root = Path(root)
-        self.images = torch.from_numpy(images.copy()).unsqueeze(1)
+        images, labels = fashion.split_of(
+            *read_fashion_mnist(root, "test" if split == "test" else "train"), split, root)
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # torch wants it writable
         self.labels = torch.from_numpy(labels)
-        if split in ("train", "val"):
-            if len(labels) <= FASHION_MNIST_VAL_SIZE:
-                raise DataError(
-                    f"{root} holds {len(labels)} training images, too few for the "
-                    f"{FASHION_MNIST_VAL_SIZE}-image validation split; use train-all"
-                )
-            train, val = validation_split(len(labels))
-            keep = train if split == "train" else val
-            self.images, self.labels = self.images[keep], self.labels[keep]
 
     def __repr__(self) -> str:
         return f"FashionMNIST(split={self.split!r}, {len(self)} images)"

@@ -73,9 +73,59 @@ def read_fashion_mnist(root: str | Path, part: str) -> tuple[np.ndarray, np.ndar
     return images, labels.astype(np.int64)
 
 
-# The splits readable without torch: `val` and `train` are cut by data.validation_split's
-# torch permutation, so only a workstation (with torch) makes them.
-UNCUT_SPLITS = ("test", "train-all")
+# collabvit's training runs hold out these training images for every choice
+# (model selection, operating points); the test set is only reported. This is
+# the one definition of the cut: `--split val`, `--split train` and training use it.
+FASHION_MNIST_VAL_SIZE = 5000
+FASHION_MNIST_VAL_SEED = 0
+FASHION_MNIST_TRAIN_SIZE = 60000
+VALIDATION_SPLIT = {"size": FASHION_MNIST_VAL_SIZE, "seed": FASHION_MNIST_VAL_SEED}
+
+
+def permutation(count: int, seed: int) -> np.ndarray:
+    """A random order of range(count): int64 [count], the very order of
+    ``torch.randperm(count, generator=torch.Generator().manual_seed(seed))`` on the CPU.
+
+    torch shuffles with Fisher-Yates, drawing 32-bit words from an MT19937 seeded the
+    classic way; numpy's MT19937 seeded the same way gives the same words, so the split
+    is cut without torch and a device reads the same `val` images as a workstation.
+    """
+    bits = np.random.MT19937()
+    bits.state = np.random.RandomState(seed).get_state(legacy=False)
+    words = bits.random_raw(max(count - 1, 0)).astype(np.int64)
+    order = np.arange(count, dtype=np.int64)
+    for i, word in enumerate(words.tolist()):
+        j = i + word % (count - i)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def split_indices(count: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random train/validation split of range(count): sorted int64 (train
+    [count - val_size], val [val_size])."""
+    if val_size >= count:
+        raise ValueError(f"validation size {val_size} leaves no training images out of {count}")
+    order = permutation(count, seed)
+    return np.sort(order[val_size:]), np.sort(order[:val_size])
+
+
+def validation_split(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """collabvit's train/validation cut of a `count`-image training set (VALIDATION_SPLIT):
+    sorted int64 indices, train [count - 5000] and val [5000]."""
+    return split_indices(count, FASHION_MNIST_VAL_SIZE, FASHION_MNIST_VAL_SEED)
+
+
+def split_of(images: np.ndarray, labels: np.ndarray, split: str, root) -> tuple:
+    """The `split` (test, val, train, train-all) of the images and labels read from its
+    Fashion-MNIST file (the test file for test, the training file otherwise)."""
+    if split not in ("train", "val"):
+        return images, labels
+    if len(labels) <= FASHION_MNIST_VAL_SIZE:
+        raise DataError(f"{root} holds {len(labels)} training images, too few for the "
+                        f"{FASHION_MNIST_VAL_SIZE}-image validation split; use train-all")
+    train, val = validation_split(len(labels))
+    keep = train if split == "train" else val
+    return images[keep], labels[keep]
 
 
 def clutter_spec(changes: Mapping[str, int] | None, model_patch: int | None = None):
@@ -96,17 +146,15 @@ def read_split_images(
     clutter: Mapping[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [n, 1, H, W] and labels int64 [n] of `fmnist` or `fmnist-cluttered`
-    (its published canvases, draw 0, with the `clutter` changes) on an uncut split, the
-    first `limit` of them."""
+    (its published canvases, draw 0, with the `clutter` changes) on any split, the first
+    `limit` of them (a canvas's clutter comes from its whole split)."""
     from collabvit.lite.cluttered import compose
 
     if data_set not in ("fmnist", "fmnist-cluttered"):
         raise DataError(f"without torch only fmnist and fmnist-cluttered are read, not {data_set}")
-    if split not in UNCUT_SPLITS:
-        raise DataError(f"without torch only the {' and '.join(UNCUT_SPLITS)} splits are read "
-                        f"(the {split} split is cut by torch's permutation)")  # fmt: skip
-    items, labels = read_fashion_mnist(root or FASHION_MNIST_ROOT,
-                                       "test" if split == "test" else "train")  # fmt: skip
+    root = root or FASHION_MNIST_ROOT
+    items, labels = split_of(*read_fashion_mnist(root, "test" if split == "test" else "train"),
+                             split, root)  # fmt: skip
     count = len(labels) if limit is None else min(limit, len(labels))
     if data_set == "fmnist":
         return items[:count, None].copy(), labels[:count]
