@@ -60,8 +60,12 @@ class Processes:
     def __enter__(self) -> Processes:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.group_created and dist.is_initialized():
+            if exc_type is None:
+                # a rank that tears gloo down while another still talks to it can abort the
+                # process ("terminate called without an active exception"): leave together
+                dist.barrier()
             dist.destroy_process_group()
 
     @property
