@@ -30,6 +30,7 @@ from collabvit.lite.config import (
     ExportConfig,
     LinkConfig,
     ModelSpec,
+    ReproduceConfig,
     RunConfig,
     ServeConfig,
     SweepConfig,
@@ -142,7 +143,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     """The paper's models, data set, crop and operating point are fixed: only the weights
     files, the images' folder, how to run and what to write can be given."""
-    from collabvit.lite.config import ReproduceConfig
 
     weights = parser.add_argument_group("the paper's weights (default: timm's hub)")
     only_weights = tuple(f.name for f in fields(ModelSpec) if f.name != "weights")
@@ -159,7 +159,7 @@ def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ReproduceConfig's fields but --data-path: what the run saves and draws
-REPRODUCE_RUN_FIELDS = ("state_file", "resume", "chunk_images", "sweep")
+REPRODUCE_RUN_FIELDS = tuple(f.name for f in fields(ReproduceConfig) if f.name != "data_path")
 
 
 # ------------------------------------------------------------------ helpers
@@ -342,7 +342,6 @@ def _eval(edge_spec, server_spec, data, run, chosen, outputs, processes, budget,
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from collabvit.lite.config import ReproduceConfig
     from collabvit.research import reproduce
 
     settings = None

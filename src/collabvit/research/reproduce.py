@@ -378,14 +378,12 @@ def sweep_frontier(pair: Pair, out_dir: str | Path, provenance: dict, seed: int 
     Returns (SweepReport, SweepConfig, the figure's paths).
     """
     from collabvit.lite.config import SweepConfig
-    from collabvit.research import plots, sweep
+    from collabvit.research import sweep
 
     config = SweepConfig(out_dir=str(out_dir))
     report = sweep.run(pair, config, seed=seed, progress=progress)
-    sweep.write_report(report, out_dir, provenance)
     title = (f"{report.images:,} images of {published.data}: {pair.edge_spec.name} edge, "
              f"{pair.server_spec.name} server")  # fmt: skip
-    paths = plots.plot_frontier(list(report.points), report.edge_acc, report.server_acc,
-                                Path(out_dir) / "frontier", title,
-                                references=[reference_point(published)])  # fmt: skip
-    return report, config, paths
+    written = sweep.write_report(report, out_dir, provenance, title,
+                                 references=[reference_point(published)])  # fmt: skip
+    return report, config, written[len(sweep.OUTPUT_FILES):]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,11 +191,13 @@ def write_report(
     provenance: dict,
     plot_title: str | None = None,
     pick_label: str = "pick",
+    references: Sequence = (),
 ) -> list[Path]:
     """points.jsonl, points.csv, sweep.json, frontier.json (each series' Pareto points, which
     `collabvit edge --budget-*` moves along) and (with a title) frontier.png/svg in out_dir.
 
-    The frontier marks the uncalibrated pick, if any, as `pick_label`.
+    The frontier marks the uncalibrated pick, if any, as `pick_label`, and each of
+    `references` (plots.ReferencePoint, e.g. a published result).
     """
     out_dir = Path(out_dir)
     jsonl, csv_path, summary, frontier_path = (out_dir / name for name in OUTPUT_FILES)
@@ -205,7 +208,7 @@ def write_report(
 
         figures = plots.plot_frontier(list(report.points), report.edge_acc, report.server_acc,
                                       out_dir / "frontier", plot_title, pick=report.pick,
-                                      pick_label=pick_label)
+                                      pick_label=pick_label, references=references)
         document["figures"] = [str(path) for path in figures]
         written += figures
     write_points(report.points, jsonl, csv_path)
