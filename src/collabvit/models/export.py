@@ -193,11 +193,11 @@ def round_outward(values: np.ndarray, upward: bool, bits: int = RANGE_BITS) -> n
     return ((np.ceil if upward else np.floor)(exact / step) * step).astype(np.float32)
 
 
-def coarse_ranges(ranges: dict[str, tuple[np.ndarray, np.ndarray]],
-                  bits: int = RANGE_BITS) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def coarse_ranges(ranges: dict[str, tuple[np.ndarray, np.ndarray]]
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """Calibrated ranges {tensor: (lowest [k], highest [k])}, each widened to the grid of
     round_outward: the lowest bound rounded down, the highest up."""
-    return {name: (round_outward(low, False, bits), round_outward(high, True, bits))
+    return {name: (round_outward(low, False), round_outward(high, True))
             for name, (low, high) in ranges.items()}  # fmt: skip
 
 
@@ -264,12 +264,12 @@ def prepare_for_quantization(graph: Path, prepared: Path) -> Path:
 
 
 def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
-                  batch_size: int = 100, bits: int = RANGE_BITS) -> ExportedEdge:  # fmt: skip
+                  batch_size: int = 100) -> ExportedEdge:  # fmt: skip
     """Add an int8 graph of an export: ONNX Runtime's static quantisation in QDQ format
     (int8 weights and activations, per tensor, of MatMul, Gemm and Conv; everything
     else, the scores, the gate and the selection included, stays float32), calibrated
     with min-max ranges on `calibration` uint8 [n, C, H, W] at the card's operating point,
-    each range widened to `bits` significant bits (coarse_ranges) so that the graph is the
+    each range widened to RANGE_BITS significant bits (coarse_ranges) so that the graph is the
     same whichever CPU calibrates it.
 
     The card gains an `int8` entry (file, SHA-256, calibration); OnnxEdge(int8=True) runs it.
@@ -282,14 +282,14 @@ def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
         work = Path(folder)
         prepared = prepare_for_quantization(exported.graph, work / "edge.prepared.onnx")
         ranges = calibration_ranges(prepared, calibration, thresholds, work, batch_size)
-        quantize_with_ranges(prepared, target, coarse_ranges(ranges, bits), work)
+        quantize_with_ranges(prepared, target, coarse_ranges(ranges), work)
     contents = {**exported.contents, "int8": {
         "graph": INT8_FILE,
         "graph_sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "quantization": {"format": "QDQ", "weights": "int8 per tensor",
                          "activations": "int8", "ops": list(QUANTIZED_OPS),
                          "calibration": "min-max",
-                         "ranges": f"each bound rounded outward to {bits} significant bits"},
+                         "ranges": f"each bound rounded outward to {RANGE_BITS} significant bits"},
         "calibration": {"images": int(len(calibration)), "source": source},
     }}  # fmt: skip
     exported.card.write_text(json.dumps(contents, indent=2) + "\n")
