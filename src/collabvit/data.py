@@ -191,14 +191,14 @@ class ClutteredFashionMNIST(_LabelledImages):
                  target_transform: Callable | None = None) -> None:  # fmt: skip
         spec = spec or ClutterSpec()  # the published benchmark's parameters
         self.transform, self.target_transform = transform, target_transform
-        fashion = FashionMNIST(root, split)
+        source = FashionMNIST(root, split)
         try:
-            spec.check(fashion.images.shape[-1])
+            spec.check(source.images.shape[-1])
         except ValueError as error:
             raise DataError(f"cluttered canvases: {error}") from error
         self.spec, self.split, self.draw = spec, split, draw
-        self.items = fashion.images[:, 0].numpy()
-        self.labels = fashion.labels
+        self.items = source.images[:, 0].numpy()
+        self.labels = source.labels
 
     @functools.cached_property
     def _composed(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -343,9 +343,10 @@ def create_model(
     kwargs = dict(model_kwargs or {})
     if weights is None and pretrained:
         weights = _local_pretrained_file(name)  # shipped models: no second construction
-    # Weights from a file overwrite every parameter, so the random initialisation (most of
-    # the time it takes to build a model) is skipped: the model is built without storage.
-    model = build_model(name, kwargs, initialise=weights is None)
+    # Weights from a file overwrite every parameter, and a model from the hub is built anew
+    # once checked, so the random initialisation (most of the time it takes to build a
+    # model) is only made for a model that keeps it: the others are built without storage.
+    model = build_model(name, kwargs, initialise=weights is None and not pretrained)
     if check is not None:
         check(model)
     if weights is not None:
