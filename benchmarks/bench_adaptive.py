@@ -246,7 +246,7 @@ OFFLINE_DELTAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 1.
 
 
 def test_pair(count: int):
-    from collabvit.lite.config import DataSpec, ModelSpec
+    from collabvit.config import DataSpec, ModelSpec
     from collabvit.models.pair import load_pair
 
     return load_pair(ModelSpec(name="collabvit_fmnist_edge"),

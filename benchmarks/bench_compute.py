@@ -40,8 +40,9 @@ from benchmarks.harness import (
     publish,
     section,
 )
-from collabvit.lite.config import EdgeConfig, ModelSpec
+from collabvit.config import ModelSpec
 from collabvit.lite.protocol import PatchPayload, patchify
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.pair import load_model

@@ -53,7 +53,8 @@ from benchmarks.harness import (
 )
 from benchmarks.reference_loop import reference_evaluate
 from collabvit.algo.metrics import Summary, format_summary
-from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.config import DataSpec, ModelSpec
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.pair import load_pair

@@ -45,8 +45,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
+from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.client import wait_until_served
-from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
 from collabvit.lite.protocol import (
     INFERENCE_HEADER,
     ProtocolError,
@@ -56,6 +56,7 @@ from collabvit.lite.protocol import (
     infer_request_body,
     parse_infer_request,
 )
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models.pair import load_pair
 
 EDGE, SERVER = "collabvit_fmnist_edge", "collabvit_fmnist_server"

@@ -37,8 +37,8 @@ from benchmarks.harness import (
     publish,
     section,
 )
+from collabvit.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.data import FashionMNIST, indexed_loader
-from collabvit.lite.config import SWEEP_DELTAS, SWEEP_NUM_ETAS
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeConfig, EdgeDevice
 from collabvit.models.server import Server

@@ -27,7 +27,8 @@ from timm.models.vision_transformer import VisionTransformer
 from collabvit.algo.metrics import RunningSummary, Summary
 from collabvit.algo.scoring import mean_scores, rollout_scores
 from collabvit.algo.selection import selection_statistics
-from collabvit.lite.config import COUNT_MODES, EdgeConfig
+from collabvit.lite.modes import COUNT_MODES
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit
 from collabvit.models.edge import gate, select
 

@@ -25,8 +25,9 @@ import torch
 
 from collabvit import versions
 from collabvit.algo.uncertainty import confident_by, uncertainty
-from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec, shipped_pair
+from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.controller import CostController, cost_tolerance, read_frontier
+from collabvit.lite.specs import EdgeConfig, shipped_pair
 from collabvit.models import zoo
 from collabvit.models.pair import load_pair
 from collabvit.research.passes import run_edge, selections

@@ -45,8 +45,8 @@ from collabvit.algo.selection import (
     selection_composition,
 )
 from collabvit.data import ClutteredFashionMNIST, indexed_loader
-from collabvit.lite.config import EdgeConfig
 from collabvit.lite.protocol import patchify
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.server import Server

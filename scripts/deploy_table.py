@@ -27,7 +27,7 @@ from pathlib import Path
 
 from readme_block import write_block
 
-from collabvit.lite.config import shipped_pair
+from collabvit.lite.specs import shipped_pair
 
 REPO = Path(__file__).resolve().parents[1]
 # data set -> (results file, README marker name, what its images are called)

@@ -37,8 +37,8 @@ from readme_block import write_block
 from collabvit import versions
 from collabvit.algo.metrics import accuracy
 from collabvit.algo.selection import selection_statistics
+from collabvit.config import SWEEP_DELTAS
 from collabvit.data import FashionMNIST, indexed_loader
-from collabvit.lite.config import SWEEP_DELTAS
 from collabvit.lite.frontier import pick_point
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeConfig, EdgeDevice

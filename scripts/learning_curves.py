@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collabvit.lite.config import SHIPPED_PAIRS
+from collabvit.lite.specs import SHIPPED_PAIRS
 from collabvit.models import zoo
 from collabvit.research.plots import plot_learning_curves
 

@@ -31,9 +31,10 @@ from readme_block import write_block
 
 from collabvit import versions
 from collabvit.algo.uncertainty import uncertainty
+from collabvit.config import ModelSpec
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
-from collabvit.lite.config import SHIPPED_PAIRS, ModelSpec
 from collabvit.lite.onnx_edge import OnnxEdge
+from collabvit.lite.specs import SHIPPED_PAIRS
 from collabvit.lite.summary import RunningSummary
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice

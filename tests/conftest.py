@@ -170,7 +170,7 @@ SHIPPED_SERVER = "collabvit_fmnist_server"
 @pytest.fixture(scope="session")
 def shipped_server():
     """The shipped Fashion-MNIST server model in a Server."""
-    from collabvit.lite.config import ModelSpec
+    from collabvit.config import ModelSpec
     from collabvit.models.pair import load_model
     from collabvit.models.server import Server
 

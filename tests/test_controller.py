@@ -187,7 +187,7 @@ def test_the_frontier_file_holds_each_series_pareto_points(tmp_path):
 def test_an_evaluation_held_at_a_cost_budget(run_cli, tmp_path):
     """The frontier of a sweep over some images; an in-process evaluation of the same images
     held at a cost between its points spends about that cost."""
-    from collabvit.lite.config import DataSpec, ModelSpec
+    from collabvit.config import DataSpec, ModelSpec
     from collabvit.lite.controller import CostController, read_frontier
     from collabvit.models.pair import load_pair
     from collabvit.research.evaluate import evaluate

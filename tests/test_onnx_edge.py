@@ -17,8 +17,8 @@ from conftest import SHIPPED_IMAGES, cli_in_process, tiny_vit
 
 from collabvit.algo.uncertainty import uncertainty
 from collabvit.data import ClutteredFashionMNIST, FashionMNIST
-from collabvit.lite.config import EdgeConfig
 from collabvit.lite.onnx_edge import ExportError, OnnxEdge
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.export import (

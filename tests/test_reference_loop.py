@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from collabvit.algo.metrics import format_summary
-from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.config import DataSpec, ModelSpec
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models.pair import load_pair
 from collabvit.research.evaluate import evaluate
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import onnx_edge_report
 from conftest import SERVER_ALONE, SHIPPED_IMAGES
 
+from collabvit.config import DataSpec, ModelSpec
 from collabvit.data import ClutteredFashionMNIST
-from collabvit.lite.config import SHIPPED_PAIRS, DataSpec, ModelSpec
+from collabvit.lite.specs import SHIPPED_PAIRS
 from collabvit.models import zoo
 from collabvit.models.pair import load_model
 from collabvit.models.server import Server

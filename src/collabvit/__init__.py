@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "DataSpec": "lite.config",
-    "EdgeConfig": "lite.config",
-    "ModelSpec": "lite.config",
-    "SweepConfig": "lite.config",
+    "DataSpec": "config",
+    "EdgeConfig": "lite.specs",
+    "ModelSpec": "config",
+    "SweepConfig": "config",
     "EdgeDevice": "models.edge",
     "EdgeResult": "models.edge",
     "PatchPayload": "lite.protocol",

@@ -18,25 +18,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from collabvit import __version__
-from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
-from collabvit.lite.config import (
-    TOKEN_ENV,
-    BudgetConfig,
-    ClientConfig,
+from collabvit.config import (
     DataSpec,
-    EdgeConfig,
-    EdgeRuntime,
     EvalOutputs,
     ExportConfig,
-    LinkConfig,
     ModelSpec,
     ReproduceConfig,
     RunConfig,
     ServeConfig,
     SweepConfig,
     VisualizeConfig,
-    shipped_pair,
 )
+from collabvit.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
+from collabvit.lite.config import TOKEN_ENV, BudgetConfig, ClientConfig, EdgeRuntime, LinkConfig
+from collabvit.lite.specs import EdgeConfig, shipped_pair
 
 TRAIN_FLAGS = {"augment": "--no-augment"}
 # What `pip install 'collabvit[full]'` adds to the torch-free base install.
@@ -134,7 +129,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from collabvit.lite.config import TrainConfig, TrainRun
+    from collabvit.config import TrainConfig, TrainRun
 
     add_config_arguments(parser.add_argument_group("recipe"), TrainConfig, TRAIN_FLAGS)
     add_config_arguments(parser.add_argument_group("run"), TrainRun)
@@ -914,7 +909,7 @@ def _uint8_images(dataset, count: int):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from collabvit.lite.config import TrainConfig, TrainRun
+    from collabvit.config import TrainConfig, TrainRun
 
     try:
         config = TrainConfig(**given_values(TrainConfig, args, TRAIN_FLAGS))

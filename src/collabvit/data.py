@@ -22,7 +22,6 @@ from torchvision.datasets.folder import pil_loader
 
 from collabvit.lite import fashion
 from collabvit.lite.cluttered import ClutterSpec, compose, item_boxes
-from collabvit.lite.config import DATA_SETS, FASHION_MNIST_SPLITS
 from collabvit.lite.fashion import (  # noqa: F401 - DataError, read_idx, the split's constants: API
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_HINT,
@@ -36,6 +35,7 @@ from collabvit.lite.fashion import (  # noqa: F401 - DataError, read_idx, the sp
     read_fashion_mnist,
     read_idx,
 )
+from collabvit.lite.specs import DATA_SETS, FASHION_MNIST_SPLITS
 
 
 class InputError(DataError):

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, fields
 
-from collabvit.lite.config import MASKING_MODES, canonical_uncertainty_mode
+from collabvit.lite.modes import MASKING_MODES, canonical_uncertainty_mode
 
 # The edge and the server are both ModelSpec; their flags keep the reference's names.
 EDGE_FLAGS = {"name": "--model", "weights": "--model-weights", "kwargs": "--model-kwargs",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from collabvit.lite.config import ATTENTION_MODES  # noqa: F401 - re-exported
+from collabvit.lite.modes import ATTENTION_MODES  # noqa: F401 - re-exported
 
 
 def attention_probabilities(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from collabvit.lite.config import MASKING_MODES, validate_masking  # noqa: F401 - re-exported
+from collabvit.lite.modes import MASKING_MODES, validate_masking  # noqa: F401 - re-exported
 
 
 def descending_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from collabvit.lite.config import UNCERTAINTY_MODES, canonical_uncertainty_mode  # noqa: F401
+from collabvit.lite.modes import UNCERTAINTY_MODES, canonical_uncertainty_mode  # noqa: F401
 
 _LN2 = math.log(2.0)
 

@@ -1,111 +1,12 @@
-"""What a run is made of, as small frozen dataclasses, and the names of the method's modes.
-
-This module imports neither torch nor timm, so the command line can be built
-(and `collabvit --help` answered) without loading them. The `collabvit`
-command generates its flags from these fields (see flags.py): each option is
-declared once, here, with its help text; results record `asdict` of them.
-Values are validated on construction (ValueError with a one-line reason).
+"""The configs of the edge command: the server it talks to, the budget it keeps, the
+emulated link and the runtime of its decision. Torch-free, like everything in collabvit.lite.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-ATTENTION_MODES = ("mean", "rollout")
-MASKING_MODES = ("random", "topk", "attention_threshold", "attention_sum_threshold")
-COUNT_MODES = ("random", "topk")
-UNCERTAINTY_MODES = ("shannon_entropy", "min_entropy", "margin", "none")
-DATA_SETS = ("fmnist", "fmnist-cluttered", "imagenet", "tensors")
-# The data sets collabvit trains on (both built from the Fashion-MNIST IDX files).
-TRAIN_DATA_SETS = ("fmnist", "fmnist-cluttered")
-FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
-DISTILL_MODES = ("hard", "soft")
-
-# The shipped (edge, server) pair that runs on each data set when no model is named; other
-# data sets get the Fashion-MNIST pair's names.
-SHIPPED_PAIRS = {
-    "fmnist": ("collabvit_fmnist_edge", "collabvit_fmnist_server"),
-    "fmnist-cluttered": ("collabvit_cluttered_edge", "collabvit_cluttered_server"),
-}
-
-
-def shipped_pair(data_set: str) -> tuple[str, str]:
-    """The names of the shipped (edge, server) pair for `data_set` (SHIPPED_PAIRS)."""
-    return SHIPPED_PAIRS.get(data_set, SHIPPED_PAIRS["fmnist"])
-
-
-# The paper's operating point, for models that do not ship one of their own.
-PAPER_DELTA = 0.97
-PAPER_ETA = 1.0
-
-
-def flag(help: str, **argparse_options) -> dict:
-    """Field metadata for flags.py: the help text and argparse options of one flag."""
-    return {"help": help, **argparse_options}
-
-
-def canonical_uncertainty_mode(mode: str | None) -> str:
-    """Map the accepted spellings onto UNCERTAINTY_MODES ('' and None mean 'none')."""
-    if mode is None or mode in ("", "none"):
-        return "none"
-    if mode not in UNCERTAINTY_MODES:
-        raise ValueError(
-            f"unknown uncertainty mode {mode!r}; choose one of {', '.join(UNCERTAINTY_MODES)}"
-        )
-    return mode
-
-
-def validate_masking(mode: str, threshold: float, num_patches: int | None = None) -> None:
-    """Raise ValueError with a one-line reason if (mode, threshold) is unusable.
-
-    Args:
-        mode: one of MASKING_MODES.
-        threshold: k for the count modes, a score threshold otherwise.
-        num_patches: N, when known, to reject k > N.
-    """
-    if mode not in MASKING_MODES:
-        raise ValueError(f"unknown masking mode {mode!r}; choose one of {', '.join(MASKING_MODES)}")
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"masking threshold must be a finite number, got {threshold}")
-    if mode in COUNT_MODES:
-        if threshold < 0:
-            raise ValueError(
-                f"{mode} keeps k = int(threshold) patches; k must be >= 0, got {threshold}"
-            )
-        if num_patches is not None and int(threshold) > num_patches:
-            raise ValueError(
-                f"{mode} asks for k = {int(threshold)} patches but the model has only {num_patches}"
-            )
-    elif mode == "attention_sum_threshold" and not 0.0 <= threshold <= 1.0:
-        raise ValueError(
-            f"attention_sum_threshold takes a cumulative attention share in [0, 1], got {threshold}"
-        )
-    elif mode == "attention_threshold" and threshold < 0:
-        raise ValueError(
-            f"attention_threshold must be >= 0 (scores are non-negative), got {threshold}"
-        )
-
-
-def _require(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def _check_clutter(data_set: str, clutter: dict) -> None:
-    """--clutter's checks for every command that takes it: ValueError with one line when the
-    data set has no canvases or a change is unknown or out of range."""
-    if not clutter:
-        return
-    if data_set != "fmnist-cluttered":
-        raise ValueError(f"--clutter changes fmnist-cluttered canvases, not {data_set} images")
-    from collabvit.lite.cluttered import spec_with
-
-    try:
-        spec_with(clutter)
-    except ValueError as error:
-        raise ValueError(f"--clutter: {error}") from error
+from collabvit.lite.specs import finite, flag, require
 
 
 def _valid_port(url: str) -> bool:
@@ -141,532 +42,9 @@ def is_loopback(host: str) -> bool:
         return host.lower().rstrip(".") == "localhost"
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What edge and server must agree on, and the sizes the algorithms need (of a torch model:
-    vit.geometry; of an exported edge: its card)."""
-
-    in_chans: int
-    img_size: tuple[int, int]
-    patch_size: tuple[int, int]
-    grid_size: tuple[int, int]
-    num_prefix_tokens: int
-    num_classes: int
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    def describe(self) -> str:
-        return (
-            f"{self.in_chans}x{self.img_size[0]}x{self.img_size[1]} input, "
-            f"{self.patch_size[0]}x{self.patch_size[1]} patches "
-            f"({self.grid_size[0]}x{self.grid_size[1]} grid)"
-        )
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model, with which weights. The edge's flags are --model, --model-weights, ...;
-    the server's --server-model, --server-weights, ... (flags.EDGE_FLAGS, SERVER_FLAGS)."""
-
-    name: str = field(default="collabvit_fmnist_edge", metadata=flag(
-        "a timm ViT name, e.g. deit_tiny_patch16_224 (default: the shipped collabvit_fmnist_* "
-        "model; collabvit_cluttered_* where --data-set fmnist-cluttered is given)",
-        metavar="NAME"))
-    weights: str | None = field(default=None, metadata=flag(
-        ".safetensors or .pth (the DeiT release's nested 'model' is fine); without it a shipped "
-        "collabvit model loads from the package and any other asks timm's hub", metavar="FILE"))
-    kwargs: dict = field(default_factory=dict, metadata=flag(
-        "architecture overrides for timm.create_model, e.g. '{\"img_size\": 32}'",
-        type="json", metavar="JSON"))
-    use_ema: bool = field(default=False, metadata=flag(
-        "load the checkpoint's EMA weights (model_ema) instead of its model"))
-
-
-CLUTTER_HELP = ("fmnist-cluttered: change the published canvases' parameters, e.g. "
-                "'{\"fragments\": 12}' (canvas, fragments, fragment, seed; default: none, the "
-                "published 56x56 canvases with 6 fragments of 10x10, seed 0)")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which images, read how."""
-
-    data_set: str = field(default="fmnist", metadata=flag(
-        "imagenet: ImageNet-style folder (synset folders get their ImageNet indices) with the "
-        "edge model's eval transform; fmnist: Fashion-MNIST IDX files; fmnist-cluttered: 56x56 "
-        "canvases, a Fashion-MNIST item at a random position among clutter (made from the "
-        "same IDX files); tensors: a safetensors file with images and targets (default: "
-        "%(default)s)", choices=DATA_SETS))
-    data_path: str | None = field(default=None, metadata=flag(
-        "ROOT with ROOT/val/<class>/<image> or ROOT/<class>/<image>; the Fashion-MNIST folder "
-        "(default /usr/share/datasets/fashion-mnist); or the tensor file", metavar="PATH"))
-    split: str = field(default="test", metadata=flag(
-        "Fashion-MNIST split (cluttered canvases too): test (10,000); val: the 5,000 "
-        "training images collabvit's "
-        "training holds out; train: the other 55,000; train-all: all 60,000 training images "
-        "(default: %(default)s)", choices=FASHION_MNIST_SPLITS))
-    crop_pct: float | None = field(default=None, metadata=flag(
-        "centre-crop fraction for ImageNet-style data (default: 0.875 = resize 256, crop 224 "
-        "for the DeiT-224 models, as the reference; timm's value for other models)",
-        type="fraction", metavar="F"))
-    clutter: dict = field(default_factory=dict, metadata=flag(CLUTTER_HELP, type="json",
-                                                              metavar="JSON"))
-    limit: int | None = field(default=None, metadata=flag(
-        "only the first N images", type="positive_int", metavar="N"))
-    inputs_normalized: bool = field(default=False, metadata=flag(
-        "the images are already normalised: both models take them as they are"))
-    batch_size: int = field(default=64, metadata=flag(
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    num_workers: int = field(default=0, metadata=flag(
-        "data loading processes (default: %(default)s)", type="non_negative_int", metavar="N"))
-    skip_unreadable: bool = field(default=False, metadata=flag(
-        "skip and count images that cannot be read instead of stopping"))
-
-    def __post_init__(self) -> None:
-        _require([
-            (self.data_set in DATA_SETS, f"unknown data set {self.data_set!r}; "
-             f"choose one of {', '.join(DATA_SETS)}"),
-            (self.split in FASHION_MNIST_SPLITS, f"unknown split {self.split!r}; "
-             f"choose one of {', '.join(FASHION_MNIST_SPLITS)}"),
-            (self.crop_pct is None or 0 < self.crop_pct <= 1, "crop fraction must lie in (0, 1]"),
-            (self.limit is None or self.limit >= 1, "limit must be >= 1"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.num_workers >= 0, f"data loading workers must be >= 0, got {self.num_workers}"),
-        ])  # fmt: skip
-        _check_clutter(self.data_set, self.clutter)
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """The paper's knobs: patch scores, selection and the transmission gate."""
-
-    attention_mode: str = field(default="mean", metadata=flag(
-        "patch scores from the last block's class-token attention (mean) or the reference's "
-        "attention rollout (default: %(default)s)", choices=ATTENTION_MODES))
-    masking_mode: str = field(default="attention_sum_threshold", metadata=flag(
-        "patch selection policy (default: %(default)s)", choices=MASKING_MODES))
-    masking_th: float = field(default=PAPER_DELTA, metadata=flag(
-        "k for random/topk, score threshold for attention_threshold, cumulative share delta in "
-        "[0, 1] for attention_sum_threshold (default: the shipped pair's validation-chosen "
-        "point for the shipped models, else the paper's 0.97)", type="finite", metavar="TH"))
-    uncer_mode: str = field(default="min_entropy", metadata=flag(
-        "uncertainty measure of the transmission gate; none sends every image "
-        "(default: %(default)s)", type="uncertainty_mode",
-        metavar="{" + ",".join(UNCERTAINTY_MODES) + "}"))
-    uncer_th: float = field(default=PAPER_ETA, metadata=flag(
-        "gate threshold eta: entropies below it / a margin above it stay at the edge (default: "
-        "the shipped pair's validation-chosen point for the shipped models, else the paper's "
-        "1.0)", type="finite", metavar="ETA"))
-
-    def __post_init__(self) -> None:
-        if self.attention_mode not in ATTENTION_MODES:
-            raise ValueError(
-                f"unknown attention mode {self.attention_mode!r}; "
-                f"choose one of {', '.join(ATTENTION_MODES)}"
-            )
-        validate_masking(self.masking_mode, self.masking_th)
-        object.__setattr__(self, "uncer_mode", canonical_uncertainty_mode(self.uncer_mode))
-        if not _finite(self.uncer_th):
-            raise ValueError(f"uncertainty threshold must be a finite number, got {self.uncer_th}")
-
-    def moved(self, masking_th: float | None = None, uncer_th: float | None = None,
-              num_patches: int | None = None) -> EdgeConfig:  # fmt: skip
-        """This config at another (δ or k, η), None keeping a value; checked against
-        `num_patches` (k may not exceed it)."""
-        config = replace(self, masking_th=self.masking_th if masking_th is None else masking_th,
-                         uncer_th=self.uncer_th if uncer_th is None else uncer_th)
-        validate_masking(config.masking_mode, config.masking_th, num_patches)
-        return config
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Where and how a run executes."""
-
-    device: str = field(default="cpu", metadata=flag(
-        "torch device for both models, e.g. cpu, cuda, cuda:1 (default: %(default)s)"))
-    seed: int = field(default=0, metadata=flag(
-        "seed of the random policy (each image's draw depends on the seed and its index) and "
-        "of calibration splits (default: %(default)s)", type=int))
-    quiet: bool = field(default=False, metadata=flag("no progress output"))
-
-
-@dataclass(frozen=True)
-class EvalOutputs:
-    """What `collabvit eval` writes besides its summary lines."""
-
-    results_file: str | None = field(default=None, metadata=flag(
-        "write every figure and the resolved configuration as JSON", metavar="FILE"))
-    per_image: str | None = field(default=None, metadata=flag(
-        "write one CSV row per image", metavar="FILE"))
-
-
-@dataclass(frozen=True)
-class ReproduceConfig:
-    """The images of `collabvit reproduce`, how it saves its progress, and what it draws
-    besides its figures."""
-
-    data_path: str = field(default="", metadata=flag(
-        "ImageNet val (ILSVRC2012, 50,000 images): ROOT/val/<synset>/<image> or "
-        "ROOT/<synset>/<image>, the folders named n01440764, ...", required=True,
-        metavar="ROOT"))
-    state_file: str = field(default="runs/reproduce/state.json", metadata=flag(
-        "the figures so far, saved after every chunk of images, so that an interrupted run "
-        "can be continued (default: %(default)s)", metavar="FILE"))
-    resume: bool = field(default=False, metadata=flag(
-        "continue the run saved in --state-file (refused when it was made with other data, "
-        "weights or settings)"))
-    chunk_images: int = field(default=1000, metadata=flag(
-        "images between two saves of the state file, rounded up to whole batches "
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    sweep: str | None = field(default=None, metadata=flag(
-        "also sweep accuracy against communication cost on the same images (as `collabvit "
-        "sweep` does) and draw the frontier with the paper's point into DIR", metavar="DIR"))
-
-    def __post_init__(self) -> None:
-        _require([(bool(self.data_path), "reproduce needs ImageNet val: --data-path ROOT"),
-                  (self.chunk_images >= 1, "chunk images must be >= 1"),
-                  (bool(self.state_file), "the state file needs a name")])  # fmt: skip
-
-
-# The sweep's default grid: thirteen deltas of the paper's policy, twenty etas per measure.
-# Fine steps just below 1: on small images the last few per cent of attention sit on a
-# handful of background patches, and which of them a point drops decides its accuracy.
-SWEEP_DELTAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0)
-SWEEP_NUM_ETAS = 20
-SWEEP_COMPARE_AT = (0.1, 0.2, 0.27)
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """The grid of a sweep, what to report and where."""
-
-    out_dir: str = field(default="", metadata=flag(
-        "writes points.jsonl, points.csv, sweep.json, frontier.png/svg", required=True,
-        metavar="DIR"))
-    attention_modes: tuple[str, ...] = field(default=("mean",), metadata=flag(
-        "patch scores to sweep; each mode costs one edge pass (default: mean)", nargs="+",
-        choices=ATTENTION_MODES))
-    policy: tuple[tuple[str, tuple[float, ...]], ...] = field(
-        default=(("attention_sum_threshold", SWEEP_DELTAS),), metadata=flag(
-            "a selection policy and its thresholds, repeatable, e.g. topk=20,30,40 (default: "
-            f"attention_sum_threshold={','.join(map(str, SWEEP_DELTAS))})", type="policy",
-            action="append", metavar="MODE=TH,..."))
-    uncer_modes: tuple[str, ...] = field(default=("min_entropy",), metadata=flag(
-        "uncertainty measures of the gate (default: min_entropy)", nargs="+",
-        type="uncertainty_mode", metavar="MODE"))
-    num_etas: int = field(default=SWEEP_NUM_ETAS, metadata=flag(
-        "N etas per measure, sending evenly spaced shares of the images from none (edge "
-        "alone) to all (default: %(default)s)", type="num_etas", metavar="N", exclusive="etas"))
-    etas: tuple[float, ...] | None = field(default=None, metadata=flag(
-        "explicit etas for every measure instead of --num-etas", type="number_list",
-        metavar="ETA,...", exclusive="etas"))
-    compare_at: tuple[float, ...] = field(default=SWEEP_COMPARE_AT, metadata=flag(
-        "report each series' best accuracy at these costs (default: "
-        f"{','.join(map(str, SWEEP_COMPARE_AT))})", type="cost_list", metavar="COST,..."))
-    no_server_alone: bool = field(default=False, metadata=flag(
-        "skip the server-alone reference pass (all patches of every image)"))
-    budget: float | None = field(default=None, metadata=flag(
-        "pick the most accurate point with communication cost <= C on the calibration part "
-        "and report it on the held-out part", type="cost", metavar="C", exclusive="goal"))
-    target_acc: float | None = field(default=None, metadata=flag(
-        "pick the cheapest point with accuracy >= A %% on the calibration part",
-        type="percent", metavar="A", exclusive="goal"))
-    calibration_fraction: float = field(default=0.5, metadata=flag(
-        "share of the images, drawn at random with --seed, used for calibration; the rest is "
-        "held out (default: %(default)s)", type="open_fraction", metavar="F"))
-    temperature_scaling: bool = field(default=False, metadata=flag(
-        "also fit a temperature to the edge logits on the calibration part, sweep the gate on "
-        "the scaled logits and report the calibration error before and after"))
-    no_plots: bool = field(default=False, metadata=flag("do not draw the frontier"))
-
-    def __post_init__(self) -> None:
-        for mode, thresholds in self.policy:
-            if not thresholds:
-                raise ValueError(f"policy {mode} has no thresholds")
-            for threshold in thresholds:
-                validate_masking(mode, threshold)
-        object.__setattr__(
-            self, "uncer_modes", tuple(canonical_uncertainty_mode(m) for m in self.uncer_modes)
-        )
-        _require([
-            (bool(self.out_dir), "the sweep needs an output folder (--out-dir)"),
-            (bool(self.attention_modes) and set(self.attention_modes) <= set(ATTENTION_MODES),
-             f"attention modes must be among {', '.join(ATTENTION_MODES)}"),
-            (1 <= self.num_etas <= 1000, f"--num-etas must lie in 1..1000, got {self.num_etas}"),
-            (self.etas is None or (bool(self.etas) and all(map(_finite, self.etas))),
-             "etas must be finite numbers"),
-            (all(_finite(c) and c >= 0 for c in self.compare_at), "costs must be >= 0"),
-            (self.budget is None or self.target_acc is None,
-             "give at most one of --budget and --target-acc"),
-            (self.budget is None or (_finite(self.budget) and self.budget >= 0),
-             "the budget must be a cost >= 0"),
-            (self.target_acc is None or 0 <= self.target_acc <= 100,
-             "the target accuracy must lie in [0, 100]"),
-            (0 < self.calibration_fraction < 1, "the calibration fraction must lie in (0, 1)"),
-        ])  # fmt: skip
-
-    @property
-    def calibrating(self) -> bool:
-        """A point is picked on a calibration part and checked on the held-out part."""
-        return self.budget is not None or self.target_acc is not None
-
-    def selection_policies(self) -> tuple[tuple[str, float], ...]:
-        """The (mode, threshold) pairs of the grid, without repeats, in the given order."""
-        return tuple(dict.fromkeys((m, float(t)) for m, ths in self.policy for t in ths))
-
-
-@dataclass(frozen=True)
-class VisualizeConfig:
-    """What `collabvit visualize` draws."""
-
-    output_dir: str = field(default="", metadata=flag(
-        "where the PNG/SVG/CSV go", required=True, metavar="DIR"))
-    indices: tuple[int, ...] = field(default=(), metadata=flag(
-        "dataset indices to draw: original, attention heatmap, masked image (the random "
-        "policy draws each image's patches from --seed and its index)", type=int, nargs="+",
-        metavar="I", aliases=("--output-list",)))
-    attention_histogram: bool = field(default=False, metadata=flag(
-        "also histogram every patch score over the dataset (use --limit for a part)"))
-    bins: int = field(default=50, metadata=flag(
-        "histogram bins (default: %(default)s)", type="num_bins", metavar="N"))
-
-    def __post_init__(self) -> None:
-        _require([
-            (bool(self.output_dir), "visualize needs an output folder (--output-dir)"),
-            (1 <= self.bins <= 10_000, f"--bins must lie in 1..10000, got {self.bins}"),
-            (bool(self.indices) or self.attention_histogram,
-             "nothing to draw: give --indices and/or --attention-histogram"),
-        ])  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run (written into its checkpoint and model card).
-
-    The validation split is not a knob: every run holds out the same 5,000 training
-    images (data.py), whatever its seed.
-    """
-
-    model: str = field(default="collabvit_fmnist_edge", metadata=flag(
-        "timm ViT name or a named collabvit architecture: collabvit_fmnist_edge, "
-        "collabvit_fmnist_server, or the CNN teacher collabvit_fmnist_cnn; on "
-        "fmnist-cluttered collabvit_cluttered_edge, collabvit_cluttered_server, "
-        "collabvit_cluttered_cnn (default: %(default)s)", metavar="NAME"))
-    model_kwargs: dict = field(default_factory=dict, metadata=flag(
-        "architecture overrides for timm.create_model, e.g. '{\"depth\": 6}'", type="json",
-        metavar="JSON"))
-    data_set: str = field(default="fmnist", metadata=flag(
-        "fmnist: Fashion-MNIST; fmnist-cluttered: its cluttered 56x56 canvases, each step "
-        "drawing one of 32 canvases of each item, maybe flipped (default: %(default)s)",
-        choices=TRAIN_DATA_SETS))
-    data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
-        "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))
-    clutter: dict = field(default_factory=dict, metadata=flag(
-        CLUTTER_HELP + "; training and validation canvases both take the changes", type="json",
-        metavar="JSON"))
-    epochs: int = field(default=30, metadata=flag(
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    batch_size: int = field(default=128, metadata=flag(
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    lr: float = field(default=1e-3, metadata=flag(
-        "peak AdamW learning rate (default: %(default)s)", type="finite"))
-    min_lr: float = field(default=1e-5, metadata=flag(
-        "learning rate at the end of the cosine schedule (default: %(default)s)", type="finite"))
-    weight_decay: float = field(default=0.05, metadata=flag(
-        "(default: %(default)s)", type="finite"))
-    warmup_epochs: float = field(default=1.0, metadata=flag(
-        "linear warm-up, in epochs (default: %(default)s)", type="finite"))
-    label_smoothing: float = field(default=0.1, metadata=flag(
-        "(default: %(default)s)", type="finite"))
-    train_limit: int | None = field(default=None, metadata=flag(
-        "train on only N images (smoke tests)", type="positive_int", metavar="N"))
-    token_drop: float = field(default=0.0, metadata=flag(
-        "token-drop training: each batch keeps a random subset of between (1-P) N and N "
-        "patches per image (default: %(default)s, off)", type="finite", metavar="P"))
-    ema_decay: float = field(default=0.0, metadata=flag(
-        "keep an exponential moving average of the weights with this decay per step (e.g. "
-        "0.999); validation and the exported weights use it (default: %(default)s, off)",
-        type="finite", metavar="D"))
-    teacher: str | None = field(default=None, metadata=flag(
-        "distil from this trained model: a `collabvit train` output folder or its "
-        "model.safetensors, or a timm model name with weights (shipped, or from the hub); it "
-        "sees the whole augmented image, the student its token-dropped patches",
-        metavar="RUN_OR_NAME"))
-    distill: str = field(default="hard", metadata=flag(
-        "hard: the teacher's top class as a second label; soft: its softened probabilities "
-        "(default: %(default)s)", choices=DISTILL_MODES))
-    distill_weight: float = field(default=0.5, metadata=flag(
-        "weight of the teacher's term; the label's gets 1 - weight (default: %(default)s)",
-        type="finite", metavar="W"))
-    distill_temperature: float = field(default=3.0, metadata=flag(
-        "temperature of soft distillation (default: %(default)s)", type="finite", metavar="T"))
-    augment: bool = field(default=True, metadata=flag(
-        "no augmentation (Fashion-MNIST: random shift and flip; cluttered: a new canvas of "
-        "the item, and flip)"))
-    bf16: bool = field(default=False, metadata=flag(
-        "bfloat16 autocast (faster on CPUs with AVX512-BF16)"))
-    seed: int = field(default=0, metadata=flag(
-        "weight initialisation and batch order (default: %(default)s)", type=int))
-
-    def __post_init__(self) -> None:
-        _require([
-            (self.data_set in TRAIN_DATA_SETS, f"unknown training data set {self.data_set!r}; "
-             f"choose one of {', '.join(TRAIN_DATA_SETS)}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (0 <= self.min_lr <= self.lr, "the minimum learning rate must lie in [0, lr]"),
-            (0 <= self.token_drop < 1, f"token drop must lie in [0, 1), got {self.token_drop}"),
-            (0 <= self.label_smoothing < 1, "label smoothing must lie in [0, 1)"),
-            (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
-            (self.weight_decay >= 0, "weight decay must be >= 0"),
-            (0 <= self.ema_decay < 1, f"EMA decay must lie in [0, 1), got {self.ema_decay}"),
-            (self.distill in DISTILL_MODES, f"distillation is one of {', '.join(DISTILL_MODES)}"),
-            (0 <= self.distill_weight <= 1, "the distillation weight must lie in [0, 1]"),
-            (self.distill_temperature > 0, "the distillation temperature must be > 0"),
-        ])  # fmt: skip
-        _check_clutter(self.data_set, self.clutter)
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """Where a training run writes, and how it reports."""
-
-    out_dir: str = field(default="", metadata=flag(
-        "checkpoint (last.pt), log.jsonl, config.json, model.safetensors, model_card.json",
-        required=True, metavar="DIR"))
-    resume: bool = field(default=False, metadata=flag("continue from DIR/last.pt"))
-    stop_after: int | None = field(default=None, metadata=flag(
-        "end after epoch N of the --epochs schedule and export that model (the learning rate "
-        "follows the whole schedule; --resume without it continues to the end)",
-        type="positive_int", metavar="N"))
-    quiet: bool = field(default=False, metadata=flag("no progress output"))
-
-
-# ------------------------------------------------------------------ the network service
 
 TOKEN_ENV = "COLLABVIT_TOKEN"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Which shipped server `collabvit serve` serves, and how it listens, batches and
-    protects itself."""
-
-    data_set: str | None = field(default=None, metadata=flag(
-        "serve the shipped server of this data set: fmnist collabvit_fmnist_server, "
-        "fmnist-cluttered collabvit_cluttered_server; --server-model names any other "
-        "(default: fmnist's, unless --server-model is given)", choices=DATA_SETS))
-    host: str = field(default="127.0.0.1", metadata=flag(
-        "address to listen on; 0.0.0.0 for every interface (default: %(default)s)"))
-    port: int = field(default=8000, metadata=flag(
-        "(default: %(default)s)", type="port", metavar="N"))
-    max_batch: int = field(default=32, metadata=flag(
-        "images per forward at most; 1 turns dynamic batching off (default: %(default)s)",
-        type="positive_int", metavar="N"))
-    max_delay_ms: float = field(default=5.0, metadata=flag(
-        "how long a batch waits for more requests once it has one (default: %(default)s)",
-        type="non_negative", metavar="MS"))
-    max_request_bytes: int = field(default=16 * 2**20, metadata=flag(
-        "larger request bodies are refused with 413 (default: %(default)s)",
-        type="positive_int", metavar="N"))
-    max_request_images: int = field(default=1024, metadata=flag(
-        "requests declaring more images are refused with 413 before any is read "
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    max_queue_images: int = field(default=4096, metadata=flag(
-        "images admitted and not yet answered at most; past it requests get 503 with "
-        "Retry-After (default: %(default)s)", type="positive_int", metavar="N"))
-    max_queue_mb: float = field(default=512.0, metadata=flag(
-        "megabytes that requests hold at most: bodies being read or parsed and the decoded "
-        "pixels of admitted images; past it 503 with Retry-After (default: %(default)s)",
-        type="positive", metavar="MB"))
-    limit_concurrency: int = field(default=256, metadata=flag(
-        "requests in progress at most, past it 503 with Retry-After; health, readiness and "
-        "metrics are not counted (default: %(default)s)", type="positive_int", metavar="N"))
-    max_connections: int = field(default=1024, metadata=flag(
-        "open connections at most; past it the longest-idle one is closed to make room "
-        "(503 with Retry-After only when every one has a request in progress) "
-        "(default: %(default)s)", type="positive_int", metavar="N"))
-    parse_processes: int = field(default=1, metadata=flag(
-        "processes that parse request JSON over 64 KiB, so that slow-to-parse bodies never "
-        "stall the server's event loop (default: %(default)s)", type="positive_int",
-        metavar="N"))
-    timeout_keep_alive: float = field(default=5.0, metadata=flag(
-        "seconds an idle keep-alive connection stays open (default: %(default)s)",
-        type="positive", metavar="S"))
-    timeout_request_head: float = field(default=10.0, metadata=flag(
-        "seconds a request line and its headers may take to arrive; slower connections are "
-        "closed (default: %(default)s)", type="positive", metavar="S"))
-    timeout_body: float = field(default=30.0, metadata=flag(
-        "seconds a request body may take to arrive; slower ones get 408 and the connection "
-        "is closed (default: %(default)s)", type="positive", metavar="S"))
-    allowed_hosts: tuple[str, ...] = field(default=(), metadata=flag(
-        "Host headers answered, others get 400 (DNS rebinding); '*' for any (default: the "
-        "bound address and the loopback names, and the machine's names and addresses when "
-        "bound to every interface)", nargs="+", metavar="HOST"))
-    token: str | None = field(default=None, repr=False, metadata=flag(
-        f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set; the "
-        "environment keeps it out of the process list)", metavar="TOKEN"))
-    ssl_certfile: str | None = field(default=None, metadata=flag(
-        "serve HTTPS with this certificate (PEM)", metavar="FILE"))
-    ssl_keyfile: str | None = field(default=None, metadata=flag(
-        "the certificate's private key (PEM)", metavar="FILE"))
-    device: str = field(default="cpu", metadata=flag(
-        "torch device of the model, e.g. cpu, cuda (default: %(default)s)"))
-    threads: int | None = field(default=None, metadata=flag(
-        "torch threads of the model (default: torch's choice, about one per core); leave cores "
-        "to other processes on a shared machine", type="positive_int", metavar="N"))
-    access_log: bool = field(default=False, metadata=flag("log every request"))
-    workers: int = field(default=1, metadata=flag(
-        "server processes, each with its own model, event loop and queue bounds, sharing the "
-        "port; give each --threads cores / N (default: %(default)s)", type="positive_int",
-        metavar="N"))
-    bf16: bool = field(default=False, metadata=flag(
-        "run the model in bfloat16: on CPUs with AVX512-BF16 or AMX several times the float32 "
-        "throughput, with answers that differ slightly from eval's (float32)"))
-
-    def __post_init__(self) -> None:
-        _require([
-            (1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}"),
-            (self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}"),
-            (_finite(self.max_delay_ms) and self.max_delay_ms >= 0,
-             f"max delay must be >= 0 ms, got {self.max_delay_ms}"),
-            (self.max_request_bytes >= 1, "the request size limit must be >= 1 byte"),
-            ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
-             "HTTPS needs both --ssl-certfile and --ssl-keyfile"),
-            (self.token is None or self.token.strip() != "", "the token must not be empty"),
-            # idle connections make room for new ones, busy ones cannot: with more
-            # connections than requests in progress, a health probe always gets in
-            (self.max_connections > self.limit_concurrency,
-             f"--max-connections ({self.max_connections}) must exceed --limit-concurrency "
-             f"({self.limit_concurrency}), so that health checks always find a connection"),
-            (self.data_set is None or self.data_set in DATA_SETS,
-             f"unknown data set {self.data_set!r}; choose one of {', '.join(DATA_SETS)}"),
-        ])  # fmt: skip
-
-    def served_model(self, server_model: str | None) -> str:
-        """The model to serve: `server_model` (--server-model) when given, else the shipped
-        server of the data set (Fashion-MNIST's without one). ValueError, one line, when the
-        data set ships no server, or when both are given and name different models."""
-        if self.data_set is None:
-            return server_model or SHIPPED_PAIRS["fmnist"][1]
-        if self.data_set not in SHIPPED_PAIRS:
-            raise ValueError(f"no server is shipped for --data-set {self.data_set} (only for "
-                             f"{', '.join(SHIPPED_PAIRS)}): name the model with --server-model")
-        shipped = SHIPPED_PAIRS[self.data_set][1]
-        if server_model is not None and server_model.split(".")[0] != shipped:
-            raise ValueError(f"--data-set {self.data_set} serves {shipped}, but --server-model "
-                             f"says {server_model}: give one of them")
-        return server_model or shipped
-
 
 
 @dataclass(frozen=True)
@@ -717,18 +95,18 @@ class ClientConfig:
         "or exits with status 1"))
 
     def __post_init__(self) -> None:
-        _require([
+        require([
             (self.server.startswith(("http://", "https://")),
              f"the server URL must start with http:// or https://, got {self.server!r}"),
             (_valid_port(self.server), f"the server URL {self.server!r} has no valid host "
              "and port"),
             (self.concurrency >= 1, "concurrency must be >= 1"),
-            (_finite(self.timeout) and self.timeout > 0, "timeout must be > 0 seconds"),
+            (finite(self.timeout) and self.timeout > 0, "timeout must be > 0 seconds"),
             (self.retries >= 0, "retries must be >= 0"),
-            (_finite(self.backoff) and self.backoff >= 0, "backoff must be >= 0 seconds"),
-            (_finite(self.cooldown) and self.cooldown >= 0, "cooldown must be >= 0 seconds"),
-            (_finite(self.wait) and self.wait >= 0, "wait must be >= 0 seconds"),
-            (self.images_per_second is None or (_finite(self.images_per_second)
+            (finite(self.backoff) and self.backoff >= 0, "backoff must be >= 0 seconds"),
+            (finite(self.cooldown) and self.cooldown >= 0, "cooldown must be >= 0 seconds"),
+            (finite(self.wait) and self.wait >= 0, "wait must be >= 0 seconds"),
+            (self.images_per_second is None or (finite(self.images_per_second)
                                                 and self.images_per_second > 0),
              "images per second must be > 0"),
             (self.token is None or self.token.strip() != "", "the token must not be empty"),
@@ -764,15 +142,15 @@ class BudgetConfig:
         type="positive", metavar="S"))
 
     def __post_init__(self) -> None:
-        _require([
+        require([
             (self.budget_bps is None or self.budget_cost is None,
              "give one budget: --budget-bps or --budget-cost"),
-            (self.budget_bps is None or (_finite(self.budget_bps) and self.budget_bps > 0),
+            (self.budget_bps is None or (finite(self.budget_bps) and self.budget_bps > 0),
              "the bytes/s budget must be > 0"),
-            (self.budget_cost is None or (_finite(self.budget_cost)
+            (self.budget_cost is None or (finite(self.budget_cost)
                                           and 0 <= self.budget_cost <= 1),
              "the cost budget must lie in [0, 1]"),
-            (_finite(self.latency_target) and self.latency_target > 0,
+            (finite(self.latency_target) and self.latency_target > 0,
              "the latency target must be > 0 seconds"),
         ])  # fmt: skip
 
@@ -797,11 +175,11 @@ class LinkConfig:
         metavar="P"))
 
     def __post_init__(self) -> None:
-        _require([
-            (self.bandwidth is None or (_finite(self.bandwidth) and self.bandwidth > 0),
+        require([
+            (self.bandwidth is None or (finite(self.bandwidth) and self.bandwidth > 0),
              "bandwidth must be > 0 bit/s"),
-            (_finite(self.rtt) and self.rtt >= 0, "rtt must be >= 0 ms"),
-            (_finite(self.loss) and 0.0 <= self.loss < 1.0, "loss must lie in [0, 1)"),
+            (finite(self.rtt) and self.rtt >= 0, "rtt must be >= 0 ms"),
+            (finite(self.loss) and 0.0 <= self.loss < 1.0, "loss must lie in [0, 1)"),
         ])  # fmt: skip
 
     @property
@@ -822,21 +200,3 @@ class EdgeRuntime:
         "ONNX Runtime threads (default: its own choice)", type="positive_int", metavar="N"))
     int8: bool = field(default=False, metadata=flag(
         "run the export's int8 graph (written by `collabvit export --int8`)"))
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """What `collabvit export` writes."""
-
-    out_dir: str = field(default="", metadata=flag(
-        "folder for edge.onnx and edge.json", required=True, metavar="DIR"))
-    int8: bool = field(default=False, metadata=flag(
-        "also write edge.int8.onnx: ONNX Runtime static quantisation (QDQ, int8 weights and "
-        "activations of the matrix products), calibrated on the first --calibration-images "
-        "of the data (Fashion-MNIST data sets: of --split, val by default)"))
-    calibration_images: int = field(default=1000, metadata=flag(
-        "images that calibrate the int8 ranges (default: %(default)s)", type="positive_int",
-        metavar="N"))
-
-    def __post_init__(self) -> None:
-        _require([(bool(self.out_dir), "export needs an output folder (--out-dir)")])

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from collabvit.lite.config import EdgeConfig, Geometry
 from collabvit.lite.protocol import PatchPayload, build_payloads
+from collabvit.lite.specs import EdgeConfig, Geometry
 
 EXPORT_FORMAT = 1
 GRAPH_FILE, INT8_FILE, CARD_FILE = "edge.onnx", "edge.int8.onnx", "edge.json"

@@ -10,8 +10,8 @@ from timm.models.vision_transformer import VisionTransformer
 from collabvit.algo.selection import select_patches, selection_statistics, validate_masking
 from collabvit.algo.uncertainty import gate_measure, is_confident
 from collabvit.data import check_images
-from collabvit.lite.config import EdgeConfig
 from collabvit.lite.protocol import PatchPayload, build_payloads
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit
 
 __all__ = ["EdgeConfig", "EdgeDevice", "EdgeResult", "gate", "select"]

@@ -31,7 +31,7 @@ from collabvit.algo.selection import (
     selection_statistics,
 )
 from collabvit.algo.uncertainty import confident_by, uncertainty
-from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode, validate_masking
+from collabvit.lite.modes import canonical_uncertainty_mode, validate_masking
 from collabvit.lite.onnx_edge import (
     CARD_FILE,
     EXPORT_FORMAT,
@@ -41,6 +41,7 @@ from collabvit.lite.onnx_edge import (
     GRAPH_POLICIES,
     INT8_FILE,
 )
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit
 
 # Pinned: an export reads the same on every onnxruntime that implements this opset.

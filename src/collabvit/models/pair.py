@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from collabvit import data
-from collabvit.lite.config import DataSpec, EdgeConfig, ModelSpec
+from collabvit.config import DataSpec, ModelSpec
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.server import Server

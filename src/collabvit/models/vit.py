@@ -37,7 +37,7 @@ from collabvit.algo.scoring import (
     mean_scores,
     rollout_scores,
 )
-from collabvit.lite.config import Geometry
+from collabvit.lite.specs import Geometry
 from collabvit.models import zoo  # noqa: F401 - registers the shipped models with timm
 
 SUPPORTED = (

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from collabvit.lite.config import SHIPPED_PAIRS, EdgeConfig  # noqa: F401 - the pairs, by data set
+from collabvit.lite.specs import SHIPPED_PAIRS, EdgeConfig  # noqa: F401 - the pairs, by data set
 
 EDGE_CONFIG_FIELDS = tuple(item.name for item in fields(EdgeConfig))
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # collabvit/weights: package data

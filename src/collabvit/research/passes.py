@@ -17,10 +17,11 @@ import torch
 
 from collabvit.algo.selection import selection_statistics
 from collabvit.algo.uncertainty import uncertainty
-from collabvit.lite.config import EdgeConfig, canonical_uncertainty_mode
 from collabvit.lite.frontier import SweepPoint
+from collabvit.lite.modes import canonical_uncertainty_mode
 from collabvit.lite.progress import progress_bar
 from collabvit.lite.protocol import build_payloads
+from collabvit.lite.specs import EdgeConfig
 from collabvit.lite.summary import RunningSummary, Summary
 from collabvit.models.edge import EdgeDevice, gate, select
 from collabvit.models.server import Server

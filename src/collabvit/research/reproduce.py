@@ -21,7 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from collabvit.lite.config import PAPER_DELTA, PAPER_ETA, DataSpec, EdgeConfig, ModelSpec
+from collabvit.config import DataSpec, ModelSpec
+from collabvit.lite.specs import PAPER_DELTA, PAPER_ETA, EdgeConfig
 from collabvit.lite.summary import RunningSummary, Summary
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not with this module
@@ -377,7 +378,7 @@ def sweep_frontier(pair: Pair, out_dir: str | Path, provenance: dict, seed: int 
 
     Returns (SweepReport, SweepConfig, the figure's paths).
     """
-    from collabvit.lite.config import SweepConfig
+    from collabvit.config import SweepConfig
     from collabvit.research import sweep
 
     config = SweepConfig(out_dir=str(out_dir))

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from collabvit.algo.metrics import accuracy
+from collabvit.config import SweepConfig
 from collabvit.lite import frontier
-from collabvit.lite.config import EdgeConfig, SweepConfig, validate_masking
 from collabvit.lite.controller import FRONTIER_FILE, frontier_document
 from collabvit.lite.frontier import SweepPoint
+from collabvit.lite.modes import validate_masking
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models.pair import Pair
 from collabvit.research import calibration, passes
 from collabvit.research.distributed import Processes, shard_block

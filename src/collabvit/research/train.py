@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from collabvit import cpu_model, versions
 from collabvit.algo.metrics import accuracy
+from collabvit.config import TrainConfig, TrainRun
 from collabvit.data import (
     VALIDATION_SPLIT,
     ClutteredFashionMNIST,
@@ -41,7 +42,6 @@ from collabvit.data import (
     validation_split,
 )
 from collabvit.lite.cluttered import spec_with
-from collabvit.lite.config import TrainConfig, TrainRun
 from collabvit.lite.protocol import patchify
 from collabvit.models import vit, zoo
 

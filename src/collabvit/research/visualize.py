@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from collabvit import data
-from collabvit.lite.config import EdgeConfig, VisualizeConfig
+from collabvit.config import VisualizeConfig
+from collabvit.lite.specs import EdgeConfig
 from collabvit.models.pair import Pair
 from collabvit.research import passes, plots
 
