@@ -179,7 +179,8 @@ def shipped_server():
 
 def shipped_app(server, **options):
     """The service app for the shipped server (options: ServiceSettings fields)."""
-    from collabvit.serve.service import ServiceSettings, create_app
+    from collabvit.serve.app import create_app
+    from collabvit.serve.settings import ServiceSettings
 
     return create_app(ServiceSettings(model_name=SHIPPED_SERVER, **options), lambda: server)
 

@@ -388,7 +388,8 @@ def test_retried_attempts_count_their_bytes(shipped_server):
         never.wait(30)
         return shipped_server
 
-    from collabvit.serve.service import ServiceSettings, create_app
+    from collabvit.serve.app import create_app
+    from collabvit.serve.settings import ServiceSettings
 
     app = create_app(ServiceSettings(model_name=SERVER_NAME), never_ready)
     blob = encode_payload(PatchPayload(torch.arange(3), torch.zeros(3, 1, 4, 4,

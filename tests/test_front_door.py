@@ -27,10 +27,10 @@ def test_serve_data_set_serves_that_data_sets_shipped_server(run_cli, monkeypatc
                                                              models_built_once):
     """`collabvit serve --data-set fmnist-cluttered` loads and serves the cluttered server
     (the listening itself is replaced: the model is what the flag chooses)."""
-    import collabvit.serve.service
+    import collabvit.serve.app
 
     served = {}
-    monkeypatch.setattr(collabvit.serve.service, "serve",
+    monkeypatch.setattr(collabvit.serve.app, "serve",
                         lambda settings, *args, **options: served.update(
                             name=settings.model_name, worker=options["worker"]))  # fmt: skip
     result = run_cli("serve", "--data-set", "fmnist-cluttered", "--port", str(free_port()))

@@ -33,8 +33,9 @@ from collabvit.lite.protocol import (
 )
 from collabvit.lite.protocol import PatchPayload as Payload
 from collabvit.models.server import Server
+from collabvit.serve.app import create_app
 from collabvit.serve.guard import guarded_protocol
-from collabvit.serve.service import ServiceSettings, create_app
+from collabvit.serve.settings import ServiceSettings
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))

@@ -25,9 +25,12 @@ from collabvit.lite.protocol import (
     infer_request_body,
 )
 from collabvit.models.server import Server
-from collabvit.serve import service
+from collabvit.serve import app as serve_app
+from collabvit.serve import batching, dataplane
+from collabvit.serve import settings as serve_settings
+from collabvit.serve.app import create_app
 from collabvit.serve.guard import guarded_protocol
-from collabvit.serve.service import ServiceSettings, create_app
+from collabvit.serve.settings import ServiceSettings
 
 NAME = "tiny"
 GEOMETRY = WireGeometry(channels=3, patch_size=(8, 8), grid_size=(4, 4))
@@ -137,14 +140,14 @@ def test_more_elements_than_declared_stop_the_split_at_the_first_extra_one(serve
 def test_health_answers_while_a_request_is_being_decoded(server, monkeypatch):
     """Decoding runs in a worker thread: the loop serves liveness meanwhile."""
     decoding, decoded = threading.Event(), threading.Event()
-    real = service.decode_all
+    real = dataplane.decode_all
 
     def held_decode(blobs, geometry):
         decoding.set()
         assert decoded.wait(30), "the test never let the decode finish"
         return real(blobs, geometry)
 
-    monkeypatch.setattr(service, "decode_all", held_decode)
+    monkeypatch.setattr(dataplane, "decode_all", held_decode)
     with LiveServer(app_of(server)) as running, ThreadPoolExecutor(1) as pool:
         wait_ready(running.url)
         held = pool.submit(infer, running.url, 16, timeout=30)  # more than are decoded inline
@@ -262,8 +265,8 @@ def test_other_host_headers_are_refused(server):
 
 
 def test_default_hosts_are_the_bound_address_and_loopback():
-    assert service.default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "[::1]", "localhost")
-    every = service.default_allowed_hosts("0.0.0.0")
+    assert serve_settings.default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "[::1]", "localhost")
+    every = serve_settings.default_allowed_hosts("0.0.0.0")
     assert {"localhost", "127.0.0.1", socket.gethostname()} <= set(every)
 
 
@@ -273,7 +276,7 @@ def test_default_hosts_are_the_bound_address_and_loopback():
 ])  # fmt: skip
 def test_serve_warns_of_an_exposed_setup(run_cli, monkeypatch, flags, warning):
     started = {}
-    monkeypatch.setattr(service, "serve", lambda settings, *a, **k: started.update(s=settings))
+    monkeypatch.setattr(serve_app, "serve", lambda settings, *a, **k: started.update(s=settings))
     port = free_port()
     result = run_cli("serve", "--port", str(port), "--max-request-images", "7", *flags)
     assert result.returncode == 0, result.stderr
@@ -346,7 +349,7 @@ def test_a_refusal_before_the_body_ends_the_connection(server):
 
 
 def test_ipv6_loopback_host_headers_are_answered(server):
-    app = app_of(server, allowed_hosts=service.default_allowed_hosts("127.0.0.1"))
+    app = app_of(server, allowed_hosts=serve_settings.default_allowed_hosts("127.0.0.1"))
     with LiveServer(app) as running:
         wait_ready(running.url)
         for host in ("[::1]", f"[::1]:{running.port}", f"localhost:{running.port}"):
@@ -458,7 +461,7 @@ def test_when_every_connection_has_a_request_in_progress_a_new_one_gets_503(serv
         held = hold_unfinished_bodies(running.port, 3)
         try:
             # one byte of each body, and the buffers that carry it
-            wait_for(lambda: app.state.admission.receiving == 3 * (1 + service.BodyHold.BUFFERS))
+            wait_for(lambda: app.state.admission.receiving == 3 * (1 + batching.BodyHold.BUFFERS))
             answer = answer_until_closed(running.port, b"GET /v2/health/live HTTP/1.1\r\n"
                                          b"Host: 127.0.0.1\r\n\r\n", timeout=5)  # fmt: skip
         finally:
@@ -477,7 +480,7 @@ def test_requests_past_the_limit_get_503_while_probes_still_answer(server):
         wait_ready(running.url)
         held = hold_unfinished_bodies(running.port, 2)
         try:
-            wait_for(lambda: app.state.admission.receiving == 2 * (1 + service.BodyHold.BUFFERS))
+            wait_for(lambda: app.state.admission.receiving == 2 * (1 + batching.BodyHold.BUFFERS))
             refused = infer(running.url)
             probes = [httpx.get(f"{running.url}{path}").status_code for path in (
                 "/v2/health/live", "/v2/health/ready", f"/v2/models/{NAME}/ready", "/metrics")]
@@ -588,7 +591,7 @@ def test_bodies_still_arriving_count_against_the_bytes_bound(server):
                 uploads.append(sock)
                 if number < 2:
                     wait_for(lambda: app.state.admission.receiving
-                             == (part + service.BodyHold.BUFFERS) * len(uploads))
+                             == (part + batching.BodyHold.BUFFERS) * len(uploads))
             refused = b""
             while chunk := uploads[2].recv(4096):
                 refused += chunk

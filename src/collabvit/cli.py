@@ -533,7 +533,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                  "--ssl-certfile and its private key to --ssl-keyfile, both "
                                  "PEM") from None  # fmt: skip
         from collabvit.models.pair import load_model, resolve_device
-        from collabvit.serve.service import ServiceSettings, serve
+        from collabvit.serve.app import serve
+        from collabvit.serve.settings import ServiceSettings
 
         _check_port_free(config.host, config.port)
         device = resolve_device(config.device)
@@ -558,7 +559,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return Server(model, device, max_batch=config.max_batch)
 
     from collabvit.lite.config import is_loopback
-    from collabvit.serve.service import default_allowed_hosts
+    from collabvit.serve.settings import default_allowed_hosts
 
     hosts = config.allowed_hosts or default_allowed_hosts(config.host)
     settings = ServiceSettings(

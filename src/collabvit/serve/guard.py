@@ -12,7 +12,7 @@
   a body built to be slow to parse (millions of tiny strings) never holds the
   interpreter lock that the event loop, health checks and admitted work need.
 
-The service (service.py) assembles them; this module knows nothing of the model.
+The application (app.py) assembles them; this module knows nothing of the model.
 """
 
 from __future__ import annotations
