@@ -185,7 +185,7 @@ def test_two_runs_on_one_records_file_cannot_interleave(tmp_path):
 
 def test_records_are_fsynced(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr("collabvit.lite.client.os.fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr("collabvit.lite.client.records.os.fsync", lambda fd: synced.append(fd))
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps({"format": "x"}) + "\n")
     writer = RecordWriter(path)
