@@ -105,6 +105,7 @@ class OnnxEdge:
         import onnxruntime
 
         self.folder = Path(folder)
+        self.source = str(folder)  # as given: a run's records name the edge by it
         self.card = read_card(self.folder, int8)
         self.int8 = int8
         g = self.card["geometry"]
@@ -159,3 +160,47 @@ class OnnxEdge:
         sent = np.flatnonzero(~out["confident"]).tolist()
         payloads = build_payloads(images, out["keep"], sent, self.geometry.patch_size)
         return OnnxEdgeResult(**out, payloads=payloads)
+
+    def refuse_changes(self, chosen: dict) -> None:
+        """ValueError (one line) when `chosen` EdgeConfig values change what the export fixes:
+        everything but the two thresholds, which are graph inputs."""
+        fixed = {name: value for name, value in chosen.items()
+                 if name not in ("masking_th", "uncer_th") and value != getattr(self.config, name)}
+        if fixed:
+            name, value = next(iter(fixed.items()))
+            raise ValueError(f"the export in {self.folder} fixes {name} = "
+                             f"{getattr(self.config, name)}; export again for {name} {value}")
+
+    def check_shape(self, images: np.ndarray, source: str) -> None:
+        """ValueError (one line) when `source`'s images [n, C, H, W] are not of this edge's
+        size (checked once for a data set, before any batch runs)."""
+        g = self.geometry
+        if tuple(images.shape[1:]) != (g.in_chans, *g.img_size):
+            raise ValueError(f"{source} images are {'x'.join(map(str, images.shape[1:]))} but "
+                             f"the exported edge takes {g.in_chans}x{g.img_size[0]}x"
+                             f"{g.img_size[1]}")  # fmt: skip
+
+    def identity(self) -> dict:
+        """What the records and results name as this edge: the folder, the model it was
+        exported from and the graph that runs (by name and SHA-256)."""
+        graph = self.card["int8"] if self.int8 else self.card
+        return {"onnx": self.source, "model": self.card.get("model"),
+                "graph": graph["graph"], "graph_sha256": graph["graph_sha256"]}
+
+
+class ArrayBatches:
+    """(images, labels, indices) numpy batches of in-memory arrays, with a length: what the
+    edge run takes where no torch DataLoader is.
+
+    images [n, C, H, W]; labels [n]; each batch's indices [b] are the rows' positions."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = min(start + self.batch_size, len(self.labels))
+            yield self.images[start:stop], self.labels[start:stop], np.arange(start, stop)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from collabvit import versions
 from collabvit.lite.arrays import Array, as_array
 
 TOP_K = 5
@@ -223,6 +225,25 @@ def format_summary(
             f"Collaborative top-5 accuracy: {r(summary['collab_acc5'])} %",
         ]
     )
+
+
+def provenance(command: str, **configs) -> dict:
+    """How the numbers were made, for a results file: every resolved config (`asdict` of each
+    dataclass, by name), the versions and the time. A bearer token is never written: it shows
+    as '<set>'."""
+
+    def public(config) -> dict:
+        values = asdict(config)
+        if values.get("token"):
+            values["token"] = "<set>"
+        return values
+
+    return {
+        "command": command,
+        **{name: public(config) for name, config in configs.items()},
+        **versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_results(path: str | Path, summary: Summary, provenance: dict, **extra) -> None:

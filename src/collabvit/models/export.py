@@ -31,6 +31,7 @@ from collabvit.algo.selection import (
     selection_statistics,
 )
 from collabvit.algo.uncertainty import confident_by, uncertainty
+from collabvit.lite.arrays import as_array
 from collabvit.lite.modes import canonical_uncertainty_mode, validate_masking
 from collabvit.lite.onnx_edge import (
     CARD_FILE,
@@ -295,3 +296,12 @@ def quantize_edge(exported: ExportedEdge, calibration: np.ndarray, source: str,
     }}  # fmt: skip
     exported.card.write_text(json.dumps(contents, indent=2) + "\n")
     return ExportedEdge(exported.graph, exported.card, contents)
+
+
+def uint8_images(dataset, count: int) -> np.ndarray:
+    """The first `count` images of a dataset as a device holds them, for the int8 calibration:
+    uint8 [n, C, H, W] (float images in [0, 1] rounded to 0..255)."""
+    stacked = np.stack([as_array(dataset[i][0]) for i in range(min(count, len(dataset)))])
+    if stacked.dtype != np.uint8:
+        stacked = np.clip(np.rint(stacked * 255.0), 0, 255).astype(np.uint8)
+    return stacked

@@ -243,3 +243,10 @@ def recorded_training_config(model_name: str, weights_path: str | Path | None) -
     except (OSError, SafetensorError, KeyError, ValueError):  # JSONDecodeError is a ValueError
         return None
     return config if isinstance(config, dict) else None
+
+
+def shipped_frontier(model_name: str, weights: str | None) -> dict | None:
+    """The frontier shipped in an edge model's card: None for other weights (a frontier
+    belongs to the weights it was swept with); which server it was swept with, read_frontier
+    checks."""
+    return None if weights is not None else model_card(model_name.split(".")[0]).get("frontier")

@@ -218,3 +218,36 @@ def write_report(
         [p.as_dict() for p in report.points], provenance), indent=2) + "\n")  # fmt: skip
     summary.write_text(json.dumps(document, indent=2) + "\n")
     return written
+
+
+def findings_text(report: SweepReport, config: SweepConfig, out_dir: Path) -> str:
+    """The sweep's findings for people: reference accuracies, the best accuracy at each
+    compared cost, the picks checked on the held-out part, the fitted temperatures."""
+    server = (f" | server alone (all patches): {report.server_acc:.2f} %"
+              if report.server_acc is not None else "")  # fmt: skip
+    pareto = sum(p.pareto for p in report.points)
+    width = max(len(name) for name in report.comparison)
+    lines = [f"edge alone: {report.edge_acc:.2f} %{server}",
+             f"{len(report.points)} operating points, {pareto} Pareto-optimal: "
+             f"{out_dir / 'points.csv'}",
+             "best collaborative accuracy (%) at communication cost <=",
+             " " * width + "".join(f"{c:>9}" for c in config.compare_at)]  # fmt: skip
+    for name, row in report.comparison.items():
+        cells = "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in row.values())
+        lines.append(f"{name:<{width}}{cells}")
+    goal = (f"budget {config.budget}" if config.budget is not None
+            else f"target {config.target_acc} %")  # fmt: skip
+    for key, chosen in report.picks.items():
+        if chosen is None:
+            lines.append(f"{goal} ({key}): no operating point qualifies on the calibration part")
+            continue
+        cal, held = chosen.subsets["calibration"], chosen.subsets["held_out"]
+        lines.append(f"{goal} ({key}): {chosen.attention_mode} {chosen.policy} "
+                     f"{chosen.threshold}, {chosen.measure} eta {chosen.eta:.4g} -> calibration "
+                     f"{cal.collab_acc:.2f} % at cost {cal.comm_cost:.3f}; held-out "
+                     f"{held.collab_acc:.2f} % at cost {held.comm_cost:.3f}")  # fmt: skip
+    for mode, fit in report.temperatures.items():
+        lines.append(f"temperature ({mode}): T = {fit.temperature:.3f}; held-out expected "
+                     f"calibration error {fit.held_out_ece_before:.2f} % -> "
+                     f"{fit.held_out_ece_after:.2f} %")  # fmt: skip
+    return "\n".join(lines)

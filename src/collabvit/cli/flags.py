@@ -1,4 +1,4 @@
-"""Command-line flags generated from the config dataclasses' fields (config.py).
+"""Command-line flags generated from the config dataclasses' fields (collabvit.config, lite).
 
 Each field becomes one kebab-case flag (``masking_th`` -> ``--masking-th``) plus
 the reference implementation's snake_case spelling (``--masking_th``), with the

@@ -1,0 +1,131 @@
+"""`collabvit serve`: the server model over HTTP (Open Inference Protocol v2); what it serves
+and how it listens are checked here, before the model loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, fields
+
+from collabvit.cli.common import UsageError, check_input_file, fail, token, warn
+from collabvit.cli.flags import SERVER_FLAGS, add_config_arguments, given_values
+from collabvit.config import ModelSpec, ServeConfig
+
+SUMMARY = "serve the server model over HTTP (Open Inference Protocol v2)"
+DESCRIPTION = (
+    "Serve the server model with the Open Inference Protocol v2 (REST, binary tensor "
+    "extension): health, metadata, infer with dynamic batching, Prometheus /metrics; "
+    "optional bearer token and HTTPS. Without arguments it serves the shipped "
+    "Fashion-MNIST server on 127.0.0.1:8000; with --data-set fmnist-cluttered, the shipped "
+    "cluttered one.")  # fmt: skip
+
+# ServeConfig's fields but --data-set, which names the served model
+SERVICE_FIELDS = tuple(f.name for f in fields(ServeConfig) if f.name != "data_set")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("served model")
+    add_config_arguments(model, ModelSpec, SERVER_FLAGS)
+    add_config_arguments(model, ServeConfig, exclude=SERVICE_FIELDS)
+    add_config_arguments(parser.add_argument_group("service"), ServeConfig,
+                         exclude=("data_set",))  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        values = given_values(ServeConfig, args)
+        config = ServeConfig(**{**values, "token": token(values.get("token"))})
+        given = given_values(ModelSpec, args, SERVER_FLAGS)
+        spec = ModelSpec(**{**given, "name": config.served_model(given.get("name"))})
+        check_input_file(config.ssl_certfile, "certificate")
+        check_input_file(config.ssl_keyfile, "key file")
+        if config.ssl_certfile:
+            _check_certificate(config.ssl_certfile, config.ssl_keyfile)
+        _check_port_free(config.host, config.port)
+        from collabvit.models.pair import load_model, resolve_device
+
+        device = resolve_device(config.device)
+        import torch
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model = load_model(spec, server=True)  # a user mistake stops here, before listening
+        if config.bf16:
+            from collabvit import cpu_model
+
+            if device.type == "cpu" and not any(f in cpu_model() for f in ("avx512_bf16",
+                                                                            "amx_bf16")):
+                warn("serve", f"--bf16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) "
+                     "is emulated and slower than float32")  # fmt: skip
+            model = model.to(torch.bfloat16)
+    except (UsageError, ValueError, OSError) as error:
+        return fail("serve", error)
+    from collabvit.lite.config import is_loopback
+    from collabvit.models.server import Server
+    from collabvit.serve.app import serve
+    from collabvit.serve.settings import ServiceSettings, default_allowed_hosts
+
+    def load_server() -> Server:
+        return Server(model, device, max_batch=config.max_batch)
+
+    hosts = config.allowed_hosts or default_allowed_hosts(config.host)
+    settings = ServiceSettings(
+        model_name=spec.name, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+        max_request_bytes=config.max_request_bytes,
+        max_request_images=config.max_request_images,
+        max_queue_images=config.max_queue_images,
+        max_queue_bytes=int(config.max_queue_mb * 2**20), body_timeout=config.timeout_body,
+        parse_processes=config.parse_processes, max_requests_in_flight=config.limit_concurrency,
+        allowed_hosts=None if "*" in hosts else hosts, token=config.token,
+    )  # fmt: skip
+    scheme = "https" if config.ssl_certfile else "http"
+    if config.token and scheme == "http":
+        warn("serve", "the token travels in clear text over HTTP: serve HTTPS "
+             "(--ssl-certfile, --ssl-keyfile) or put a TLS proxy in front")  # fmt: skip
+    if not config.token and not is_loopback(config.host):
+        warn("serve", f"listening on {config.host} without a token: anyone who reaches this "
+             "port can use the model (--token or $COLLABVIT_TOKEN)")  # fmt: skip
+    print(f"collabvit serve: {spec.name} at {scheme}://{config.host}:{config.port}"
+          f"/v2/models/{spec.name} (auth {'on' if config.token else 'off'}, max batch "
+          f"{config.max_batch}, max delay {config.max_delay_ms} ms, hosts "
+          f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)})", file=sys.stderr,
+          flush=True)  # fmt: skip
+    worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
+              "bf16": config.bf16}  # what each of --workers processes loads itself
+    serve(settings, load_server, config.host, config.port, config.ssl_certfile,
+          config.ssl_keyfile, config.access_log, max_connections=config.max_connections,
+          timeout_keep_alive=config.timeout_keep_alive,
+          timeout_request_head=config.timeout_request_head, workers=config.workers,
+          worker=worker)  # fmt: skip
+    return 0
+
+
+def _check_certificate(certfile: str, keyfile: str | None) -> None:
+    """The certificate and its key, loaded once: ssl.SSLError is an OSError, and OpenSSL's
+    "PEM lib" says nothing to a user, so it becomes one line before the model loads."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as error:
+        detail = f" ({error.reason})" if error.reason and "PEM" not in error.reason else ""
+        raise UsageError(f"cannot use {certfile} with the key {keyfile}{detail}: give the "
+                         "certificate to --ssl-certfile and its private key to --ssl-keyfile, "
+                         "both PEM") from None  # fmt: skip
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error for a port in use, before the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UsageError(f"cannot listen on {host}: {error.strerror}") from error
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from error
