@@ -66,12 +66,8 @@ from benchmarks.harness import (
     section,
 )
 from collabvit import cpu_model
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    encode_payload,
-    infer_request_body,
-    infer_response_body,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_request_body, infer_response_body
+from collabvit.lite.protocol import encode_payload
 from collabvit.research.evaluate import evaluate
 
 SERVER = "collabvit_fmnist_server"

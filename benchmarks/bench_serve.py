@@ -47,15 +47,8 @@ from hypothesis import strategies as st
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.client import wait_until_served
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    ProtocolError,
-    WireGeometry,
-    decode_payload,
-    encode_payload,
-    infer_request_body,
-    parse_infer_request,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_request_body, parse_infer_request
+from collabvit.lite.protocol import ProtocolError, WireGeometry, decode_payload, encode_payload
 from collabvit.lite.specs import EdgeConfig
 from collabvit.models.pair import load_pair
 

@@ -28,13 +28,8 @@ from collabvit.lite.client import (
     retry_after,
 )
 from collabvit.lite.config import ClientConfig, LinkConfig, is_loopback
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    PatchPayload,
-    WireGeometry,
-    encode_payload,
-    infer_response_body,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_response_body
+from collabvit.lite.protocol import PatchPayload, WireGeometry, encode_payload
 
 GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))  # the shipped pair's
 BLOB = encode_payload(PatchPayload(np.arange(3), np.zeros((3, 1, 4, 4), np.uint8)), GEOMETRY)

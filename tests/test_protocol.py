@@ -13,6 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collabvit.lite.oip import (
+    infer_request_body,
+    infer_response_body,
+    parse_header_length,
+    parse_infer_request,
+    parse_logits,
+)
 from collabvit.lite.protocol import (
     Codec,
     PatchPayload,
@@ -21,11 +28,6 @@ from collabvit.lite.protocol import (
     build_payloads,
     decode_payload,
     encode_payload,
-    infer_request_body,
-    infer_response_body,
-    parse_header_length,
-    parse_infer_request,
-    parse_logits,
     patchify,
 )
 
