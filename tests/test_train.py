@@ -19,16 +19,14 @@ from collabvit.data import FashionMNIST, split_indices, val_overlap
 from collabvit.lite.protocol import patchify
 from collabvit.models import vit
 from collabvit.models.zoo import recorded_training_config
+from collabvit.research.teacher import TeacherOutputs, distillation_loss, load_teacher
 from collabvit.research.train import (
-    TeacherOutputs,
     Trainer,
     apply_augmentations,
     augment,
     augmentation_count,
-    distillation_loss,
     draw_augmentations,
     drop_tokens,
-    load_teacher,
     lr_scheduler,
     training_time,
 )
