@@ -40,13 +40,8 @@ from collabvit.lite.client.wire import (
     trimmed_client_headers,
 )
 from collabvit.lite.config import ClientConfig, LinkConfig
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    ProtocolError,
-    WireGeometry,
-    parse_header_length,
-    parse_logits,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, parse_header_length, parse_logits
+from collabvit.lite.protocol import ProtocolError, WireGeometry
 
 
 def tls_verification(ca_file: str | None) -> bool | ssl.SSLContext:

@@ -73,6 +73,232 @@ def full_image_bytes(link: ServerLink, images: Any, geometry: WireGeometry,
              for name, codec in codecs.items()} for p in payloads]  # fmt: skip
 
 
+class EdgeRun:
+    """One run of the edge over batches (what run_edge does), a step a method.
+
+    Per batch: the images arrive (`arrive`), the edge classifies them at the controller's
+    operating point (`edge_step`); a confident image is answered at once, an uncertain one
+    is admitted or withheld (`admission`) and, admitted, offloaded in a task of its own
+    (`send`, `offload`) that tells the controller how it went; every answer is recorded as
+    soon as it is known (`record`).
+    """
+
+    def __init__(self, edge: EdgeRunner, config: ClientConfig, link_config: LinkConfig,
+                 model_name: str, seed: int = 0, controller: Any = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:  # fmt: skip
+        self.edge, self.config, self.link_config = edge, config, link_config
+        self.model_name, self.seed, self.controller = model_name, seed, controller
+        self.clock, self.sleep = clock, sleep
+        self.codec = Codec.parse(config.codec)
+        self.geometry = WireGeometry.of(edge.geometry)
+        self.codec.check(self.geometry.channels)  # before any image is sent
+        jpeg = Codec("jpeg", self.codec.quality if self.codec.name == "jpeg"
+                     else Codec().quality)  # fmt: skip
+        self.full_codecs = {str(c): c for c in (Codec("raw"), Codec("png"), jpeg)
+                            if c.carries(self.geometry.channels)}  # fmt: skip
+        self.slots = asyncio.Semaphore(config.concurrency)
+        self.tasks: set[asyncio.Task] = set()
+        self.records: list[ImageRecord] = []
+        self.writer: RecordWriter | None = None
+        self.link: ServerLink | None = None
+        self.taken = 0  # images paced so far
+        self.response_bytes = 0.0  # the last answer's response bytes, counted in each admission
+        self.began, self.began_counter = clock(), time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds since the run began, on the run's clock."""
+        return self.clock() - self.began
+
+    async def run(self, batches: Iterable[tuple[Any, Any, Any]], identity: dict,
+                  count: int | None = None,
+                  metadata: dict | None = None) -> EdgeReport:  # fmt: skip
+        """Every image of `batches` answered and recorded (those the records file answers
+        already skipped); the report of the whole records file."""
+        records_path = Path(self.config.records)
+        async with ServerLink(self.config, self.model_name, self.link_config,
+                              self.edge.geometry.num_classes, self.seed,
+                              shed=self.controller is not None) as self.link:  # fmt: skip
+            await self.check_server(metadata)
+            lock = RecordsLock(records_path)
+            try:
+                done = open_records(records_path, identity, self.config.resume, count)
+            except BaseException:
+                lock.release()
+                raise
+            self.records = list(done.values())
+            self.writer = RecordWriter(records_path)
+            try:
+                for images, targets, indices in batches:
+                    todo = [row for row, i in enumerate(indices.tolist()) if int(i) not in done]
+                    if not todo:
+                        continue
+                    if len(todo) < len(indices):
+                        images, targets, indices = images[todo], targets[todo], indices[todo]
+                    await self.batch(images, targets, indices)
+                await asyncio.gather(*self.tasks)
+            finally:
+                for task in self.tasks:
+                    task.cancel()
+                self.writer.close()
+                lock.release()
+        return report(self.records, self.edge.geometry.num_patches, self.codec)
+
+    async def check_server(self, metadata: dict | None) -> None:
+        """No server, another server, a wrong model, token or geometry: stop here (with
+        --allow-edge-only a missing server only warns)."""
+        try:
+            check_server_geometry(metadata or await self.link.metadata(), self.geometry,
+                                  self.edge.geometry.num_classes)  # fmt: skip
+        except ServerUnavailable as error:
+            if not self.config.allow_edge_only:
+                raise
+            log_warning(f"{str(error).split('; ')[0]}; answering at the edge "
+                        "(--allow-edge-only)")  # fmt: skip
+
+    async def batch(self, images: Any, targets: Any, indices: Any) -> None:
+        """One batch: each image answered at the edge, withheld, or sent."""
+        arrived, times = await self.arrive(images.shape[0])
+        result, started, edge_ms, uncertainties = await self.edge_step(images, indices, times)
+        full = await asyncio.to_thread(full_image_bytes, self.link, images, self.geometry,
+                                       self.full_codecs)  # fmt: skip
+        size, minimum, total = result.selection_statistics()
+        edge_top = ranked_classes(result.logits).tolist()
+        payloads = iter(result.payloads)
+        for row_index, index in enumerate(indices.tolist()):
+            confident = bool(result.confident[row_index])
+            row = {"index": int(index), "label": int(targets[row_index]),
+                   "edge_top": edge_top[row_index], "confident": confident,
+                   "selected": int(size[row_index]), "delivered": int(size[row_index]),
+                   "selection_min": float(minimum[row_index]),
+                   "selection_sum": float(total[row_index]), "payload_bytes": 0,
+                   "full_bytes": full[row_index], "edge_ms": edge_ms}  # fmt: skip
+            withheld = None
+            if not confident:
+                payload = next(payloads)
+                blob = encode_payload(payload, self.geometry, self.codec)
+                request = self.link.build_request(blob)
+                withheld = self.admission(times[row_index] if times else None, request,
+                                          uncertainties, row_index)  # fmt: skip
+            if confident or withheld:
+                self.record(ImageRecord(**row, final_top=row["edge_top"],
+                                        route="withheld" if withheld else "edge",
+                                        cause=withheld, request_bytes=0, response_bytes=0,
+                                        attempts=0, transfer_ms=None, server_ms=None,
+                                        total_ms=1000.0 * (started - arrived) + edge_ms,
+                                        answered_at=time.time()))  # fmt: skip
+                continue
+            await self.send(row, payload, blob, request, arrived)
+
+    async def arrive(self, count: int) -> tuple[float, list[float] | None]:
+        """Arrival pacing: with --images-per-second a camera's images arrive at its pace,
+        each at its own time on the run's clock, and a batch waits for its last one.
+
+        Returns when (perf_counter) the batch's last image was there, and the `count`
+        images' arrival times (None unpaced: they are all there at once).
+        """
+        if not self.config.images_per_second:
+            return time.perf_counter(), None
+        times = [(self.taken + row + 1) / self.config.images_per_second
+                 for row in range(count)]  # fmt: skip
+        self.taken += count
+        await self.sleep(max(0.0, times[-1] - self.now()))
+        return min(time.perf_counter(), self.began_counter + times[-1]), times  # late: waited
+
+    async def edge_step(self, images: Any, indices: Any,
+                        times: list[float] | None) -> tuple[Any, float, float, Any]:  # fmt: skip
+        """The edge's answers for a batch at the controller's operating point; the
+        controller then sees every image's uncertainty (paced, at the first arrival).
+
+        Returns the edge's result, when (perf_counter) it started, its milliseconds per
+        image, and the uncertainties [B] the controller saw (None without one).
+        """
+        if self.controller is not None:
+            self.edge.set_operating_point(*self.controller.operating_point())
+        started = time.perf_counter()
+        result = await asyncio.to_thread(self.edge.process, images, indices, self.seed)
+        edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
+        uncertainties = None
+        if self.controller is not None:
+            uncertainties = as_array(result.uncertainty)
+            self.controller.observe(uncertainties, times[0] if times else self.now())
+        return result, started, edge_ms, uncertainties
+
+    def admission(self, arrival: float | None, request: httpx.Request, uncertainties: Any,
+                  row: int) -> str | None:  # fmt: skip
+        """Why an image the gate sends is withheld: "busy" (paced, every request slot is
+        taken: a budget never lets a camera wait), "budget" (the controller refuses its
+        bytes at its arrival, or now unpaced), or None: it goes out."""
+        if self.controller is None:
+            return None
+        if self.config.images_per_second and self.slots.locked():
+            return "busy"
+        if not self.controller.admit(self.now() if arrival is None else arrival,
+                                     request_wire_bytes(request) + self.response_bytes,
+                                     float(uncertainties[row])):  # fmt: skip
+            return "budget"
+        return None
+
+    async def send(self, row: dict, payload: PatchPayload, blob: bytes,
+                   request: httpx.Request, arrived: float) -> None:  # fmt: skip
+        """Offload an admitted image in a task of its own once a request slot is free."""
+        await self.slots.acquire()
+        settle(self.tasks)
+        if self.controller is not None:
+            self.controller.sent(self.now())
+        self.tasks.add(asyncio.create_task(self.offload(row, payload, blob, request, arrived)))
+
+    async def offload(self, row: dict, payload: PatchPayload, blob: bytes,
+                      request: httpx.Request, started: float) -> None:  # fmt: skip
+        """The server's answer for one image (or the edge's, when it fails), recorded."""
+        try:
+            row["payload_bytes"] = len(blob)
+            counted = None
+            if self.link_config.loss > 0:  # the edge sent it all; the server gets what survives
+                counted = request_wire_bytes(request)
+                delivered = lose_patches(payload, self.link_config.loss, self.seed, row["index"])
+                row["delivered"] = delivered.size
+                blob, request = encode_payload(delivered, self.geometry, self.codec), None
+            answer = await self.link.classify(blob, counted, request)
+        finally:
+            self.slots.release()
+        if answer.logits is not None:
+            final_top = ranked_classes(answer.logits[None])[0].tolist()
+            route = "server"
+        else:
+            final_top, route = row["edge_top"], "fallback"
+        if self.controller is not None:
+            self.tell_controller(answer)
+        self.record(ImageRecord(**{**row, "final_top": final_top, "route": route,
+                                   "cause": answer.cause, "request_bytes": answer.request_bytes,
+                                   "response_bytes": answer.response_bytes,
+                                   "attempts": answer.attempts,
+                                   "transfer_ms": answer.transfer_ms,
+                                   "server_ms": answer.server_ms,
+                                   "total_ms": 1000.0 * (time.perf_counter() - started),
+                                   "answered_at": time.time()}))  # fmt: skip
+
+    def tell_controller(self, answer: ServerAnswer) -> None:
+        """What the budget learns of an answer: its bytes and time on the wire, or that the
+        server asked to wait, timed out or failed."""
+        if answer.logits is not None:
+            self.response_bytes = answer.response_bytes / max(answer.attempts, 1)
+            self.controller.answered(answer.request_bytes + answer.response_bytes,
+                                     None if answer.transfer_ms is None
+                                     else answer.transfer_ms / 1000, answer.load)  # fmt: skip
+        elif answer.retry_after is not None:
+            self.controller.pause(self.now() + answer.retry_after)
+        elif answer.cause == "timeout":
+            self.controller.timed_out()
+        else:
+            self.controller.failed()
+
+    def record(self, record: ImageRecord) -> None:
+        """An image's final answer, kept for the report and appended to the records file."""
+        self.records.append(record)
+        self.writer.write(record)
+
+
 async def run_edge(
     edge: EdgeRunner,
     batches: Iterable[tuple[Any, Any, Any]],
@@ -110,157 +336,5 @@ async def run_edge(
             (images_per_second); the images' arrival times and the controller's times are on
             this clock. Simulated ones run a paced run without waiting for it.
     """
-    codec = Codec.parse(config.codec)
-    g = edge.geometry
-    geometry = WireGeometry.of(g)
-    codec.check(geometry.channels)  # before any image is sent
-    records_path = Path(config.records)
-    jpeg = Codec("jpeg", codec.quality if codec.name == "jpeg" else Codec().quality)
-    full_codecs = {str(c): c for c in (Codec("raw"), Codec("png"), jpeg)
-                   if c.carries(geometry.channels)}  # fmt: skip
-    slots = asyncio.Semaphore(config.concurrency)
-    tasks: set[asyncio.Task] = set()
-    began, began_counter = clock(), time.perf_counter()
-
-    def now() -> float:
-        """Seconds since the run began, on the run's clock."""
-        return clock() - began
-
-    def finish(record: ImageRecord) -> None:
-        records.append(record)
-        writer.write(record)
-
-    async def offload(row: dict, payload: PatchPayload, blob: bytes, request: httpx.Request,
-                      started: float) -> None:  # fmt: skip
-        try:
-            row["payload_bytes"] = len(blob)
-            counted = None
-            if link_config.loss > 0:  # the edge sent it all; the server gets what survives
-                counted = request_wire_bytes(request)
-                delivered = lose_patches(payload, link_config.loss, seed, row["index"])
-                row["delivered"] = delivered.size
-                blob, request = encode_payload(delivered, geometry, codec), None
-            answer = await link.classify(blob, counted, request)
-        finally:
-            slots.release()
-        if answer.logits is not None:
-            final_top = ranked_classes(answer.logits[None])[0].tolist()
-            route = "server"
-        else:
-            final_top, route = row["edge_top"], "fallback"
-        if controller is not None:
-            tell_controller(answer)
-        finish(ImageRecord(**{**row, "final_top": final_top, "route": route,
-                              "cause": answer.cause, "request_bytes": answer.request_bytes,
-                              "response_bytes": answer.response_bytes,
-                              "attempts": answer.attempts, "transfer_ms": answer.transfer_ms,
-                              "server_ms": answer.server_ms,
-                              "total_ms": 1000.0 * (time.perf_counter() - started),
-                              "answered_at": time.time()}))
-
-    def tell_controller(answer: ServerAnswer) -> None:
-        nonlocal response_bytes
-        if answer.logits is not None:
-            response_bytes = answer.response_bytes / max(answer.attempts, 1)
-            controller.answered(answer.request_bytes + answer.response_bytes,
-                                None if answer.transfer_ms is None else answer.transfer_ms / 1000,
-                                answer.load)  # fmt: skip
-        elif answer.retry_after is not None:
-            controller.pause(now() + answer.retry_after)
-        elif answer.cause == "timeout":
-            controller.timed_out()
-        else:
-            controller.failed()
-
-    response_bytes = 0.0  # the last answer's response bytes, counted in each admission
-
-    async with ServerLink(config, model_name, link_config, g.num_classes, seed,
-                          shed=controller is not None) as link:  # fmt: skip
-        try:  # no server, another server, a wrong model, token or geometry: stop here
-            check_server_geometry(metadata or await link.metadata(), geometry, g.num_classes)
-        except ServerUnavailable as error:
-            if not config.allow_edge_only:
-                raise
-            log_warning(f"{str(error).split('; ')[0]}; answering at the edge "
-                        "(--allow-edge-only)")  # fmt: skip
-        lock = RecordsLock(records_path)
-        try:
-            done = open_records(records_path, identity, config.resume, count)
-        except BaseException:
-            lock.release()
-            raise
-        records = list(done.values())
-        writer = RecordWriter(records_path)
-        taken = 0
-        try:
-            for images, targets, indices in batches:
-                todo = [row for row, i in enumerate(indices.tolist()) if int(i) not in done]
-                if not todo:
-                    continue
-                if len(todo) < len(indices):
-                    images, targets, indices = images[todo], targets[todo], indices[todo]
-                # a camera: the images arrive at their pace, each at its own time (those of
-                # the run's clock); a batch waits for its last one
-                arrived, times = time.perf_counter(), None
-                if config.images_per_second:
-                    times = [(taken + row + 1) / config.images_per_second
-                             for row in range(images.shape[0])]  # fmt: skip
-                    taken += images.shape[0]
-                    await sleep(max(0.0, times[-1] - now()))
-                    arrived = min(time.perf_counter(), began_counter + times[-1])  # late: waited
-                if controller is not None:
-                    edge.set_operating_point(*controller.operating_point())
-                started = time.perf_counter()
-                result = await asyncio.to_thread(edge.process, images, indices, seed)
-                edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
-                if controller is not None:  # paced, it sees each image at its arrival
-                    uncertainties = as_array(result.uncertainty)
-                    controller.observe(uncertainties, times[0] if times else now())
-                full = await asyncio.to_thread(full_image_bytes, link, images, geometry,
-                                               full_codecs)  # fmt: skip
-                size, minimum, total = result.selection_statistics()
-                edge_top = ranked_classes(result.logits).tolist()
-                payloads = iter(result.payloads)
-                for row_index, index in enumerate(indices.tolist()):
-                    confident = bool(result.confident[row_index])
-                    row = {"index": int(index), "label": int(targets[row_index]),
-                           "edge_top": edge_top[row_index], "confident": confident,
-                           "selected": int(size[row_index]), "delivered": int(size[row_index]),
-                           "selection_min": float(minimum[row_index]),
-                           "selection_sum": float(total[row_index]), "payload_bytes": 0,
-                           "full_bytes": full[row_index], "edge_ms": edge_ms}  # fmt: skip
-                    withheld = None
-                    if not confident:
-                        payload = next(payloads)
-                        blob = encode_payload(payload, geometry, codec)
-                        request = link.build_request(blob)
-                        if controller is not None and config.images_per_second \
-                                and slots.locked():  # fmt: skip
-                            withheld = "busy"  # a budget never lets a camera wait
-                        elif controller is not None and not controller.admit(
-                                times[row_index] if times else now(),
-                                request_wire_bytes(request) + response_bytes,
-                                float(uncertainties[row_index])):  # fmt: skip
-                            withheld = "budget"
-                    if confident or withheld:
-                        waited = 1000.0 * (started - arrived)
-                        finish(ImageRecord(**row, final_top=row["edge_top"],
-                                           route="withheld" if withheld else "edge",
-                                           cause=withheld, request_bytes=0, response_bytes=0,
-                                           attempts=0, transfer_ms=None, server_ms=None,
-                                           total_ms=waited + edge_ms,
-                                           answered_at=time.time()))  # fmt: skip
-                        continue
-                    await slots.acquire()
-                    settle(tasks)
-                    if controller is not None:
-                        controller.sent(now())
-                    tasks.add(asyncio.create_task(offload(row, payload, blob, request,
-                                                          arrived)))  # fmt: skip
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            writer.close()
-            lock.release()
-    return report(records, g.num_patches, codec)
+    return await EdgeRun(edge, config, link_config, model_name, seed, controller, clock,
+                         sleep).run(batches, identity, count, metadata)  # fmt: skip

@@ -10,15 +10,8 @@ import httpx
 import numpy as np
 
 from collabvit.lite.config import ClientConfig
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    Codec,
-    PatchPayload,
-    WireGeometry,
-    encode_payload,
-    infer_request_body,
-    infer_response_body,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_request_body, infer_response_body
+from collabvit.lite.protocol import Codec, PatchPayload, WireGeometry, encode_payload
 
 # What the edge reads of an answer at most, so that a broken or hostile server cannot make it
 # hold more (times --concurrency). A collabvit server's metadata is under 1 KiB. Its answer
