@@ -20,7 +20,7 @@ from collabvit.models.server import Server
 
 
 @dataclass(frozen=True)
-class ImageRecord:
+class PerImageRow:
     """One image's outcome (the --per-image CSV row)."""
 
     index: int
@@ -36,7 +36,7 @@ class EvalResult:
     """The figures of a run, its per-image records (when asked for) and the images skipped."""
 
     summary: Summary
-    records: list[ImageRecord] = field(default_factory=list)
+    records: list[PerImageRow] = field(default_factory=list)
     skipped: int = 0
     running: RunningSummary | None = None  # the exact counts behind `summary`
     withheld: int = 0  # images the gate would send that a budget answered at the edge
@@ -69,7 +69,7 @@ def evaluate(
         seed: seeds the ``random`` selection policy (with each image's index).
         progress: progress on stderr; None shows it on a terminal, and as periodic
             lines otherwise; False shows nothing.
-        keep_records: also return one ImageRecord per image.
+        keep_records: also return one PerImageRow per image.
         total: number of batches, for the progress display.
         expected_images: the dataset's size, to count images the loader skipped.
         controller: a controller.CostController or BytesController: each batch then runs at
@@ -86,7 +86,7 @@ def evaluate(
     vit.check_compatible(edge.model, server.model)
     num_classes = edge.geometry.num_classes
     running = RunningSummary(num_patches=edge.geometry.num_patches)
-    records: list[ImageRecord] = []
+    records: list[PerImageRow] = []
     chosen = edge.config
     seen = withheld = 0
     wire_bytes = 0.0
@@ -131,7 +131,7 @@ def evaluate(
                 sizes = size.tolist()
                 for row, (index, label) in enumerate(zip(indices.tolist(), targets.tolist(),
                                                          strict=True)):
-                    records.append(ImageRecord(
+                    records.append(PerImageRow(
                         index=int(index), label=int(label), edge_prediction=edge_pred[row],
                         final_prediction=final_pred[row], sent=sent[row],
                         patches_sent=sizes[row] if sent[row] else 0,
@@ -154,11 +154,11 @@ def merge_results(parts: list[EvalResult]) -> EvalResult:
                       skipped=sum(part.skipped for part in parts), running=running)  # fmt: skip
 
 
-def write_per_image(path: str | Path, records: list[ImageRecord]) -> None:
+def write_per_image(path: str | Path, records: list[PerImageRow]) -> None:
     """One CSV row per image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(ImageRecord.__dataclass_fields__)
+    names = list(PerImageRow.__dataclass_fields__)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
