@@ -42,42 +42,19 @@ def run(args: argparse.Namespace) -> int:
         if config.ssl_certfile:
             _check_certificate(config.ssl_certfile, config.ssl_keyfile)
         _check_port_free(config.host, config.port)
-        from collabvit.models.pair import load_model, resolve_device
+        from collabvit.serve.model import load_served_model
 
-        device = resolve_device(config.device)
-        import torch
-
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        model = load_model(spec, server=True)  # a user mistake stops here, before listening
-        if config.bf16:
-            from collabvit import cpu_model
-
-            if device.type == "cpu" and not any(f in cpu_model() for f in ("avx512_bf16",
-                                                                            "amx_bf16")):
-                warn("serve", f"--bf16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) "
-                     "is emulated and slower than float32")  # fmt: skip
-            model = model.to(torch.bfloat16)
+        # a user mistake stops here, before listening
+        load_server = load_served_model(spec, config.device, config.threads, config.bf16,
+                                        config.max_batch, lambda text: warn("serve", text))
     except (UsageError, ValueError, OSError) as error:
         return fail("serve", error)
     from collabvit.lite.config import is_loopback
-    from collabvit.models.server import Server
     from collabvit.serve.app import serve
-    from collabvit.serve.settings import ServiceSettings, default_allowed_hosts
+    from collabvit.serve.settings import settings_from_config
 
-    def load_server() -> Server:
-        return Server(model, device, max_batch=config.max_batch)
-
-    hosts = config.allowed_hosts or default_allowed_hosts(config.host)
-    settings = ServiceSettings(
-        model_name=spec.name, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-        max_request_bytes=config.max_request_bytes,
-        max_request_images=config.max_request_images,
-        max_queue_images=config.max_queue_images,
-        max_queue_bytes=int(config.max_queue_mb * 2**20), body_timeout=config.timeout_body,
-        parse_processes=config.parse_processes, max_requests_in_flight=config.limit_concurrency,
-        allowed_hosts=None if "*" in hosts else hosts, token=config.token,
-    )  # fmt: skip
+    settings = settings_from_config(config, spec.name)
+    hosts = settings.allowed_hosts  # None: any
     scheme = "https" if config.ssl_certfile else "http"
     if config.token and scheme == "http":
         warn("serve", "the token travels in clear text over HTTP: serve HTTPS "

@@ -22,11 +22,11 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from collabvit import __version__
+from collabvit.config import ModelSpec
 from collabvit.models.server import Server
 from collabvit.serve.batching import Admission
 from collabvit.serve.dataplane import DataPlane
@@ -38,7 +38,7 @@ from collabvit.serve.guard import (
     guarded_protocol,
 )
 from collabvit.serve.metrics import Metrics
-from collabvit.serve.model import ModelState
+from collabvit.serve.model import ModelState, load_served_model
 from collabvit.serve.routes import Endpoints
 from collabvit.serve.settings import (
     ServiceSettings,
@@ -180,8 +180,6 @@ def allow_open_files(max_connections: int, spare: int = 64) -> int:
 def worker_app() -> FastAPI:
     """The application of one `collabvit serve --workers N` process: what it serves comes
     from the environment (WORKER_ENV), and it loads the model itself."""
-    from collabvit.config import ModelSpec
-
     spec = json.loads(os.environ[WORKER_ENV])
     settings = settings_from_json(spec["settings"])
     GuardedProtocol.head_timeout = spec["head_timeout"]
@@ -189,14 +187,9 @@ def worker_app() -> FastAPI:
     freeze_what_lives_long()  # this process's torch and timm (its model loads later)
 
     def load_server() -> Server:
-        from collabvit.models.pair import load_model, resolve_device
-
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
-        model = load_model(ModelSpec(**spec["model"]), server=True)
-        if spec.get("bf16"):
-            model = model.to(torch.bfloat16)
-        return Server(model, resolve_device(spec.get("device", "cpu")),
-                      max_batch=settings.max_batch)  # fmt: skip
+        # no warning: the parent process loaded the same model first, and gave them
+        return load_served_model(ModelSpec(**spec["model"]), spec.get("device", "cpu"),
+                                 spec.get("threads"), bool(spec.get("bf16")),
+                                 settings.max_batch)()  # fmt: skip
 
     return create_app(settings, load_server)

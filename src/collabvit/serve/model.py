@@ -1,6 +1,7 @@
-"""The served model's state: loaded and warmed up in a thread after the server starts
-listening (`ModelState.load`), so the health checks answer, and say "not ready", while
-it loads.
+"""The served model: how `collabvit serve` and each of its `--workers` processes load it
+(`load_served_model`: threads, weights, bfloat16), and its state in the service: loaded
+and warmed up in a thread after the server starts listening (`ModelState.load`), so the
+health checks answer, and say "not ready", while it loads.
 """
 
 from __future__ import annotations
@@ -10,11 +11,41 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
+from collabvit.config import ModelSpec
 from collabvit.lite.protocol import PatchPayload, WireGeometry
 from collabvit.models.server import Server
 
 log = logging.getLogger("collabvit.serve")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # a CPU without either emulates bfloat16
+
+
+def load_served_model(spec: ModelSpec, device: str, threads: int | None, bf16: bool,
+                      max_batch: int, warn: Callable[[str], None] | None = None,
+                      ) -> Callable[[], Server]:  # fmt: skip
+    """Load the server model `spec` names, now, and return the loader create_app takes.
+
+    A user's mistake (an unknown model, a device this machine lacks) raises here, as
+    ValueError or OSError. `threads` (None: torch's choice) sets the process's torch
+    threads first; with `bf16` the model is converted to bfloat16, and `warn` (if given)
+    hears of it on a CPU that only emulates bfloat16. The returned loader puts the model
+    in a Server on `device` that batches at most `max_batch` images.
+    """
+    from collabvit import cpu_model
+    from collabvit.models.pair import load_model, resolve_device
+
+    resolved = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(spec, server=True)
+    if bf16:
+        if warn is not None and resolved.type == "cpu" and not any(
+                flag in cpu_model() for flag in BF16_CPU_FLAGS):  # fmt: skip
+            warn(f"--bf16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) is emulated "
+                 "and slower than float32")
+        model = model.to(torch.bfloat16)
+    return lambda: Server(model, resolved, max_batch=max_batch)
 
 
 class ModelState:

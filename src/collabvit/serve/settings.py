@@ -1,11 +1,14 @@
 """How the service is set up, apart from its model: `ServiceSettings` (name, batching,
-limits, token), the Host headers it answers (`default_allowed_hosts`), and the settings'
-JSON form, in which each `--workers` process receives them.
+limits, token), drawn from `collabvit serve`'s ServeConfig (`settings_from_config`), the
+Host headers it answers (`default_allowed_hosts`), and the settings' JSON form, in which
+each `--workers` process receives them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from collabvit.config import ServeConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -27,6 +30,21 @@ class ServiceSettings:
     max_requests_in_flight: int = 256  # probes not counted (guard.RequestLimit)
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: any
     token: str | None = field(default=None, repr=False)  # never in a log
+
+
+def settings_from_config(config: ServeConfig, model_name: str) -> ServiceSettings:
+    """The settings of `collabvit serve` serving `model_name` as `config` says: the Host
+    headers answered default to default_allowed_hosts(config.host), and '*' means any."""
+    hosts = config.allowed_hosts or default_allowed_hosts(config.host)
+    return ServiceSettings(
+        model_name=model_name, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+        max_request_bytes=config.max_request_bytes,
+        max_request_images=config.max_request_images,
+        max_queue_images=config.max_queue_images,
+        max_queue_bytes=int(config.max_queue_mb * 2**20), body_timeout=config.timeout_body,
+        parse_processes=config.parse_processes, max_requests_in_flight=config.limit_concurrency,
+        allowed_hosts=None if "*" in hosts else tuple(hosts), token=config.token,
+    )  # fmt: skip
 
 
 def host_header_form(host: str) -> str:
