@@ -21,6 +21,7 @@ import torch
 from conftest import SHIPPED_IMAGES, LiveServer, free_port, shipped_app, wait_ready
 from conftest import SHIPPED_SERVER as SERVER_NAME
 
+from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.client import (
     ImageRecord,
     ServerLink,
@@ -28,7 +29,7 @@ from collabvit.lite.client import (
     lose_patches,
     request_wire_bytes,
 )
-from collabvit.lite.config import ClientConfig, DataSpec, LinkConfig, ModelSpec
+from collabvit.lite.config import ClientConfig, LinkConfig
 from collabvit.lite.protocol import Codec, PatchPayload, WireGeometry, encode_payload, patchify
 
 GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))

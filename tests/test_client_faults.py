@@ -23,13 +23,8 @@ from collabvit.lite.client import (
     backoff_seconds,
 )
 from collabvit.lite.config import ClientConfig, LinkConfig
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    PatchPayload,
-    WireGeometry,
-    encode_payload,
-    infer_response_body,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_response_body
+from collabvit.lite.protocol import PatchPayload, WireGeometry, encode_payload
 
 GEOMETRY = WireGeometry(channels=1, patch_size=(4, 4), grid_size=(7, 7))
 BLOB = encode_payload(PatchPayload(np.arange(3), np.zeros((3, 1, 4, 4), np.uint8)), GEOMETRY)

@@ -21,16 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collabvit.lite.client import wait_until_served
-from collabvit.lite.protocol import (
+from collabvit.lite.oip import (
     BINARY_CONTENT_TYPE,
     INFERENCE_HEADER,
-    Codec,
-    WireGeometry,
-    encode_payload,
     infer_request_body,
     parse_logits,
-    patchify,
 )
+from collabvit.lite.protocol import Codec, WireGeometry, encode_payload, patchify
 from collabvit.lite.protocol import PatchPayload as Payload
 from collabvit.models.server import Server
 from collabvit.serve.app import create_app

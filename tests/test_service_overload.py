@@ -17,13 +17,8 @@ import numpy as np
 import pytest
 from conftest import LiveServer, free_port, tiny_vit, wait_ready
 
-from collabvit.lite.protocol import (
-    INFERENCE_HEADER,
-    PatchPayload,
-    WireGeometry,
-    encode_payload,
-    infer_request_body,
-)
+from collabvit.lite.oip import INFERENCE_HEADER, infer_request_body
+from collabvit.lite.protocol import PatchPayload, WireGeometry, encode_payload
 from collabvit.models.server import Server
 from collabvit.serve import app as serve_app
 from collabvit.serve import batching, dataplane
@@ -111,7 +106,7 @@ def test_a_declared_image_count_over_the_limit_is_refused_before_any_element_is_
     def never(*args):
         raise AssertionError("an element was split")
 
-    monkeypatch.setattr("collabvit.lite.protocol._split_elements", never)
+    monkeypatch.setattr("collabvit.lite.oip._split_elements", never)
     elements = struct.pack("<I", 0) * (4 * 2**20)  # 16 MiB of zero-length elements
     header = json.dumps({"inputs": [{"name": "payload", "datatype": "BYTES",
                                      "shape": [4 * 2**20],

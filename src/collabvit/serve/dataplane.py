@@ -19,21 +19,23 @@ from typing import Protocol
 from prometheus_client import generate_latest
 
 from collabvit import __version__
-from collabvit.lite.protocol import (
-    CODECS,
+from collabvit.lite.oip import (
     LOGITS_OUTPUT,
     PAYLOAD_INPUT,
-    WIRE_VERSION,
     InferRequest,
+    declared_images,
+    infer_response_body,
+    parse_header_length,
+    split_request,
+)
+from collabvit.lite.protocol import (
+    CODECS,
+    WIRE_VERSION,
     PatchPayload,
     ProtocolError,
     TooManyImages,
     WireGeometry,
-    declared_images,
     decode_payload,
-    infer_response_body,
-    parse_header_length,
-    split_request,
 )
 from collabvit.models.server import Server
 from collabvit.serve.batching import Admission, Batcher, BodyHold, retry_after_seconds

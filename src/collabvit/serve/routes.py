@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from collabvit.lite.protocol import INFERENCE_HEADER
+from collabvit.lite.oip import INFERENCE_HEADER
 from collabvit.serve.dataplane import DataPlane
 from collabvit.serve.metrics import ServiceError
 
