@@ -125,7 +125,10 @@ def serve(settings: ServiceSettings, load_server: Callable[[], Server], host: st
     options = dict(host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                    access_log=access_log, log_level="info",
                    timeout_graceful_shutdown=graceful_timeout, server_header=False,
-                   timeout_keep_alive=timeout_keep_alive)  # fmt: skip
+                   timeout_keep_alive=timeout_keep_alive,
+                   # asyncio's loop whatever else is installed (uvloop comes with Ray): the
+                   # connection guard and its measurements were made on it
+                   loop="asyncio")  # fmt: skip
     if workers > 1:
         os.environ[WORKER_ENV] = json.dumps({**(worker or {}), "head_timeout":
                                              timeout_request_head, "max_connections":
