@@ -11,6 +11,7 @@ import torch
 
 from collabvit.data import check_labels
 from collabvit.lite.controller import BytesController
+from collabvit.lite.pacing import Pacing
 from collabvit.lite.progress import progress_bar
 from collabvit.lite.protocol import PatchPayload
 from collabvit.lite.summary import RunningSummary, Summary, write_results  # noqa: F401 - re-exported
@@ -79,7 +80,8 @@ def evaluate(
             counts as answered at the edge). The edge's own point is back in place when the
             run ends.
         images_per_second: with a controller, the clock it sees: the images arrive at this
-            pace (what a bytes budget means offline: "what accuracy at 2 kB/s?").
+            pace, the k-th (from 0) at k / images_per_second (what a bytes budget means
+            offline: "what accuracy at 2 kB/s?"; lite.pacing.Pacing).
         send_bytes: with a controller, the bytes on the wire of offloading a payload
             (client.offload_bytes); without it a send costs 0 bytes.
     """
@@ -88,29 +90,28 @@ def evaluate(
     running = RunningSummary(num_patches=edge.geometry.num_patches)
     records: list[PerImageRow] = []
     chosen = edge.config
-    seen = withheld = 0
+    withheld = 0
     wire_bytes = 0.0
     if isinstance(controller, BytesController) and not images_per_second:
         raise ValueError("a bytes/s budget needs the images' pace (images_per_second)")
+    # first=0: the first image arrives at time 0, as it always has here, so that no budget
+    # figure of an offline run moves (the edge's images come a frame later: first=1)
+    pacing = Pacing(controller, images_per_second, first=0)
     try:
         for images, targets, indices in progress_bar(
             batches, "collaborative eval", total=total, unit="batch", enabled=progress
         ):
             check_labels(targets, num_classes)
-            arrivals = [(seen + row) / images_per_second if images_per_second else 0.0
-                        for row in range(len(targets))]  # each image's own time at the pace
-            now = arrivals[0] if images_per_second else None
-            seen += len(targets)
-            if controller is not None:
-                edge.set_operating_point(*controller.operating_point())
+            pacing.arrive(len(targets))
+            pacing.steer(edge)
             result = edge.process(images, indices, seed)
             confident, payloads = result.confident, result.payloads
             if controller is not None:
                 values = result.uncertainty.tolist()
-                controller.observe(values, now)
+                pacing.observe(values)
                 rows = torch.nonzero(result.sent).flatten().tolist()  # a payload's image
                 costs = [send_bytes(p) if send_bytes else 0 for p in payloads]
-                admitted = [controller.admit(arrivals[row], nbytes, values[row])
+                admitted = [pacing.admit(row, nbytes, values[row])
                             for row, nbytes in zip(rows, costs, strict=True)]  # fmt: skip
                 withheld += admitted.count(False)
                 wire_bytes += sum(n for n, a in zip(costs, admitted, strict=True) if a)
@@ -142,7 +143,7 @@ def evaluate(
     skipped = expected_images - summary.images if expected_images is not None else 0
     return EvalResult(summary=summary, records=records, skipped=skipped, running=running,
                       withheld=withheld, wire_bytes=wire_bytes,
-                      seconds=seen / images_per_second if images_per_second else 0.0)
+                      seconds=pacing.seconds)
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:

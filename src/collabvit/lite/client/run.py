@@ -22,6 +22,7 @@ from collabvit.lite.client.records import ImageRecord, RecordsLock, RecordWriter
 from collabvit.lite.client.reporting import EdgeReport, report
 from collabvit.lite.client.wire import request_wire_bytes
 from collabvit.lite.config import ClientConfig, LinkConfig
+from collabvit.lite.pacing import Pacing
 from collabvit.lite.protocol import (
     Codec,
     PatchPayload,
@@ -102,7 +103,9 @@ class EdgeRun:
         self.records: list[ImageRecord] = []
         self.writer: RecordWriter | None = None
         self.link: ServerLink | None = None
-        self.taken = 0  # images paced so far
+        # first=1: the first image comes a frame after the run began, so a batch of B
+        # images waits B frames (the pacing the edge always had)
+        self.pacing = Pacing(controller, config.images_per_second, first=1, now=self.now)
         self.response_bytes = 0.0  # the last answer's response bytes, counted in each admission
         self.began, self.began_counter = clock(), time.perf_counter()
 
@@ -158,8 +161,8 @@ class EdgeRun:
 
     async def batch(self, images: Any, targets: Any, indices: Any) -> None:
         """One batch: each image answered at the edge, withheld, or sent."""
-        arrived, times = await self.arrive(images.shape[0])
-        result, started, edge_ms, uncertainties = await self.edge_step(images, indices, times)
+        arrived = await self.arrive(images.shape[0])
+        result, started, edge_ms, uncertainties = await self.edge_step(images, indices)
         full = await asyncio.to_thread(full_image_bytes, self.link, images, self.geometry,
                                        self.full_codecs)  # fmt: skip
         size, minimum, total = result.selection_statistics()
@@ -178,8 +181,7 @@ class EdgeRun:
                 payload = next(payloads)
                 blob = encode_payload(payload, self.geometry, self.codec)
                 request = self.link.build_request(blob)
-                withheld = self.admission(times[row_index] if times else None, request,
-                                          uncertainties, row_index)  # fmt: skip
+                withheld = self.admission(row_index, request, uncertainties)
             if confident or withheld:
                 self.record(ImageRecord(**row, final_top=row["edge_top"],
                                         route="withheld" if withheld else "edge",
@@ -190,52 +192,44 @@ class EdgeRun:
                 continue
             await self.send(row, payload, blob, request, arrived)
 
-    async def arrive(self, count: int) -> tuple[float, list[float] | None]:
+    async def arrive(self, count: int) -> float:
         """Arrival pacing: with --images-per-second a camera's images arrive at its pace,
-        each at its own time on the run's clock, and a batch waits for its last one.
-
-        Returns when (perf_counter) the batch's last image was there, and the `count`
-        images' arrival times (None unpaced: they are all there at once).
-        """
-        if not self.config.images_per_second:
-            return time.perf_counter(), None
-        times = [(self.taken + row + 1) / self.config.images_per_second
-                 for row in range(count)]  # fmt: skip
-        self.taken += count
+        each at its own time on the run's clock (self.pacing), and a batch waits for its
+        last one. When (perf_counter) the batch's last image was there."""
+        times = self.pacing.arrive(count)
+        if times is None:  # not paced: they are all there at once
+            return time.perf_counter()
         await self.sleep(max(0.0, times[-1] - self.now()))
-        return min(time.perf_counter(), self.began_counter + times[-1]), times  # late: waited
+        return min(time.perf_counter(), self.began_counter + times[-1])  # late: waited
 
-    async def edge_step(self, images: Any, indices: Any,
-                        times: list[float] | None) -> tuple[Any, float, float, Any]:  # fmt: skip
+    async def edge_step(self, images: Any, indices: Any) -> tuple[Any, float, float, Any]:
         """The edge's answers for a batch at the controller's operating point; the
         controller then sees every image's uncertainty (paced, at the first arrival).
 
         Returns the edge's result, when (perf_counter) it started, its milliseconds per
         image, and the uncertainties [B] the controller saw (None without one).
         """
-        if self.controller is not None:
-            self.edge.set_operating_point(*self.controller.operating_point())
+        self.pacing.steer(self.edge)
         started = time.perf_counter()
         result = await asyncio.to_thread(self.edge.process, images, indices, self.seed)
         edge_ms = 1000.0 * (time.perf_counter() - started) / images.shape[0]
         uncertainties = None
         if self.controller is not None:
             uncertainties = as_array(result.uncertainty)
-            self.controller.observe(uncertainties, times[0] if times else self.now())
+            self.pacing.observe(uncertainties)
         return result, started, edge_ms, uncertainties
 
-    def admission(self, arrival: float | None, request: httpx.Request, uncertainties: Any,
-                  row: int) -> str | None:  # fmt: skip
-        """Why an image the gate sends is withheld: "busy" (paced, every request slot is
-        taken: a budget never lets a camera wait), "budget" (the controller refuses its
-        bytes at its arrival, or now unpaced), or None: it goes out."""
+    def admission(self, row: int, request: httpx.Request, uncertainties: Any) -> str | None:
+        """Why the batch's image `row`, which the gate sends, is withheld: "busy" (paced,
+        every request slot is taken: a budget never lets a camera wait), "budget" (the
+        controller refuses its bytes at its arrival, or now unpaced), or None: it goes out.
+        `uncertainties` [B] are the batch's."""
         if self.controller is None:
             return None
         if self.config.images_per_second and self.slots.locked():
             return "busy"
-        if not self.controller.admit(self.now() if arrival is None else arrival,
-                                     request_wire_bytes(request) + self.response_bytes,
-                                     float(uncertainties[row])):  # fmt: skip
+        if not self.pacing.admit(row, request_wire_bytes(request) + self.response_bytes,
+                                 float(uncertainties[row])):  # fmt: skip
             return "budget"
         return None
 
