@@ -113,6 +113,28 @@ def test_jpeg_costs_fewer_bytes_and_is_reported(run_cli, live, tmp_path):
     assert jpeg["bytes_per_image"]["full_raw"] == raw["bytes_per_image"]["full_raw"]
 
 
+def test_the_servers_queue_time_is_kept_in_the_records(run_cli, live, tmp_path):
+    """Each image the server answered keeps the queue time its answer gave (within the
+    server's time); an image no server answered has none. Records of the format before
+    queue times are refused as an older collabvit's."""
+    result = run_cli(*edge_args(live.url, tmp_path))
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "run.jsonl")
+    answered = [r for r in records if r.route == "server"]
+    assert answered and all(r.queue_ms is not None and 0.0 <= r.queue_ms <= r.server_ms
+                            for r in answered)  # fmt: skip
+    assert all(r.queue_ms is None for r in records if r.route != "server")
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["latency_ms"]["queue"]["p50"] <= written["latency_ms"]["server"]["p99"]
+    assert "server queue" in result.stdout
+    path = tmp_path / "run.jsonl"
+    head, *lines = path.read_text().splitlines()
+    older = {**json.loads(head), "format": "collabvit-edge-records/3"}
+    path.write_text("\n".join([json.dumps(older), *lines]) + "\n")
+    resumed = run_cli(*edge_args(live.url, tmp_path, "--resume"))
+    assert resumed.returncode == 2 and "older collabvit" in resumed.stderr
+
+
 # ------------------------------------------------------------------ bytes on the wire
 
 

@@ -76,7 +76,9 @@ def _number(value, low: float = -math.inf, high: float = math.inf) -> float | No
 @dataclass(frozen=True)
 class ServerAnswer:
     """What one offloaded image got back: logits [classes] or a fallback cause, and the
-    server's load hint (0..1) or the seconds a 503/429 asked to wait, when given."""
+    server's load hint (0..1) or the seconds a 503/429 asked to wait, when given. Of an
+    answer, `server_ms` is the server's time for the request and `queue_ms` the part of
+    it the image waited for a batch (None when the server did not say)."""
 
     logits: np.ndarray | None
     cause: str | None
@@ -87,6 +89,7 @@ class ServerAnswer:
     server_ms: float | None
     load: float | None = None
     retry_after: float | None = None
+    queue_ms: float | None = None
 
 
 class ServerLink:
@@ -272,11 +275,15 @@ class ServerLink:
                 response, response.num_bytes_downloaded))  # fmt: skip
             if delay:
                 await asyncio.sleep(delay)
-            # the server's own figures, within what the edge saw: its time within the exchange
+            # the server's own figures, within what the edge saw: its time within the
+            # exchange, and its queue within its time
             server_ms = _number(parameters.get("server_ms"), 0.0, 1000.0 * elapsed)
+            queue_ms = _number(parameters.get("queue_ms"), 0.0,
+                               1000.0 * elapsed if server_ms is None else server_ms)  # fmt: skip
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
             return ServerAnswer(logits, None, attempts, sent, received, transfer_ms,
-                                server_ms, _number(parameters.get("load"), 0.0, 1.0))  # fmt: skip
+                                server_ms, load=_number(parameters.get("load"), 0.0, 1.0),
+                                queue_ms=queue_ms)  # fmt: skip
         if cause in ("unreachable", "refused", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
         return ServerAnswer(None, cause, attempts, sent, received, None, None)

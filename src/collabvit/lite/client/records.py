@@ -19,7 +19,7 @@ from collabvit.lite.client.errors import ClientError
 # failure, a refused token and an unknown model are not fallbacks: they stop the run.
 FALLBACK_CAUSES = ("timeout", "refused", "unreachable", "server_error", "unavailable", "rejected",
                    "bad_response", "server_down")  # fmt: skip
-RECORDS_FORMAT = "collabvit-edge-records/3"
+RECORDS_FORMAT = "collabvit-edge-records/4"
 RECORDS_SYNC_LINES = 64  # the records are fsynced every this many lines, and at the end
 
 
@@ -44,6 +44,8 @@ class ImageRecord:
             with --images-per-second, total_ms counts from the image's arrival.
         answered_at: when the answer was final (Unix time, seconds), so that the records of
             several clients line up.
+        queue_ms: of server_ms, the time the image waited in the server's queue for a batch
+            (None where no server answered, or it did not say).
     """
 
     index: int
@@ -67,6 +69,7 @@ class ImageRecord:
     server_ms: float | None
     total_ms: float
     answered_at: float = 0.0
+    queue_ms: float | None = None
 
     @property
     def offloaded(self) -> bool:

@@ -105,6 +105,7 @@ def report(records: list[ImageRecord], num_patches: int, codec: Codec) -> EdgeRe
         "edge": percentiles([r.edge_ms for r in records]),
         "transfer": percentiles([r.transfer_ms for r in sent if r.transfer_ms is not None]),
         "server": percentiles([r.server_ms for r in sent if r.server_ms is not None]),
+        "queue": percentiles([r.queue_ms for r in sent if r.queue_ms is not None]),
         "end_to_end_sent": percentiles([r.total_ms for r in sent]),
         "end_to_end_all": percentiles([r.total_ms for r in records]),
     }
@@ -144,7 +145,8 @@ def format_report(report: EdgeReport) -> str:
                      f"{attempted.comm_cost:.4f}, sent token number "
                      f"{attempted.sent_tokens:.4f})")  # fmt: skip
     names = {"edge": "edge compute", "transfer": "transfer", "server": "server",
-             "end_to_end_sent": "end to end (sent)", "end_to_end_all": "end to end (all)"}
+             "queue": "server queue", "end_to_end_sent": "end to end (sent)",
+             "end_to_end_all": "end to end (all)"}
     lines.append(f"Latency (ms)        {'p50':>9}{'p90':>9}{'p99':>9}")
     for key, label in names.items():
         values = report.latency_ms.get(key)

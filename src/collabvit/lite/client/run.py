@@ -188,7 +188,7 @@ class EdgeRun:
                                         cause=withheld, request_bytes=0, response_bytes=0,
                                         attempts=0, transfer_ms=None, server_ms=None,
                                         total_ms=1000.0 * (started - arrived) + edge_ms,
-                                        answered_at=time.time()))  # fmt: skip
+                                        answered_at=time.time(), queue_ms=None))  # fmt: skip
                 continue
             await self.send(row, payload, blob, request, arrived)
 
@@ -270,7 +270,8 @@ class EdgeRun:
                                    "transfer_ms": answer.transfer_ms,
                                    "server_ms": answer.server_ms,
                                    "total_ms": 1000.0 * (time.perf_counter() - started),
-                                   "answered_at": time.time()}))  # fmt: skip
+                                   "answered_at": time.time(),
+                                   "queue_ms": answer.queue_ms}))  # fmt: skip
 
     def tell_controller(self, answer: ServerAnswer) -> None:
         """What the budget learns of an answer: its bytes and time on the wire, or that the
