@@ -313,7 +313,7 @@ def test_a_token_over_plain_http_to_another_machine_is_warned_about(run_cli, tmp
     def stop(*args):
         raise ClientError("stopped before the network")
 
-    monkeypatch.setattr("collabvit.lite.client.check_server", stop)
+    monkeypatch.setattr("collabvit.lite.client.link.check_server", stop)
     monkeypatch.delenv("COLLABVIT_TOKEN", raising=False)
     warned = {}
     for url, token in [("http://203.0.113.7:8000", "secret"), ("http://127.0.0.1:8000", "secret"),

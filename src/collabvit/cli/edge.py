@@ -79,33 +79,18 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(client.records)
         check_output_file(client.results_file)
         codec = Codec.parse(client.codec)
-        if client.resume and not Path(client.records).is_file():
-            raise UsageError(f"--resume: {client.records} does not exist yet")
+        edge_client.check_resumable(Path(client.records), client.resume)
         served: dict = {}  # the served model's metadata, read before the edge's model loads
-
-        def check_server(name: str) -> None:
-            """The server, its certificate and the token, before the edge's model loads."""
-            if client.wait:  # the health checks need no token
-                edge_client.wait_until_served(client.server.rstrip("/"), client.wait,
-                                              verify=edge_client.tls_verification(client.ca_file))
-            if not client.allow_edge_only:
-                served.update(edge_client.check_server(client, name))
-
         make_edge = _onnx_edge if runtime.onnx else _torch_edge
-        edge, batches, count, names = make_edge(args, data, run_config, chosen, runtime,
-                                                check_server)  # fmt: skip
+        edge, batches, count, names = make_edge(
+            args, data, run_config, chosen, runtime,
+            lambda name: served.update(edge_client.reach_server(client, name)))  # fmt: skip
         config = edge.config
         controller = budget_controller(budget, config, names["server_model"],
                                        names["frontier"]) if budget.held else None
-        # what decides the answers; batch size, workers and --limit do not (and no --clutter
-        # is left out, so that records of the published canvases keep their identity)
-        same_answers = {k: v for k, v in asdict(data).items()
-                        if k not in ("batch_size", "num_workers", "limit")
-                        and not (k == "clutter" and not v)}  # fmt: skip
         identity = edge_client.run_identity(
-            edge_model=names["edge_model"], data=same_answers, server_model=names["server_model"],
-            edge=asdict(config), codec=str(codec), seed=run_config.seed, loss=link.loss,
-            budget=asdict(budget))  # fmt: skip
+            names["edge_model"], names["server_model"], asdict(data), asdict(config),
+            str(codec), run_config.seed, link.loss, asdict(budget))  # fmt: skip
         batches = progress_bar(batches, "edge", total=len(batches), unit="batch",
                                enabled=progress(run_config))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(

@@ -142,16 +142,15 @@ def run_identity(edge: ModelSpec, server: ModelSpec, data: DataSpec, config: Edg
     """What must match for a saved run to be continued: the weights' content (None: the
     hub's), the images and how they are read, the operating point and the seed. The batch
     size and workers do not change the figures' meaning, so they may differ."""
-    from collabvit.lite.client import run_identity as as_json
-
     def model(spec: ModelSpec) -> dict:
         return {"name": spec.name,
                 "sha256": file_sha256(spec.weights) if spec.weights else None}  # fmt: skip
 
     images = {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers")}
     images["data_path"] = str(Path(data.data_path).resolve()) if data.data_path else None
-    return as_json(edge_model=model(edge), server_model=model(server), data=images,
-                   edge=asdict(config), seed=seed)  # fmt: skip
+    parts = dict(edge_model=model(edge), server_model=model(server), data=images,
+                 edge=asdict(config), seed=seed)  # fmt: skip
+    return json.loads(json.dumps(parts, default=str))  # as a state file holds it
 
 
 # ------------------------------------------------------------------ comparison

@@ -324,6 +324,16 @@ def check_server(config: ClientConfig, model_name: str) -> dict:
     return asyncio.run(ask())
 
 
+def reach_server(config: ClientConfig, model_name: str) -> dict:
+    """Before the edge's model loads: wait for the server (`config.wait` seconds, health
+    checks need no token), then check it, its certificate, the token and the model; the
+    served model's metadata, or {} where --allow-edge-only accepts a run without it."""
+    if config.wait:
+        wait_until_served(config.server.rstrip("/"), config.wait,
+                          verify=tls_verification(config.ca_file))  # fmt: skip
+    return {} if config.allow_edge_only else check_server(config, model_name)
+
+
 # What the edge reads of the served model's metadata parameters, and how many positive
 # integers each holds (the sizes are [height, width] lists).
 SERVED_GEOMETRY = (("channels", 1), ("patch_size", 2), ("grid_size", 2), ("num_classes", 1))

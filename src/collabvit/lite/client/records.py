@@ -82,9 +82,35 @@ class ImageRecord:
         return self.confident or self.route == "withheld"
 
 
-def run_identity(**parts) -> dict:
-    """What must match for a records file to be continued: models, data, knobs, codec."""
+# How the images are read but not what they are: a records file made with another batch
+# size, other loading processes or another --limit is continued.
+DATA_NOT_DECIDING = ("batch_size", "num_workers", "limit")
+
+
+def run_identity(edge_model, server_model: str, data: dict, edge: dict, codec: str, seed: int,
+                 loss: float, budget: dict) -> dict:  # fmt: skip
+    """What must match for a records file to be continued: what decides each image's answer.
+
+    Args:
+        edge_model: the edge's spec (a dict) or the export that runs it.
+        server_model: the served model's name.
+        data: the data spec (asdict); DATA_NOT_DECIDING is left out, and so is an empty
+            clutter, so that records of the published canvases keep their identity.
+        edge: the policy and operating point (asdict of EdgeConfig).
+        codec: the codec's name as Codec prints it (e.g. 'jpeg:75').
+        seed, loss, budget: the random policy's seed, the emulated loss, the budget flags.
+    """
+    same_answers = {key: value for key, value in data.items()
+                    if key not in DATA_NOT_DECIDING and not (key == "clutter" and not value)}
+    parts = dict(edge_model=edge_model, data=same_answers, server_model=server_model,
+                 edge=edge, codec=codec, seed=seed, loss=loss, budget=budget)  # fmt: skip
     return json.loads(json.dumps(parts, default=str))
+
+
+def check_resumable(path: Path, resume: bool) -> None:
+    """ClientError (one line) when a run is to be resumed from records that do not exist."""
+    if resume and not path.is_file():
+        raise ClientError(f"--resume: {path} does not exist yet")
 
 
 def open_records(path: Path, identity: dict, resume: bool,
