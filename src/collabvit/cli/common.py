@@ -13,7 +13,7 @@ from pathlib import Path
 from collabvit.cli.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 from collabvit.config import DataSpec, ModelSpec, RunConfig
 from collabvit.lite.config import TOKEN_ENV
-from collabvit.lite.specs import shipped_pair
+from collabvit.lite.specs import EdgeConfig, shipped_pair
 
 
 class UsageError(Exception):
@@ -104,6 +104,14 @@ def pair_specs(args: argparse.Namespace) -> tuple[ModelSpec, ModelSpec, DataSpec
     """The specs of a command that runs the pair: edge, server, data and run."""
     data = DataSpec(**given_values(DataSpec, args))
     return (*model_specs(args, data), data, RunConfig(**given_values(RunConfig, args)))
+
+
+def edge_choices(args: argparse.Namespace) -> dict:
+    """The EdgeConfig values given on the command line (the rest come from the model's
+    default point), checked now so that a bad value fails before any model loads."""
+    chosen = given_values(EdgeConfig, args)
+    EdgeConfig(**chosen)
+    return chosen
 
 
 def load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec,

@@ -12,6 +12,7 @@ from collabvit.cli.common import (
     UsageError,
     check_input_file,
     check_output_file,
+    edge_choices,
     fail,
     load_pair,
     model_specs,
@@ -60,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = DataSpec(**given_values(DataSpec, args))
         run_config = RunConfig(**given_values(RunConfig, args))
-        chosen = given_values(EdgeConfig, args)
-        EdgeConfig(**chosen)
+        chosen = edge_choices(args)
         values = given_values(ClientConfig, args)
         client = ClientConfig(**{**values, "token": token(values.get("token"))})
         if client.token_in_clear:

@@ -11,6 +11,7 @@ from collabvit.cli.common import (
     add_pair_arguments,
     check_input_file,
     check_output_file,
+    edge_choices,
     fail,
     load_pair,
     pair_specs,
@@ -45,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         edge_spec, server_spec, data, run_config = pair_specs(args)
-        chosen = given_values(EdgeConfig, args)
-        EdgeConfig(**chosen)  # a bad value fails before any model loads
+        chosen = edge_choices(args)
         outputs = EvalOutputs(**given_values(EvalOutputs, args))
         check_output_file(outputs.results_file)
         check_output_file(outputs.per_image)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from collabvit.cli.common import UsageError, check_output_dir, fail, model_specs
+from collabvit.cli.common import UsageError, check_output_dir, edge_choices, fail, model_specs
 from collabvit.cli.flags import EDGE_FLAGS, SERVER_FLAGS, add_config_arguments, given_values
 from collabvit.config import DataSpec, ExportConfig, ModelSpec
 from collabvit.lite.specs import EdgeConfig
@@ -37,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
         # the int8 calibration reads held-out images: the validation split unless told
         data = DataSpec(**{"split": "val", **given_values(DataSpec, args)})
         edge_spec, server_spec = model_specs(args, data)
-        chosen = given_values(EdgeConfig, args)
-        EdgeConfig(**chosen)
+        chosen = edge_choices(args)
         export = ExportConfig(**given_values(ExportConfig, args))
         if data.inputs_normalized:
             raise UsageError("the exported edge takes uint8 images and normalises them itself: "

@@ -10,6 +10,7 @@ from collabvit.cli.common import (
     UsageError,
     add_pair_arguments,
     check_output_dir,
+    edge_choices,
     fail,
     load_pair,
     pair_specs,
@@ -36,8 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         edge_spec, server_spec, data, run_config = pair_specs(args)
-        chosen = given_values(EdgeConfig, args)
-        EdgeConfig(**chosen)
+        chosen = edge_choices(args)
         views = VisualizeConfig(**given_values(VisualizeConfig, args))
         out_dir = check_output_dir(views.output_dir)
         pair = load_pair("visualize", edge_spec, server_spec, data, run_config)
