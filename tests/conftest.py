@@ -193,16 +193,16 @@ def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
 
 
 class ServeProcess:
-    """`collabvit serve` with the shipped Fashion-MNIST server, as its own process on a free
-    port of 127.0.0.1 (`url`, `port`); its output goes to `log`."""
+    """`collabvit serve` with the shipped Fashion-MNIST server (and `flags`), as its own
+    process on a free port of 127.0.0.1 (`url`, `port`); its output goes to `log`."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, *flags: str) -> None:
         self.log = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         with log.open("w") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "collabvit", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "collabvit", "serve", "--port", str(self.port), *flags],
                 stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
 
     def wait_ready(self) -> bool:
@@ -223,7 +223,7 @@ class ServeProcess:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

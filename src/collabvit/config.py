@@ -499,6 +499,55 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ReplicaConfig:
+    """`collabvit serve` as replicas on Ray Serve behind one address, on this machine or a
+    Ray cluster of many (README, "Many machines")."""
+
+    replicas: int | None = field(default=None, metadata=flag(
+        "serve from N replicas on Ray Serve, each with its own model, batching and queue "
+        "bounds, behind Ray's proxy on --host:--port; a replica that dies is replaced "
+        "(default: one process, no Ray)", type="positive_int", metavar="N"))
+    max_replicas: int | None = field(default=None, metadata=flag(
+        "autoscale between --replicas and N replicas, on the requests each has in progress "
+        "(--target-ongoing-requests)", type="positive_int", metavar="N"))
+    target_ongoing_requests: float = field(default=32.0, metadata=flag(
+        "with --max-replicas: the requests in progress per replica the autoscaler aims at "
+        "(default: %(default)s)", type="positive", metavar="N"))
+    replica_cpus: float = field(default=1.0, metadata=flag(
+        "CPUs Ray reserves for each replica, fractions allowed, e.g. 0.5 for two replicas on "
+        "one core; give the replicas' torch --threads to match (default: %(default)s)",
+        type="positive", metavar="CPUS"))
+    max_ongoing_requests: int = field(default=128, metadata=flag(
+        "requests one replica holds at once, what its batches are drawn from; more wait at "
+        "the proxy (default: %(default)s)", type="positive_int", metavar="N"))
+    max_queued_requests: int = field(default=1024, metadata=flag(
+        "requests each proxy holds waiting for a replica; past it 503 with Retry-After "
+        "(default: %(default)s)", type="positive_int", metavar="N"))
+    ray_address: str | None = field(default=None, metadata=flag(
+        "deploy to this Ray cluster (host:port of its head, or auto for the one `ray start` "
+        "runs on this machine); default: a Ray instance of this command's own, ended with it",
+        metavar="ADDRESS"))
+
+    @property
+    def replicated(self) -> bool:
+        return self.replicas is not None
+
+    def __post_init__(self) -> None:
+        require([
+            (self.max_replicas is None or self.replicas is not None,
+             "--max-replicas autoscales from --replicas: give both"),
+            (self.max_replicas is None or self.replicas is None
+             or self.max_replicas >= self.replicas,
+             f"--max-replicas ({self.max_replicas}) must be at least --replicas "
+             f"({self.replicas})"),
+            (finite(self.replica_cpus) and self.replica_cpus > 0,
+             "--replica-cpus must be > 0"),
+            (self.ray_address is None or self.replicas is not None,
+             "--ray-address deploys replicas: give --replicas"),
+        ])  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """What `collabvit export` writes."""
 

@@ -24,6 +24,8 @@ COMMANDS = {"eval": eval_command, "reproduce": reproduce, "train": train, "sweep
 # What `pip install 'collabvit[full]'` adds to the torch-free base install.
 FULL_INSTALL = ("torch", "torchvision", "timm", "safetensors", "matplotlib", "fastapi", "uvicorn",
                 "prometheus_client", "onnx", "onnxscript")  # fmt: skip
+# the libraries with an extra of their own: the light edge's runtime, the replicated server's
+OWN_EXTRAS = {"onnxruntime": "edge", "ray": "ray"}
 
 
 def build_parser() -> Parser:
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except ModuleNotFoundError as error:  # a light install (no torch) running a full command
         missing = (error.name or "").split(".")[0]
-        extra = {"onnxruntime": "edge"}.get(missing, "full" if missing in FULL_INSTALL else None)
+        extra = OWN_EXTRAS.get(missing, "full" if missing in FULL_INSTALL else None)
         if extra is None:
             raise
         print(f"collabvit {args.command}: error: this needs {missing}, which is not installed "

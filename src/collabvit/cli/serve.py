@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 
 from collabvit.cli.common import UsageError, check_input_file, fail, token, warn
 from collabvit.cli.flags import SERVER_FLAGS, add_config_arguments, given_values
-from collabvit.config import ModelSpec, ServeConfig
+from collabvit.config import ModelSpec, ReplicaConfig, ServeConfig
 
 SUMMARY = "serve the server model over HTTP (Open Inference Protocol v2)"
 DESCRIPTION = (
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(model, ServeConfig, exclude=SERVICE_FIELDS)
     add_config_arguments(parser.add_argument_group("service"), ServeConfig,
                          exclude=("data_set",))  # fmt: skip
+    add_config_arguments(parser.add_argument_group("replicas on Ray Serve (pip install "
+                                                   "'collabvit[ray]')"), ReplicaConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,11 +39,16 @@ def run(args: argparse.Namespace) -> int:
         config = ServeConfig(**{**values, "token": token(values.get("token"))})
         given = given_values(ModelSpec, args, SERVER_FLAGS)
         spec = ModelSpec(**{**given, "name": config.served_model(given.get("name"))})
+        replicas = ReplicaConfig(**given_values(ReplicaConfig, args))
+        if replicas.replicated and config.workers > 1:
+            raise UsageError("--workers shares a port between processes on one machine; "
+                             "replicas on Ray Serve take --replicas alone")  # fmt: skip
         check_input_file(config.ssl_certfile, "certificate")
         check_input_file(config.ssl_keyfile, "key file")
         if config.ssl_certfile:
             _check_certificate(config.ssl_certfile, config.ssl_keyfile)
-        _check_port_free(config.host, config.port)
+        if replicas.ray_address is None:  # a cluster's proxy may hold the port already
+            _check_port_free(config.host, config.port)
         from collabvit.serve.model import load_served_model
 
         # a user mistake stops here, before listening
@@ -62,11 +69,22 @@ def run(args: argparse.Namespace) -> int:
     if not config.token and not is_loopback(config.host):
         warn("serve", f"listening on {config.host} without a token: anyone who reaches this "
              "port can use the model (--token or $COLLABVIT_TOKEN)")  # fmt: skip
-    print(f"collabvit serve: {spec.name} at {scheme}://{config.host}:{config.port}"
-          f"/v2/models/{spec.name} (auth {'on' if config.token else 'off'}, max batch "
-          f"{config.max_batch}, max delay {config.max_delay_ms} ms, hosts "
-          f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)})", file=sys.stderr,
-          flush=True)  # fmt: skip
+    url = f"{scheme}://{config.host}:{config.port}/v2/models/{spec.name}"
+    shown = (f"auth {'on' if config.token else 'off'}, max batch {config.max_batch}, max "
+             f"delay {config.max_delay_ms} ms, hosts "
+             f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)}")  # fmt: skip
+    if replicas.replicated:
+        from collabvit.serve.replicas import serve_replicas
+
+        count = (f"{replicas.replicas} to {replicas.max_replicas}" if replicas.max_replicas
+                 else str(replicas.replicas))  # fmt: skip
+        serve_replicas(settings, spec, config.device, config.threads, config.bf16, replicas,
+                       config.host, config.port, config.ssl_certfile, config.ssl_keyfile,
+                       ready=lambda: print(f"collabvit serve: {spec.name} at {url} ({count} "
+                                           f"replicas on Ray Serve, {shown})", file=sys.stderr,
+                                           flush=True))  # fmt: skip
+        return 0
+    print(f"collabvit serve: {spec.name} at {url} ({shown})", file=sys.stderr, flush=True)
     worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
               "bf16": config.bf16}  # what each of --workers processes loads itself
     serve(settings, load_server, config.host, config.port, config.ssl_certfile,

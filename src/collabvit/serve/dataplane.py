@@ -200,7 +200,9 @@ class DataPlane:
             name, logits, binary_output, request_id,
             parameters={"queue_ms": round(queued * 1000, 3),
                         "server_ms": round(elapsed * 1000, 3),
-                        "load": round(self.admission.load, 3)},
+                        "load": round(self.admission.load, 3),
+                        **({"replica": self.settings.replica} if self.settings.replica
+                           else {})},
         )  # fmt: skip
         return InferAnswer(content, header_length)
 

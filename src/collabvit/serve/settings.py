@@ -30,6 +30,7 @@ class ServiceSettings:
     max_requests_in_flight: int = 256  # probes not counted (guard.RequestLimit)
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: any
     token: str | None = field(default=None, repr=False)  # never in a log
+    replica: str | None = None  # which of several replicas this is; its answers say so
 
 
 def settings_from_config(config: ServeConfig, model_name: str) -> ServiceSettings:

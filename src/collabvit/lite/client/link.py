@@ -43,6 +43,9 @@ from collabvit.lite.config import ClientConfig, LinkConfig
 from collabvit.lite.oip import INFERENCE_HEADER, parse_header_length, parse_logits
 from collabvit.lite.protocol import ProtocolError, WireGeometry
 
+# a replica's name is an identifier (Ray's are 8 characters), never a document
+REPLICA_NAME_CAP = 128
+
 
 def tls_verification(ca_file: str | None) -> bool | ssl.SSLContext:
     """httpx's `verify`: the system's CAs, and also a private CA's certificate when given."""
@@ -77,8 +80,9 @@ def _number(value, low: float = -math.inf, high: float = math.inf) -> float | No
 class ServerAnswer:
     """What one offloaded image got back: logits [classes] or a fallback cause, and the
     server's load hint (0..1) or the seconds a 503/429 asked to wait, when given. Of an
-    answer, `server_ms` is the server's time for the request and `queue_ms` the part of
-    it the image waited for a batch (None when the server did not say)."""
+    answer, `server_ms` is the server's time for the request, `queue_ms` the part of it
+    the image waited for a batch, and `replica` which of several replicas answered (None
+    when the server did not say)."""
 
     logits: np.ndarray | None
     cause: str | None
@@ -90,6 +94,14 @@ class ServerAnswer:
     load: float | None = None
     retry_after: float | None = None
     queue_ms: float | None = None
+    replica: str | None = None
+
+
+def _replica(value) -> str | None:
+    """The replica a server named, as a short printable string; None for anything else."""
+    if not isinstance(value, str) or not value or len(value) > REPLICA_NAME_CAP:
+        return None
+    return value if value.isprintable() else None
 
 
 class ServerLink:
@@ -283,7 +295,8 @@ class ServerLink:
             transfer_ms = 1000.0 * (elapsed + delay) - (server_ms or 0.0)
             return ServerAnswer(logits, None, attempts, sent, received, transfer_ms,
                                 server_ms, load=_number(parameters.get("load"), 0.0, 1.0),
-                                queue_ms=queue_ms)  # fmt: skip
+                                queue_ms=queue_ms,
+                                replica=_replica(parameters.get("replica")))  # fmt: skip
         if cause in ("unreachable", "refused", "timeout") and self.config.cooldown > 0:
             self.down_until = time.monotonic() + self.config.cooldown
         return ServerAnswer(None, cause, attempts, sent, received, None, None)
@@ -374,6 +387,14 @@ def check_server_geometry(metadata: dict, geometry: WireGeometry, num_classes: i
         )
 
 
+def deploying_on_ray(response: httpx.Response) -> bool:
+    """A Ray Serve proxy whose application has no route yet (replicas still starting): it
+    answers 404 in plain text, pointing at its routes list. Worth waiting for."""
+    return (response.status_code == 404
+            and response.headers.get("content-type", "").startswith("text/plain")
+            and b"/-/routes" in response.content[:512])  # fmt: skip
+
+
 def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None = None,
                       **httpx_options) -> None:  # fmt: skip
     """Block until `url`/v2/health/ready answers 200 (for scripts that start a server).
@@ -388,7 +409,8 @@ def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None
             if response.status_code == 200:
                 return
             body = json_or_none(response.content)
-            if response.status_code != 503 or not isinstance(body, dict):
+            if not (response.status_code == 503 and isinstance(body, dict)
+                    or deploying_on_ray(response)):  # fmt: skip
                 raise not_a_server(url, "GET /v2/health/ready", response)
         except httpx.TransportError as error:
             tls = tls_failure(error)

@@ -46,6 +46,8 @@ class ImageRecord:
             several clients line up.
         queue_ms: of server_ms, the time the image waited in the server's queue for a batch
             (None where no server answered, or it did not say).
+        replica: which of a replicated server's replicas answered (None where no server
+            answered, or it is one process).
     """
 
     index: int
@@ -70,6 +72,7 @@ class ImageRecord:
     total_ms: float
     answered_at: float = 0.0
     queue_ms: float | None = None
+    replica: str | None = None
 
     @property
     def offloaded(self) -> bool:

@@ -37,7 +37,15 @@ class EdgeReport:
                               "sent_tokens": self.attempted.sent_tokens,
                               "comm_cost": self.attempted.comm_cost},
                 "withheld": self.withheld, "seconds": self.seconds,
-                "wire_bytes_per_second": self.wire_bytes_per_second}  # fmt: skip
+                "wire_bytes_per_second": self.wire_bytes_per_second,
+                "replicas": self.replicas}  # fmt: skip
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        """The images each replica of a replicated server answered, most first (empty for
+        a server of one process)."""
+        answered = Counter(r.replica for r in self.records if r.replica is not None)
+        return dict(answered.most_common())
 
     @property
     def wire_bytes_per_second(self) -> float:
@@ -137,6 +145,9 @@ def format_report(report: EdgeReport) -> str:
             if name.startswith("full_")),
     ]  # fmt: skip
     lines.append("Fallbacks to the edge's answer: " + (fallback_text(report) or "none"))
+    if report.replicas:
+        lines.append(f"Answered by {len(report.replicas)} replicas: " + ", ".join(
+            f"{name} {count}" for name, count in report.replicas.items()))
     if report.summary.undelivered_images:
         attempted = report.attempted
         lines.append(f"Not delivered: {report.summary.undelivered_images} of "

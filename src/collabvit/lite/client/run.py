@@ -188,7 +188,8 @@ class EdgeRun:
                                         cause=withheld, request_bytes=0, response_bytes=0,
                                         attempts=0, transfer_ms=None, server_ms=None,
                                         total_ms=1000.0 * (started - arrived) + edge_ms,
-                                        answered_at=time.time(), queue_ms=None))  # fmt: skip
+                                        answered_at=time.time(), queue_ms=None,
+                                        replica=None))  # fmt: skip
                 continue
             await self.send(row, payload, blob, request, arrived)
 
@@ -271,7 +272,8 @@ class EdgeRun:
                                    "server_ms": answer.server_ms,
                                    "total_ms": 1000.0 * (time.perf_counter() - started),
                                    "answered_at": time.time(),
-                                   "queue_ms": answer.queue_ms}))  # fmt: skip
+                                   "queue_ms": answer.queue_ms,
+                                   "replica": answer.replica}))  # fmt: skip
 
     def tell_controller(self, answer: ServerAnswer) -> None:
         """What the budget learns of an answer: its bytes and time on the wire, or that the

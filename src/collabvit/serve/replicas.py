@@ -1,0 +1,113 @@
+"""`collabvit serve --replicas N`: the same Open Inference Protocol application on Ray Serve,
+as N replicas behind Ray's proxy, on this machine or across a Ray cluster.
+
+Each replica builds the application `create_app` builds for one process (routes, token,
+limits, metrics, dynamic batching, admission) around its own model, and names itself in its
+answers (the `replica` response parameter). Ray's proxy spreads the requests over the
+replicas, holds at most `max_queued_requests` waiting ones and answers 503 with Retry-After
+beyond them; a replica that dies is replaced, and the requests it held fail with a 5xx that
+the edge retries. Ray's proxy stands where uvicorn's connection guard stands in one process:
+the head time-out and connection cap of guard.py do not apply behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+
+import ray
+from ray import serve
+
+from collabvit.config import ModelSpec, ReplicaConfig
+from collabvit.serve.app import create_app
+from collabvit.serve.model import load_served_model
+from collabvit.serve.settings import ServiceSettings, settings_from_json, settings_to_json
+
+APPLICATION = "collabvit"  # the Ray Serve application (and deployment) name
+# seconds a client is asked to wait when a proxy's queue is full: about what a replica needs
+# to work off a full batch queue on a small machine
+PROXY_RETRY_AFTER = 1
+
+
+@serve.deployment(name=APPLICATION)
+@serve.ingress()
+class ServedReplica:
+    """One replica: the served model and its application, built when Ray starts it.
+
+    Args:
+        served: what every replica serves, as JSON values: `model` (a ModelSpec's fields),
+            `device`, `threads`, `bf16`, and `settings` (settings_to_json).
+    """
+
+    def __init__(self, served: dict) -> None:
+        self.served = served
+
+    def __serve_build_asgi_app__(self):
+        name = serve.get_replica_context().replica_id.unique_id
+        settings = settings_from_json({**self.served["settings"], "replica": name})
+        load_server = load_served_model(ModelSpec(**self.served["model"]),
+                                        self.served["device"], self.served["threads"],
+                                        self.served["bf16"], settings.max_batch)  # fmt: skip
+        return create_app(settings, load_server)
+
+
+def deployment_options(config: ReplicaConfig) -> dict:
+    """Ray Serve's options for the deployment `config` asks for: a fixed number of replicas
+    or an autoscaled range, the CPUs each reserves, and the proxy's queue bound."""
+    options = {
+        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": PROXY_RETRY_AFTER},
+    }
+    if config.max_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": config.replicas, "initial_replicas": config.replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests}  # fmt: skip
+    else:
+        options["num_replicas"] = config.replicas
+    return options
+
+
+def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
+                   threads: int | None, bf16: bool, config: ReplicaConfig, host: str,
+                   port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+                   ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Deploy the replicas and serve until SIGINT or SIGTERM, then take them down.
+
+    Without `config.ray_address` a Ray instance of this process's own is started and ended
+    with it; with one, the application is deployed to that cluster and deleted from it at
+    the end (the cluster stays). `ready` is called once every replica answers.
+    """
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are Ray's own
+    ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)  # fmt: skip
+    try:
+        serve.start(http_options={"host": host, "port": port, "ssl_certfile": ssl_certfile,
+                                  "ssl_keyfile": ssl_keyfile},
+                    logging_config={"log_level": "WARNING"})  # fmt: skip
+        served = {"model": asdict(model), "device": device, "threads": threads, "bf16": bf16,
+                  "settings": settings_to_json(settings)}  # fmt: skip
+        application = ServedReplica.options(**deployment_options(config)).bind(served)
+        serve.run(application, name=APPLICATION, route_prefix="/")
+        if ready is not None:
+            ready()
+        _wait_for_a_stop_signal()
+    finally:
+        if config.ray_address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APPLICATION)
+        ray.shutdown()
+
+
+def _wait_for_a_stop_signal() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM (a process manager's stop)."""
+    stop = threading.Event()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: stop.set())
+    stop.wait()
