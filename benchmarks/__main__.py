@@ -28,7 +28,7 @@ import torch
 from benchmarks.harness import REPO, RESULTS, load_average, machine_lines, within
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
-         "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_gpu")
+         "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_ray", "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -128,6 +128,15 @@ def target_rows(figures: dict) -> list[str]:
                  f"{verdict(s['workers'] / s['in_process'] >= 0.7)} | |",
                  f"| served with batching / without | {batching:.2f}x | >= 2x | "
                  f"{verdict(batching >= 2)} | |"]  # fmt: skip
+    if "bench_ray" in figures:
+        r = figures["bench_ray"]
+        rows += [f"| images lost with a replica killed mid-run (2 replicas on Ray Serve) | "
+                 f"{r['kill_lost']} | 0 | {verdict(r['kill_lost'] == 0)} | {r['kill_retried']} "
+                 f"retried; a new replica answered {r['kill_whole_after_s']:.1f} s after "
+                 "the kill |",
+                 f"| Ray, 1 replica / direct `collabvit serve`, 1 thread (informational) | "
+                 f"{r['proxied'] / r['direct']:.2f} | | | {r['proxy_ms']:.2f} ms of proxy per "
+                 "request |"]  # fmt: skip
     for dtype, r in figures.get("bench_gpu", {}).items():
         rows.append(f"| GPU eval throughput / reference loop, deit, batch 256, {dtype} "
                     f"(informational) | {r['speedup']:.2f}x | | | |")
