@@ -82,7 +82,9 @@ def test_the_replica_flags_are_checked_before_ray_starts(run_cli):
     for flags, says in [(["--max-replicas", "3"], "give both"),
                         (["--replicas", "3", "--max-replicas", "2"], "at least --replicas"),
                         (["--ray-address", "auto"], "give --replicas"),
-                        (["--replicas", "2", "--workers", "2"], "--replicas alone")]:
+                        (["--replicas", "2", "--workers", "2"], "--replicas alone"),
+                        (["--replicas", "2", "--max-connections", "300"],
+                         "Ray's proxy holds them")]:
         result = run_cli("serve", *flags)
         assert result.returncode == 2 and says in result.stderr, (flags, result.stderr)
         assert "Traceback" not in result.stderr
@@ -211,3 +213,28 @@ def test_waiting_for_a_server_waits_through_a_ray_proxy_still_deploying():
     assert not deploying_on_ray(httpx.Response(404, headers={"content-type": "text/html"},
                                                content=b"<h1>Not Found</h1>"))
     assert not deploying_on_ray(httpx.Response(404, json={"error": "Not Found"}))
+
+
+def test_the_kuberay_manifest_is_a_valid_serve_config_that_builds_the_replicas():
+    """deploy/kuberay/rayservice.yaml: its serveConfigV2 passes Ray Serve's own schema, and
+    its application's args build the autoscaled replicas of the shipped server."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from collabvit.serve.replicas import build
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "deploy/kuberay/rayservice.yaml")
+                              .read_text())  # fmt: skip
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "collabvit.serve.replicas:build"
+    deployment = build(app.args)._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 8)
+    assert deployment.ray_actor_options["num_cpus"] == 1
+    (served,) = deployment.init_args
+    assert served["model"]["name"] == MODEL and served["threads"] == 1
+    assert served["settings"]["allowed_hosts"] is None  # any: the Service decides who reaches it
+    with pytest.raises(ValueError, match="no option 'port'"):
+        build({**app.args, "port": 9000})

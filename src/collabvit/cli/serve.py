@@ -19,6 +19,8 @@ DESCRIPTION = (
     "Fashion-MNIST server on 127.0.0.1:8000; with --data-set fmnist-cluttered, the shipped "
     "cluttered one.")  # fmt: skip
 
+# the connection guard of the one-process server (guard.py), which Ray's proxy replaces
+GUARD_OPTIONS = ("max_connections", "timeout_request_head", "timeout_keep_alive", "access_log")
 # ServeConfig's fields but --data-set, which names the served model
 SERVICE_FIELDS = tuple(f.name for f in fields(ServeConfig) if f.name != "data_set")
 
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         if replicas.replicated and config.workers > 1:
             raise UsageError("--workers shares a port between processes on one machine; "
                              "replicas on Ray Serve take --replicas alone")  # fmt: skip
+        guarding = [name for name in GUARD_OPTIONS if name in values]
+        if replicas.replicated and guarding:
+            raise UsageError(f"--{guarding[0].replace('_', '-')} guards the one-process server's "
+                             "connections; behind --replicas, Ray's proxy holds them")
         check_input_file(config.ssl_certfile, "certificate")
         check_input_file(config.ssl_keyfile, "key file")
         if config.ssl_certfile:

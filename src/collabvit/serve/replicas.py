@@ -13,20 +13,31 @@ the head time-out and connection cap of guard.py do not apply behind it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import ray
 from ray import serve
 
-from collabvit.config import ModelSpec, ReplicaConfig
+from collabvit.config import ModelSpec, ReplicaConfig, ServeConfig
+from collabvit.lite.config import TOKEN_ENV
 from collabvit.serve.app import create_app
 from collabvit.serve.model import load_served_model
-from collabvit.serve.settings import ServiceSettings, settings_from_json, settings_to_json
+from collabvit.serve.settings import (
+    ServiceSettings,
+    settings_from_config,
+    settings_from_json,
+    settings_to_json,
+)
 
 APPLICATION = "collabvit"  # the Ray Serve application (and deployment) name
+# `collabvit serve`'s options for the listening process, which Ray's proxy is behind replicas:
+# where it listens (Ray's http_options), and uvicorn's connection guard and workers
+PROXY_OPTIONS = ("host", "port", "ssl_certfile", "ssl_keyfile", "workers", "access_log",
+                 "max_connections", "timeout_request_head", "timeout_keep_alive")
 # seconds a client is asked to wait when a proxy's queue is full: about what a replica needs
 # to work off a full batch queue on a small machine
 PROXY_RETRY_AFTER = 1
@@ -73,6 +84,41 @@ def deployment_options(config: ReplicaConfig) -> dict:
     return options
 
 
+def application(settings: ServiceSettings, model: ModelSpec, device: str, threads: int | None,
+                bf16: bool, config: ReplicaConfig):  # fmt: skip
+    """The Ray Serve application of `config`'s replicas, each serving `model` as `settings`
+    say, on `device` with `threads` torch threads (bfloat16 with `bf16`)."""
+    served = {"model": asdict(model), "device": device, "threads": threads, "bf16": bf16,
+              "settings": settings_to_json(settings)}  # fmt: skip
+    return ServedReplica.options(**deployment_options(config)).bind(served)
+
+
+def build(args: dict):
+    """Ray Serve's application builder, for a `serve deploy` config or a KubeRay RayService
+    (`import_path: collabvit.serve.replicas:build`): `args` are `collabvit serve`'s options by
+    field name (server_model, server_weights, data_set, max_batch, ..., replicas,
+    max_replicas, replica_cpus, threads, ...), the token from $COLLABVIT_TOKEN where `token`
+    is not given. There Ray's own config places the proxy (host, port, TLS): PROXY_OPTIONS
+    and `ray_address` do not apply. ValueError (one line) for an unknown option."""
+    serve_names = {f.name for f in fields(ServeConfig)}
+    replica_names = {f.name for f in fields(ReplicaConfig)} - {"ray_address"}
+    known = (serve_names - set(PROXY_OPTIONS)) | replica_names | {"server_model", "server_weights"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"collabvit's Ray Serve application takes no option {unknown[0]!r} "
+                         "(where the proxy listens is Ray's http_options)")  # fmt: skip
+    values = {name: args[name] for name in serve_names & set(args)}
+    if isinstance(values.get("allowed_hosts"), list):
+        values["allowed_hosts"] = tuple(values["allowed_hosts"])
+    config = ServeConfig(**{"token": os.environ.get(TOKEN_ENV) or None, **values})
+    replicas = ReplicaConfig(**{"replicas": 1, **{name: args[name]
+                                                 for name in replica_names & set(args)}})
+    model = ModelSpec(name=config.served_model(args.get("server_model")),
+                      weights=args.get("server_weights"))  # fmt: skip
+    return application(settings_from_config(config, model.name), model, config.device,
+                       config.threads, config.bf16, replicas)  # fmt: skip
+
+
 def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
                    threads: int | None, bf16: bool, config: ReplicaConfig, host: str,
                    port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
@@ -90,10 +136,8 @@ def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
         serve.start(http_options={"host": host, "port": port, "ssl_certfile": ssl_certfile,
                                   "ssl_keyfile": ssl_keyfile},
                     logging_config={"log_level": "WARNING"})  # fmt: skip
-        served = {"model": asdict(model), "device": device, "threads": threads, "bf16": bf16,
-                  "settings": settings_to_json(settings)}  # fmt: skip
-        application = ServedReplica.options(**deployment_options(config)).bind(served)
-        serve.run(application, name=APPLICATION, route_prefix="/")
+        serve.run(application(settings, model, device, threads, bf16, config),
+                  name=APPLICATION, route_prefix="/")  # fmt: skip
         if ready is not None:
             ready()
         _wait_for_a_stop_signal()
