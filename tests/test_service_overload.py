@@ -259,6 +259,22 @@ def test_other_host_headers_are_refused(server):
         assert infer(running.url, headers={"host": "evil.example:8000"}).status_code == 400
 
 
+def test_an_edge_refused_for_its_host_header_is_told_which_flag_takes_it(server):
+    """An edge that reaches the server by a name the server does not answer (a load
+    balancer's, an address beside the bound one) hears which name and which flag."""
+    from collabvit.lite.client import ClientError, check_server, wait_until_served
+    from collabvit.lite.config import ClientConfig
+
+    with LiveServer(app_of(server, allowed_hosts=("example.org",))) as running:
+        url = running.url
+        for attempt in (lambda: wait_until_served(url, 5),
+                        lambda: check_server(ClientConfig(server=url), NAME)):
+            with pytest.raises(ClientError, match=r"refused the Host header '127\.0\.0\.1:"
+                                                  r"\d+': give the server that name in its "
+                                                  r"--allowed-hosts"):
+                attempt()
+
+
 def test_default_hosts_are_the_bound_address_and_loopback():
     assert serve_settings.default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "[::1]", "localhost")
     every = serve_settings.default_allowed_hosts("0.0.0.0")

@@ -99,8 +99,18 @@ def model_not_served(model_name: str, reason: str) -> ClientError:
     return ClientError(f"the server does not serve {model_name!r}: {reason}")
 
 
-def not_a_server(url: str, asked: str, response: httpx.Response) -> ClientError:
-    """`asked` (e.g. 'GET /v2/health/ready') got an answer no collabvit server gives."""
+def not_a_server(url: str, asked: str, response: httpx.Response,
+                 content: bytes | None) -> ClientError:  # fmt: skip
+    """`asked` (e.g. 'GET /v2/health/ready') got an answer (its body: `content`) no
+    collabvit server gives, or the one a collabvit server gives a Host header it does not
+    answer (Starlette's)."""
+    if response.status_code == 400 and content == b"Invalid host header":
+        try:
+            host = response.request.headers.get("host", "")
+        except RuntimeError:  # a response made without its request
+            host = ""
+        return ClientError(f"{url} refused the Host header {shown(host, quoted=True)}: give "
+                           "the server that name in its --allowed-hosts")  # fmt: skip
     kind = response.headers.get("content-type", "no content type").split(";")[0]
     return ClientError(f"{url} is not a collabvit server: {asked} answered "
                        f"{response.status_code} ({shown(kind)})")  # fmt: skip

@@ -189,7 +189,7 @@ class ServerLink:
         if response.status_code == 404 and isinstance(body, dict) and "error" in body:
             raise model_not_served(self.model_name, shown(body["error"]))
         if not isinstance(body, dict) or (response.status_code == 200 and "name" not in body):
-            raise not_a_server(url, asked, response)
+            raise not_a_server(url, asked, response, content)
         if response.status_code != 200:
             why = shown(body.get("error", ""))
             raise ClientError(f"the server cannot serve {self.model_name!r} now "
@@ -411,7 +411,7 @@ def wait_until_served(url: str, timeout: float, alive: Callable[[], bool] | None
             body = json_or_none(response.content)
             if not (response.status_code == 503 and isinstance(body, dict)
                     or deploying_on_ray(response)):  # fmt: skip
-                raise not_a_server(url, "GET /v2/health/ready", response)
+                raise not_a_server(url, "GET /v2/health/ready", response, response.content)
         except httpx.TransportError as error:
             tls = tls_failure(error)
             if certificate_failure(tls):  # waiting will not fix the certificate
