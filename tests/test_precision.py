@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -108,3 +109,86 @@ def test_edge_device_and_server_run_low_precision_models(model, dtype):
     got = Server(copy.deepcopy(server_model).to(dtype)).classify(reference.payloads)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL[dtype], rtol=0)
+
+
+# ------------------------------------------------------------------ the precision option
+
+
+@pytest.mark.parametrize("data_set", ["fmnist", "fmnist-cluttered"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_each_precision_runs_eval_end_to_end_on_both_shipped_pairs(run_cli, tmp_path, data_set,
+                                                                   precision):  # fmt: skip
+    """`collabvit eval --precision P` on each shipped pair: its figures lie near float32's
+    (the gate and the answers move a little, not the run), and the results file says which
+    precision made them."""
+    runs = {}
+    for chosen in ("float32", precision):
+        out = tmp_path / f"{chosen}.json"
+        result = run_cli("eval", "--data-set", data_set, "--limit", "120", "--quiet",
+                         "--precision", chosen, "--results-file", str(out))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        runs[chosen] = json.loads(out.read_text())
+    exact, low = runs["float32"]["summary"], runs[precision]["summary"]
+    assert runs[precision]["config"]["run"]["precision"] == precision
+    assert runs["float32"]["config"]["run"]["precision"] == "float32"
+    assert abs(low["collab_acc"] - exact["collab_acc"]) <= 5.0  # 6 of 120 images at most
+    assert abs(low["comm_cost"] - exact["comm_cost"]) <= 0.05
+    assert low["images"] == exact["images"] == 120
+
+
+def test_with_precision_converts_a_copy_and_names_what_it_made(model):
+    from collabvit.models.precision import precision_of, with_precision
+
+    cpu = torch.device("cpu")
+    assert with_precision(model, "float32", cpu) is model
+    for precision in ("bfloat16", "int8"):
+        converted = with_precision(model, precision, cpu)
+        assert converted is not model and precision_of(converted) == precision
+    assert precision_of(model) == "float32"  # the caller's model is left as it was
+    int8 = with_precision(model, "int8", cpu)
+    kinds = {name: type(m).__name__ for name, m in int8.named_modules()}
+    assert kinds["blocks.0.attn.qkv"] == "Linear" and "Linear" in kinds["blocks.0.mlp.fc1"]
+    assert type(int8.blocks[0].mlp.fc1).__module__.startswith("torch.ao.nn.quantized")
+
+
+def test_a_precision_a_device_cannot_run_is_one_line(run_cli):
+    from collabvit.models.precision import check_precision
+
+    with pytest.raises(ValueError, match="int8 runs on the CPU"):
+        check_precision("int8", torch.device("cuda"))
+    result = run_cli("eval", "--precision", "float16")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    result = run_cli("serve", "--bf16", "--precision", "int8")
+    assert result.returncode == 2 and "--bf16 is --precision bfloat16" in result.stderr
+
+
+def test_serving_auto_takes_bfloat16_only_where_native_and_measured(monkeypatch):
+    from collabvit.config import ModelSpec
+    from collabvit.models import zoo
+    from collabvit.serve import model as served
+
+    cpu, shipped = torch.device("cpu"), ModelSpec("collabvit_fmnist_server")
+    monkeypatch.setattr(served, "native_bfloat16", lambda device: True)
+    monkeypatch.setattr(zoo, "precision_change", lambda name, precision: 0.05)
+    assert served.served_precision("auto", shipped, cpu) == "bfloat16"
+    assert served.served_precision("int8", shipped, cpu) == "int8"  # asked for: taken
+    assert served.served_precision("auto", ModelSpec("x", weights="w.pth"), cpu) == "float32"
+    monkeypatch.setattr(zoo, "precision_change", lambda name, precision: 0.3)
+    assert served.served_precision("auto", shipped, cpu) == "float32"  # measured too far
+    monkeypatch.setattr(zoo, "precision_change", lambda name, precision: None)
+    assert served.served_precision("auto", shipped, cpu) == "float32"  # never measured
+    monkeypatch.setattr(zoo, "precision_change", lambda name, precision: 0.05)
+    monkeypatch.setattr(served, "native_bfloat16", lambda device: False)
+    assert served.served_precision("auto", shipped, cpu) == "float32"  # emulated: slower
+
+
+def test_bfloat16_asked_for_on_a_cpu_that_emulates_it_is_served_with_a_warning(monkeypatch):
+    from collabvit.config import ModelSpec
+    from collabvit.serve import model as served
+
+    monkeypatch.setattr(served, "native_bfloat16", lambda device: False)
+    heard: list[str] = []
+    load, chosen = served.load_served_model(ModelSpec("collabvit_fmnist_server"), "cpu", None,
+                                            "bfloat16", 8, heard.append)  # fmt: skip
+    assert chosen == "bfloat16" and len(heard) == 1 and "emulated" in heard[0]
+    assert load().model.patch_embed.proj.weight.dtype == torch.bfloat16

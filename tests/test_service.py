@@ -491,3 +491,21 @@ def test_serve_names_a_swapped_certificate_and_key(run_cli, tmp_path):
                      "--ssl-keyfile", str(tmp_path / "cert.pem"))  # fmt: skip
     assert result.returncode == 2 and "its private key to --ssl-keyfile" in result.stderr
     assert "PEM lib" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_the_served_precision_is_in_the_metadata_and_in_low_precision_answers(server,
+                                                                              precision):
+    """The metadata names what the model computes in; an answer computed in less than float32
+    says so, and a float32 answer stays as short as it was."""
+    from collabvit.models.precision import with_precision
+
+    model = with_precision(server.model, precision, torch.device("cpu"))
+    with LiveServer(make_app(Server(model))) as running:
+        wait_ready(running.url)
+        metadata = httpx.get(f"{running.url}/v2/models/{NAME}").json()
+        blob = encode_payload(payloads(1)[0], GEOMETRY)
+        response = infer(running.url, [blob])
+    assert metadata["parameters"]["precision"] == precision
+    _, parameters = parse_logits(response.content, int(response.headers[INFERENCE_HEADER]))
+    assert parameters.get("precision") == (None if precision == "float32" else precision)

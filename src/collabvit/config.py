@@ -21,6 +21,7 @@ from collabvit.lite.modes import (
 from collabvit.lite.specs import (
     DATA_SETS,
     FASHION_MNIST_SPLITS,
+    PRECISIONS,
     SHIPPED_PAIRS,
     finite,
     flag,
@@ -130,6 +131,15 @@ class RunConfig:
         "seed of the random policy (each image's draw depends on the seed and its index) and "
         "of calibration splits (default: %(default)s)", type=int))
     quiet: bool = field(default=False, metadata=flag("no progress output"))
+    precision: str = field(default="float32", metadata=flag(
+        "what both models compute in: float32 (default: exact, the reference's figures), "
+        "bfloat16 (fast on CPUs with AVX512-BF16 or AMX and on GPUs; answers may differ "
+        "slightly), int8 (the linear layers dynamically quantized, CPU)",
+        choices=PRECISIONS))
+
+    def __post_init__(self) -> None:
+        require([(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; "
+                  f"choose one of {', '.join(PRECISIONS)}")])
 
 
 @dataclass(frozen=True)
@@ -458,9 +468,12 @@ class ServeConfig:
         "server processes, each with its own model, event loop and queue bounds, sharing the "
         "port; give each --threads cores / N (default: %(default)s)", type="positive_int",
         metavar="N"))
-    bf16: bool = field(default=False, metadata=flag(
-        "run the model in bfloat16: on CPUs with AVX512-BF16 or AMX several times the float32 "
-        "throughput, with answers that differ slightly from eval's (float32)"))
+    precision: str = field(default="auto", metadata=flag(
+        "what the model computes in: auto picks bfloat16 where it runs natively (CPUs with "
+        "AVX512-BF16 or AMX, GPUs) and the shipped model's card records a change of at most "
+        "0.1 pt for it, float32 otherwise; float32 answers exactly as `collabvit eval` "
+        "computes (default: %(default)s)", choices=("auto", *PRECISIONS)))
+    bf16: bool = field(default=False, metadata=flag("the same as --precision bfloat16"))
 
     def __post_init__(self) -> None:
         require([
@@ -479,7 +492,15 @@ class ServeConfig:
              f"({self.limit_concurrency}), so that health checks always find a connection"),
             (self.data_set is None or self.data_set in DATA_SETS,
              f"unknown data set {self.data_set!r}; choose one of {', '.join(DATA_SETS)}"),
+            (self.precision in ("auto", *PRECISIONS), f"unknown precision {self.precision!r}"),
+            (not self.bf16 or self.precision in ("auto", "bfloat16"),
+             f"--bf16 is --precision bfloat16, not {self.precision}"),
         ])  # fmt: skip
+
+    @property
+    def asked_precision(self) -> str:
+        """--precision, with --bf16 read as bfloat16."""
+        return "bfloat16" if self.bf16 else self.precision
 
     def served_model(self, server_model: str | None) -> str:
         """The model to serve: `server_model` (--server-model) when given, else the shipped

@@ -119,7 +119,8 @@ def load_pair(command: str, edge: ModelSpec, server: ModelSpec, data: DataSpec,
     """models.pair.load_pair, its notes (a checkpoint's own warnings) said as warnings."""
     from collabvit.models.pair import load_pair as load
 
-    pair = load(edge, server, data, run.device, with_server=with_server)
+    pair = load(edge, server, data, run.device, with_server=with_server,
+                precision=run.precision)  # fmt: skip
     for note in pair.warnings if warn_user else ():
         warn(command, note)
     return pair

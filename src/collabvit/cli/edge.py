@@ -155,6 +155,9 @@ def _torch_edge(args: argparse.Namespace, data: DataSpec, run_config: RunConfig,
 def _onnx_edge(args: argparse.Namespace, data: DataSpec, run_config: RunConfig, chosen: dict,
                runtime: EdgeRuntime, check_server) -> tuple:  # fmt: skip
     """The ONNX Runtime edge (no torch): (OnnxEdge, batches, image count, names)."""
+    if run_config.precision != "float32":
+        raise UsageError("--precision is the torch edge's: an export runs as it was written "
+                         "(float32, or its int8 graph with --int8)")  # fmt: skip
     model_flags = given_values(ModelSpec, args, EDGE_FLAGS)
     if model_flags:
         flags = ", ".join(f"--{EDGE_FLAGS.get(name, name).lstrip('-')}" for name in model_flags)

@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         from collabvit.serve.model import load_served_model
 
         # a user mistake stops here, before listening
-        load_server = load_served_model(spec, config.device, config.threads, config.bf16,
-                                        config.max_batch, lambda text: warn("serve", text))
+        load_server, precision = load_served_model(spec, config.device, config.threads,
+                                                   config.asked_precision, config.max_batch,
+                                                   lambda text: warn("serve", text))
     except (UsageError, ValueError, OSError) as error:
         return fail("serve", error)
     from collabvit.lite.config import is_loopback
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         warn("serve", f"listening on {config.host} without a token: anyone who reaches this "
              "port can use the model (--token or $COLLABVIT_TOKEN)")  # fmt: skip
     url = f"{scheme}://{config.host}:{config.port}/v2/models/{spec.name}"
-    shown = (f"auth {'on' if config.token else 'off'}, max batch {config.max_batch}, max "
+    shown = (f"{precision}, auth {'on' if config.token else 'off'}, max batch "
+             f"{config.max_batch}, max "
              f"delay {config.max_delay_ms} ms, hosts "
              f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)}")  # fmt: skip
     if replicas.replicated:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
         count = (f"{replicas.replicas} to {replicas.max_replicas}" if replicas.max_replicas
                  else str(replicas.replicas))  # fmt: skip
-        serve_replicas(settings, spec, config.device, config.threads, config.bf16, replicas,
+        serve_replicas(settings, spec, config.device, config.threads, precision, replicas,
                        config.host, config.port, config.ssl_certfile, config.ssl_keyfile,
                        ready=lambda: print(f"collabvit serve: {spec.name} at {url} ({count} "
                                            f"replicas on Ray Serve, {shown})", file=sys.stderr,
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"collabvit serve: {spec.name} at {url} ({shown})", file=sys.stderr, flush=True)
     worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
-              "bf16": config.bf16}  # what each of --workers processes loads itself
+              "precision": precision}  # what each of --workers processes loads itself
     serve(settings, load_server, config.host, config.port, config.ssl_certfile,
           config.ssl_keyfile, config.access_log, max_connections=config.max_connections,
           timeout_keep_alive=config.timeout_keep_alive,

@@ -19,6 +19,8 @@ from collabvit.lite.modes import (
     validate_masking,
 )
 
+# float32 is the reference implementation's arithmetic: the exact mode
+PRECISIONS = ("float32", "bfloat16", "int8")
 DATA_SETS = ("fmnist", "fmnist-cluttered", "imagenet", "tensors")
 FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
 

@@ -13,6 +13,7 @@ from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice
+from collabvit.models.precision import check_precision, with_precision
 from collabvit.models.server import Server
 
 
@@ -50,6 +51,7 @@ class Pair:
     server_spec: ModelSpec
     data_spec: DataSpec
     warnings: tuple[str, ...] = field(default=())
+    precision: str = "float32"  # what both models compute in
 
     def edge(self, config: EdgeConfig) -> EdgeDevice:
         return EdgeDevice(self.edge_model, config, self.device, self.normalization)
@@ -83,9 +85,12 @@ def load_model(spec: ModelSpec, server: bool = False) -> torch.nn.Module:
 
 def load_pair(
     edge: ModelSpec, server: ModelSpec, dataset: DataSpec, device: str = "cpu",
-    with_server: bool = True,
+    with_server: bool = True, precision: str = "float32",
 ) -> Pair:
     """Build both models and the dataset, and check that they fit together.
+
+    Both models compute in `precision` (precision.PRECISIONS): float32, the exact mode, by
+    default.
 
     With `with_server` False the server model is not built (it runs elsewhere, e.g. behind
     `collabvit serve`); its spec still names the pair's default operating point.
@@ -95,6 +100,7 @@ def load_pair(
     missing or empty data, images of another size than the models take.
     """
     torch_device = resolve_device(device)
+    check_precision(precision, torch_device)
     edge_model = load_model(edge)
     server_model = load_model(server, server=True) if with_server else None
     if server_model is not None:
@@ -123,8 +129,11 @@ def load_pair(
                     "split): its accuracy on --split val is optimistic"
                 )
     normalization = vit.Normalization.identity() if dataset.inputs_normalized else None
+    edge_model = with_precision(edge_model, precision, torch_device)
+    if server_model is not None:
+        server_model = with_precision(server_model, precision, torch_device)
     pair = Pair(edge_model, server_model, images, torch_device, normalization, edge, server,
-                dataset, tuple(notes))  # fmt: skip
+                dataset, tuple(notes), precision)  # fmt: skip
     _check_first_image(pair, geometry)
     return pair
 

@@ -74,6 +74,14 @@ def model_card(name: str) -> dict:
     return read_card(WEIGHTS_DIR / f"{name}.json")
 
 
+def precision_change(name: str, precision: str) -> float | None:
+    """The largest change (points) of a collaborative figure that the shipped model's card
+    records for serving it in `precision` (scripts/precision_report.py), None if unmeasured."""
+    measured = model_card(name).get("precision", {}).get(precision, {})
+    change = measured.get("largest_change_pt")
+    return float(change) if isinstance(change, (int, float)) else None
+
+
 def default_operating_point(edge: str, server: str) -> EdgeConfig:
     """The operating point shipped with an edge model for its server, else the paper's.
 

@@ -191,8 +191,9 @@ def worker_app() -> FastAPI:
 
     def load_server() -> Server:
         # no warning: the parent process loaded the same model first, and gave them
-        return load_served_model(ModelSpec(**spec["model"]), spec.get("device", "cpu"),
-                                 spec.get("threads"), bool(spec.get("bf16")),
-                                 settings.max_batch)()  # fmt: skip
+        load, _ = load_served_model(ModelSpec(**spec["model"]), spec.get("device", "cpu"),
+                                    spec.get("threads"), spec.get("precision", "float32"),
+                                    settings.max_batch)  # fmt: skip
+        return load()
 
     return create_app(settings, load_server)

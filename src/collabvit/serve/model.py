@@ -1,5 +1,5 @@
 """The served model: how `collabvit serve` and each of its `--workers` processes load it
-(`load_served_model`: threads, weights, bfloat16), and its state in the service: loaded
+(`load_served_model`: threads, weights, precision), and its state in the service: loaded
 and warmed up in a thread after the server starts listening (`ModelState.load`), so the
 health checks answer, and say "not ready", while it loads.
 """
@@ -13,39 +13,64 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from collabvit import cpu_model
 from collabvit.config import ModelSpec
 from collabvit.lite.protocol import PatchPayload, WireGeometry
+from collabvit.models import zoo
+from collabvit.models.precision import (
+    check_precision,
+    native_bfloat16,
+    precision_of,
+    with_precision,
+)
 from collabvit.models.server import Server
 
 log = logging.getLogger("collabvit.serve")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # a CPU without either emulates bfloat16
+# the largest change in collaborative accuracy (points, on the shipped pair's test images)
+# that a model card may record for bfloat16 for `--precision auto` to serve in it
+AUTO_BFLOAT16_BOUND = 0.1
 
 
-def load_served_model(spec: ModelSpec, device: str, threads: int | None, bf16: bool,
+def served_precision(asked: str, spec: ModelSpec, device: torch.device) -> str:
+    """What `collabvit serve` computes in: `asked`, or for 'auto' bfloat16 where it runs
+    natively and the shipped model's card records a change of at most AUTO_BFLOAT16_BOUND
+    points for it (measured by scripts/precision_report.py), float32 otherwise (other
+    weights, another model, an emulating CPU)."""
+    if asked != "auto":
+        return asked
+    if spec.weights is not None or not native_bfloat16(device):
+        return "float32"
+    change = zoo.precision_change(spec.name.split(".")[0], "bfloat16")
+    return "bfloat16" if change is not None and change <= AUTO_BFLOAT16_BOUND else "float32"
+
+
+def load_served_model(spec: ModelSpec, device: str, threads: int | None, precision: str,
                       max_batch: int, warn: Callable[[str], None] | None = None,
-                      ) -> Callable[[], Server]:  # fmt: skip
-    """Load the server model `spec` names, now, and return the loader create_app takes.
+                      ) -> tuple[Callable[[], Server], str]:  # fmt: skip
+    """Load the server model `spec` names, now; the loader create_app takes, and the
+    precision it computes in.
 
-    A user's mistake (an unknown model, a device this machine lacks) raises here, as
-    ValueError or OSError. `threads` (None: torch's choice) sets the process's torch
-    threads first; with `bf16` the model is converted to bfloat16, and `warn` (if given)
-    hears of it on a CPU that only emulates bfloat16. The returned loader puts the model
-    in a Server on `device` that batches at most `max_batch` images.
+    A user's mistake (an unknown model, a device this machine lacks, int8 on a GPU) raises
+    here, as ValueError or OSError. `threads` (None: torch's choice) sets the process's
+    torch threads first; `precision` is one of PRECISIONS or 'auto' (served_precision), and
+    `warn` (if given) hears of bfloat16 asked for on a CPU that only emulates it. The
+    returned loader puts the model in a Server on `device` that batches at most
+    `max_batch` images.
     """
-    from collabvit import cpu_model
     from collabvit.models.pair import load_model, resolve_device
 
     resolved = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
+    chosen = served_precision(precision, spec, resolved)
+    check_precision(chosen, resolved)
     model = load_model(spec, server=True)
-    if bf16:
-        if warn is not None and resolved.type == "cpu" and not any(
-                flag in cpu_model() for flag in BF16_CPU_FLAGS):  # fmt: skip
-            warn(f"--bf16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) is emulated "
-                 "and slower than float32")
-        model = model.to(torch.bfloat16)
-    return lambda: Server(model, resolved, max_batch=max_batch)
+    if chosen == "bfloat16" and resolved.type == "cpu" and not native_bfloat16(resolved) \
+            and warn is not None:  # fmt: skip
+        warn(f"bfloat16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) is emulated "
+             "and slower than float32")
+    model = with_precision(model, chosen, resolved)
+    return (lambda: Server(model, resolved, max_batch=max_batch)), chosen
 
 
 class ModelState:
@@ -54,6 +79,7 @@ class ModelState:
     def __init__(self) -> None:
         self.server: Server | None = None
         self.geometry: WireGeometry | None = None
+        self.precision: str | None = None  # what the model computes in, once loaded
         self.error: str | None = None
         self.ready = threading.Event()
 
@@ -68,6 +94,7 @@ class ModelState:
             log.error("the model failed to load: %s", self.error)
             return
         self.server, self.geometry = server, geometry
+        self.precision = precision_of(server.model)
         self.ready.set()
         log.info("model ready: %s", server.geometry.describe())
 

@@ -50,7 +50,7 @@ class ServedReplica:
 
     Args:
         served: what every replica serves, as JSON values: `model` (a ModelSpec's fields),
-            `device`, `threads`, `bf16`, and `settings` (settings_to_json).
+            `device`, `threads`, `precision`, and `settings` (settings_to_json).
     """
 
     def __init__(self, served: dict) -> None:
@@ -59,9 +59,10 @@ class ServedReplica:
     def __serve_build_asgi_app__(self):
         name = serve.get_replica_context().replica_id.unique_id
         settings = settings_from_json({**self.served["settings"], "replica": name})
-        load_server = load_served_model(ModelSpec(**self.served["model"]),
-                                        self.served["device"], self.served["threads"],
-                                        self.served["bf16"], settings.max_batch)  # fmt: skip
+        load_server, _ = load_served_model(ModelSpec(**self.served["model"]),
+                                           self.served["device"], self.served["threads"],
+                                           self.served["precision"],
+                                           settings.max_batch)  # fmt: skip
         return create_app(settings, load_server)
 
 
@@ -85,10 +86,12 @@ def deployment_options(config: ReplicaConfig) -> dict:
 
 
 def application(settings: ServiceSettings, model: ModelSpec, device: str, threads: int | None,
-                bf16: bool, config: ReplicaConfig):  # fmt: skip
+                precision: str, config: ReplicaConfig):  # fmt: skip
     """The Ray Serve application of `config`'s replicas, each serving `model` as `settings`
-    say, on `device` with `threads` torch threads (bfloat16 with `bf16`)."""
-    served = {"model": asdict(model), "device": device, "threads": threads, "bf16": bf16,
+    say, on `device` with `threads` torch threads, in `precision` (or 'auto', decided on
+    each replica's own machine)."""
+    served = {"model": asdict(model), "device": device, "threads": threads,
+              "precision": precision,
               "settings": settings_to_json(settings)}  # fmt: skip
     return ServedReplica.options(**deployment_options(config)).bind(served)
 
@@ -116,11 +119,11 @@ def build(args: dict):
     model = ModelSpec(name=config.served_model(args.get("server_model")),
                       weights=args.get("server_weights"))  # fmt: skip
     return application(settings_from_config(config, model.name), model, config.device,
-                       config.threads, config.bf16, replicas)  # fmt: skip
+                       config.threads, config.asked_precision, replicas)  # fmt: skip
 
 
 def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
-                   threads: int | None, bf16: bool, config: ReplicaConfig, host: str,
+                   threads: int | None, precision: str, config: ReplicaConfig, host: str,
                    port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
                    ready: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Deploy the replicas and serve until SIGINT or SIGTERM, then take them down.
@@ -136,7 +139,7 @@ def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
         serve.start(http_options={"host": host, "port": port, "ssl_certfile": ssl_certfile,
                                   "ssl_keyfile": ssl_keyfile},
                     logging_config={"log_level": "WARNING"})  # fmt: skip
-        serve.run(application(settings, model, device, threads, bf16, config),
+        serve.run(application(settings, model, device, threads, precision, config),
                   name=APPLICATION, route_prefix="/")  # fmt: skip
         if ready is not None:
             ready()
