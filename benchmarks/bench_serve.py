@@ -125,8 +125,11 @@ class ServerThread:
 
 
 def start_server(port: int, *flags: str) -> subprocess.Popen:
+    """`collabvit serve` with `flags`, in float32 unless they say otherwise (against which the
+    in-process figures, float32, compare)."""
     process = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
-                                *flags], stderr=subprocess.DEVNULL)  # fmt: skip
+                                "--precision", "float32", *flags],
+                               stderr=subprocess.DEVNULL)  # fmt: skip
     wait_until_served(f"http://127.0.0.1:{port}", 120, alive=lambda: process.poll() is None)
     return process
 

@@ -29,9 +29,11 @@ def serve_flags(extra: list[str]) -> list[str]:
     parser.add_argument("--data-set", "--data_set", default="fmnist")
     parser.add_argument("--server-model", "--server_model", default=None)
     known, _ = parser.parse_known_args(extra)
+    # float32: the answers over HTTP equal `make demo`'s (eval's) to the last digit
+    exact = ["--precision", "float32"]
     if known.server_model:
-        return ["--server-model", known.server_model]
-    return ["--data-set", known.data_set]
+        return ["--server-model", known.server_model, *exact]
+    return ["--data-set", known.data_set, *exact]
 
 
 def main(extra: list[str]) -> int:

@@ -63,7 +63,8 @@ def measure(limit: int | None, data_set: str = "fmnist") -> dict:
     port = int(os.environ.get("DEPLOY_PORT", "8000"))
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "collabvit", "serve", "--port", str(port),
-                               "--server-model", shipped_pair(data_set)[1]],
+                               "--server-model", shipped_pair(data_set)[1], "--precision",
+                               "float32"],
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         from collabvit.lite.client import wait_until_served

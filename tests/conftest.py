@@ -192,9 +192,15 @@ def wait_ready(url: str, timeout: float = 60.0, **client_options) -> None:
     wait_until_served(url, timeout, **client_options)
 
 
+# what the tests' servers compute in: float32, so that answers over HTTP equal eval's on any
+# CPU (`--precision auto` would pick bfloat16 on one with native bfloat16)
+EXACT = ("--precision", "float32")
+
+
 class ServeProcess:
     """`collabvit serve` with the shipped Fashion-MNIST server (and `flags`), as its own
-    process on a free port of 127.0.0.1 (`url`, `port`); its output goes to `log`."""
+    process on a free port of 127.0.0.1 (`url`, `port`), in float32 unless `flags` say
+    otherwise; its output goes to `log`."""
 
     def __init__(self, log: Path, *flags: str) -> None:
         self.log = log
@@ -202,7 +208,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         with log.open("w") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "collabvit", "serve", "--port", str(self.port), *flags],
+                [sys.executable, "-m", "collabvit", "serve", "--port", str(self.port), *EXACT,
+                 *flags],
                 stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
 
     def wait_ready(self) -> bool:

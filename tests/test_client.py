@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import SHIPPED_IMAGES, LiveServer, free_port, shipped_app, wait_ready
+from conftest import EXACT, SHIPPED_IMAGES, LiveServer, free_port, shipped_app, wait_ready
 from conftest import SHIPPED_SERVER as SERVER_NAME
 
 from collabvit.config import DataSpec, ModelSpec
@@ -302,7 +302,7 @@ def test_resume_answers_each_image_once(run_cli, live, tmp_path):
 def test_server_killed_and_restarted_mid_run(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    serve = [sys.executable, "-m", "collabvit", "serve", "--port", str(port)]
+    serve = [sys.executable, "-m", "collabvit", "serve", "--port", str(port), *EXACT]
     records = tmp_path / "records.jsonl"
     first = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
     second = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_vit
@@ -192,3 +193,34 @@ def test_bfloat16_asked_for_on_a_cpu_that_emulates_it_is_served_with_a_warning(m
                                             "bfloat16", 8, heard.append)  # fmt: skip
     assert chosen == "bfloat16" and len(heard) == 1 and "emulated" in heard[0]
     assert load().model.patch_embed.proj.weight.dtype == torch.bfloat16
+
+
+def test_compare_runs_counts_where_two_runs_part(run_cli):
+    """Synthetic decisions: one image changes its gate, one sent image its kept patches, one
+    its answer; the shares count them, each over the images it concerns."""
+    from collabvit.lite.summary import Summary
+    from collabvit.research.precision import DecidedRun, compare_runs
+
+    def summary(collab_acc: float) -> Summary:
+        return Summary(images=4, num_patches=3, confident_images=1, sent_images=3,
+                       sent_tokens=2.0, avg_min_attention=0.1, avg_sum_attention=0.9,
+                       comm_cost=0.5, client_acc=50.0, client_acc5=100.0,
+                       collab_acc=collab_acc, collab_acc5=100.0)  # fmt: skip
+
+    keep = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], bool)
+    exact = DecidedRun(summary(75.0), np.arange(4), np.array([True, False, False, False]), keep,
+                       np.array([0, 1, 2, 3]))  # fmt: skip
+    other_keep = keep.copy()
+    other_keep[1] = [1, 1, 0]  # a sent image keeps another set
+    other = DecidedRun(summary(50.0), np.arange(4), np.array([True, False, False, True]),
+                       other_keep, np.array([0, 1, 2, 9]))  # fmt: skip
+    compared = compare_runs(exact, other)
+    assert compared["gate_changed_pct"] == 25.0  # image 3: sent, then confident
+    assert compared["kept_set_changed_pct"] == 50.0  # image 1 of the 2 that both runs send
+    assert compared["kept_size_change_mean"] == 0.5
+    assert compared["answer_agreement_pct"] == 75.0
+    assert compared["figures"]["collab_acc"]["change"] == -25.0
+    assert compared["largest_change_pt"] == 25.0
+    with pytest.raises(ValueError, match="different images"):
+        compare_runs(exact, DecidedRun(other.summary, np.arange(1, 5), other.confident,
+                                       other.keep, other.answers))

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if client.results_file:
             made = provenance("edge", data=data, edge=config, client=client, link=link,
                               run=run_config, runtime=runtime, budget=budget)  # fmt: skip
-            made.update(edge_model=names["edge_model"], server_model=names["server_model"])
+            made.update(edge_model=names["edge_model"], server_model=names["server_model"],
+                        server_precision=served.get("parameters", {}).get("precision"))
             extra = report.as_dict()
             extra.pop("summary")
             if held is not None:

@@ -1,0 +1,209 @@
+"""Each precision (float32, bfloat16, int8) against float32 and the reference loop, in one run.
+
+1. **Eval throughput**: `evaluate` (what `collabvit eval --precision P` runs) with both models
+   in P, interleaved with the paper's loop (`reference_loop.reference_evaluate`, float32)
+   on the same batches: the shipped Fashion-MNIST and cluttered pairs, and the DeiT sizes
+   (bench_eval's workloads). The collaborative accuracy each precision reaches on these
+   images is printed beside it.
+2. **Server images/s**: `Server.classify` in-process on the shipped edge's payloads at each
+   precision, and `collabvit serve --precision P` under bench_serve's load.
+3. **Edge batch-1 latency**: the torch edge (`EdgeDevice.process`, one image) at each
+   precision against the ONNX edge's float32 and int8 graphs of the same model.
+
+The accuracy of each precision over every test image is scripts/precision_report.py's
+(benchmarks/precision_results.json). Writes its section of benchmarks/RESULTS.md.
+
+Usage:
+    python -m benchmarks.bench_precision [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_eval import deit_workload, fmnist_workload, split
+from benchmarks.bench_serve import payloads_of_test_images, served
+from benchmarks.harness import (
+    add_suite_arguments,
+    apply_quick,
+    interleaved,
+    load_average,
+    publish,
+    section,
+)
+from benchmarks.reference_loop import reference_evaluate
+from collabvit.config import DataSpec, ModelSpec
+from collabvit.lite.onnx_edge import OnnxEdge
+from collabvit.lite.protocol import encode_payload
+from collabvit.lite.specs import PRECISIONS
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.export import export_edge, quantize_edge, uint8_images
+from collabvit.models.pair import load_pair
+from collabvit.models.precision import with_precision
+from collabvit.models.server import Server
+from collabvit.research.evaluate import evaluate
+
+CPU = torch.device("cpu")
+FULL_IMAGES = {"fmnist": 2000, "cluttered": 1000, "deit": 32}
+QUICK_IMAGES = {"fmnist": 64, "cluttered": 32, "deit": 2}
+
+
+def cluttered_workload(images: int, seed: int):
+    """The shipped cluttered pair on its first test canvases, as bench_eval's fmnist one."""
+    pair = load_pair(ModelSpec("collabvit_cluttered_edge"), ModelSpec("collabvit_cluttered_server"),
+                     DataSpec(data_set="fmnist-cluttered", limit=images))  # fmt: skip
+    loaded = [pair.dataset[i] for i in range(len(pair.dataset))]
+    pixels = torch.stack([image for image, _ in loaded])
+    targets = torch.tensor([label for _, label in loaded])
+    return pair, pair.default_config(), lambda size: split(pixels, targets, size)
+
+
+def eval_throughput(name: str, images: int, repeats: int, seed: int) -> dict:
+    """Images/s of evaluate at each precision and of the reference loop (float32)."""
+    if name == "cluttered":
+        pair, config, batches_of = cluttered_workload(images, seed)
+        edge_model, server_model, normalization = (pair.edge_model, pair.server_model,
+                                                   pair.normalization)  # fmt: skip
+    else:
+        workload = {"fmnist": fmnist_workload, "deit": deit_workload}[name](images, seed)
+        edge_model, server_model, normalization, config, batches_of = (
+            workload.edge_model, workload.server_model, workload.normalization,
+            workload.config, workload.batches)  # fmt: skip
+    batches = batches_of(64)
+    models = {p: (with_precision(edge_model, p, CPU), with_precision(server_model, p, CPU))
+              for p in PRECISIONS}  # fmt: skip
+
+    def ours(precision: str):
+        edge, server = models[precision]
+        return evaluate(EdgeDevice(edge, config, normalization=normalization),
+                        Server(server, normalization=normalization), batches,
+                        progress=False).summary  # fmt: skip
+
+    accuracy = {p: ours(p).collab_acc for p in PRECISIONS}
+    variants = {p: (lambda p=p: ours(p)) for p in PRECISIONS}
+    variants["reference"] = lambda: reference_evaluate(edge_model, server_model, batches, config,
+                                                       normalization=normalization)
+    timings = interleaved(variants, repeats, warmup=0)
+    count = sum(len(b[1]) for b in batches)
+    return {"images": count, "accuracy": accuracy,
+            "images_per_second": {v: count / statistics.median(timings.seconds[v])
+                                  for v in variants},
+            "over_reference": {p: 1 / timings.ratio(p, "reference") for p in PRECISIONS}}
+
+
+def server_throughput(requests: int, repeats: int, concurrency: int) -> dict:
+    """In-process and served images/s of the shipped Fashion-MNIST server at each precision."""
+    pair, payloads, geometry, _ = payloads_of_test_images(requests)
+    blobs = [encode_payload(p, geometry) for p in payloads]
+    in_process, over_http = {}, {}
+    for precision in PRECISIONS:
+        server = Server(with_precision(pair.server_model, precision, CPU))
+        server.classify(payloads[:32])
+        def classify_all(server=server) -> None:
+            for start in range(0, len(payloads), 32):
+                server.classify(payloads[start : start + 32])
+
+        best = min(_seconds(classify_all) for _ in range(repeats))
+        in_process[precision] = len(payloads) / best
+        over_http[precision] = served(blobs, concurrency, "--precision", precision)[0]
+        print(f"server {precision}: {in_process[precision]:.0f} in-process, "
+              f"{over_http[precision]:.0f} served images/s", flush=True)
+    return {"in_process": in_process, "served": over_http, "requests": len(blobs)}
+
+
+def edge_latency(repeats: int) -> dict:
+    """Batch-1 latency (ms, median) of the torch edge at each precision and of the ONNX
+    edge's float32 and int8 graphs, on the shipped Fashion-MNIST edge."""
+    pair = load_pair(ModelSpec("collabvit_fmnist_edge"), ModelSpec("collabvit_fmnist_server"),
+                     DataSpec(split="val", limit=256), with_server=False)  # fmt: skip
+    config = pair.default_config()
+    image = uint8_images(pair.dataset, 1)
+    latency = {}
+    for precision in PRECISIONS:
+        edge = EdgeDevice(with_precision(pair.edge_model, precision, CPU), config)
+        latency[f"torch {precision}"] = _median_ms(
+            lambda edge=edge: edge.process(torch.from_numpy(image)), repeats)
+    with tempfile.TemporaryDirectory() as folder:
+        exported = export_edge(pair.edge_model, config, Path(folder), name="collabvit_fmnist_edge")
+        quantize_edge(exported, uint8_images(pair.dataset, 256), "the first 256 val images")
+        for graph, int8 in (("float32", False), ("int8", True)):
+            edge = OnnxEdge(folder, int8=int8)
+            latency[f"ONNX {graph}"] = _median_ms(lambda edge=edge: edge.process(image), repeats)
+    return latency
+
+
+def _seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def _median_ms(work, repeats: int) -> float:
+    for _ in range(10):
+        work()
+    return 1000 * statistics.median(_seconds(work) for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--latency-repeats", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    add_suite_arguments(parser)
+    args = apply_quick(parser.parse_args(argv), repeats=1, requests=100, latency_repeats=20)
+    began, load_at_start = time.perf_counter(), load_average()
+    sizes = QUICK_IMAGES if args.quick else FULL_IMAGES
+    evals = {}
+    for name in ("fmnist", "cluttered", "deit"):
+        evals[name] = eval_throughput(name, sizes[name], args.repeats, args.seed)
+        print(f"eval {name}: {evals[name]['over_reference']}", flush=True)
+    servers = server_throughput(args.requests, args.repeats, args.concurrency)
+    latency = edge_latency(args.latency_repeats)
+    print(f"edge latency: {latency}", flush=True)
+
+    rows = []
+    for name, r in evals.items():
+        for p in PRECISIONS:
+            rows.append(f"| {name} ({r['images']} images) | {p} | "
+                        f"{r['images_per_second'][p]:.1f} | **{r['over_reference'][p]:.2f}x** | "
+                        f"{r['accuracy'][p]:.2f} |")
+    server_rows = [f"| {p} | {servers['in_process'][p]:.0f} | "
+                   f"{servers['in_process'][p] / servers['in_process']['float32']:.2f} | "
+                   f"{servers['served'][p]:.0f} | "
+                   f"{servers['served'][p] / servers['served']['float32']:.2f} |"
+                   for p in PRECISIONS]  # fmt: skip
+    latency_rows = [f"| {name} | {ms:.2f} |" for name, ms in latency.items()]
+    body = [
+        "`evaluate` at each precision (both models in it) against the paper's loop in float32 on",
+        "the same batches of 64, interleaved, median of "
+        f"{args.repeats}; the DeiT sizes are bench_eval's random-weight deit_tiny/deit_base pair.",
+        "Collaborative accuracy is on these images only (every test image: "
+        "benchmarks/precision_results.json).", "",
+        "| workload | precision | images/s | / reference loop (float32) | collaborative "
+        "accuracy (%) |",
+        "|---|---|---:|---:|---:|", *rows, "",
+        f"The shipped Fashion-MNIST server on {servers['requests']} of the shipped edge's "
+        "payloads: in-process `Server.classify` in batches of 32 (best of "
+        f"{args.repeats}), and `collabvit serve --precision P` under bench_serve's load "
+        f"({args.concurrency} requests in flight).", "",
+        "| precision | in-process images/s | / float32 | served images/s | / float32 |",
+        "|---|---:|---:|---:|---:|", *server_rows, "",
+        "Batch-1 latency of the shipped Fashion-MNIST edge (one image, the whole decision), "
+        f"median of {args.latency_repeats}:", "",
+        "| edge | ms |", "|---|---:|", *latency_rows]
+    text = section("bench_precision", "Precision: bfloat16 and int8 against float32", body,
+                   load_at_start, time.perf_counter() - began)
+    publish(args, "bench_precision", text, {"eval": evals, "server": servers,
+                                            "edge_latency_ms": latency})
+
+
+if __name__ == "__main__":
+    main()

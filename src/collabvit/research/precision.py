@@ -1,0 +1,97 @@
+"""What a lower precision changes in a collaborative run, image by image: the gate's
+decisions, the kept patches, the answers, and every figure of the summary.
+
+A run at each precision keeps, per image, what the edge decided (confident or sent, which
+patches) and the final answer; comparing two runs over the same images counts where they
+part. The edge's patch scores are float32 at every precision (vit.py), so a kept-patch set
+changes only where the blocks' outputs moved the class token's attention across the
+selection's boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from collabvit.lite.progress import progress_bar
+from collabvit.lite.summary import RunningSummary, Summary
+from collabvit.models.edge import EdgeDevice
+from collabvit.models.server import Server
+
+
+@dataclass(frozen=True)
+class DecidedRun:
+    """A collaborative run's figures and its per-image decisions, in dataset order.
+
+    Attributes:
+        summary: the run's figures.
+        indices: [n] dataset indices; confident: [n] bool, answered at the edge;
+        keep: [n, N] bool, the kept patches (of every image, sent or not);
+        answers: [n] int64, the final top-1 class.
+    """
+
+    summary: Summary
+    indices: np.ndarray
+    confident: np.ndarray
+    keep: np.ndarray
+    answers: np.ndarray
+
+
+def decided_run(edge: EdgeDevice, server: Server,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                seed: int = 0, progress: bool | None = None,
+                total: int | None = None) -> DecidedRun:  # fmt: skip
+    """Run edge and server over `batches` (images [B, C, H, W], targets [B], indices [B])
+    as `collabvit eval` does, keeping each image's decisions."""
+    running = RunningSummary(num_patches=edge.geometry.num_patches)
+    indices, confident, keep, answers = [], [], [], []
+    for images, targets, batch_indices in progress_bar(batches, "decisions", total=total,
+                                                       unit="batch", enabled=progress):
+        result = edge.process(images, batch_indices, seed)
+        final = result.logits.clone()
+        if result.payloads:
+            final[~result.confident] = server.classify(result.payloads).to(final.device)
+        size, minimum, total_score = result.selection_statistics()
+        running.update(targets, result.logits, final, result.confident, size, minimum,
+                       total_score)  # fmt: skip
+        indices.append(batch_indices.numpy())
+        confident.append(result.confident.cpu().numpy())
+        keep.append(result.keep.cpu().numpy())
+        answers.append(final.argmax(dim=1).cpu().numpy())
+    order = np.argsort(np.concatenate(indices), kind="stable")
+    return DecidedRun(running.summary(), np.concatenate(indices)[order],
+                      np.concatenate(confident)[order], np.concatenate(keep)[order],
+                      np.concatenate(answers)[order])  # fmt: skip
+
+
+# the summary's figures compared between precisions, in points (%) or as they are
+COMPARED = ("client_acc", "collab_acc", "client_acc5", "collab_acc5", "comm_cost",
+            "sent_tokens", "confident_images")  # fmt: skip
+
+
+def compare_runs(exact: DecidedRun, other: DecidedRun) -> dict:
+    """How `other` differs from `exact` over the same images: each figure's change, and the
+    share (%) of images whose gate decision, kept-patch set (among images both runs send)
+    and final answer differ."""
+    if not np.array_equal(exact.indices, other.indices):
+        raise ValueError("the runs cover different images")
+    both_sent = ~exact.confident & ~other.confident
+    kept_differs = (exact.keep != other.keep).any(axis=1) & both_sent
+    size_change = np.abs(exact.keep.sum(axis=1) - other.keep.sum(axis=1))[both_sent]
+    figures = {name: {"exact": getattr(exact.summary, name), "other": getattr(other.summary, name),
+                      "change": getattr(other.summary, name) - getattr(exact.summary, name)}
+               for name in COMPARED}  # fmt: skip
+    return {
+        "images": int(exact.indices.size),
+        "figures": figures,
+        "gate_changed_pct": 100.0 * float((exact.confident != other.confident).mean()),
+        "kept_set_changed_pct": 100.0 * float(kept_differs.sum() / max(both_sent.sum(), 1)),
+        "kept_size_change_mean": float(size_change.mean()) if size_change.size else 0.0,
+        "answer_agreement_pct": 100.0 * float((exact.answers == other.answers).mean()),
+        "largest_change_pt": max(abs(figures[name]["change"])
+                                 for name in ("client_acc", "collab_acc", "client_acc5",
+                                              "collab_acc5")),  # fmt: skip
+    }
