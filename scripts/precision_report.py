@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from readme_block import write_block
 
 from collabvit import cpu_model, versions
 from collabvit.config import DataSpec, ModelSpec
@@ -66,6 +67,29 @@ def pair_report(data_set: str, limit: int | None) -> dict:
     return report
 
 
+NAMES = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered"}
+
+
+def render(results: dict) -> str:
+    """README's table: for each pair and lower precision, both models in it and the server
+    alone in it, the change of each figure and the shares of images that part from float32."""
+    lines = ["| pair | precision | in it | collab. acc. (float32 → it) | edge acc. | cost | "
+             "gate changed | kept set changed | answers agree |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for data_set, report in results["pairs"].items():
+        for precision in report["both"]:
+            for scope, label in (("both", "both models"), ("server_alone", "server alone")):
+                c = report[scope][precision]
+                f = c["figures"]
+                lines.append(
+                    f"| {NAMES[data_set]} | {precision} | {label} | "
+                    f"{f['collab_acc']['exact']:.2f} → {f['collab_acc']['other']:.2f} % | "
+                    f"{f['client_acc']['change']:+.2f} pt | {f['comm_cost']['change']:+.4f} | "
+                    f"{c['gate_changed_pct']:.2f} % | {c['kept_set_changed_pct']:.2f} % | "
+                    f"{c['answer_agreement_pct']:.2f} % |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_cards(reports: dict, provenance: dict) -> None:
     """Each shipped server's card records its measured change when served in each lower
     precision behind a float32 edge (what `--precision auto` reads)."""
@@ -88,6 +112,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/precision_results.json")
     parser.add_argument("--no-cards", action="store_true")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="README whose precision block this rewrites (not with --limit)")
     args = parser.parse_args()
     torch.manual_seed(0)
     reports = {data_set: pair_report(data_set, args.limit) for data_set in SHIPPED_PAIRS}
@@ -99,6 +125,8 @@ def main() -> None:
     print(f"wrote {args.out}", file=sys.stderr)
     if args.limit is None and not args.no_cards:
         write_cards(reports, provenance)
+    if args.limit is None:
+        write_block(args.readme, "precision", render({"pairs": reports}))
 
 
 if __name__ == "__main__":

@@ -190,3 +190,20 @@ def test_opening_prose_is_the_regenerated_one():
            f"{random['collab_acc']:.2f} %" in blocks["opening-prose"]  # fmt: skip
     drifted = {**CLUTTERED, "edge_alone": CLUTTERED["edge_alone"] + 1}
     assert script("readme_block").opening_blocks(rows, RESULTS, drifted) != blocks
+
+
+def test_the_precision_table_is_the_regenerated_one_and_the_cards_hold_its_figures():
+    """README's precision table is what scripts/precision_report.py renders from its JSON,
+    measured on every test image of both pairs; each shipped server's card records the
+    server-alone change that `collabvit serve --precision auto` reads."""
+    from collabvit.models import zoo
+
+    report = script("precision_report")
+    results = json.loads((REPO / "benchmarks" / "precision_results.json").read_text())
+    assert between(README, *markers("precision")).strip() == report.render(results)
+    assert results["provenance"]["limit"] is None
+    for pair in results["pairs"].values():
+        assert pair["images"] == 10_000
+        for precision, alone in pair["server_alone"].items():
+            assert zoo.precision_change(pair["server_model"], precision) == round(
+                alone["largest_change_pt"], 4)
