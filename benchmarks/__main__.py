@@ -28,7 +28,8 @@ import torch
 from benchmarks.harness import REPO, RESULTS, load_average, machine_lines, within
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
-         "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_ray", "bench_gpu")
+         "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_ray", "bench_precision",
+         "bench_gpu")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -137,6 +138,18 @@ def target_rows(figures: dict) -> list[str]:
                  f"| Ray, 1 replica / direct `collabvit serve`, 1 thread (informational) | "
                  f"{r['proxied'] / r['direct']:.2f} | | | {r['proxy_ms']:.2f} ms of proxy per "
                  "request |"]  # fmt: skip
+    if "bench_precision" in figures:
+        p = figures["bench_precision"]
+        served = p["server"]["served"]
+        for precision in ("bfloat16", "int8"):
+            deit = p["eval"]["deit"]["over_reference"][precision]
+            rows += [f"| eval throughput / reference loop (float32), deit, {precision} | "
+                     f"{deit:.2f}x | >= 2.5x | {verdict(deit >= 2.5)} | accuracy: "
+                     "benchmarks/precision_results.json |",
+                     f"| served images/s, {precision} / float32 | "
+                     f"{served[precision] / served['float32']:.2f}x | >= 2.5x | "
+                     f"{verdict(served[precision] / served['float32'] >= 2.5)} | in-process "
+                     f"{p['server']['in_process'][precision] / p['server']['in_process']['float32']:.2f}x |"]  # noqa: E501
     for dtype, r in figures.get("bench_gpu", {}).items():
         rows.append(f"| GPU eval throughput / reference loop, deit, batch 256, {dtype} "
                     f"(informational) | {r['speedup']:.2f}x | | | |")

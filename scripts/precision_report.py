@@ -31,7 +31,7 @@ from collabvit.models import zoo
 from collabvit.models.pair import load_pair
 from collabvit.models.precision import with_precision
 from collabvit.models.server import Server
-from collabvit.research.precision import compare_runs, decided_run
+from collabvit.research.precision import compare_runs, decided_run, precision_table
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 250
@@ -65,29 +65,6 @@ def pair_report(data_set: str, limit: int | None) -> dict:
         print(f"{data_set} {precision}: both {both.summary.collab_acc:.2f} %, server alone "
               f"{alone.summary.collab_acc:.2f} %", file=sys.stderr, flush=True)
     return report
-
-
-NAMES = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered"}
-
-
-def render(results: dict) -> str:
-    """README's table: for each pair and lower precision, both models in it and the server
-    alone in it, the change of each figure and the shares of images that part from float32."""
-    lines = ["| pair | precision | in it | collab. acc. (float32 → it) | edge acc. | cost | "
-             "gate changed | kept set changed | answers agree |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for data_set, report in results["pairs"].items():
-        for precision in report["both"]:
-            for scope, label in (("both", "both models"), ("server_alone", "server alone")):
-                c = report[scope][precision]
-                f = c["figures"]
-                lines.append(
-                    f"| {NAMES[data_set]} | {precision} | {label} | "
-                    f"{f['collab_acc']['exact']:.2f} → {f['collab_acc']['other']:.2f} % | "
-                    f"{f['client_acc']['change']:+.2f} pt | {f['comm_cost']['change']:+.4f} | "
-                    f"{c['gate_changed_pct']:.2f} % | {c['kept_set_changed_pct']:.2f} % | "
-                    f"{c['answer_agreement_pct']:.2f} % |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def write_cards(reports: dict, provenance: dict) -> None:
@@ -126,7 +103,7 @@ def main() -> None:
     if args.limit is None and not args.no_cards:
         write_cards(reports, provenance)
     if args.limit is None:
-        write_block(args.readme, "precision", render({"pairs": reports}))
+        write_block(args.readme, "precision", precision_table({"pairs": reports}))
 
 
 if __name__ == "__main__":

@@ -197,10 +197,10 @@ def test_the_precision_table_is_the_regenerated_one_and_the_cards_hold_its_figur
     measured on every test image of both pairs; each shipped server's card records the
     server-alone change that `collabvit serve --precision auto` reads."""
     from collabvit.models import zoo
+    from collabvit.research.precision import precision_table
 
-    report = script("precision_report")
     results = json.loads((REPO / "benchmarks" / "precision_results.json").read_text())
-    assert between(README, *markers("precision")).strip() == report.render(results)
+    assert between(README, *markers("precision")).strip() == precision_table(results)
     assert results["provenance"]["limit"] is None
     for pair in results["pairs"].values():
         assert pair["images"] == 10_000

@@ -95,3 +95,28 @@ def compare_runs(exact: DecidedRun, other: DecidedRun) -> dict:
                                  for name in ("client_acc", "collab_acc", "client_acc5",
                                               "collab_acc5")),  # fmt: skip
     }
+
+
+# how the table names the shipped pairs, by data set
+PAIR_NAMES = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered"}
+
+
+def precision_table(results: dict) -> str:
+    """The table of scripts/precision_report.py's results (README, RESULTS.md): for each pair
+    and lower precision, both models in it and the server alone in it, the change of the
+    figures and the shares of images that part from float32."""
+    lines = ["| pair | precision | in it | collab. acc. (float32 → it) | edge acc. | cost | "
+             "gate changed | kept set changed | answers agree |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for data_set, report in results["pairs"].items():
+        for precision in report["both"]:
+            for scope, label in (("both", "both models"), ("server_alone", "server alone")):
+                c = report[scope][precision]
+                f = c["figures"]
+                lines.append(
+                    f"| {PAIR_NAMES[data_set]} | {precision} | {label} | "
+                    f"{f['collab_acc']['exact']:.2f} → {f['collab_acc']['other']:.2f} % | "
+                    f"{f['client_acc']['change']:+.2f} pt | {f['comm_cost']['change']:+.4f} | "
+                    f"{c['gate_changed_pct']:.2f} % | {c['kept_set_changed_pct']:.2f} % | "
+                    f"{c['answer_agreement_pct']:.2f} % |")  # fmt: skip
+    return "\n".join(lines)
