@@ -34,6 +34,7 @@ EVAL_FLAGS = [
     "--batch-size", "--num-workers", "--attention-mode", "--masking-mode", "--masking-th",
     "--uncer-mode", "--uncer-th", "--device", "--seed", "--results-file", "--per-image", "--quiet",
     "--budget-bps", "--budget-cost", "--frontier", "--images-per-second", "--codec",
+    "--precision",
 ]  # fmt: skip
 REFERENCE_SPELLINGS = [
     "--masking_mode", "--masking_th", "--attention_mode", "--uncer_mode", "--uncer_th",

@@ -38,6 +38,7 @@ class HeldServer:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.geometry, self.normalization = server.geometry, server.normalization
+        self.precision = server.precision
         self.computed: list[int] = []
         self.started, self.gate = threading.Event(), threading.Event()
         self.gate.set()

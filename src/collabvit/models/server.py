@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from collabvit.lite.protocol import PatchPayload
 from collabvit.models import vit
+from collabvit.models.precision import precision_of
 
 
 def pack_payloads(
@@ -94,6 +95,7 @@ class Server:
         self.normalization = normalization or vit.Normalization.of_model(model)
         self.max_batch = max_batch
         self.max_padding = max_padding
+        self.precision = precision_of(self.model)  # what it computes in, for its answers
 
     def validate(self, payload: PatchPayload) -> None:
         """Raise ValueError unless the payload fits this server's model."""

@@ -20,7 +20,6 @@ from collabvit.models import zoo
 from collabvit.models.precision import (
     check_precision,
     native_bfloat16,
-    precision_of,
     with_precision,
 )
 from collabvit.models.server import Server
@@ -94,7 +93,7 @@ class ModelState:
             log.error("the model failed to load: %s", self.error)
             return
         self.server, self.geometry = server, geometry
-        self.precision = precision_of(server.model)
+        self.precision = server.precision
         self.ready.set()
         log.info("model ready: %s", server.geometry.describe())
 
