@@ -90,6 +90,7 @@ def test_the_served_process_gives_exactly_the_figures_of_eval(run_cli, live, tmp
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["summary"] == eval_summary  # every figure, attention averages included
     assert written["codec"] == codec and written["fallbacks"]["unreachable"] == 0
+    assert written["config"]["server_precision"] == "float32"  # what made the answers equal
     records = read_records(tmp_path / "run.jsonl")
     assert sorted(r.index for r in records) == list(range(SHIPPED_IMAGES))
     sent = [r for r in records if not r.confident]

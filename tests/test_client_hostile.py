@@ -325,3 +325,13 @@ def test_a_token_over_plain_http_to_another_machine_is_warned_about(run_cli, tmp
     assert len(lines) == 1 and lines[0].startswith("collabvit edge: warning:")
     assert "secret" not in lines[0]
     assert sum(map(len, warned.values())) == 1
+
+
+def test_a_served_precision_is_read_only_when_it_is_one_of_ours():
+    from collabvit.lite.client import served_precision
+
+    assert served_precision({"parameters": {"precision": "bfloat16"}}) == "bfloat16"
+    for metadata in ({"parameters": {"precision": "x" * 10_000}}, {"parameters": {}},
+                     {"parameters": ["precision"]}, {"parameters": {"precision": ["int8"]}},
+                     None):
+        assert served_precision(metadata) is None

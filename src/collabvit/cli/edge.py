@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             made = provenance("edge", data=data, edge=config, client=client, link=link,
                               run=run_config, runtime=runtime, budget=budget)  # fmt: skip
             made.update(edge_model=names["edge_model"], server_model=names["server_model"],
-                        server_precision=served.get("parameters", {}).get("precision"))
+                        server_precision=edge_client.served_precision(served))
             extra = report.as_dict()
             extra.pop("summary")
             if held is not None:

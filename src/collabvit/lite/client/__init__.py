@@ -28,6 +28,7 @@ from collabvit.lite.client.link import (
     reach_server,
     retry_after,
     served_geometry,
+    served_precision,
     tls_verification,
     wait_until_served,
 )
@@ -70,6 +71,6 @@ __all__ = [
     "check_server_geometry", "fallback_text", "format_report", "infer_request", "link_delay",
     "lose_patches", "offload_bytes", "open_records", "percentiles", "reach_server", "report",
     "request_wire_bytes", "response_wire_bytes", "retry_after", "run_edge", "run_identity",
-    "served_geometry", "summarize", "tls_verification", "transmission_time",
+    "served_geometry", "served_precision", "summarize", "tls_verification", "transmission_time",
     "wait_until_served",
 ]  # fmt: skip

@@ -42,6 +42,7 @@ from collabvit.lite.client.wire import (
 from collabvit.lite.config import ClientConfig, LinkConfig
 from collabvit.lite.oip import INFERENCE_HEADER, parse_header_length, parse_logits
 from collabvit.lite.protocol import ProtocolError, WireGeometry
+from collabvit.lite.specs import PRECISIONS
 
 # a replica's name is an identifier (Ray's are 8 characters), never a document
 REPLICA_NAME_CAP = 128
@@ -371,6 +372,14 @@ def served_geometry(metadata) -> tuple:
                               f"must be {wanted}, not {given}")  # fmt: skip
         served.append(tuple(values) if count > 1 else value)
     return tuple(served)
+
+
+def served_precision(metadata: dict) -> str | None:
+    """What the served model computes in, as its metadata says (one of PRECISIONS; None for
+    a server that does not say, or says something else)."""
+    parameters = metadata.get("parameters") if isinstance(metadata, dict) else None
+    precision = parameters.get("precision") if isinstance(parameters, dict) else None
+    return precision if precision in PRECISIONS else None
 
 
 def check_server_geometry(metadata: dict, geometry: WireGeometry, num_classes: int) -> None:
