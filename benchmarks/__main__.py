@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark in turn, each in a fresh process, then the targets.
 
-    python -m benchmarks            # rewrites benchmarks/RESULTS.md (30-40 min on 2 cores)
+    python -m benchmarks            # rewrites benchmarks/RESULTS.md (about 40 min on 2 cores)
     python -m benchmarks --quick    # a smoke run of every harness (CI), into a temporary file
     python -m benchmarks --only bench_eval bench_codec
     python -m benchmarks --only bench_gpu   # on a machine with a GPU: the GPU comparison
