@@ -224,3 +224,19 @@ def test_compare_runs_counts_where_two_runs_part(run_cli):
     with pytest.raises(ValueError, match="different images"):
         compare_runs(exact, DecidedRun(other.summary, np.arange(1, 5), other.confident,
                                        other.keep, other.answers))
+
+
+def test_a_run_at_another_precision_is_not_resumed_from_a_float32_one():
+    """The resume identities of the edge's records and of reproduce's state name the
+    precision, except float32's (so that the records and states of float32 runs stay
+    resumable)."""
+    from collabvit.config import DataSpec, ModelSpec
+    from collabvit.lite.client import run_identity
+    from collabvit.research import reproduce
+
+    parts = ({"name": "e"}, "s", {"data_set": "fmnist"}, {"masking_th": 0.9}, "raw", 0, 0.0, {})
+    assert run_identity(*parts) == run_identity(*parts, "float32")
+    assert run_identity(*parts, "bfloat16") != run_identity(*parts)
+    specs = (ModelSpec("e"), ModelSpec("s"), DataSpec(), EdgeConfig(), 0)
+    assert "precision" not in reproduce.run_identity(*specs)
+    assert reproduce.run_identity(*specs, "int8")["precision"] == "int8"

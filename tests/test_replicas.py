@@ -84,7 +84,10 @@ def test_the_replica_flags_are_checked_before_ray_starts(run_cli):
                         (["--ray-address", "auto"], "give --replicas"),
                         (["--replicas", "2", "--workers", "2"], "--replicas alone"),
                         (["--replicas", "2", "--max-connections", "300"],
-                         "Ray's proxy holds them")]:
+                         "Ray's proxy holds them"),
+                        (["--replica-cpus", "2"], "give --replicas"),
+                        (["--replicas", "2", "--target-ongoing-requests", "5"],
+                         "give --max-replicas")]:
         result = run_cli("serve", *flags)
         assert result.returncode == 2 and says in result.stderr, (flags, result.stderr)
         assert "Traceback" not in result.stderr

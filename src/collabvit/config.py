@@ -10,7 +10,7 @@ one-line reason). The specs both edges share live in collabvit.lite.specs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from collabvit.lite.config import TOKEN_ENV
 from collabvit.lite.modes import (
@@ -565,7 +565,18 @@ class ReplicaConfig:
              "--replica-cpus must be > 0"),
             (self.ray_address is None or self.replicas is not None,
              "--ray-address deploys replicas: give --replicas"),
+            (self.replicas is not None or not self._replica_options_given(),
+             "--replica-cpus, --max-ongoing-requests, --max-queued-requests and "
+             "--target-ongoing-requests set up replicas: give --replicas"),
+            (self.max_replicas is not None or self.target_ongoing_requests == 32.0,
+             "--target-ongoing-requests steers the autoscaler: give --max-replicas"),
         ])  # fmt: skip
+
+    def _replica_options_given(self) -> bool:
+        """Any option of the replicas set to other than its default."""
+        return any(getattr(self, item.name) != item.default for item in fields(self)
+                   if item.name in ("replica_cpus", "max_ongoing_requests",
+                                    "max_queued_requests", "target_ongoing_requests"))
 
 
 @dataclass(frozen=True)

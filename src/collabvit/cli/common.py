@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def fail(command: str, error: BaseException) -> int:
+def fail(command: str, error: BaseException | str) -> int:
     """Report a user mistake in one line; the command's exit status (2)."""
     print(f"collabvit {command}: error: {error}", file=sys.stderr)
     return 2

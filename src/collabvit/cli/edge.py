@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                                        names["frontier"]) if budget.held else None
         identity = edge_client.run_identity(
             names["edge_model"], names["server_model"], asdict(data), asdict(config),
-            str(codec), run_config.seed, link.loss, asdict(budget))  # fmt: skip
+            str(codec), run_config.seed, link.loss, asdict(budget),
+            run_config.precision)  # fmt: skip
         batches = progress_bar(batches, "edge", total=len(batches), unit="batch",
                                enabled=progress(run_config))  # fmt: skip
         report = asyncio.run(edge_client.run_edge(

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         problem = reproduce.missing_weights(edge_spec, server_spec)
         if problem:
             raise UsageError(problem)
-        identity = reproduce.run_identity(edge_spec, server_spec, data, config, run_config.seed)
+        identity = reproduce.run_identity(edge_spec, server_spec, data, config, run_config.seed,
+                                          run_config.precision)  # fmt: skip
         if settings.resume:  # a state from other settings is refused before any model loads
             reproduce.load_state(settings.state_file, identity)
         pair = load_pair("reproduce", edge_spec, server_spec, data, run_config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 from collabvit.cli.common import UsageError, check_input_file, fail, token, warn
 from collabvit.cli.flags import SERVER_FLAGS, add_config_arguments, given_values
@@ -82,16 +83,10 @@ def run(args: argparse.Namespace) -> int:
              f"delay {config.max_delay_ms} ms, hosts "
              f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)}")  # fmt: skip
     if replicas.replicated:
-        from collabvit.serve.replicas import serve_replicas
-
-        count = (f"{replicas.replicas} to {replicas.max_replicas}" if replicas.max_replicas
-                 else str(replicas.replicas))  # fmt: skip
-        serve_replicas(settings, spec, config.device, config.threads, precision, replicas,
-                       config.host, config.port, config.ssl_certfile, config.ssl_keyfile,
-                       ready=lambda: print(f"collabvit serve: {spec.name} at {url} ({count} "
-                                           f"replicas on Ray Serve, {shown})", file=sys.stderr,
-                                           flush=True))  # fmt: skip
-        return 0
+        del load_server  # it only checked the model here: each replica loads its own
+        if config.asked_precision == "auto":  # decided on each replica's machine
+            shown = shown.replace(precision, "precision auto (each replica's)", 1)
+        return _replicated(settings, spec, config, replicas, url, shown)
     print(f"collabvit serve: {spec.name} at {url} ({shown})", file=sys.stderr, flush=True)
     worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,
               "precision": precision}  # what each of --workers processes loads itself
@@ -100,6 +95,37 @@ def run(args: argparse.Namespace) -> int:
           timeout_keep_alive=config.timeout_keep_alive,
           timeout_request_head=config.timeout_request_head, workers=config.workers,
           worker=worker)  # fmt: skip
+    return 0
+
+
+def _replicated(settings, spec: ModelSpec, config: ServeConfig, replicas: ReplicaConfig,
+                url: str, shown: str) -> int:  # fmt: skip
+    """Serve from replicas on Ray Serve until stopped; Ray's failures in one line."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    from collabvit.serve.replicas import serve_replicas
+
+    count = (f"{replicas.replicas} to {replicas.max_replicas}" if replicas.max_replicas
+             else str(replicas.replicas))  # fmt: skip
+    # a replica or proxy on another machine opens these files there, by the same path
+    absolute = {name: str(Path(value).resolve()) if value else None for name, value in
+                (("weights", spec.weights), ("certfile", config.ssl_certfile),
+                 ("keyfile", config.ssl_keyfile))}  # fmt: skip
+    try:
+        serve_replicas(settings, replace(spec, weights=absolute["weights"]), config.device,
+                       config.threads, config.asked_precision, replicas, config.host,
+                       config.port, absolute["certfile"], absolute["keyfile"],
+                       ready=lambda: print(f"collabvit serve: {spec.name} at {url} ({count} "
+                                           f"replicas on Ray Serve, {shown})", file=sys.stderr,
+                                           flush=True),
+                       warn=lambda text: warn("serve", text))  # fmt: skip
+    except KeyboardInterrupt:
+        print("collabvit serve: interrupted before the replicas were ready", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, ValueError, RayError, RayServeException) as error:
+        return fail("serve", str(error).strip().splitlines()[0] if str(error).strip()
+                    else type(error).__name__)  # fmt: skip
     return 0
 
 

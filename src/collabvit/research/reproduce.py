@@ -138,10 +138,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def run_identity(edge: ModelSpec, server: ModelSpec, data: DataSpec, config: EdgeConfig,
-                 seed: int) -> dict:  # fmt: skip
+                 seed: int, precision: str = "float32") -> dict:  # fmt: skip
     """What must match for a saved run to be continued: the weights' content (None: the
-    hub's), the images and how they are read, the operating point and the seed. The batch
-    size and workers do not change the figures' meaning, so they may differ."""
+    hub's), the images and how they are read, the operating point, the seed and the
+    precision (named only when not float32, so the states of float32 runs keep theirs).
+    The batch size and workers do not change the figures' meaning, so they may differ."""
     def model(spec: ModelSpec) -> dict:
         return {"name": spec.name,
                 "sha256": file_sha256(spec.weights) if spec.weights else None}  # fmt: skip
@@ -149,7 +150,8 @@ def run_identity(edge: ModelSpec, server: ModelSpec, data: DataSpec, config: Edg
     images = {k: v for k, v in asdict(data).items() if k not in ("batch_size", "num_workers")}
     images["data_path"] = str(Path(data.data_path).resolve()) if data.data_path else None
     parts = dict(edge_model=model(edge), server_model=model(server), data=images,
-                 edge=asdict(config), seed=seed)  # fmt: skip
+                 edge=asdict(config), seed=seed,
+                 **({"precision": precision} if precision != "float32" else {}))  # fmt: skip
     return json.loads(json.dumps(parts, default=str))  # as a state file holds it
 
 

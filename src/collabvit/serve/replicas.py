@@ -101,8 +101,9 @@ def build(args: dict):
     (`import_path: collabvit.serve.replicas:build`): `args` are `collabvit serve`'s options by
     field name (server_model, server_weights, data_set, max_batch, ..., replicas,
     max_replicas, replica_cpus, threads, ...), the token from $COLLABVIT_TOKEN where `token`
-    is not given. There Ray's own config places the proxy (host, port, TLS): PROXY_OPTIONS
-    and `ray_address` do not apply. ValueError (one line) for an unknown option."""
+    is not given, and any Host header answered where `allowed_hosts` is not given. There
+    Ray's own config places the proxy (host, port, TLS): PROXY_OPTIONS and `ray_address` do
+    not apply. ValueError (one line) for an unknown option."""
     serve_names = {f.name for f in fields(ServeConfig)}
     replica_names = {f.name for f in fields(ReplicaConfig)} - {"ray_address"}
     known = (serve_names - set(PROXY_OPTIONS)) | replica_names | {"server_model", "server_weights"}
@@ -110,7 +111,8 @@ def build(args: dict):
     if unknown:
         raise ValueError(f"collabvit's Ray Serve application takes no option {unknown[0]!r} "
                          "(where the proxy listens is Ray's http_options)")  # fmt: skip
-    values = {name: args[name] for name in serve_names & set(args)}
+    # the Service or ingress in front decides who reaches the proxy: any Host by default
+    values = {"allowed_hosts": ("*",), **{name: args[name] for name in serve_names & set(args)}}
     if isinstance(values.get("allowed_hosts"), list):
         values["allowed_hosts"] = tuple(values["allowed_hosts"])
     config = ServeConfig(**{"token": os.environ.get(TOKEN_ENV) or None, **values})
@@ -125,17 +127,25 @@ def build(args: dict):
 def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
                    threads: int | None, precision: str, config: ReplicaConfig, host: str,
                    port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                   ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+                   ready: Callable[[], None] | None = None,
+                   warn: Callable[[str], None] | None = None) -> None:  # fmt: skip
     """Deploy the replicas and serve until SIGINT or SIGTERM, then take them down.
 
     Without `config.ray_address` a Ray instance of this process's own is started and ended
-    with it; with one, the application is deployed to that cluster and deleted from it at
-    the end (the cluster stays). `ready` is called once every replica answers.
+    with it (never a cluster `ray start` runs here); with one, the application is deployed
+    to that cluster and deleted from it at the end (the cluster stays). `ready` is called
+    once every replica has started (each answers ready once warm); `warn` hears of a
+    cluster with fewer CPUs than the replicas ask for (Ray then waits for more).
     """
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are Ray's own
-    ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)  # fmt: skip
+    ray.init(address=config.ray_address or "local", include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
     try:
+        asked = config.replicas * config.replica_cpus
+        held = ray.cluster_resources().get("CPU", 0.0)
+        if asked > held and warn is not None:
+            warn(f"the replicas ask for {asked:g} CPUs and the cluster has {held:g}: Ray "
+                 "waits for more (fewer --replicas, or a smaller --replica-cpus)")
         serve.start(http_options={"host": host, "port": port, "ssl_certfile": ssl_certfile,
                                   "ssl_keyfile": ssl_keyfile},
                     logging_config={"log_level": "WARNING"})  # fmt: skip
@@ -145,11 +155,13 @@ def serve_replicas(settings: ServiceSettings, model: ModelSpec, device: str,
             ready()
         _wait_for_a_stop_signal()
     finally:
-        if config.ray_address is None:
-            serve.shutdown()
-        else:
-            serve.delete(APPLICATION)
-        ray.shutdown()
+        try:
+            if config.ray_address is None:
+                serve.shutdown()
+            else:
+                serve.delete(APPLICATION)
+        finally:  # whatever Serve says, this process's Ray goes
+            ray.shutdown()
 
 
 def _wait_for_a_stop_signal() -> None:

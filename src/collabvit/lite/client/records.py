@@ -91,7 +91,7 @@ DATA_NOT_DECIDING = ("batch_size", "num_workers", "limit")
 
 
 def run_identity(edge_model, server_model: str, data: dict, edge: dict, codec: str, seed: int,
-                 loss: float, budget: dict) -> dict:  # fmt: skip
+                 loss: float, budget: dict, precision: str = "float32") -> dict:  # fmt: skip
     """What must match for a records file to be continued: what decides each image's answer.
 
     Args:
@@ -102,11 +102,14 @@ def run_identity(edge_model, server_model: str, data: dict, edge: dict, codec: s
         edge: the policy and operating point (asdict of EdgeConfig).
         codec: the codec's name as Codec prints it (e.g. 'jpeg:75').
         seed, loss, budget: the random policy's seed, the emulated loss, the budget flags.
+        precision: what the torch edge computes in (named only when not float32, so that
+            the records of float32 runs keep their identity).
     """
     same_answers = {key: value for key, value in data.items()
                     if key not in DATA_NOT_DECIDING and not (key == "clutter" and not value)}
     parts = dict(edge_model=edge_model, data=same_answers, server_model=server_model,
-                 edge=edge, codec=codec, seed=seed, loss=loss, budget=budget)  # fmt: skip
+                 edge=edge, codec=codec, seed=seed, loss=loss, budget=budget,
+                 **({"precision": precision} if precision != "float32" else {}))  # fmt: skip
     return json.loads(json.dumps(parts, default=str))
 
 
