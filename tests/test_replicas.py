@@ -241,3 +241,15 @@ def test_the_kuberay_manifest_is_a_valid_serve_config_that_builds_the_replicas()
     assert served["settings"]["allowed_hosts"] is None  # any: the Service decides who reaches it
     with pytest.raises(ValueError, match="no option 'port'"):
         build({**app.args, "port": 9000})
+
+
+def test_replicas_on_a_gpu_device_each_reserve_one():
+    """On a CUDA device each replica asks Ray for a GPU (so Ray places it where one is
+    free); on the CPU for none."""
+    from collabvit.serve.replicas import deployment_options
+
+    config = ReplicaConfig(replicas=2, replica_cpus=0.5)
+    assert deployment_options(config, "cuda")["ray_actor_options"] == {"num_cpus": 0.5,
+                                                                       "num_gpus": 1}
+    assert deployment_options(config)["ray_actor_options"] == {"num_cpus": 0.5}
+    assert deployment_options(config)["num_replicas"] == 2

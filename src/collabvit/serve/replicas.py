@@ -66,11 +66,13 @@ class ServedReplica:
         return create_app(settings, load_server)
 
 
-def deployment_options(config: ReplicaConfig) -> dict:
+def deployment_options(config: ReplicaConfig, device: str = "cpu") -> dict:
     """Ray Serve's options for the deployment `config` asks for: a fixed number of replicas
-    or an autoscaled range, the CPUs each reserves, and the proxy's queue bound."""
+    or an autoscaled range, the CPUs each reserves (and a GPU each, on a CUDA `device`, so
+    that Ray places them where one is free), and the proxy's queue bound."""
+    gpus = {"num_gpus": 1} if device.startswith("cuda") else {}
     options = {
-        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "ray_actor_options": {"num_cpus": config.replica_cpus, **gpus},
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": PROXY_RETRY_AFTER},
@@ -93,7 +95,7 @@ def application(settings: ServiceSettings, model: ModelSpec, device: str, thread
     served = {"model": asdict(model), "device": device, "threads": threads,
               "precision": precision,
               "settings": settings_to_json(settings)}  # fmt: skip
-    return ServedReplica.options(**deployment_options(config)).bind(served)
+    return ServedReplica.options(**deployment_options(config, device)).bind(served)
 
 
 def build(args: dict):
