@@ -565,18 +565,19 @@ class ReplicaConfig:
              "--replica-cpus must be > 0"),
             (self.ray_address is None or self.replicas is not None,
              "--ray-address deploys replicas: give --replicas"),
-            (self.replicas is not None or not self._replica_options_given(),
+            (self.replicas is not None or not self._changed(
+                "replica_cpus", "max_ongoing_requests", "max_queued_requests",
+                "target_ongoing_requests"),
              "--replica-cpus, --max-ongoing-requests, --max-queued-requests and "
              "--target-ongoing-requests set up replicas: give --replicas"),
-            (self.max_replicas is not None or self.target_ongoing_requests == 32.0,
+            (self.max_replicas is not None or not self._changed("target_ongoing_requests"),
              "--target-ongoing-requests steers the autoscaler: give --max-replicas"),
         ])  # fmt: skip
 
-    def _replica_options_given(self) -> bool:
-        """Any option of the replicas set to other than its default."""
+    def _changed(self, *names: str) -> bool:
+        """Any of the named options set to other than its default."""
         return any(getattr(self, item.name) != item.default for item in fields(self)
-                   if item.name in ("replica_cpus", "max_ongoing_requests",
-                                    "max_queued_requests", "target_ongoing_requests"))
+                   if item.name in names)
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,14 @@ def run(args: argparse.Namespace) -> int:
         warn("serve", f"listening on {config.host} without a token: anyone who reaches this "
              "port can use the model (--token or $COLLABVIT_TOKEN)")  # fmt: skip
     url = f"{scheme}://{config.host}:{config.port}/v2/models/{spec.name}"
+    if replicas.replicated and config.asked_precision == "auto":
+        precision = "precision auto (each replica's)"  # decided on each replica's machine
     shown = (f"{precision}, auth {'on' if config.token else 'off'}, max batch "
              f"{config.max_batch}, max "
              f"delay {config.max_delay_ms} ms, hosts "
              f"{'any' if settings.allowed_hosts is None else ' '.join(hosts)}")  # fmt: skip
     if replicas.replicated:
         del load_server  # it only checked the model here: each replica loads its own
-        if config.asked_precision == "auto":  # decided on each replica's machine
-            shown = shown.replace(precision, "precision auto (each replica's)", 1)
         return _replicated(settings, spec, config, replicas, url, shown)
     print(f"collabvit serve: {spec.name} at {url} ({shown})", file=sys.stderr, flush=True)
     worker = {"model": asdict(spec), "device": config.device, "threads": config.threads,

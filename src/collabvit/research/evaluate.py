@@ -43,6 +43,8 @@ class EvalResult:
     withheld: int = 0  # images the gate would send that a budget answered at the edge
     wire_bytes: float = 0.0  # of the sends a budget admitted (with send_bytes)
     seconds: float = 0.0  # the images' time at their pace (with images_per_second)
+    # each record's kept patches [n, N] bool (with keep_masks): of every image, sent or not
+    kept: list[torch.Tensor] = field(default_factory=list)
 
 
 def evaluate(
@@ -57,6 +59,7 @@ def evaluate(
     controller=None,
     images_per_second: float | None = None,
     send_bytes: Callable[[PatchPayload], int] | None = None,
+    keep_masks: bool = False,
 ) -> EvalResult:
     """Run the collaborative protocol over batches and summarise it.
 
@@ -71,6 +74,8 @@ def evaluate(
         progress: progress on stderr; None shows it on a terminal, and as periodic
             lines otherwise; False shows nothing.
         keep_records: also return one PerImageRow per image.
+        keep_masks: with keep_records, also each image's kept patches (EvalResult.kept),
+            where the gate keeps the image at the edge too.
         total: number of batches, for the progress display.
         expected_images: the dataset's size, to count images the loader skipped.
         controller: a controller.CostController or BytesController: each batch then runs at
@@ -89,6 +94,7 @@ def evaluate(
     num_classes = edge.geometry.num_classes
     running = RunningSummary(num_patches=edge.geometry.num_patches)
     records: list[PerImageRow] = []
+    kept: list[torch.Tensor] = []
     chosen = edge.config
     withheld = 0
     wire_bytes = 0.0
@@ -137,13 +143,15 @@ def evaluate(
                         final_prediction=final_pred[row], sent=sent[row],
                         patches_sent=sizes[row] if sent[row] else 0,
                     ))  # fmt: skip
+                if keep_masks:
+                    kept.append(result.keep.cpu())
     finally:
         edge.config = chosen
     summary = running.summary()
     skipped = expected_images - summary.images if expected_images is not None else 0
     return EvalResult(summary=summary, records=records, skipped=skipped, running=running,
                       withheld=withheld, wire_bytes=wire_bytes,
-                      seconds=pacing.seconds)
+                      seconds=pacing.seconds, kept=kept)
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:

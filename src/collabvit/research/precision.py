@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from collabvit.lite.progress import progress_bar
-from collabvit.lite.summary import RunningSummary, Summary
+from collabvit.lite.summary import Summary
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.server import Server
+from collabvit.research.evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -44,27 +44,17 @@ def decided_run(edge: EdgeDevice, server: Server,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 seed: int = 0, progress: bool | None = None,
                 total: int | None = None) -> DecidedRun:  # fmt: skip
-    """Run edge and server over `batches` (images [B, C, H, W], targets [B], indices [B])
-    as `collabvit eval` does, keeping each image's decisions."""
-    running = RunningSummary(num_patches=edge.geometry.num_patches)
-    indices, confident, keep, answers = [], [], [], []
-    for images, targets, batch_indices in progress_bar(batches, "decisions", total=total,
-                                                       unit="batch", enabled=progress):
-        result = edge.process(images, batch_indices, seed)
-        final = result.logits.clone()
-        if result.payloads:
-            final[~result.confident] = server.classify(result.payloads).to(final.device)
-        size, minimum, total_score = result.selection_statistics()
-        running.update(targets, result.logits, final, result.confident, size, minimum,
-                       total_score)  # fmt: skip
-        indices.append(batch_indices.numpy())
-        confident.append(result.confident.cpu().numpy())
-        keep.append(result.keep.cpu().numpy())
-        answers.append(final.argmax(dim=1).cpu().numpy())
-    order = np.argsort(np.concatenate(indices), kind="stable")
-    return DecidedRun(running.summary(), np.concatenate(indices)[order],
-                      np.concatenate(confident)[order], np.concatenate(keep)[order],
-                      np.concatenate(answers)[order])  # fmt: skip
+    """`evaluate` over `batches` (images [B, C, H, W], targets [B], indices [B]), keeping
+    each image's decisions, in dataset order."""
+    result = evaluate(edge, server, batches, seed, progress, keep_records=True, total=total,
+                      keep_masks=True)  # fmt: skip
+    indices = np.array([r.index for r in result.records])
+    order = np.argsort(indices, kind="stable")
+    confident = np.array([not r.sent for r in result.records])
+    answers = np.array([r.final_prediction for r in result.records])
+    keep = torch.cat(result.kept).numpy()
+    return DecidedRun(result.summary, indices[order], confident[order], keep[order],
+                      answers[order])  # fmt: skip
 
 
 # the summary's figures compared between precisions, in points (%) or as they are

@@ -146,7 +146,7 @@ class DataPlane:
                 "codecs": list(CODECS), "wire_version": WIRE_VERSION,
                 "max_batch": self.settings.max_batch,
                 "max_delay_ms": self.settings.max_delay_ms,
-                "precision": self.state.precision,
+                "precision": server.precision,
             },
         }  # fmt: skip
 
@@ -204,8 +204,8 @@ class DataPlane:
                         "load": round(self.admission.load, 3),
                         # an answer computed in less than float32 says so (float32 answers
                         # equal eval's, and stay as short as they were)
-                        **({"precision": self.state.precision}
-                           if self.state.precision != "float32" else {}),
+                        **({"precision": self.state.server.precision}
+                           if self.state.server.precision != "float32" else {}),
                         **({"replica": self.settings.replica} if self.settings.replica
                            else {})},
         )  # fmt: skip

@@ -78,7 +78,6 @@ class ModelState:
     def __init__(self) -> None:
         self.server: Server | None = None
         self.geometry: WireGeometry | None = None
-        self.precision: str | None = None  # what the model computes in, once loaded
         self.error: str | None = None
         self.ready = threading.Event()
 
@@ -93,7 +92,6 @@ class ModelState:
             log.error("the model failed to load: %s", self.error)
             return
         self.server, self.geometry = server, geometry
-        self.precision = server.precision
         self.ready.set()
         log.info("model ready: %s", server.geometry.describe())
 
