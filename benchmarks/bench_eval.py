@@ -54,7 +54,7 @@ from benchmarks.harness import (
 from benchmarks.reference_loop import reference_evaluate
 from collabvit.algo.metrics import Summary, format_summary
 from collabvit.config import DataSpec, ModelSpec
-from collabvit.lite.specs import EdgeConfig
+from collabvit.lite.specs import SHIPPED_PAIRS, EdgeConfig
 from collabvit.models import vit
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.pair import load_pair
@@ -132,19 +132,26 @@ def deit_workload(images: int, seed: int) -> Workload:
         lambda batch_size: split(pixels, targets, batch_size), images)  # fmt: skip
 
 
-def fmnist_workload(images: int, seed: int) -> Workload:
-    pair = load_pair(ModelSpec("collabvit_fmnist_edge"), ModelSpec("collabvit_fmnist_server"),
-                     DataSpec(limit=images))  # fmt: skip
+IMAGES_OF = {"fmnist": "Fashion-MNIST", "fmnist-cluttered": "cluttered Fashion-MNIST"}
+
+
+def fmnist_workload(images: int, seed: int, data_set: str = "fmnist") -> Workload:
+    """The shipped pair of `data_set` (fmnist or fmnist-cluttered) on its first test images,
+    decoded once, at its default point."""
+    edge_name, server_name = SHIPPED_PAIRS[data_set]
+    pair = load_pair(ModelSpec(edge_name), ModelSpec(server_name),
+                     DataSpec(data_set=data_set, limit=images))  # fmt: skip
     config = pair.default_config()
     loaded = [pair.dataset[i] for i in range(len(pair.dataset))]
     pixels = torch.stack([image for image, _ in loaded])
     targets = torch.tensor([label for _, label in loaded])
     return Workload(
-        "fmnist", f"the shipped pair (collabvit_fmnist_edge, collabvit_fmnist_server), the "
-        f"first {len(loaded)} Fashion-MNIST test images (decoded once, in memory); default "
-        f"point {config.masking_mode} {config.masking_th:g}, {config.uncer_mode} "
-        f"{config.uncer_th:g}", pair.edge_model, pair.server_model, config, pair.normalization,
-        lambda batch_size: split(pixels, targets, batch_size), len(loaded))  # fmt: skip
+        "fmnist" if data_set == "fmnist" else "cluttered", f"the shipped pair ({edge_name}, "
+        f"{server_name}), the first {len(loaded)} {IMAGES_OF[data_set]} test images (decoded "
+        f"once, in memory); default point {config.masking_mode} {config.masking_th:g}, "
+        f"{config.uncer_mode} {config.uncer_th:g}", pair.edge_model, pair.server_model, config,
+        pair.normalization, lambda batch_size: split(pixels, targets, batch_size),
+        len(loaded))  # fmt: skip
 
 
 WORKLOADS = {"deit": deit_workload, "fmnist": fmnist_workload}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_eval import deit_workload, fmnist_workload, split
+from benchmarks.bench_eval import deit_workload, fmnist_workload
 from benchmarks.bench_serve import payloads_of_test_images, served
 from benchmarks.harness import (
     add_suite_arguments,
@@ -57,27 +57,13 @@ FULL_IMAGES = {"fmnist": 2000, "cluttered": 1000, "deit": 32}
 QUICK_IMAGES = {"fmnist": 64, "cluttered": 32, "deit": 2}
 
 
-def cluttered_workload(images: int, seed: int):
-    """The shipped cluttered pair on its first test canvases, as bench_eval's fmnist one."""
-    pair = load_pair(ModelSpec("collabvit_cluttered_edge"), ModelSpec("collabvit_cluttered_server"),
-                     DataSpec(data_set="fmnist-cluttered", limit=images))  # fmt: skip
-    loaded = [pair.dataset[i] for i in range(len(pair.dataset))]
-    pixels = torch.stack([image for image, _ in loaded])
-    targets = torch.tensor([label for _, label in loaded])
-    return pair, pair.default_config(), lambda size: split(pixels, targets, size)
-
-
 def eval_throughput(name: str, images: int, repeats: int, seed: int) -> dict:
     """Images/s of evaluate at each precision and of the reference loop (float32)."""
-    if name == "cluttered":
-        pair, config, batches_of = cluttered_workload(images, seed)
-        edge_model, server_model, normalization = (pair.edge_model, pair.server_model,
-                                                   pair.normalization)  # fmt: skip
-    else:
-        workload = {"fmnist": fmnist_workload, "deit": deit_workload}[name](images, seed)
-        edge_model, server_model, normalization, config, batches_of = (
-            workload.edge_model, workload.server_model, workload.normalization,
-            workload.config, workload.batches)  # fmt: skip
+    workload = (deit_workload(images, seed) if name == "deit" else fmnist_workload(
+        images, seed, "fmnist-cluttered" if name == "cluttered" else "fmnist"))
+    edge_model, server_model, normalization, config, batches_of = (
+        workload.edge_model, workload.server_model, workload.normalization, workload.config,
+        workload.batches)  # fmt: skip
     batches = batches_of(64)
     models = {p: (with_precision(edge_model, p, CPU), with_precision(server_model, p, CPU))
               for p in PRECISIONS}  # fmt: skip

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import SHIPPED_IMAGES, ServeProcess
 
+from benchmarks.bench_ray import replica_pids
 from collabvit.config import ReplicaConfig
 from collabvit.lite.client import infer_request
 from collabvit.lite.protocol import Codec, WireGeometry, build_payloads, encode_payload
@@ -61,20 +62,6 @@ def run_edge(url: str, records: Path, images: int, *flags: str) -> subprocess.Co
 
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[1:] if line]
-
-
-def replica_processes() -> dict[int, str]:
-    """The processes of Ray Serve replicas on this machine: pid -> process title."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "ServeReplica:collabvit" in title:
-                found[int(entry.name)] = title
-    return found
 
 
 def test_the_replica_flags_are_checked_before_ray_starts(run_cli):
@@ -162,15 +149,15 @@ def test_a_replica_killed_mid_run_costs_no_image(tmp_path):
         while not records.exists() or len(read_records(records)) < 40:
             assert edge.poll() is None and time.monotonic() < deadline, edge.stderr.read()
             time.sleep(0.05)
-        before = replica_processes()
+        before = replica_pids()
         assert len(before) == 2
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = edge.communicate(timeout=300)
         deadline = time.monotonic() + 60
-        while len(replica_processes()) < 2 and time.monotonic() < deadline:
+        while len(replica_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-        after = replica_processes()
+        after = replica_pids()
     finally:
         server.stop()
     assert edge.returncode == 0, stderr
