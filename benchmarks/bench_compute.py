@@ -70,10 +70,10 @@ def vit_flops(model: VisionTransformer, tokens: int) -> float:
     return float(flops + 2 * width * model.num_classes)
 
 
-def matmul_gflops(size: int, repeats: int) -> float:
-    """Median GFLOP/s of torch.mm on two size x size float32 matrices."""
+def matmul_gflops(size: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of torch.mm on two size x size matrices of `dtype` (CPU)."""
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
     torch.mm(a, b)
     times = []
     for _ in range(repeats):

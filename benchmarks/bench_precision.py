@@ -1,4 +1,6 @@
-"""Each precision (float32, bfloat16, int8) against float32 and the reference loop, in one run.
+"""Each precision this CPU runs natively (float32, bfloat16 where it has AVX512-BF16 or AMX,
+float16 where it has AVX512-FP16 or AMX-FP16, int8) against float32 and the reference loop,
+in one run. float16 is the GPUs' (bench_gpu).
 
 1. **Eval throughput**: `evaluate` (what `collabvit eval --precision P` runs) with both models
    in P, interleaved with the paper's loop (`reference_loop.reference_evaluate`, float32)
@@ -9,6 +11,7 @@
    precision, and `collabvit serve --precision P` under bench_serve's load.
 3. **Edge batch-1 latency**: the torch edge (`EdgeDevice.process`, one image) at each
    precision against the ONNX edge's float32 and int8 graphs of the same model.
+4. **What bounds the half precisions**: this CPU's matrix-multiply rate in each precision.
 
 The accuracy of each precision over every test image is scripts/precision_report.py's
 (benchmarks/precision_results.json). Writes its section of benchmarks/RESULTS.md.
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_compute import matmul_gflops
 from benchmarks.bench_eval import deit_workload, fmnist_workload
 from benchmarks.bench_serve import payloads_of_test_images, served
 from benchmarks.harness import (
@@ -46,12 +50,14 @@ from collabvit.lite.specs import PRECISIONS
 from collabvit.models.edge import EdgeDevice
 from collabvit.models.export import export_edge, quantize_edge, uint8_images
 from collabvit.models.pair import load_pair
-from collabvit.models.precision import with_precision
+from collabvit.models.precision import HALF, runs_natively, with_precision
 from collabvit.models.server import Server
 from collabvit.research.evaluate import evaluate
 from collabvit.research.precision import precision_table
 
 CPU = torch.device("cpu")
+# what this CPU runs natively: an emulated precision would only measure the emulation
+PRECISIONS = tuple(p for p in PRECISIONS if runs_natively(p, CPU))
 PRECISION_RESULTS = Path(__file__).resolve().parent / "precision_results.json"
 FULL_IMAGES = {"fmnist": 2000, "cluttered": 1000, "deit": 32}
 QUICK_IMAGES = {"fmnist": 64, "cluttered": 32, "deit": 2}
@@ -145,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-repeats", type=int, default=300)
+    parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     add_suite_arguments(parser)
-    args = apply_quick(parser.parse_args(argv), repeats=1, requests=100, latency_repeats=20)
+    args = apply_quick(parser.parse_args(argv), repeats=1, requests=100, latency_repeats=20,
+                       matmul_size=256)  # fmt: skip
     began, load_at_start = time.perf_counter(), load_average()
     sizes = QUICK_IMAGES if args.quick else FULL_IMAGES
     evals = {}
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     servers = server_throughput(args.requests, args.repeats, args.concurrency)
     latency = edge_latency(args.latency_repeats)
     print(f"edge latency: {latency}", flush=True)
+    matmul = {p: matmul_gflops(args.matmul_size, args.repeats + 2, HALF.get(p, torch.float32))
+              for p in PRECISIONS if p != "int8"}  # fmt: skip
+    print(f"matmul GFLOP/s: {matmul}", flush=True)
 
     rows = []
     for name, r in evals.items():
@@ -171,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"{servers['served'][p] / servers['served']['float32']:.2f} |"
                    for p in PRECISIONS]  # fmt: skip
     latency_rows = [f"| {name} | {ms:.2f} |" for name, ms in latency.items()]
+    matmul_rows = [f"| {p} | {rate:.0f} | {rate / matmul['float32']:.2f}x |"
+                   for p, rate in matmul.items()]
+    accuracy = json.loads(PRECISION_RESULTS.read_text())
     body = [
         "`evaluate` at each precision (both models in it) against the paper's loop in float32 on",
         "the same batches of 64, interleaved, median of "
@@ -189,13 +203,18 @@ def main(argv: list[str] | None = None) -> None:
         "Batch-1 latency of the shipped Fashion-MNIST edge (one image, the whole decision), "
         f"median of {args.latency_repeats}:", "",
         "| edge | ms |", "|---|---:|", *latency_rows, "",
+        f"This CPU's matrix multiply ({args.matmul_size} x {args.matmul_size}, median of "
+        f"{args.repeats + 2}): what the half precisions can gain at most where the matrix "
+        "products take the time.", "",
+        "| precision | GFLOP/s | / float32 |", "|---|---:|---:|", *matmul_rows, "",
         "What each precision changes on every test image of the shipped pairs at their default "
         "points (scripts/precision_report.py, against float32):", "",
-        precision_table(json.loads(PRECISION_RESULTS.read_text()))]
+        precision_table(accuracy)]
     text = section("bench_precision", "Precision: bfloat16 and int8 against float32", body,
                    load_at_start, time.perf_counter() - began)
     publish(args, "bench_precision", text, {"eval": evals, "server": servers,
-                                            "edge_latency_ms": latency})
+                                            "edge_latency_ms": latency, "matmul_gflops": matmul,
+                                            "accuracy": accuracy["pairs"]})
 
 
 if __name__ == "__main__":

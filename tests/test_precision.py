@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_vit
 
 from collabvit.lite.protocol import patchify
+from collabvit.lite.specs import PRECISIONS
 from collabvit.models import vit
 from collabvit.models.edge import EdgeConfig, EdgeDevice
 from collabvit.models.server import Server
@@ -116,7 +117,7 @@ def test_edge_device_and_server_run_low_precision_models(model, dtype):
 
 
 @pytest.mark.parametrize("data_set", ["fmnist", "fmnist-cluttered"])
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "int8"])
 def test_each_precision_runs_eval_end_to_end_on_both_shipped_pairs(run_cli, tmp_path, data_set,
                                                                    precision):  # fmt: skip
     """`collabvit eval --precision P` on each shipped pair: its figures lie near float32's
@@ -142,7 +143,7 @@ def test_with_precision_converts_a_copy_and_names_what_it_made(model):
 
     cpu = torch.device("cpu")
     assert with_precision(model, "float32", cpu) is model
-    for precision in ("bfloat16", "int8"):
+    for precision in ("bfloat16", "float16", "int8"):
         converted = with_precision(model, precision, cpu)
         assert converted is not model and precision_of(converted) == precision
     assert precision_of(model) == "float32"  # the caller's model is left as it was
@@ -157,19 +158,24 @@ def test_a_precision_a_device_cannot_run_is_one_line(run_cli):
 
     with pytest.raises(ValueError, match="int8 runs on the CPU"):
         check_precision("int8", torch.device("cuda"))
-    result = run_cli("eval", "--precision", "float16")
+    result = run_cli("eval", "--precision", "float8")
     assert result.returncode == 2 and "invalid choice" in result.stderr
     result = run_cli("serve", "--bf16", "--precision", "int8")
     assert result.returncode == 2 and "--bf16 is --precision bfloat16" in result.stderr
 
 
-def test_serving_auto_takes_bfloat16_only_where_native_and_measured(monkeypatch):
+def natively(*precisions):
+    """A stand-in for runs_natively: these half precisions run natively, others do not."""
+    return lambda precision, device: precision in ("float32", "int8", *precisions)
+
+
+def test_serving_auto_takes_a_half_precision_only_where_native_and_measured(monkeypatch):
     from collabvit.config import ModelSpec
     from collabvit.models import zoo
     from collabvit.serve import model as served
 
     cpu, shipped = torch.device("cpu"), ModelSpec("collabvit_fmnist_server")
-    monkeypatch.setattr(served, "native_bfloat16", lambda device: True)
+    monkeypatch.setattr(served, "runs_natively", natively("bfloat16", "float16"))
     monkeypatch.setattr(zoo, "precision_change", lambda name, precision: 0.05)
     assert served.served_precision("auto", shipped, cpu) == "bfloat16"
     assert served.served_precision("int8", shipped, cpu) == "int8"  # asked for: taken
@@ -179,20 +185,55 @@ def test_serving_auto_takes_bfloat16_only_where_native_and_measured(monkeypatch)
     monkeypatch.setattr(zoo, "precision_change", lambda name, precision: None)
     assert served.served_precision("auto", shipped, cpu) == "float32"  # never measured
     monkeypatch.setattr(zoo, "precision_change", lambda name, precision: 0.05)
-    monkeypatch.setattr(served, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(served, "runs_natively", natively())
     assert served.served_precision("auto", shipped, cpu) == "float32"  # emulated: slower
+    # a GPU without bfloat16 (float16 only): float16, where the card holds it within bounds
+    monkeypatch.setattr(served, "runs_natively", natively("float16"))
+    assert served.served_precision("auto", shipped, cpu) == "float16"
+    monkeypatch.setattr(zoo, "precision_change",
+                        lambda name, precision: 0.05 if precision == "bfloat16" else 0.2)
+    assert served.served_precision("auto", shipped, cpu) == "float32"
 
 
-def test_bfloat16_asked_for_on_a_cpu_that_emulates_it_is_served_with_a_warning(monkeypatch):
+def test_the_shipped_cards_measure_every_precision_auto_may_choose():
+    from collabvit.lite.specs import AUTO_PRECISIONS, SHIPPED_PAIRS
+    from collabvit.models import zoo
+
+    for _, server_name in SHIPPED_PAIRS.values():
+        for precision in AUTO_PRECISIONS:
+            assert zoo.precision_change(server_name, precision) is not None, (server_name,
+                                                                               precision)
+
+
+def test_native_precisions_follow_the_device_and_the_cpu_features(monkeypatch):
+    from collabvit.models import precision as p
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(p, "cpu_model", lambda: "Some CPU (avx2, avx512f, avx512_bf16)")
+    assert [x for x in PRECISIONS if p.runs_natively(x, cpu)] == ["float32", "bfloat16", "int8"]
+    assert p.emulation_warning("bfloat16", cpu) is None
+    warning = p.emulation_warning("float16", cpu)
+    assert warning.startswith("float16 on a CPU without AVX512-FP16") and "\n" not in warning
+    monkeypatch.setattr(p, "cpu_model", lambda: "Old CPU (avx2)")
+    assert p.runs_natively("bfloat16", cpu) is False and p.emulation_warning("bfloat16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert p.runs_natively("float16", gpu) and not p.runs_natively("bfloat16", gpu)
+    assert not p.runs_natively("int8", gpu) and p.emulation_warning("float16", gpu) is None
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_a_half_precision_asked_for_on_a_cpu_that_emulates_it_is_served_with_a_warning(
+        monkeypatch, precision):  # fmt: skip
     from collabvit.config import ModelSpec
+    from collabvit.models import precision as p
     from collabvit.serve import model as served
 
-    monkeypatch.setattr(served, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(p, "cpu_model", lambda: "Old CPU (avx2)")
     heard: list[str] = []
     load, chosen = served.load_served_model(ModelSpec("collabvit_fmnist_server"), "cpu", None,
-                                            "bfloat16", 8, heard.append)  # fmt: skip
-    assert chosen == "bfloat16" and len(heard) == 1 and "emulated" in heard[0]
-    assert load().model.patch_embed.proj.weight.dtype == torch.bfloat16
+                                            precision, 8, heard.append)  # fmt: skip
+    assert chosen == precision and len(heard) == 1 and "emulated" in heard[0]
+    assert load().model.patch_embed.proj.weight.dtype == getattr(torch, precision)
 
 
 def test_compare_runs_counts_where_two_runs_part(run_cli):

@@ -134,7 +134,8 @@ class RunConfig:
     precision: str = field(default="float32", metadata=flag(
         "what both models compute in: float32 (default: exact, the reference's figures), "
         "bfloat16 (fast on CPUs with AVX512-BF16 or AMX and on GPUs; answers may differ "
-        "slightly), int8 (the linear layers dynamically quantized, CPU)",
+        "slightly), float16 (GPUs; emulated, slowly, on most CPUs), int8 (the linear layers "
+        "dynamically quantized, CPU)",
         choices=PRECISIONS))
 
     def __post_init__(self) -> None:
@@ -470,9 +471,10 @@ class ServeConfig:
         metavar="N"))
     precision: str = field(default="auto", metadata=flag(
         "what the model computes in: auto picks bfloat16 where it runs natively (CPUs with "
-        "AVX512-BF16 or AMX, GPUs) and the shipped model's card records a change of at most "
-        "0.1 pt for it, float32 otherwise; float32 answers exactly as `collabvit eval` "
-        "computes (default: %(default)s)", choices=("auto", *PRECISIONS)))
+        "AVX512-BF16 or AMX, GPUs), else float16 on a GPU, where the shipped model's card "
+        "records a change of at most 0.1 pt for it, float32 otherwise; float32 answers "
+        "exactly as `collabvit eval` computes (default: %(default)s)",
+        choices=("auto", *PRECISIONS)))
     bf16: bool = field(default=False, metadata=flag("the same as --precision bfloat16"))
 
     def __post_init__(self) -> None:

@@ -19,8 +19,10 @@ from collabvit.lite.modes import (
     validate_masking,
 )
 
-# float32 is the reference implementation's arithmetic: the exact mode
-PRECISIONS = ("float32", "bfloat16", "int8")
+# float32 is the reference implementation's arithmetic: the exact mode; float16 is for GPUs
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+# the lower precisions `collabvit serve --precision auto` considers, in order of preference
+AUTO_PRECISIONS = ("bfloat16", "float16")
 DATA_SETS = ("fmnist", "fmnist-cluttered", "imagenet", "tensors")
 FASHION_MNIST_SPLITS = ("test", "val", "train", "train-all")
 

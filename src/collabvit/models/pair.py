@@ -13,7 +13,7 @@ from collabvit.config import DataSpec, ModelSpec
 from collabvit.lite.specs import EdgeConfig
 from collabvit.models import vit, zoo
 from collabvit.models.edge import EdgeDevice
-from collabvit.models.precision import check_precision, with_precision
+from collabvit.models.precision import check_precision, emulation_warning, with_precision
 from collabvit.models.server import Server
 
 
@@ -128,6 +128,9 @@ def load_pair(
                     f"validation split's images (its run held out another validation "
                     "split): its accuracy on --split val is optimistic"
                 )
+    emulated = emulation_warning(precision, torch_device)
+    if emulated:
+        notes.append(emulated)
     normalization = vit.Normalization.identity() if dataset.inputs_normalized else None
     edge_model = with_precision(edge_model, precision, torch_device)
     if server_model is not None:

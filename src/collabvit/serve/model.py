@@ -13,34 +13,39 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from collabvit import cpu_model
 from collabvit.config import ModelSpec
 from collabvit.lite.protocol import PatchPayload, WireGeometry
+from collabvit.lite.specs import AUTO_PRECISIONS
 from collabvit.models import zoo
 from collabvit.models.precision import (
     check_precision,
-    native_bfloat16,
+    emulation_warning,
+    runs_natively,
     with_precision,
 )
 from collabvit.models.server import Server
 
 log = logging.getLogger("collabvit.serve")
 # the largest change in collaborative accuracy (points, on the shipped pair's test images)
-# that a model card may record for bfloat16 for `--precision auto` to serve in it
-AUTO_BFLOAT16_BOUND = 0.1
+# that a model card may record for a lower precision for `--precision auto` to serve in it
+AUTO_PRECISION_BOUND = 0.1
 
 
 def served_precision(asked: str, spec: ModelSpec, device: torch.device) -> str:
-    """What `collabvit serve` computes in: `asked`, or for 'auto' bfloat16 where it runs
-    natively and the shipped model's card records a change of at most AUTO_BFLOAT16_BOUND
-    points for it (measured by scripts/precision_report.py), float32 otherwise (other
-    weights, another model, an emulating CPU)."""
+    """What `collabvit serve` computes in: `asked`, or for 'auto' the first of bfloat16 and
+    float16 that runs natively on `device` and for which the shipped model's card records a
+    change of at most AUTO_PRECISION_BOUND points (measured by scripts/precision_report.py),
+    float32 otherwise (other weights, another model, an emulating CPU)."""
     if asked != "auto":
         return asked
-    if spec.weights is not None or not native_bfloat16(device):
+    if spec.weights is not None:
         return "float32"
-    change = zoo.precision_change(spec.name.split(".")[0], "bfloat16")
-    return "bfloat16" if change is not None and change <= AUTO_BFLOAT16_BOUND else "float32"
+    for precision in AUTO_PRECISIONS:
+        change = zoo.precision_change(spec.name.split(".")[0], precision)
+        if runs_natively(precision, device) and change is not None \
+                and change <= AUTO_PRECISION_BOUND:  # fmt: skip
+            return precision
+    return "float32"
 
 
 def load_served_model(spec: ModelSpec, device: str, threads: int | None, precision: str,
@@ -52,7 +57,7 @@ def load_served_model(spec: ModelSpec, device: str, threads: int | None, precisi
     A user's mistake (an unknown model, a device this machine lacks, int8 on a GPU) raises
     here, as ValueError or OSError. `threads` (None: torch's choice) sets the process's
     torch threads first; `precision` is one of PRECISIONS or 'auto' (served_precision), and
-    `warn` (if given) hears of bfloat16 asked for on a CPU that only emulates it. The
+    `warn` (if given) hears of a half precision asked for on a CPU that only emulates it. The
     returned loader puts the model in a Server on `device` that batches at most
     `max_batch` images.
     """
@@ -64,10 +69,9 @@ def load_served_model(spec: ModelSpec, device: str, threads: int | None, precisi
     chosen = served_precision(precision, spec, resolved)
     check_precision(chosen, resolved)
     model = load_model(spec, server=True)
-    if chosen == "bfloat16" and resolved.type == "cpu" and not native_bfloat16(resolved) \
-            and warn is not None:  # fmt: skip
-        warn(f"bfloat16 on a CPU without AVX512-BF16 or AMX ({cpu_model()}) is emulated "
-             "and slower than float32")
+    emulated = emulation_warning(chosen, resolved)
+    if emulated and warn is not None:
+        warn(emulated)
     model = with_precision(model, chosen, resolved)
     return (lambda: Server(model, resolved, max_batch=max_batch)), chosen
 
