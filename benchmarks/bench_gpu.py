@@ -10,6 +10,9 @@
    ragged payloads (bench_forward's: 100..196 of 196 patches each), in batches of 256.
 3. **Served**: `collabvit serve --device cuda --precision P` (the shipped Fashion-MNIST
    server) under bench_serve's load, where fastapi and uvicorn are installed.
+4. **Fine-tuning steps**: images/s of `collabvit train`'s step (forward, label-smoothed loss,
+   backward, AdamW) for deit_tiny and deit_base on random 224 x 224 images, batches of 128,
+   bfloat16 autocast (what bench_train_ddp's scaling on paper takes as one GPU's rate).
 
 On a machine without a GPU this keeps the figures of an earlier GPU run (its section gives
 their date and device), or, where none ran, writes a section saying so and how to run it.
@@ -125,6 +128,42 @@ def bench_server(args: argparse.Namespace, device: torch.device) -> dict:
     return rates
 
 
+TRAINED = ("deit_tiny_patch16_224", "deit_base_patch16_224")
+
+
+def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
+    """Images/s of a fine-tuning step of each DeiT size (bfloat16 autocast on a GPU)."""
+    from collabvit.config import TrainConfig
+    from collabvit.research.train import StudentForward
+
+    rates, workload = {}, deit_workload(1, args.seed)
+    smoothing = TrainConfig().label_smoothing
+    for name, model in zip(TRAINED, (workload.edge_model, workload.server_model), strict=True):
+        model = model.to(device).train()
+        forward = StudentForward(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        images = torch.randn(args.train_batch, 3, 224, 224, device=device)
+        labels = torch.randint(0, model.num_classes, (args.train_batch,), device=device)
+        timed = synchronised(device, lambda f=forward, o=optimizer, x=images, y=labels:
+                             _train_step(f, o, x, y, smoothing))  # fmt: skip
+        for _ in range(2):
+            timed()
+        best = min(_seconds(timed) for _ in range(args.repeats * 3))
+        rates[name] = args.train_batch / best
+    return rates
+
+
+def _train_step(forward, optimizer, images, labels, smoothing: float) -> None:
+    """One step of `collabvit train`'s: forward under bfloat16 autocast, label-smoothed loss,
+    backward, AdamW."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        logits = forward(images)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def bench_served(args: argparse.Namespace) -> dict | str:
     """Served images/s of the shipped Fashion-MNIST server on the GPU at each precision, or
     why it was not measured."""
@@ -178,7 +217,12 @@ def render(results: dict, args, device: torch.device, elapsed: float, load_at_st
         f"server, {args.requests} requests, {args.concurrency} in flight)"
         + ("" if isinstance(served, dict) else f": served {served}") + ".", "",
         "| precision | in-process images/s | / float32 | served images/s | / float32 |",
-        "|---|---:|---:|---:|---:|", *server_rows]
+        "|---|---:|---:|---:|---:|", *server_rows, "",
+        f"Fine-tuning steps (`collabvit train`'s: forward, loss, backward, AdamW), random "
+        f"224 x 224 images in batches of {args.train_batch}, bfloat16 autocast, best of "
+        f"{args.repeats * 3}:", "",
+        "| model | images/s |", "|---|---:|",
+        *[f"| {name} | {rate:,.0f} |" for name, rate in results["train_images_per_second"].items()]]
     return section("bench_gpu", "GPU: eval and server at each precision", body,
                    load_at_start, elapsed)
 
@@ -209,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--server-images", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--device", default="cuda")
@@ -219,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_suite_arguments(parser)
     args = parser.parse_args(argv)
     return apply_quick(args, images=4, server_images=4, batch_size=2, requests=8,
-                       concurrency=2, repeats=1, precisions=["float32", "bfloat16"],
+                       train_batch=2, concurrency=2, repeats=1, precisions=["float32", "bfloat16"],
                        device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
 
 
@@ -248,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"server in-process: {results['server']}", file=sys.stderr, flush=True)
     results["served"] = bench_served(args)
     print(f"served: {results['served']}", file=sys.stderr, flush=True)
+    results["train_images_per_second"] = bench_training(args, device)
+    print(f"training: {results['train_images_per_second']}", file=sys.stderr, flush=True)
     text = render(results, args, device, time.perf_counter() - began, load_at_start)
     publish(args, "bench_gpu", text, results)
 

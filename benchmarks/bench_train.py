@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
 from collabvit.config import TrainConfig
-from collabvit.research.train import Trainer, augment
+from collabvit.research.train import Trainer
+from collabvit.research.train_data import augment
 
 MODELS = (
     ("collabvit_fmnist_cnn", {}),

@@ -20,15 +20,12 @@ from collabvit.lite.protocol import patchify
 from collabvit.models import vit
 from collabvit.models.zoo import recorded_training_config
 from collabvit.research.teacher import TeacherOutputs, distillation_loss, load_teacher
-from collabvit.research.train import (
-    Trainer,
+from collabvit.research.train import Trainer, drop_tokens, lr_scheduler, training_time
+from collabvit.research.train_data import (
     apply_augmentations,
     augment,
     augmentation_count,
     draw_augmentations,
-    drop_tokens,
-    lr_scheduler,
-    training_time,
 )
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -143,8 +140,8 @@ def test_training_holds_out_the_val_split_whatever_the_seed(tmp_path):
     config = TrainConfig(model_kwargs=TINY, train_limit=300, seed=1)
     trainer = Trainer(config, tmp_path, progress=False)
     val, train = FashionMNIST(FMNIST, "val"), FashionMNIST(FMNIST, "train")
-    assert torch.equal(trainer.val_images, val.images)
-    assert torch.equal(trainer.val_labels, val.labels)
+    assert torch.equal(trainer.data.val_images, val.images)
+    assert torch.equal(trainer.data.val_labels, val.labels)
     assert torch.equal(trainer.data.images, train.images[:300])
     assert torch.equal(trainer.train_labels, train.labels[:300])
 
@@ -479,7 +476,7 @@ def test_cluttered_training_draws_canvases_of_its_items_with_the_clutter_asked(t
     image size is a one-line error."""
     from collabvit.data import ClutteredFashionMNIST
     from collabvit.lite.cluttered import spec_with
-    from collabvit.research.train import CLUTTERED_DRAWS, ClutteredTraining
+    from collabvit.research.train_data import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=32)
     assert data.augmentations == 2 * CLUTTERED_DRAWS and len(data.labels) == 32
@@ -513,7 +510,7 @@ def test_cluttered_training_distils_from_a_canvas_teacher(tmp_path, capsys):
     """A tiny run on fmnist-cluttered: the teacher and a distilled student train, export and
     record the data set; validation is on the val split's published canvases."""
     from collabvit.data import ClutteredFashionMNIST
-    from collabvit.research.train import CLUTTERED_DRAWS, ClutteredTraining
+    from collabvit.research.train_data import CLUTTERED_DRAWS, ClutteredTraining
 
     data = ClutteredTraining(FMNIST, augmented=True, limit=64)
     assert torch.equal(data.val_images, ClutteredFashionMNIST(FMNIST, "val").images)
@@ -545,7 +542,7 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
     config record them, and a checkpoint made before the field existed still resumes."""
     from collabvit.data import ClutteredFashionMNIST
     from collabvit.lite.cluttered import spec_with
-    from collabvit.research.train import ClutteredTraining
+    from collabvit.research.train_data import ClutteredTraining
 
     busy = {"fragments": 12, "seed": 3}
     data = ClutteredTraining(FMNIST, augmented=True, limit=32, clutter=busy)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from collabvit.lite.config import TOKEN_ENV
+from collabvit.lite.fashion import FASHION_MNIST_ROOT
 from collabvit.lite.modes import (
     ATTENTION_MODES,
     canonical_uncertainty_mode,
@@ -28,8 +29,10 @@ from collabvit.lite.specs import (
     require,
 )
 
-# The data sets collabvit trains on (both built from the Fashion-MNIST IDX files).
-TRAIN_DATA_SETS = ("fmnist", "fmnist-cluttered")
+# The data sets collabvit trains on: two built from the Fashion-MNIST IDX files, and any
+# ImageNet-style image folder.
+TRAIN_DATA_SETS = ("fmnist", "fmnist-cluttered", "imagenet")
+FASHION_MNIST_FOLDER = str(FASHION_MNIST_ROOT)
 DISTILL_MODES = ("hard", "soft")
 
 
@@ -310,10 +313,13 @@ class TrainConfig:
         metavar="JSON"))
     data_set: str = field(default="fmnist", metadata=flag(
         "fmnist: Fashion-MNIST; fmnist-cluttered: its cluttered 56x56 canvases, each step "
-        "drawing one of 32 canvases of each item, maybe flipped (default: %(default)s)",
-        choices=TRAIN_DATA_SETS))
-    data_path: str = field(default="/usr/share/datasets/fashion-mnist", metadata=flag(
-        "Fashion-MNIST IDX folder (default: %(default)s)", metavar="DIR"))
+        "drawing one of 32 canvases of each item, maybe flipped; imagenet: any ImageNet-style "
+        "folder, DIR/train/<class>/<image> and DIR/val/<class>/<image> (without val/, a "
+        "tenth of train/ is held out), with timm's training transforms (default: "
+        "%(default)s)", choices=TRAIN_DATA_SETS))
+    data_path: str = field(default=FASHION_MNIST_FOLDER, metadata=flag(
+        "Fashion-MNIST IDX folder, or the image folder of --data-set imagenet (default: "
+        "%(default)s)", metavar="DIR"))
     clutter: dict = field(default_factory=dict, metadata=flag(
         CLUTTER_HELP + "; training and validation canvases both take the changes", type="json",
         metavar="JSON"))
@@ -355,7 +361,23 @@ class TrainConfig:
         "temperature of soft distillation (default: %(default)s)", type="finite", metavar="T"))
     augment: bool = field(default=True, metadata=flag(
         "no augmentation (Fashion-MNIST: random shift and flip; cluttered: a new canvas of "
-        "the item, and flip)"))
+        "the item, and flip; image folders: timm's random resized crop, flip, colour jitter "
+        "and --auto-augment)"))
+    auto_augment: str | None = field(default=None, metadata=flag(
+        "image folders: timm's auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment, "
+        "the default), augmix-m5-w4-d2, or none", metavar="POLICY"))
+    mixup: float = field(default=0.0, metadata=flag(
+        "mixup alpha (timm's Mixup; e.g. 0.8; default: %(default)s, off)", type="finite",
+        metavar="A"))
+    cutmix: float = field(default=0.0, metadata=flag(
+        "cutmix alpha (timm's Mixup; e.g. 1.0; default: %(default)s, off)", type="finite",
+        metavar="A"))
+    init_weights: str | None = field(default=None, metadata=flag(
+        "fine-tune: start from these weights (.safetensors or .pth; a `collabvit train` "
+        "model.safetensors too), or 'pretrained' for the weights timm knows for --model "
+        "(shipped with collabvit, or from timm's hub); the "
+        "position embeddings are resampled to the model's grid and the head is new where the "
+        "class count differs (default: random initialisation)", metavar="FILE"))
     bf16: bool = field(default=False, metadata=flag(
         "bfloat16 autocast (faster on CPUs with AVX512-BF16)"))
     seed: int = field(default=0, metadata=flag(
@@ -377,6 +399,11 @@ class TrainConfig:
             (self.distill in DISTILL_MODES, f"distillation is one of {', '.join(DISTILL_MODES)}"),
             (0 <= self.distill_weight <= 1, "the distillation weight must lie in [0, 1]"),
             (self.distill_temperature > 0, "the distillation temperature must be > 0"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+            (self.data_set != "imagenet" or self.data_path != FASHION_MNIST_FOLDER,
+             "--data-set imagenet needs --data-path DIR, a folder with train/<class>/<image>"),
+            (self.data_set == "imagenet" or self.auto_augment is None,
+             "--auto-augment is for image folders (--data-set imagenet)"),
         ])  # fmt: skip
         _check_clutter(self.data_set, self.clutter)
 
@@ -394,6 +421,12 @@ class TrainRun:
         "follows the whole schedule; --resume without it continues to the end)",
         type="positive_int", metavar="N"))
     quiet: bool = field(default=False, metadata=flag("no progress output"))
+    device: str = field(default="cpu", metadata=flag(
+        "torch device: cpu, cuda, cuda:1; under torchrun, cuda gives each process the GPU of "
+        "its local rank (default: %(default)s)"))
+    workers: int = field(default=0, metadata=flag(
+        "image folders: processes that decode and augment the next batches (default: "
+        "%(default)s, in the training process)", type="non_negative_int", metavar="N"))
 
 
 @dataclass(frozen=True)

@@ -329,6 +329,11 @@ def read_image(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {reason}") from error
 
 
+def read_greyscale(path: str) -> Image.Image:
+    """An image file in greyscale (mode L), for a model that takes one channel."""
+    return read_image(path).convert("L")
+
+
 @functools.cache
 def _imagenet_info(subset: str) -> timm.data.ImageNetInfo:
     return timm.data.ImageNetInfo(subset)
@@ -350,10 +355,13 @@ class ImageNetFolder(ImageFolder):
     raise DataError naming the file.
     """
 
-    def __init__(self, root: str | Path, transform, imagenet_subset: str | None) -> None:
+    def __init__(self, root: str | Path, transform, imagenet_subset: str | None,
+                 channels: int = 3) -> None:  # fmt: skip
         self.imagenet_subset = imagenet_subset
         self.synset_labelled = False  # set by find_classes, which ImageFolder calls
-        super().__init__(str(root), transform=transform, loader=read_image)
+        # a model of one channel reads every image in greyscale
+        loader = read_image if channels == 3 else read_greyscale
+        super().__init__(str(root), transform=transform, loader=loader)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, class_to_idx = super().find_classes(directory)
@@ -388,7 +396,8 @@ def image_folder(
     config["crop_pct"] = crop_pct if crop_pct is not None else eval_crop_pct(model)
     transform = timm.data.create_transform(**config, is_training=False, normalize=False)
     try:
-        return ImageNetFolder(folder, transform, timm.data.infer_imagenet_subset(model))
+        return ImageNetFolder(folder, transform, timm.data.infer_imagenet_subset(model),
+                              embed.proj.in_channels)  # fmt: skip
     except (FileNotFoundError, RuntimeError) as error:
         raise DataError(
             f"{folder} is not an ImageNet-style folder (<class>/<image>): {error}"

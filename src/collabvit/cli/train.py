@@ -1,5 +1,6 @@
-"""`collabvit train`: a small ViT (or its CNN teacher) on the built-in data sets, resumable,
-one line per epoch."""
+"""`collabvit train`: a ViT (or a CNN teacher) on the built-in data sets or an image folder,
+from scratch or fine-tuned, resumable, in one process or under torchrun, one line per
+epoch."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from collabvit.cli.common import UsageError, fail
 from collabvit.cli.flags import add_config_arguments, given_values
 from collabvit.config import TrainConfig, TrainRun
 
-SUMMARY = ("train a small ViT on Fashion-MNIST or its cluttered canvases (optionally with token "
-           "drop and a teacher)")  # fmt: skip
+SUMMARY = ("train or fine-tune a ViT on Fashion-MNIST, its cluttered canvases or an image "
+           "folder (optionally with token drop and a teacher; torchrun for several processes)")
 DESCRIPTION = (
-    "Train a timm ViT (or the CNN teacher) on Fashion-MNIST or cluttered Fashion-MNIST: "
-    "AdamW, cosine schedule with warm-up, label smoothing, augmentation, the fixed "
-    "validation split; resumable; deterministic given --seed.")  # fmt: skip
+    "Train a timm ViT (or a CNN teacher) on Fashion-MNIST, cluttered Fashion-MNIST or an "
+    "ImageNet-style image folder, from scratch or from pretrained weights (--init-weights): "
+    "AdamW, cosine schedule with warm-up, label smoothing, augmentation, a fixed validation "
+    "split; resumable; deterministic given --seed. Under torchrun every process trains on "
+    "its share of each --batch-size images and the gradients are averaged: the same steps "
+    "as one process.")  # fmt: skip
 
 # --augment is on unless --no-augment is given
 TRAIN_FLAGS = {"augment": "--no-augment"}

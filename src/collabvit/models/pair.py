@@ -70,8 +70,13 @@ class Pair:
                                    positions=positions)  # fmt: skip
 
     def class_names(self) -> list[str]:
-        """A readable name for each of the models' classes."""
-        return data.class_names(self.dataset, vit.geometry(self.edge_model).num_classes)
+        """A readable name for each of the models' classes: those the edge's weights record
+        (a `collabvit train` run), else the dataset's."""
+        count = vit.geometry(self.edge_model).num_classes
+        recorded = zoo.recorded_classes(self.edge_spec.weights)
+        if recorded is not None and len(recorded) == count:
+            return recorded
+        return data.class_names(self.dataset, count)
 
     def default_config(self) -> EdgeConfig:
         """The operating point shipped with this pair of models, else the paper's."""
@@ -79,8 +84,16 @@ class Pair:
 
 
 def load_model(spec: ModelSpec, server: bool = False) -> torch.nn.Module:
-    """A supported timm ViT in eval mode, from the spec (ModelError with a one-line reason)."""
-    return vit.create_vit(spec.name, spec.weights, spec.kwargs, server=server, use_ema=spec.use_ema)
+    """A supported timm ViT in eval mode, from the spec (ModelError with a one-line reason).
+
+    Weights written by `collabvit train` for this model record its architecture overrides
+    (a fine-tuned head's class count, say); they are used when the spec gives none."""
+    kwargs = spec.kwargs
+    if not kwargs and spec.weights is not None:
+        recorded = zoo.recorded_training_config(spec.name, spec.weights) or {}
+        if recorded.get("model") == spec.name:
+            kwargs = recorded.get("model_kwargs") or {}
+    return vit.create_vit(spec.name, spec.weights, kwargs, server=server, use_ema=spec.use_ema)
 
 
 def load_pair(

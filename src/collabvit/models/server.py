@@ -92,6 +92,8 @@ class Server:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.geometry = vit.geometry(model)
+        # one name per class where the weights record them (a `collabvit train` run)
+        self.class_names: list[str] | None = None
         self.normalization = normalization or vit.Normalization.of_model(model)
         self.max_batch = max_batch
         self.max_padding = max_padding

@@ -253,6 +253,19 @@ def recorded_training_config(model_name: str, weights_path: str | Path | None) -
     return config if isinstance(config, dict) else None
 
 
+def recorded_classes(weights_path: str | Path | None) -> list[str] | None:
+    """The class names a `collabvit train` weights file records (its safetensors metadata
+    "classes"), one per class index; None for other files and for no file."""
+    if weights_path is None:
+        return None
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            classes = json.loads((handle.metadata() or {})["classes"])
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+    return [str(name) for name in classes] if isinstance(classes, list) else None
+
+
 def shipped_frontier(model_name: str, weights: str | None) -> dict | None:
     """The frontier shipped in an edge model's card: None for other weights (a frontier
     belongs to the weights it was swept with); which server it was swept with, read_frontier

@@ -88,6 +88,22 @@ class Processes:
         dist.all_gather_object(values, value)
         return values
 
+    def broadcast(self, value):
+        """The first process's `value` (any picklable object), on every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of every process's `tensor` (counts, sums), on the CPU."""
+        if not self.distributed:
+            return tensor
+        on_device = tensor.to(self.device) if self.device.startswith("cuda") else tensor.clone()
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.cpu()
+
     def concat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Each process's `tensor`, concatenated along dim 0 in rank order (= dataset order)."""
         return torch.cat(self.gather(tensor.cpu()))

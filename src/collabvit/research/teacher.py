@@ -43,10 +43,12 @@ class TeacherOutputs:
         images `index` [B] under `augmentations` [B]; only unseen pairs run the teacher."""
         missing = ~self.known[index, augmentations]
         if missing.any():
+            rows = missing.nonzero().squeeze(1)  # the table lives on the CPU, images anywhere
             with torch.no_grad():
-                computed = self.teacher(self.normalization(images[missing])).float()
-            self.logits[index[missing], augmentations[missing]] = computed
-            self.known[index[missing], augmentations[missing]] = True
+                unseen = images[rows.to(images.device)]
+                computed = self.teacher(self.normalization(unseen)).float().cpu()
+            self.logits[index[rows], augmentations[rows]] = computed
+            self.known[index[rows], augmentations[rows]] = True
         return self.logits[index, augmentations]
 
     @property

@@ -147,6 +147,7 @@ class DataPlane:
                 "max_batch": self.settings.max_batch,
                 "max_delay_ms": self.settings.max_delay_ms,
                 "precision": server.precision,
+                **({"class_names": server.class_names} if server.class_names else {}),
             },
         }  # fmt: skip
 

@@ -73,7 +73,14 @@ def load_served_model(spec: ModelSpec, device: str, threads: int | None, precisi
     if emulated and warn is not None:
         warn(emulated)
     model = with_precision(model, chosen, resolved)
-    return (lambda: Server(model, resolved, max_batch=max_batch)), chosen
+    classes = zoo.recorded_classes(spec.weights)
+
+    def load() -> Server:
+        server = Server(model, resolved, max_batch=max_batch)
+        server.class_names = classes
+        return server
+
+    return load, chosen
 
 
 class ModelState:
