@@ -78,7 +78,7 @@ def test_fine_tuning_on_an_image_folder_starts_from_the_weights_with_a_new_head(
                              "1e-12", "--min-lr", "0", "--weight-decay", "0"))  # fmt: skip
     printed = capsys.readouterr()
     assert status == 0, printed.err
-    assert "wrote" in printed.out and "validation" in printed.out and "test" not in printed.out
+    assert "wrote" in printed.out and "validation" in printed.out and ", test " not in printed.out
     card = json.loads((out / "model_card.json").read_text())
     assert card["classes"] == CLASSES and card["data"]["validation_images"] == 12
     assert card["data"]["train_images"] == 48
@@ -175,11 +175,11 @@ def test_an_augmentation_depends_on_its_seed_alone(image_folder):
     model = vit.create_vit(MODEL, model_kwargs={**ARCHITECTURE, "num_classes": 3},
                            pretrained=False)  # fmt: skip
     data = ImageFolderTraining(image_folder, model, True, seed=3)
-    first = data.augmented(5, 1234)
+    first = data.augmented_image(5, 1234)
     torch.manual_seed(99)  # the global generators do not matter ...
-    assert torch.equal(data.augmented(5, 1234), first) and first.dtype == torch.uint8
+    assert torch.equal(data.augmented_image(5, 1234), first) and first.dtype == torch.uint8
     assert first.shape == (3, 32, 32)
-    assert not torch.equal(data.augmented(5, 1235), first)  # ... the seed does
+    assert not torch.equal(data.augmented_image(5, 1235), first)  # ... the seed does
     # this process's rows of each batch, whichever rows it trains on
     order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(0))
     whole = list(data.batches(order, 12, lambda n: slice(0, n), torch.Generator(), epoch=2))

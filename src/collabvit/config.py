@@ -364,8 +364,8 @@ class TrainConfig:
         "the item, and flip; image folders: timm's random resized crop, flip, colour jitter "
         "and --auto-augment)"))
     auto_augment: str | None = field(default=None, metadata=flag(
-        "image folders: timm's auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment, "
-        "the default), augmix-m5-w4-d2, or none", metavar="POLICY"))
+        "image folders: timm's auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9 "
+        "(RandAugment, the default), augmix-m5-w4-d2, or none", metavar="POLICY"))
     mixup: float = field(default=0.0, metadata=flag(
         "mixup alpha (timm's Mixup; e.g. 0.8; default: %(default)s, off)", type="finite",
         metavar="A"))

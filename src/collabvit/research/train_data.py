@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import timm.data
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,9 @@ from collabvit.lite.fashion import FASHION_MNIST_VAL_SEED
 # which rows of a global batch of n images this process trains on
 Shard = Callable[[int], slice]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # index [b], augmentation [b], images
-# timm's train.py recipe for ImageNet: RandAugment, magnitude 9, noise 0.5, increasing
-DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# DeiT's RandAugment (magnitude 9, noise 0.5, increasing), the magnitude capped at 9: at 10
+# timm's increasing posterize keeps 0 bits, which Pillow refuses since version 10
+DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 # an image folder without val/ holds out this share of train/ (at least one image), by
 # FASHION_MNIST_VAL_SEED: the validation images do not change with the run's seed
 HELD_OUT_SHARE = 0.1
@@ -269,7 +271,7 @@ class _StepImages(Dataset):
         index, seeds = self.plan[step]
         if not len(index):  # no share of a short last batch
             return torch.zeros(0, *self.folder.image_shape, dtype=torch.uint8)
-        return torch.stack([self.folder.augmented(int(i), int(s))
+        return torch.stack([self.folder.augmented_image(int(i), int(s))
                             for i, s in zip(index, seeds, strict=True)])
 
 
@@ -340,20 +342,23 @@ class ImageFolderTraining:
         digest = hashlib.sha256("\n".join(self.samples).encode())
         return digest.hexdigest()
 
-    def augmented(self, index: int, seed: int) -> torch.Tensor:
+    def augmented_image(self, index: int, seed: int) -> torch.Tensor:
         """Training image `index` under the augmentation `seed` draws: uint8 [C, H, W].
-        torchvision's and timm's transforms draw from the global random generators of
-        torch and Python, so they are seeded here for this one image and put back after."""
+        torchvision's and timm's transforms draw from the global random generators of torch,
+        Python and NumPy (RandAugment's choice of operations), so they are seeded here for
+        this one image and put back after."""
         image = read_image(self.samples[index])
         image = image if self.channels == 3 else image.convert("L")
+        python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            state = random.getstate()
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             try:
                 return self.train_transform(image)
             finally:
-                random.setstate(state)
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
 
     def batches(self, order: torch.Tensor, batch_size: int, shard: Shard,
                 generator: torch.Generator, epoch: int) -> Iterator[Batch]:  # fmt: skip
