@@ -27,7 +27,7 @@ from benchmarks.harness import REPO, RESULTS, load_average, machine_lines, withi
 
 SUITE = ("bench_forward", "bench_eval", "bench_compute", "bench_codec", "bench_serve", "bench_data",
          "bench_onnx_edge", "bench_overload", "bench_adaptive", "bench_ray", "bench_precision",
-         "bench_gpu")
+         "bench_gpu", "bench_train_ddp")
 SECTION_START = "<!-- targets:start (written by python -m benchmarks) -->"
 SECTION_END = "<!-- targets:end -->"
 
@@ -140,6 +140,9 @@ def target_rows(figures: dict) -> list[str]:
         rows += precision_rows(figures["bench_precision"])
     if "bench_gpu" in figures:
         rows += gpu_rows(figures["bench_gpu"])
+    for model, r in figures.get("bench_train_ddp", {}).get("measured", {}).items():
+        rows.append(f"| training images/s, 2 processes x 1 thread / 1 x 2 threads, {model} "
+                    f"(informational) | {r['ratio']:.2f}x | | | |")
     if "bench_forward" in figures:
         f = figures["bench_forward"]
         rows.append(f"| edge `mean` step / plain `model(x)` | {f['edge_mean_over_plain']:.3f} | "

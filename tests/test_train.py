@@ -582,3 +582,17 @@ def test_cluttered_training_on_changed_canvases_records_them_and_resumes_old_che
     # a canvas the model cannot take: the image-size error, one line
     assert main([*common[:-1], str(tmp_path / "wide"), "--clutter", '{"canvas": 64}']) == 2
     assert "training images are (1, 64, 64), the model takes (1, 56, 56)" in capsys.readouterr().err
+
+
+def test_accuracy_keeps_no_graph_of_a_model_being_trained(monkeypatch):
+    """A trained (not averaged) model's parameters require gradients: scoring 10,000 test
+    images with them must not keep every batch's graph (tens of GB for the server)."""
+    from collabvit.research import train as training
+
+    model = vit.create_vit("collabvit_fmnist_edge", pretrained=False, model_kwargs=TINY).train()
+    assert all(p.requires_grad for p in model.parameters())
+    seen = []
+    monkeypatch.setattr(training, "accuracy", lambda logits, labels: seen.append(logits) or 0.0)
+    training.model_accuracy(model, torch.zeros(6, 1, 28, 28, dtype=torch.uint8),
+                            torch.zeros(6, dtype=torch.long), batch_size=4)  # fmt: skip
+    assert len(seen) == 1 and not seen[0].requires_grad and seen[0].shape == (6, 10)

@@ -366,6 +366,10 @@ class TrainConfig:
     auto_augment: str | None = field(default=None, metadata=flag(
         "image folders: timm's auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9 "
         "(RandAugment, the default), augmix-m5-w4-d2, or none", metavar="POLICY"))
+    crop_scale: float = field(default=0.08, metadata=flag(
+        "image folders: the smallest share of an image the random resized crop keeps (timm's "
+        "scale; raise it for small images; default: %(default)s)", type="finite",
+        metavar="S"))
     mixup: float = field(default=0.0, metadata=flag(
         "mixup alpha (timm's Mixup; e.g. 0.8; default: %(default)s, off)", type="finite",
         metavar="A"))
@@ -400,6 +404,8 @@ class TrainConfig:
             (0 <= self.distill_weight <= 1, "the distillation weight must lie in [0, 1]"),
             (self.distill_temperature > 0, "the distillation temperature must be > 0"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+            (0 < self.crop_scale <= 1, f"the crop scale must lie in (0, 1], got "
+             f"{self.crop_scale}"),
             (self.data_set != "imagenet" or self.data_path != FASHION_MNIST_FOLDER,
              "--data-set imagenet needs --data-path DIR, a folder with train/<class>/<image>"),
             (self.data_set == "imagenet" or self.auto_augment is None,

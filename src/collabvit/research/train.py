@@ -139,8 +139,9 @@ def model_accuracy(
     """Top-1 accuracy in % of `model` on unnormalised images [n, C, H, W], labels [n]."""
     normalization = vit.Normalization.of_model(model)
     model.eval()
-    logits = torch.cat([model(normalization(images[start : start + batch_size])).float()
-                        for start in range(0, len(labels), batch_size)])  # fmt: skip
+    with torch.inference_mode():  # a model being trained would keep every batch's graph
+        logits = torch.cat([model(normalization(images[start : start + batch_size])).float()
+                            for start in range(0, len(labels), batch_size)])  # fmt: skip
     return accuracy(logits, labels)
 
 
@@ -153,7 +154,8 @@ def training_data(config: TrainConfig, model: torch.nn.Module, workers: int = 0)
         auto_augment = {None: DEFAULT_AUTO_AUGMENT, "none": None}.get(config.auto_augment,
                                                                       config.auto_augment)
         return ImageFolderTraining(config.data_path, model, config.augment, config.seed,
-                                   config.train_limit, auto_augment, workers)  # fmt: skip
+                                   config.train_limit, auto_augment, workers,
+                                   config.crop_scale)  # fmt: skip
     return ShiftedFashionMNIST(config.data_path, config.augment, config.train_limit)
 
 

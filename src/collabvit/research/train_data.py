@@ -290,7 +290,7 @@ class ImageFolderTraining:
 
     def __init__(self, root: str | Path, model: torch.nn.Module, augmented: bool, seed: int,
                  limit: int | None = None, auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
-                 workers: int = 0) -> None:  # fmt: skip
+                 workers: int = 0, crop_scale: float = 0.08) -> None:  # fmt: skip
         root = Path(root)
         if not (root / "train").is_dir():
             raise DataError(f"{root} has no train/ folder: {FOLDER_LAYOUT}")
@@ -304,6 +304,7 @@ class ImageFolderTraining:
         # the model's mean is the colour RandAugment fills with (one value per channel)
         self.train_transform = timm.data.create_transform(
             size, is_training=True, auto_augment=auto_augment, mean=config["mean"],
+            scale=(crop_scale, 1.0),
             interpolation=config["interpolation"], normalize=False,
         ) if augmented else eval_transform  # fmt: skip
         self.channels = size[0]
@@ -334,6 +335,7 @@ class ImageFolderTraining:
         self.samples = [self.samples[i] for i in train_rows.tolist()]
         self.labels = labels[train_rows]
         self.root, self.workers, self.augmented = root, workers, augmented
+        self.crop_scale = crop_scale
         self.auto_augment = auto_augment if augmented else None
         self.dataset = f"image folder {root}"
         self.seed = seed
@@ -392,6 +394,7 @@ class ImageFolderTraining:
                 "validation_images": self.val_count, "validation": self.description,
                 "classes": self.classes,
                 "transform": {"auto_augment": self.auto_augment, "augmented": self.augmented,
+                              "crop_scale": self.crop_scale if self.augmented else None,
                               "input_size": list(self.image_shape)}}  # fmt: skip
 
 
