@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
-from collabvit.config import TrainConfig
+from collabvit.config.train import TrainConfig
 from collabvit.data import ClutteredFashionMNIST
 from collabvit.research.train import Trainer
 

@@ -133,7 +133,7 @@ TRAINED = ("deit_tiny_patch16_224", "deit_base_patch16_224")
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict:
     """Images/s of a fine-tuning step of each DeiT size (bfloat16 autocast on a GPU)."""
-    from collabvit.config import TrainConfig
+    from collabvit.config.train import TrainConfig
     from collabvit.research.train import StudentForward
 
     rates, workload = {}, deit_workload(1, args.seed)

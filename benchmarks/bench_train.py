@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.harness import add_suite_arguments, apply_quick, load_average, publish, section
-from collabvit.config import TrainConfig
+from collabvit.config.train import TrainConfig
 from collabvit.research.train import Trainer
 from collabvit.research.train_data import augment
 

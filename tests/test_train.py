@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from collabvit import cpu_model
 from collabvit.cli import main
-from collabvit.config import TrainConfig
+from collabvit.config.train import TrainConfig
 from collabvit.data import FashionMNIST, split_indices, val_overlap
 from collabvit.lite.protocol import patchify
 from collabvit.models import vit

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from collabvit.cli import main
-from collabvit.config import TrainConfig
+from collabvit.config.train import TrainConfig
 from collabvit.data import FashionMNIST
 from collabvit.models import vit
 from collabvit.research.train import Trainer

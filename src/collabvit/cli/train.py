@@ -8,7 +8,7 @@ import argparse
 
 from collabvit.cli.common import UsageError, fail
 from collabvit.cli.flags import add_config_arguments, given_values
-from collabvit.config import TrainConfig, TrainRun
+from collabvit.config.train import TrainConfig, TrainRun
 
 SUMMARY = ("train or fine-tune a ViT on Fashion-MNIST, its cluttered canvases or an image "
            "folder (optionally with token drop and a teacher; torchrun for several processes)")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from collabvit import cpu_model, versions
 from collabvit.algo.metrics import accuracy
-from collabvit.config import TrainConfig, TrainRun
+from collabvit.config.train import TrainConfig, TrainRun
 from collabvit.data import VALIDATION_SPLIT
 from collabvit.lite.protocol import patchify
 from collabvit.models import vit, zoo
