@@ -335,3 +335,19 @@ def test_a_served_precision_is_read_only_when_it_is_one_of_ours():
                      {"parameters": ["precision"]}, {"parameters": {"precision": ["int8"]}},
                      None):
         assert served_precision(metadata) is None
+
+
+def test_the_torch_edge_checks_the_server_before_torch_loads():
+    """A server that cannot be reached (or is not a collabvit server) is refused in one line
+    before the edge imports torch: with torch made unimportable, the error is the server's."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; from collabvit.cli import main; "
+            "sys.exit(main(['edge', '--server', 'http://127.0.0.1:9', '--retries', '0', "
+            "'--quiet']))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "127.0.0.1:9" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

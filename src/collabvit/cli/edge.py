@@ -143,10 +143,10 @@ def _torch_edge(args: argparse.Namespace, data: DataSpec, run_config: RunConfig,
     """The torch edge: (EdgeDevice, batches, image count, names)."""
     if runtime.threads is not None or runtime.int8:
         raise UsageError("--threads and --int8 are ONNX Runtime's: they go with --onnx")
+    edge_spec, server_spec = model_specs(args, data)
+    check_server(server_spec.name)  # before torch loads: a server that is not one fails fast
     from collabvit.models.zoo import shipped_frontier
 
-    edge_spec, server_spec = model_specs(args, data)
-    check_server(server_spec.name)
     pair = load_pair("edge", edge_spec, server_spec, data, run_config, with_server=False)
     edge = pair.edge(replace(pair.default_config(), **chosen))
     names = {"edge_model": asdict(edge_spec), "server_model": server_spec.name,
